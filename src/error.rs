@@ -1,0 +1,57 @@
+//! The crate's error type.
+
+use tch::{Device, Kind};
+
+/// Everything that can go wrong in this crate, each case naming the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error raised by libtorch itself.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+
+    /// A bitwidth outside the supported range.
+    #[error("bitwidth {0} is out of range: quantizers support 2..=16 bits")]
+    Bitwidth(u32),
+
+    /// A tensor of a dtype that cannot be quantized (integers, booleans, complex).
+    #[error("cannot quantize a tensor of dtype {0:?}: expected Float, Double, Half or BFloat16")]
+    Dtype(Kind),
+
+    /// An input on another device than the quantizer's state.
+    #[error("input is on {input:?} but {what} is on {state:?}: move one of them first")]
+    Device {
+        /// The input's device.
+        input: Device,
+        /// The device of the quantizer's state.
+        state: Device,
+        /// Which state, e.g. `PACT alpha`.
+        what: &'static str,
+    },
+
+    /// An input with NaN or infinite values, reported under [`NonFinite::Reject`](crate::quantizers::NonFinite::Reject).
+    #[error("input holds {count} non-finite value(s) (NaN or ±inf) out of {numel}")]
+    NonFinite {
+        /// How many elements are NaN or infinite.
+        count: i64,
+        /// The input's number of elements.
+        numel: i64,
+    },
+
+    /// A numeric argument outside its domain.
+    #[error("{what} must be {expected}, got {value}")]
+    Argument {
+        /// The argument's name.
+        what: &'static str,
+        /// The value given.
+        value: f64,
+        /// The domain, in words.
+        expected: &'static str,
+    },
+
+    /// A quantizer name that is neither `minmax` nor `pact`.
+    #[error("unknown quantizer kind {0:?}: expected `minmax` or `pact`")]
+    UnknownKind(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,172 @@
+//! `MinMaxQuant`: scale from the tensor's own absolute maximum; nothing to learn.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tch::{nn, Kind, Tensor};
+
+use super::approx_quantizer::{
+    check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for,
+};
+use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
+use crate::{Error, Result};
+
+/// The smallest range MinMax divides by: below it the scale would overflow float32.
+pub const MIN_RANGE: f64 = 1e-30;
+
+/// Min/Max quantizer: `round(clamp(x, -m, m) * int_max / m)` with `m = max|x|`.
+///
+/// `m` is taken without gradient over the finite elements of `x`; an input
+/// with no non-zero finite element uses `m = 1` and ranges below
+/// [`MIN_RANGE`] are raised to it, so the scale is always finite. Each call
+/// reads `m` to the host once (the one sync), and the scale of the last call
+/// is kept for [`scale_factor`](ApproxQuantizer::scale_factor).
+#[derive(Debug)]
+pub struct MinMaxQuant {
+    bitwidth: u32,
+    nonfinite: NonFinite,
+    last_scale: AtomicU64,
+}
+
+impl MinMaxQuant {
+    /// A MinMax quantizer with `bitwidth` bits, or an error outside `2..=16`.
+    pub fn f_new(bitwidth: u32) -> Result<Self> {
+        Self::from_config(QuantConfig::with_bitwidth(bitwidth))
+    }
+
+    /// Like [`f_new`](Self::f_new), panicking on a bad bitwidth.
+    pub fn new(bitwidth: u32) -> Self {
+        Self::f_new(bitwidth).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A MinMax quantizer from a full configuration.
+    pub fn from_config(config: QuantConfig) -> Result<Self> {
+        Ok(Self {
+            bitwidth: check_bitwidth(config.bitwidth)?,
+            nonfinite: config.nonfinite,
+            last_scale: AtomicU64::new(0f64.to_bits()),
+        })
+    }
+
+    /// The range `m` used for `x`, read from the device in one sync, and whether `x` is all finite.
+    fn range_of(x: &Tensor) -> Result<(f64, bool)> {
+        if x.numel() == 0 {
+            return Ok((1.0, true));
+        }
+        // One pass, no temporary the size of x: the extremes give max|x|.
+        let (lo, hi) = x.f_aminmax(None::<i64>, false)?;
+        let ends = Vec::<f64>::try_from(Tensor::f_stack(&[lo, hi], 0)?.f_to_kind(Kind::Double)?)?;
+        let mut range = ends[0].abs().max(ends[1].abs());
+        let finite = range.is_finite();
+        if !finite {
+            // Rare path: a NaN or inf must not decide the scale.
+            let finite_abs = x.f_abs()?.f_where_scalarother(&x.f_isfinite()?, 0.0)?;
+            range = finite_abs.f_max()?.f_double_value(&[])?;
+        }
+        let range = if range == 0.0 {
+            1.0
+        } else {
+            range.max(MIN_RANGE)
+        };
+        Ok((range, finite))
+    }
+}
+
+impl ApproxQuantizer for MinMaxQuant {
+    fn bitwidth(&self) -> u32 {
+        self.bitwidth
+    }
+
+    /// The scale of the last call, 0.0 before any.
+    fn scale_factor(&self) -> f64 {
+        f64::from_bits(self.last_scale.load(Ordering::Relaxed))
+    }
+
+    fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        let kind = compute_kind(x)?;
+        let xd = x.f_detach()?.f_to_kind(kind)?;
+        let (range, finite) = Self::range_of(&xd)?;
+        if !finite && self.nonfinite == NonFinite::Reject {
+            return Err(Error::NonFinite {
+                count: count_nonfinite(&xd)?,
+                numel: x.numel() as i64,
+            });
+        }
+        let im = self.int_max();
+        let scale = scale_for(im, range, kind);
+        let values = minmax_values(&xd, range, scale)?;
+        let values = if x.requires_grad() && grad_enabled() {
+            attach_scaled_identity(values, x, kind, scale, finite)?
+        } else {
+            values
+        };
+        self.last_scale.store(scale.to_bits(), Ordering::Relaxed);
+        let scale = Tensor::f_scalar_tensor(scale, (kind, x.device()))?;
+        Ok(Quantized { values, scale })
+    }
+}
+
+impl nn::Module for MinMaxQuant {
+    /// Fake quantization, `quantize(x) / scale`, in `x`'s dtype.
+    ///
+    /// # Shapes
+    /// - `xs`: any shape; the output has the same shape.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.f_fake_quantize(xs).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// `round(clamp(x, -range, range) * scale)` without gradient, in place after one copy.
+fn minmax_values(xd: &Tensor, range: f64, scale: f64) -> Result<Tensor> {
+    Ok(xd
+        .f_clamp(-range, range)?
+        .f_mul_scalar_(scale)?
+        .f_round_()?)
+}
+
+/// Gives `values` the gradient `grad * scale` with respect to `x` without changing
+/// its value: `(x - x.detach())` is exactly zero wherever `x` is finite.
+fn attach_scaled_identity(
+    values: Tensor,
+    x: &Tensor,
+    kind: Kind,
+    scale: f64,
+    finite: bool,
+) -> Result<Tensor> {
+    let xk = x.f_to_kind(kind)?;
+    let mut zero = xk.f_sub(&xk.f_detach()?)?;
+    if !finite {
+        // inf - inf is NaN: keep those elements' value (and gradient) out.
+        zero = zero.f_where_scalarother(&xk.f_detach()?.f_isfinite()?, 0.0)?;
+    }
+    Ok(values.f_add(&zero.f_mul_scalar(scale)?)?)
+}
+
+/// The original's `MinMaxQuant.Quant` node: `round(clamp(x, -minmax, minmax) * int_max / minmax)`.
+///
+/// The gradient with respect to `x` is `grad * int_max / minmax` everywhere,
+/// as in TorchApprox. `minmax` must be positive and finite.
+pub fn f_minmax_quant(x: &Tensor, minmax: f64, int_max: i64) -> Result<Tensor> {
+    let kind = compute_kind(x)?;
+    check_int_max(int_max)?;
+    if !(minmax.is_finite() && minmax > 0.0) {
+        return Err(Error::Argument {
+            what: "minmax",
+            value: minmax,
+            expected: "positive and finite",
+        });
+    }
+    let scale = scale_for(int_max, minmax, kind);
+    let xd = x.f_detach()?.f_to_kind(kind)?;
+    let values = minmax_values(&xd, minmax, scale)?;
+    if x.requires_grad() && grad_enabled() {
+        let finite = xd.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0;
+        attach_scaled_identity(values, x, kind, scale, finite)
+    } else {
+        Ok(values)
+    }
+}
+
+/// Like [`f_minmax_quant`], panicking on error.
+pub fn minmax_quant(x: &Tensor, minmax: f64, int_max: i64) -> Tensor {
+    f_minmax_quant(x, minmax, int_max).unwrap_or_else(|e| panic!("{e}"))
+}

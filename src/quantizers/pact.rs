@@ -1,0 +1,188 @@
+//! `PACTQuant`: a learnable clipping level `alpha` (PACT, arXiv:1805.06085), symmetric around zero.
+
+use std::borrow::Borrow;
+
+use tch::{nn, Kind, Tensor};
+
+use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled};
+use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
+use crate::{Error, Result};
+
+/// The smallest clipping level PACT uses: an `alpha` at or below it (zero or
+/// negative, as an optimizer may leave it) acts as `ALPHA_MIN`.
+pub const ALPHA_MIN: f64 = 1e-6;
+
+/// PACT quantizer: `round(clamp(x * int_max / alpha, -int_max, int_max))`.
+///
+/// `alpha` is a variable named `alpha` of shape `[1]` in the VarStore
+/// (initially 2.2), so it trains and saves like any weight.
+///
+/// Unlike TorchApprox, whose `Quant` node returns no gradient for `alpha`,
+/// `alpha` learns as in the PACT paper (rounding treated as identity). For the
+/// dequantized output `values / scale`:
+/// - `d/dx = 1` where `|x| < alpha`, `0` elsewhere;
+/// - `d/dalpha = sign(x)` where `|x| >= alpha`, `0` elsewhere (an element exactly at `alpha` is clipped).
+///
+/// Below [`ALPHA_MIN`] the clipping level is `ALPHA_MIN`, while the gradient
+/// still reaches `alpha` unchanged, so an optimizer can pull it back up.
+/// The forward pass makes no host-device sync.
+#[derive(Debug)]
+pub struct PACTQuant {
+    alpha: Tensor,
+    bitwidth: u32,
+    nonfinite: NonFinite,
+}
+
+impl PACTQuant {
+    /// A PACT quantizer whose `alpha` lives under `path`, or an error for a bitwidth outside `2..=16`.
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(path: P, bitwidth: u32) -> Result<Self> {
+        Self::from_config(path, QuantConfig::with_bitwidth(bitwidth))
+    }
+
+    /// Like [`f_new`](Self::f_new), panicking on a bad bitwidth.
+    pub fn new<'a, P: Borrow<nn::Path<'a>>>(path: P, bitwidth: u32) -> Self {
+        Self::f_new(path, bitwidth).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A PACT quantizer from a full configuration.
+    pub fn from_config<'a, P: Borrow<nn::Path<'a>>>(path: P, config: QuantConfig) -> Result<Self> {
+        let bitwidth = check_bitwidth(config.bitwidth)?;
+        if !config.init_alpha.is_finite() {
+            return Err(Error::Argument {
+                what: "init_alpha",
+                value: config.init_alpha,
+                expected: "finite",
+            });
+        }
+        let alpha = path
+            .borrow()
+            .f_var("alpha", &[1], nn::Init::Const(config.init_alpha))?;
+        Ok(Self {
+            alpha,
+            bitwidth,
+            nonfinite: config.nonfinite,
+        })
+    }
+
+    /// The learnable clipping level, shape `[1]`.
+    pub fn alpha(&self) -> &Tensor {
+        &self.alpha
+    }
+
+    /// The clipping level in use, `max(alpha, ALPHA_MIN)`, read to the host.
+    pub fn alpha_value(&self) -> f64 {
+        self.alpha.double_value(&[0]).max(ALPHA_MIN)
+    }
+}
+
+impl ApproxQuantizer for PACTQuant {
+    fn bitwidth(&self) -> u32 {
+        self.bitwidth
+    }
+
+    /// `int_max / alpha` (one host-device sync).
+    fn scale_factor(&self) -> f64 {
+        (self.int_max() as f32 / self.alpha_value() as f32) as f64
+    }
+
+    fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        if x.device() != self.alpha.device() {
+            return Err(Error::Device {
+                input: x.device(),
+                state: self.alpha.device(),
+                what: "PACT alpha",
+            });
+        }
+        if self.nonfinite == NonFinite::Reject {
+            compute_kind(x)?;
+            let count = count_nonfinite(x)?;
+            if count > 0 {
+                return Err(Error::NonFinite {
+                    count,
+                    numel: x.numel() as i64,
+                });
+            }
+        }
+        pact_quant_scaled(x, &self.alpha, self.int_max())
+    }
+}
+
+impl nn::Module for PACTQuant {
+    /// Fake quantization, `quantize(x) / scale`, in `x`'s dtype.
+    ///
+    /// # Shapes
+    /// - `xs`: any shape; the output has the same shape.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.f_fake_quantize(xs).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// PACT quantization with its scale tensor; all on `x`'s device, no sync.
+fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Quantized> {
+    let kind = compute_kind(x)?;
+    if alpha.numel() != 1 {
+        return Err(Error::Argument {
+            what: "alpha's element count",
+            value: alpha.numel() as f64,
+            expected: "1",
+        });
+    }
+    let im = int_max as f64;
+    // 0-dim so that a 0-dim input stays 0-dim.
+    let alpha_raw = alpha.f_reshape([])?.f_to_kind(kind)?;
+    let alpha_eff = alpha_raw.f_detach()?.f_clamp_min(ALPHA_MIN)?;
+    // int_max / alpha as one division in the compute dtype, as the original computes it.
+    let scale = alpha_eff.f_full_like(im)?.f_div(&alpha_eff)?;
+    let xd = x.f_detach()?.f_to_kind(kind)?;
+    let mut values = xd.f_mul(&scale)?.f_clamp_(-im, im)?.f_round_()?;
+    if (x.requires_grad() || alpha.requires_grad()) && grad_enabled() {
+        values = values
+            .f_add(&pact_gradient_carrier(x, &xd, &alpha_raw, &alpha_eff, kind)?.f_mul(&scale)?)?;
+    }
+    Ok(Quantized { values, scale })
+}
+
+/// A tensor that is exactly zero but whose gradient is PACT's: `x` inside
+/// `(-alpha, alpha)`, `±alpha` where clipped, nothing for NaN elements.
+///
+/// Built from selections rather than products with masks, so that a NaN in
+/// the upstream gradient at a NaN input never reaches `alpha`.
+fn pact_gradient_carrier(
+    x: &Tensor,
+    xd: &Tensor,
+    alpha_raw: &Tensor,
+    alpha_eff: &Tensor,
+    kind: Kind,
+) -> Result<Tensor> {
+    let inside = xd.f_abs()?.f_lt_tensor(alpha_eff)?;
+    let upper = xd.f_ge_tensor(alpha_eff)?;
+    let lower = xd.f_le_tensor(&alpha_eff.f_neg()?)?;
+    let surrogate = x
+        .f_to_kind(kind)?
+        .f_where_scalarother(&inside, 0.0)?
+        .f_add(&alpha_raw.f_where_scalarother(&upper, 0.0)?)?
+        .f_sub(&alpha_raw.f_where_scalarother(&lower, 0.0)?)?;
+    Ok(surrogate.f_sub(&surrogate.f_detach()?)?)
+}
+
+/// The original's `PACTQuant.Quant` node: `round(clamp(x * int_max / alpha, -int_max, int_max))`.
+///
+/// `alpha` is a one-element tensor on `x`'s device; gradients reach both `x`
+/// and `alpha` as documented on [`PACTQuant`] (scaled by `int_max / alpha`
+/// for these integer values).
+pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> {
+    check_int_max(int_max)?;
+    if x.device() != alpha.device() {
+        return Err(Error::Device {
+            input: x.device(),
+            state: alpha.device(),
+            what: "alpha",
+        });
+    }
+    Ok(pact_quant_scaled(x, alpha, int_max)?.values)
+}
+
+/// Like [`f_pact_quant`], panicking on error.
+pub fn pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Tensor {
+    f_pact_quant(x, alpha, int_max).unwrap_or_else(|e| panic!("{e}"))
+}

@@ -1,0 +1,139 @@
+//! `Quantizer`: MinMax or PACT behind one type, so a network can choose per layer.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::str::FromStr;
+
+use tch::{nn, Tensor};
+
+use super::{ApproxQuantizer, MinMaxQuant, PACTQuant, QuantConfig, Quantized};
+use crate::{Error, Result};
+
+/// Which quantizer to build; parses from and prints as `minmax` / `pact`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantizerKind {
+    /// [`MinMaxQuant`].
+    MinMax,
+    /// [`PACTQuant`].
+    Pact,
+}
+
+impl fmt::Display for QuantizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MinMax => "minmax",
+            Self::Pact => "pact",
+        })
+    }
+}
+
+impl FromStr for QuantizerKind {
+    type Err = Error;
+
+    /// Accepts `minmax` and `pact`, ignoring ASCII case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "minmax" => Ok(Self::MinMax),
+            "pact" => Ok(Self::Pact),
+            _ => Err(Error::UnknownKind(s.to_string())),
+        }
+    }
+}
+
+/// Either quantizer, implementing [`ApproxQuantizer`] and `nn::Module` by delegation.
+///
+/// ```
+/// use tch::{nn, nn::Module, Device, Tensor};
+/// use torchapprox::quantizers::{ApproxQuantizer, Quantizer, QuantizerKind};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let act = Quantizer::new("pact".parse()?, vs.root() / "x_quantizer", 8);
+/// let wgt = Quantizer::new(QuantizerKind::MinMax, vs.root() / "w_quantizer", 4);
+/// let x = Tensor::randn([2, 3], (tch::Kind::Float, Device::Cpu));
+/// let (y, w) = (act.forward(&x), wgt.quantize(&x));
+/// assert_eq!((y.size(), w.size()), (vec![2, 3], vec![2, 3]));
+/// assert_eq!(vs.variables().len(), 1); // only PACT's alpha
+/// # Ok::<(), torchapprox::Error>(())
+/// ```
+#[derive(Debug)]
+pub enum Quantizer {
+    /// A MinMax quantizer.
+    MinMax(MinMaxQuant),
+    /// A PACT quantizer.
+    Pact(PACTQuant),
+}
+
+impl Quantizer {
+    /// A quantizer of `kind` with `bitwidth` bits; PACT's `alpha` goes under `path`.
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(
+        kind: QuantizerKind,
+        path: P,
+        bitwidth: u32,
+    ) -> Result<Self> {
+        Self::from_config(kind, path, QuantConfig::with_bitwidth(bitwidth))
+    }
+
+    /// Like [`f_new`](Self::f_new), panicking on a bad bitwidth.
+    pub fn new<'a, P: Borrow<nn::Path<'a>>>(kind: QuantizerKind, path: P, bitwidth: u32) -> Self {
+        Self::f_new(kind, path, bitwidth).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A quantizer of `kind` from a full configuration.
+    pub fn from_config<'a, P: Borrow<nn::Path<'a>>>(
+        kind: QuantizerKind,
+        path: P,
+        config: QuantConfig,
+    ) -> Result<Self> {
+        Ok(match kind {
+            QuantizerKind::MinMax => Self::MinMax(MinMaxQuant::from_config(config)?),
+            QuantizerKind::Pact => Self::Pact(PACTQuant::from_config(path, config)?),
+        })
+    }
+
+    /// Which kind this is.
+    pub fn kind(&self) -> QuantizerKind {
+        match self {
+            Self::MinMax(_) => QuantizerKind::MinMax,
+            Self::Pact(_) => QuantizerKind::Pact,
+        }
+    }
+
+    /// PACT's `alpha` variable, `None` for MinMax.
+    pub fn alpha(&self) -> Option<&Tensor> {
+        match self {
+            Self::MinMax(_) => None,
+            Self::Pact(p) => Some(p.alpha()),
+        }
+    }
+
+    fn inner(&self) -> &dyn ApproxQuantizer {
+        match self {
+            Self::MinMax(q) => q,
+            Self::Pact(q) => q,
+        }
+    }
+}
+
+impl ApproxQuantizer for Quantizer {
+    fn bitwidth(&self) -> u32 {
+        self.inner().bitwidth()
+    }
+
+    fn scale_factor(&self) -> f64 {
+        self.inner().scale_factor()
+    }
+
+    fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        self.inner().f_quantize_scaled(x)
+    }
+}
+
+impl nn::Module for Quantizer {
+    /// Fake quantization with the chosen quantizer.
+    ///
+    /// # Shapes
+    /// - `xs`: any shape; the output has the same shape.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.f_fake_quantize(xs).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
