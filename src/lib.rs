@@ -25,6 +25,8 @@
 //! # Ok::<(), tch::TchError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod error;
 pub mod quantizers;
 

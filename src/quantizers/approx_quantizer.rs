@@ -57,6 +57,9 @@ pub struct QuantConfig {
     pub init_alpha: f64,
     /// Handling of NaN and infinite inputs.
     pub nonfinite: NonFinite,
+    /// Round to integers (`true`, the default); `false` keeps the scaled,
+    /// clipped values, as the original's `quantize(x, rounded=False)`.
+    pub rounded: bool,
 }
 
 impl Default for QuantConfig {
@@ -66,6 +69,7 @@ impl Default for QuantConfig {
             bitwidth: 8,
             init_alpha: 2.2,
             nonfinite: NonFinite::Propagate,
+            rounded: true,
         }
     }
 }

@@ -24,6 +24,7 @@ pub const MIN_RANGE: f64 = 1e-30;
 pub struct MinMaxQuant {
     bitwidth: u32,
     nonfinite: NonFinite,
+    rounded: bool,
     last_scale: AtomicU64,
 }
 
@@ -43,6 +44,7 @@ impl MinMaxQuant {
         Ok(Self {
             bitwidth: check_bitwidth(config.bitwidth)?,
             nonfinite: config.nonfinite,
+            rounded: config.rounded,
             last_scale: AtomicU64::new(0f64.to_bits()),
         })
     }
@@ -93,7 +95,7 @@ impl ApproxQuantizer for MinMaxQuant {
         }
         let im = self.int_max();
         let scale = scale_for(im, range, kind);
-        let values = minmax_values(&xd, range, scale)?;
+        let values = minmax_values(&xd, range, scale, self.rounded)?;
         let values = if x.requires_grad() && grad_enabled() {
             attach_scaled_identity(values, x, kind, scale, finite)?
         } else {
@@ -116,11 +118,12 @@ impl nn::Module for MinMaxQuant {
 }
 
 /// `round(clamp(x, -range, range) * scale)` without gradient, in place after one copy.
-fn minmax_values(xd: &Tensor, range: f64, scale: f64) -> Result<Tensor> {
-    Ok(xd
-        .f_clamp(-range, range)?
-        .f_mul_scalar_(scale)?
-        .f_round_()?)
+fn minmax_values(xd: &Tensor, range: f64, scale: f64, rounded: bool) -> Result<Tensor> {
+    let mut v = xd.f_clamp(-range, range)?.f_mul_scalar_(scale)?;
+    if rounded {
+        v = v.f_round_()?;
+    }
+    Ok(v)
 }
 
 /// Gives `values` the gradient `grad * scale` with respect to `x` without changing
@@ -157,7 +160,7 @@ pub fn f_minmax_quant(x: &Tensor, minmax: f64, int_max: i64) -> Result<Tensor> {
     }
     let scale = scale_for(int_max, minmax, kind);
     let xd = x.f_detach()?.f_to_kind(kind)?;
-    let values = minmax_values(&xd, minmax, scale)?;
+    let values = minmax_values(&xd, minmax, scale, true)?;
     if x.requires_grad() && grad_enabled() {
         let finite = xd.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0;
         attach_scaled_identity(values, x, kind, scale, finite)

@@ -31,6 +31,7 @@ pub struct PACTQuant {
     alpha: Tensor,
     bitwidth: u32,
     nonfinite: NonFinite,
+    rounded: bool,
 }
 
 impl PACTQuant {
@@ -61,6 +62,7 @@ impl PACTQuant {
             alpha,
             bitwidth,
             nonfinite: config.nonfinite,
+            rounded: config.rounded,
         })
     }
 
@@ -103,7 +105,7 @@ impl ApproxQuantizer for PACTQuant {
                 });
             }
         }
-        pact_quant_scaled(x, &self.alpha, self.int_max())
+        pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded)
     }
 }
 
@@ -118,7 +120,7 @@ impl nn::Module for PACTQuant {
 }
 
 /// PACT quantization with its scale tensor; all on `x`'s device, no sync.
-fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Quantized> {
+fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64, rounded: bool) -> Result<Quantized> {
     let kind = compute_kind(x)?;
     if alpha.numel() != 1 {
         return Err(Error::Argument {
@@ -134,7 +136,10 @@ fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Quantiz
     // int_max / alpha as one division in the compute dtype, as the original computes it.
     let scale = alpha_eff.f_full_like(im)?.f_div(&alpha_eff)?;
     let xd = x.f_detach()?.f_to_kind(kind)?;
-    let mut values = xd.f_mul(&scale)?.f_clamp_(-im, im)?.f_round_()?;
+    let mut values = xd.f_mul(&scale)?.f_clamp_(-im, im)?;
+    if rounded {
+        values = values.f_round_()?;
+    }
     if (x.requires_grad() || alpha.requires_grad()) && grad_enabled() {
         values = values
             .f_add(&pact_gradient_carrier(x, &xd, &alpha_raw, &alpha_eff, kind)?.f_mul(&scale)?)?;
@@ -179,7 +184,7 @@ pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> 
             what: "alpha",
         });
     }
-    Ok(pact_quant_scaled(x, alpha, int_max)?.values)
+    Ok(pact_quant_scaled(x, alpha, int_max, true)?.values)
 }
 
 /// Like [`f_pact_quant`], panicking on error.

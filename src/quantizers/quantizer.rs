@@ -20,7 +20,7 @@ pub enum QuantizerKind {
 
 impl fmt::Display for QuantizerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Self::MinMax => "minmax",
             Self::Pact => "pact",
         })
