@@ -33,23 +33,13 @@ fn main() -> Result<()> {
         let back = q.f_fake_quantize(&x)?;
         println!("{kind:<7} integers   {}", fmt(&ints)?);
         println!("{kind:<7} dequant.   {}", fmt(&back)?);
-        let alpha = q
-            .alpha()
-            .map(|a| format!(", alpha {:.4}", a.double_value(&[0])))
-            .unwrap_or_default();
-        println!(
-            "{kind:<7} scale {:.4} (int_max {}{alpha})",
-            q.scale_factor(),
-            q.int_max()
-        );
+        let alpha = q.alpha().map(|a| format!(", alpha {:.4}", a.double_value(&[0]))).unwrap_or_default();
+        println!("{kind:<7} scale {:.4} (int_max {}{alpha})", q.scale_factor(), q.int_max());
     }
     Ok(())
 }
 
 fn fmt(t: &Tensor) -> Result<String> {
     let v = Vec::<f32>::try_from(t.to_kind(Kind::Float))?;
-    Ok(v.iter()
-        .map(|e| format!("{e:8.4}"))
-        .collect::<Vec<_>>()
-        .join(" "))
+    Ok(v.iter().map(|e| format!("{e:8.4}")).collect::<Vec<_>>().join(" "))
 }

@@ -5,8 +5,8 @@ mod common;
 use common::{cuda_or_skip, values};
 use tch::{nn, Device, Kind, Tensor};
 use torchapprox::quantizers::{
-    f_minmax_quant, f_pact_quant, ApproxQuantizer, MinMaxQuant, NonFinite, PACTQuant, QuantConfig,
-    Quantizer, QuantizerKind, MIN_RANGE,
+    f_minmax_quant, f_pact_quant, ApproxQuantizer, MinMaxQuant, NonFinite, PACTQuant, QuantConfig, Quantizer,
+    QuantizerKind, MIN_RANGE,
 };
 use torchapprox::Error;
 
@@ -15,20 +15,11 @@ fn bitwidth_out_of_range_names_value_and_range() {
     let vs = nn::VarStore::new(Device::Cpu);
     for bits in [0, 1, 17, 64] {
         let e = MinMaxQuant::f_new(bits).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!("bitwidth {bits} is out of range: quantizers support 2..=16 bits")
-        );
+        assert_eq!(e.to_string(), format!("bitwidth {bits} is out of range: quantizers support 2..=16 bits"));
         assert!(matches!(PACTQuant::f_new(vs.root(), bits), Err(Error::Bitwidth(b)) if b == bits));
-        assert!(matches!(
-            Quantizer::f_new(QuantizerKind::Pact, vs.root(), bits),
-            Err(Error::Bitwidth(_))
-        ));
+        assert!(matches!(Quantizer::f_new(QuantizerKind::Pact, vs.root(), bits), Err(Error::Bitwidth(_))));
     }
-    assert!(
-        vs.variables().is_empty(),
-        "a failed constructor leaves no variable behind"
-    );
+    assert!(vs.variables().is_empty(), "a failed constructor leaves no variable behind");
     for bits in 2..=16 {
         assert_eq!(MinMaxQuant::new(bits).int_max(), (1 << (bits - 1)) - 1);
     }
@@ -46,14 +37,10 @@ fn all_zero_input_gives_zeros_and_a_finite_scale() {
     let x = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
     let m = MinMaxQuant::new(8);
     assert!(values(&m.quantize(&x)).iter().all(|v| *v == 0.0));
-    assert!(values(&m.f_fake_quantize(&x).unwrap())
-        .iter()
-        .all(|v| *v == 0.0));
+    assert!(values(&m.f_fake_quantize(&x).unwrap()).iter().all(|v| *v == 0.0));
     assert_eq!(m.scale_factor(), 127.0);
     let p = PACTQuant::new(vs.root(), 8);
-    assert!(values(&p.f_fake_quantize(&x).unwrap())
-        .iter()
-        .all(|v| *v == 0.0));
+    assert!(values(&p.f_fake_quantize(&x).unwrap()).iter().all(|v| *v == 0.0));
     // A subnormal range is raised to MIN_RANGE, keeping the float32 scale finite.
     let tiny = Tensor::from_slice(&[1e-40f32, -1e-41]);
     let out = values(&m.f_fake_quantize(&tiny).unwrap());
@@ -65,10 +52,8 @@ fn all_zero_input_gives_zeros_and_a_finite_scale() {
 fn empty_tensor_gives_empty_result() {
     let vs = nn::VarStore::new(Device::Cpu);
     let x = Tensor::zeros([0, 5], (Kind::Float, Device::Cpu));
-    let qs: [Box<dyn ApproxQuantizer>; 2] = [
-        Box::new(MinMaxQuant::new(4)),
-        Box::new(PACTQuant::new(vs.root(), 4)),
-    ];
+    let qs: [Box<dyn ApproxQuantizer>; 2] =
+        [Box::new(MinMaxQuant::new(4)), Box::new(PACTQuant::new(vs.root(), 4))];
     for q in &qs {
         assert_eq!(q.quantize(&x).size(), [0, 5]);
         assert_eq!(q.f_fake_quantize(&x).unwrap().size(), [0, 5]);
@@ -92,22 +77,13 @@ fn non_finite_inputs_saturate_propagate_or_are_reported() {
     assert_eq!(&pq[4..], &[127.0, -127.0]);
 
     // Reject: f_quantize reports the count; state is untouched.
-    let strict = QuantConfig {
-        nonfinite: NonFinite::Reject,
-        ..Default::default()
-    };
+    let strict = QuantConfig { nonfinite: NonFinite::Reject, ..Default::default() };
     let m = MinMaxQuant::from_config(strict).unwrap();
     let e = m.f_quantize(&x).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "input holds 3 non-finite value(s) (NaN or ±inf) out of 6"
-    );
+    assert_eq!(e.to_string(), "input holds 3 non-finite value(s) (NaN or ±inf) out of 6");
     assert_eq!(m.scale_factor(), 0.0, "a rejected call stores no scale");
     let p = PACTQuant::from_config(vs.root() / "strict", strict).unwrap();
-    assert!(matches!(
-        p.f_quantize(&x),
-        Err(Error::NonFinite { count: 3, numel: 6 })
-    ));
+    assert!(matches!(p.f_quantize(&x), Err(Error::NonFinite { count: 3, numel: 6 })));
     assert!(p.f_quantize(&Tensor::from_slice(&[1.0f32, 2.0])).is_ok());
     // Only NaN and inf: no finite range at all, so the unit range applies.
     let m = MinMaxQuant::new(8);
@@ -137,63 +113,31 @@ fn quant_nodes_check_their_arguments() {
     let x = Tensor::from_slice(&[1.0f32]);
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         let e = f_minmax_quant(&x, bad, 127).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("minmax must be positive and finite, got"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("minmax must be positive and finite, got"), "{e}");
     }
     let e = f_minmax_quant(&x, 1.0, 100).unwrap_err();
-    assert!(
-        e.to_string().contains("int_max must be 2^(bitwidth-1) - 1"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("int_max must be 2^(bitwidth-1) - 1"), "{e}");
     let two = Tensor::from_slice(&[1.0f32, 2.0]);
-    assert!(f_pact_quant(&x, &two, 127)
-        .unwrap_err()
-        .to_string()
-        .contains("alpha's element count"));
+    assert!(f_pact_quant(&x, &two, 127).unwrap_err().to_string().contains("alpha's element count"));
     let vs = nn::VarStore::new(Device::Cpu);
-    let e = PACTQuant::from_config(
-        vs.root(),
-        QuantConfig {
-            init_alpha: f64::NAN,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let e = PACTQuant::from_config(vs.root(), QuantConfig { init_alpha: f64::NAN, ..Default::default() })
+        .unwrap_err();
     assert_eq!(e.to_string(), "init_alpha must be finite, got NaN");
 }
 
 #[test]
 fn unknown_kind_is_named() {
-    assert_eq!(
-        "minmax".parse::<QuantizerKind>().unwrap(),
-        QuantizerKind::MinMax
-    );
-    assert_eq!(
-        "PACT".parse::<QuantizerKind>().unwrap(),
-        QuantizerKind::Pact
-    );
+    assert_eq!("minmax".parse::<QuantizerKind>().unwrap(), QuantizerKind::MinMax);
+    assert_eq!("PACT".parse::<QuantizerKind>().unwrap(), QuantizerKind::Pact);
     assert_eq!(QuantizerKind::Pact.to_string(), "pact");
     let e = "lsq".parse::<QuantizerKind>().unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "unknown quantizer kind \"lsq\": expected `minmax` or `pact`"
-    );
+    assert_eq!(e.to_string(), "unknown quantizer kind \"lsq\": expected `minmax` or `pact`");
 }
 
 #[test]
 fn input_on_another_device_than_alpha_names_both() {
-    let e = Error::Device {
-        input: Device::Cpu,
-        state: Device::Cuda(0),
-        what: "PACT alpha",
-    };
-    assert_eq!(
-        e.to_string(),
-        "input is on Cpu but PACT alpha is on Cuda(0): move one of them first"
-    );
+    let e = Error::Device { input: Device::Cpu, state: Device::Cuda(0), what: "PACT alpha" };
+    assert_eq!(e.to_string(), "input is on Cpu but PACT alpha is on Cuda(0): move one of them first");
     let Some(cuda) = cuda_or_skip("device-mismatch error with a real CUDA tensor") else {
         return;
     };
@@ -201,13 +145,7 @@ fn input_on_another_device_than_alpha_names_both() {
     let p = PACTQuant::new(vs.root(), 8);
     let x = Tensor::ones([4], (Kind::Float, Device::Cpu));
     let e = p.f_quantize(&x).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "input is on Cpu but PACT alpha is on Cuda(0): move one of them first"
-    );
+    assert_eq!(e.to_string(), "input is on Cpu but PACT alpha is on Cuda(0): move one of them first");
     let alpha_cpu = Tensor::from_slice(&[2.2f32]);
-    assert!(matches!(
-        f_pact_quant(&x.to_device(cuda), &alpha_cpu, 127),
-        Err(Error::Device { .. })
-    ));
+    assert!(matches!(f_pact_quant(&x.to_device(cuda), &alpha_cpu, 127), Err(Error::Device { .. })));
 }

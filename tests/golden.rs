@@ -32,10 +32,7 @@ fn cases() -> Vec<Case> {
             let minmax_fq = take("minmax_fq").unwrap();
             let pact = take("pact_q").map(|q| (q, take("pact_fq").unwrap()));
             Case {
-                name: format!(
-                    "case {i} ({bits} bits, alpha {alpha}, shape {:?})",
-                    x.size()
-                ),
+                name: format!("case {i} ({bits} bits, alpha {alpha}, shape {:?})", x.size()),
                 x,
                 bits,
                 alpha,
@@ -51,11 +48,7 @@ fn cases() -> Vec<Case> {
 fn minmax_matches_pytorch_exactly() {
     for c in cases() {
         let q = MinMaxQuant::new(c.bits);
-        assert_exact(
-            &q.quantize(&c.x),
-            &c.minmax_q,
-            &format!("minmax quantize, {}", c.name),
-        );
+        assert_exact(&q.quantize(&c.x), &c.minmax_q, &format!("minmax quantize, {}", c.name));
         assert_exact(
             &q.f_fake_quantize(&c.x).unwrap(),
             &c.minmax_fq,
@@ -64,11 +57,7 @@ fn minmax_matches_pytorch_exactly() {
         // The Quant node with the same range gives the same integers.
         let m = c.x.abs().max().double_value(&[]);
         let node = f_minmax_quant(&c.x, m, int_max(c.bits)).unwrap();
-        assert_exact(
-            &node,
-            &c.minmax_q,
-            &format!("minmax_quant node, {}", c.name),
-        );
+        assert_exact(&node, &c.minmax_q, &format!("minmax_quant node, {}", c.name));
     }
 }
 
@@ -78,26 +67,14 @@ fn pact_matches_pytorch_exactly() {
     for c in cases() {
         let Some((pq, pfq)) = &c.pact else { continue };
         let vs = nn::VarStore::new(Device::Cpu);
-        let cfg = QuantConfig {
-            bitwidth: c.bits,
-            init_alpha: c.alpha,
-            ..Default::default()
-        };
+        let cfg = QuantConfig { bitwidth: c.bits, init_alpha: c.alpha, ..Default::default() };
         let q = PACTQuant::from_config(vs.root(), cfg).unwrap();
         // alpha is stored as float32, as in PyTorch.
         assert_eq!(q.alpha().double_value(&[0]), c.alpha as f32 as f64);
         assert_exact(&q.quantize(&c.x), pq, &format!("pact quantize, {}", c.name));
-        assert_exact(
-            &q.f_fake_quantize(&c.x).unwrap(),
-            pfq,
-            &format!("pact fake quantize, {}", c.name),
-        );
+        assert_exact(&q.f_fake_quantize(&c.x).unwrap(), pfq, &format!("pact fake quantize, {}", c.name));
         let alpha = Tensor::from_slice(&[c.alpha as f32]);
-        assert_exact(
-            &pact_quant(&c.x, &alpha, int_max(c.bits)),
-            pq,
-            &format!("pact_quant node, {}", c.name),
-        );
+        assert_exact(&pact_quant(&c.x, &alpha, int_max(c.bits)), pq, &format!("pact_quant node, {}", c.name));
         checked += 1;
     }
     assert!(checked >= 40, "only {checked} PACT cases");
@@ -113,28 +90,18 @@ fn fixtures_contain_real_ties() {
         let frac = (&scaled - scaled.floor()).eq(0.5);
         ties += frac.sum(Kind::Int64).int64_value(&[]);
     }
-    assert!(
-        ties >= 100,
-        "only {ties} inputs sit exactly on a rounding tie"
-    );
+    assert!(ties >= 100, "only {ties} inputs sit exactly on a rounding tie");
 }
 
 #[test]
 fn half_precision_inputs_match_float32_on_the_same_values() {
-    for c in cases()
-        .iter()
-        .filter(|c| c.x.kind() == Kind::Float && c.x.numel() > 10)
-    {
+    for c in cases().iter().filter(|c| c.x.kind() == Kind::Float && c.x.numel() > 10) {
         for kind in [Kind::Half, Kind::BFloat16] {
             let xh = c.x.to_kind(kind);
             let x32 = xh.to_kind(Kind::Float);
             let q = MinMaxQuant::new(c.bits);
             let (a, b) = (q.quantize(&xh), q.quantize(&x32));
-            assert_eq!(
-                a.kind(),
-                Kind::Float,
-                "half inputs quantize to float32 integers"
-            );
+            assert_eq!(a.kind(), Kind::Float, "half inputs quantize to float32 integers");
             assert_exact(&a, &b, &format!("minmax {kind:?} vs float32, {}", c.name));
             let fq = q.f_fake_quantize(&xh).unwrap();
             assert_eq!(fq.kind(), kind, "fake quantization keeps the input dtype");
@@ -147,11 +114,7 @@ fn half_precision_inputs_match_float32_on_the_same_values() {
             let vs = nn::VarStore::new(Device::Cpu);
             let p = PACTQuant::from_config(
                 vs.root(),
-                QuantConfig {
-                    bitwidth: c.bits,
-                    init_alpha: c.alpha,
-                    ..Default::default()
-                },
+                QuantConfig { bitwidth: c.bits, init_alpha: c.alpha, ..Default::default() },
             )
             .unwrap();
             assert_exact(

@@ -24,12 +24,7 @@ fn pact64(bits: u32, alpha: f64, rounded: bool) -> (nn::VarStore, PACTQuant) {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let q = PACTQuant::from_config(
         vs.root(),
-        QuantConfig {
-            bitwidth: bits,
-            init_alpha: alpha,
-            rounded,
-            ..Default::default()
-        },
+        QuantConfig { bitwidth: bits, init_alpha: alpha, rounded, ..Default::default() },
     )
     .unwrap();
     vs.double();
@@ -56,43 +51,20 @@ fn pact_gradients_match_finite_differences() {
         let (_vs2, smooth) = pact64(bits, alpha, false);
         let mut fd_x = vec![0.0; 24];
         for (i, slot) in fd_x.iter_mut().enumerate() {
-            let e = Tensor::zeros([24], (Kind::Double, Device::Cpu)).index_fill(
-                0,
-                &Tensor::from(i as i64),
-                H,
-            );
+            let e =
+                Tensor::zeros([24], (Kind::Double, Device::Cpu)).index_fill(0, &Tensor::from(i as i64), H);
             let up = objective(&smooth, &(&x + &e), &w).double_value(&[]);
             let down = objective(&smooth, &(&x - &e), &w).double_value(&[]);
             *slot = (up - down) / (2.0 * H);
         }
-        assert_close(
-            &gx,
-            &Tensor::from_slice(&fd_x),
-            1e-6,
-            1e-6,
-            &format!("PACT d/dx, {bits} bits"),
-        );
+        assert_close(&gx, &Tensor::from_slice(&fd_x), 1e-6, 1e-6, &format!("PACT d/dx, {bits} bits"));
         let at = |a: f64| {
-            tch::no_grad(|| {
-                smooth
-                    .alpha()
-                    .shallow_clone()
-                    .copy_(&Tensor::from_slice(&[a]))
-            });
+            tch::no_grad(|| smooth.alpha().shallow_clone().copy_(&Tensor::from_slice(&[a])));
             objective(&smooth, &x, &w).double_value(&[])
         };
         let fd_a = (at(alpha + H) - at(alpha - H)) / (2.0 * H);
-        assert_close(
-            &ga,
-            &Tensor::from_slice(&[fd_a]),
-            1e-6,
-            1e-6,
-            &format!("PACT d/dalpha, {bits} bits"),
-        );
-        assert!(
-            fd_a.abs() > 0.1,
-            "the check must involve clipped elements, got d/dalpha = {fd_a}"
-        );
+        assert_close(&ga, &Tensor::from_slice(&[fd_a]), 1e-6, 1e-6, &format!("PACT d/dalpha, {bits} bits"));
+        assert!(fd_a.abs() > 0.1, "the check must involve clipped elements, got d/dalpha = {fd_a}");
     }
 }
 
@@ -104,12 +76,9 @@ fn minmax_gradient_matches_finite_differences_and_is_grad_times_scale() {
         let q = MinMaxQuant::new(bits);
         let xg = x.detach().set_requires_grad(true);
         objective(&q, &xg, &w).backward();
-        let smooth = MinMaxQuant::from_config(QuantConfig {
-            bitwidth: bits,
-            rounded: false,
-            ..Default::default()
-        })
-        .unwrap();
+        let smooth =
+            MinMaxQuant::from_config(QuantConfig { bitwidth: bits, rounded: false, ..Default::default() })
+                .unwrap();
         let fd: Vec<f64> = (0..16)
             .map(|i| {
                 let e = Tensor::zeros([16], (Kind::Double, Device::Cpu)).index_fill(
@@ -122,29 +91,17 @@ fn minmax_gradient_matches_finite_differences_and_is_grad_times_scale() {
                 (up - down) / (2.0 * H)
             })
             .collect();
-        assert_close(
-            &xg.grad(),
-            &Tensor::from_slice(&fd),
-            1e-6,
-            1e-6,
-            &format!("MinMax d/dx, {bits} bits"),
-        );
+        assert_close(&xg.grad(), &Tensor::from_slice(&fd), 1e-6, 1e-6, &format!("MinMax d/dx, {bits} bits"));
 
         // The integer output's gradient is exactly grad * scale, as in TorchApprox.
         let xg = x.detach().set_requires_grad(true);
         let g = Tensor::randn([16], (Kind::Double, Device::Cpu));
         (q.quantize(&xg) * &g).sum(Kind::Double).backward();
-        assert_exact(
-            &xg.grad(),
-            &(&g * q.scale_factor()),
-            &format!("MinMax integer gradient, {bits} bits"),
-        );
+        assert_exact(&xg.grad(), &(&g * q.scale_factor()), &format!("MinMax integer gradient, {bits} bits"));
 
         let xg = x.detach().set_requires_grad(true);
         let s = 127.0 / 2.5;
-        (minmax_quant(&xg, 2.5, 127) * &g)
-            .sum(Kind::Double)
-            .backward();
+        (minmax_quant(&xg, 2.5, 127) * &g).sum(Kind::Double).backward();
         assert_exact(&xg.grad(), &(&g * s), "minmax_quant node gradient");
     }
 }
@@ -152,14 +109,7 @@ fn minmax_gradient_matches_finite_differences_and_is_grad_times_scale() {
 #[test]
 fn element_exactly_at_alpha_counts_as_clipped() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let q = PACTQuant::from_config(
-        vs.root(),
-        QuantConfig {
-            init_alpha: 2.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let q = PACTQuant::from_config(vs.root(), QuantConfig { init_alpha: 2.0, ..Default::default() }).unwrap();
     let x = Tensor::from_slice(&[2.0f32, -2.0, 1.999, -1.999, 0.0, 5.0]).set_requires_grad(true);
     q.forward_sum(&x).backward();
     assert_eq!(values(&x.grad()), [0.0, 0.0, 1.0, 1.0, 1.0, 0.0]);
@@ -195,14 +145,8 @@ fn nan_inputs_never_poison_alpha_or_its_gradient() {
     let y = q.f_fake_quantize(&x).unwrap();
     let out = values(&y);
     assert!(out[0].is_nan(), "NaN propagates to the output");
-    assert_eq!(
-        out[3],
-        2.2f32 as f64 * (127.0f32 / 2.2f32) as f64 / (127.0f32 / 2.2f32) as f64
-    );
-    assert!(
-        out[1..].iter().all(|v| v.is_finite()),
-        "±inf saturates: {out:?}"
-    );
+    assert_eq!(out[3], 2.2f32 as f64 * (127.0f32 / 2.2f32) as f64 / (127.0f32 / 2.2f32) as f64);
+    assert!(out[1..].iter().all(|v| v.is_finite()), "±inf saturates: {out:?}");
     // A loss whose upstream gradient is NaN exactly where the output is NaN.
     (&y * &y * 0.5).sum(Kind::Float).backward();
     let ga = values(&q.alpha().grad())[0];
@@ -212,10 +156,7 @@ fn nan_inputs_never_poison_alpha_or_its_gradient() {
     let gx = values(&x.grad());
     assert_eq!(gx[0], 0.0, "no gradient reaches a NaN input");
     assert!(gx.iter().all(|v| v.is_finite()));
-    assert!(
-        values(q.alpha())[0] == 2.2f32 as f64,
-        "alpha itself is untouched"
-    );
+    assert!(values(q.alpha())[0] == 2.2f32 as f64, "alpha itself is untouched");
 }
 
 #[test]
@@ -227,10 +168,7 @@ fn alpha_pushed_to_zero_or_below_stays_usable_and_recovers() {
         let x = Tensor::from_slice(&[-2.0f32, -0.5, 0.0, 0.3, 1.5]);
         let y = q.f_fake_quantize(&x).unwrap();
         let out = values(&y);
-        assert!(
-            out.iter().all(|v| v.is_finite()),
-            "alpha {start}: output {out:?}"
-        );
+        assert!(out.iter().all(|v| v.is_finite()), "alpha {start}: output {out:?}");
         assert!(
             out.iter().all(|v| v.abs() <= ALPHA_MIN * 1.0001),
             "alpha {start} clips at ALPHA_MIN: {out:?}"
@@ -239,9 +177,7 @@ fn alpha_pushed_to_zero_or_below_stays_usable_and_recovers() {
         // Gradient descent on a loss that wants a wider range brings alpha back.
         let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
         for _ in 0..50 {
-            let loss = (q.f_fake_quantize(&x).unwrap() - &x)
-                .square()
-                .sum(Kind::Float);
+            let loss = (q.f_fake_quantize(&x).unwrap() - &x).square().sum(Kind::Float);
             opt.backward_step(&loss);
         }
         let a = q.alpha_value();

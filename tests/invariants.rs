@@ -28,14 +28,9 @@ fn quantizers(vs: &nn::VarStore) -> Vec<Quantizer> {
     let mut qs = Vec::new();
     for bits in [2, 3, 4, 8, 12, 16] {
         for kind in [QuantizerKind::MinMax, QuantizerKind::Pact] {
-            let cfg = QuantConfig {
-                bitwidth: bits,
-                init_alpha: 0.3 + bits as f64 / 4.0,
-                ..Default::default()
-            };
-            qs.push(
-                Quantizer::from_config(kind, vs.root() / format!("{kind}{bits}"), cfg).unwrap(),
-            );
+            let cfg =
+                QuantConfig { bitwidth: bits, init_alpha: 0.3 + bits as f64 / 4.0, ..Default::default() };
+            qs.push(Quantizer::from_config(kind, vs.root() / format!("{kind}{bits}"), cfg).unwrap());
         }
     }
     qs
@@ -52,18 +47,11 @@ fn outputs_are_integers_within_range_and_sign_symmetric() {
                 assert_eq!(v.size(), x.size());
                 assert_eq!(v.device(), device);
                 for e in values(&v) {
-                    assert!(
-                        e.abs() <= im && e.fract() == 0.0,
-                        "{q:?}: {e} not an integer in ±{im}"
-                    );
+                    assert!(e.abs() <= im && e.fract() == 0.0, "{q:?}: {e} not an integer in ±{im}");
                 }
                 // Round-half-to-even and the symmetric clamp make quantization odd.
                 let neg = q.quantize(&x.neg());
-                assert_exact(
-                    &neg,
-                    &v.neg(),
-                    &format!("{:?} {} bits: q(-x) = -q(x)", q.kind(), q.bitwidth()),
-                );
+                assert_exact(&neg, &v.neg(), &format!("{:?} {} bits: q(-x) = -q(x)", q.kind(), q.bitwidth()));
             }
         }
     }
@@ -85,12 +73,7 @@ fn fake_quantization_is_idempotent() {
                     &format!("{:?} {} bits", q.kind(), q.bitwidth()),
                 );
                 let rel = (q.scale_factor() - scale_once).abs() / scale_once;
-                assert!(
-                    rel < 1e-5,
-                    "{:?}: scale moved from {scale_once} to {}",
-                    q.kind(),
-                    q.scale_factor()
-                );
+                assert!(rel < 1e-5, "{:?}: scale moved from {scale_once} to {}", q.kind(), q.scale_factor());
                 let err = (&twice - &once).abs().max().double_value(&[]);
                 let step = 1.0 / scale_once;
                 assert!(
@@ -113,11 +96,7 @@ fn fake_quantization_error_is_at_most_half_a_step_inside_the_range() {
             let step = 1.0 / q.scale_factor();
             let limit = q.int_max() as f64 * step;
             let inside = x.abs().le(limit);
-            let err = (&y - &x)
-                .abs()
-                .where_scalarother(&inside, 0.0)
-                .max()
-                .double_value(&[]);
+            let err = (&y - &x).abs().where_scalarother(&inside, 0.0).max().double_value(&[]);
             // Half a step, plus float32 rounding of the scaled value (matters at 16 bits).
             let ulps = 4.0 * f32::EPSILON as f64 * limit;
             assert!(
@@ -142,11 +121,7 @@ fn cpu_and_cuda_agree() {
             let xc = x.detach().set_requires_grad(true);
             let xg = x.to_device(cuda).detach().set_requires_grad(true);
             let (qa, qb) = (a.quantize(&xc), b.quantize(&xg));
-            assert_exact(
-                &qb,
-                &qa,
-                &format!("{:?} {} bits CUDA vs CPU", a.kind(), a.bitwidth()),
-            );
+            assert_exact(&qb, &qa, &format!("{:?} {} bits CUDA vs CPU", a.kind(), a.bitwidth()));
             assert_eq!(a.scale_factor(), b.scale_factor());
             a.f_fake_quantize(&xc).unwrap().sum(Kind::Float).backward();
             b.f_fake_quantize(&xg).unwrap().sum(Kind::Float).backward();
@@ -161,9 +136,7 @@ fn minmax_scale_tracks_the_last_call() {
     assert_eq!(q.scale_factor(), 0.0);
     let _ = q.quantize(&Tensor::from_slice(&[0.5f32, -4.0]));
     assert_eq!(q.scale_factor(), (127.0f32 / 4.0) as f64);
-    let qd = q
-        .f_quantize_scaled(&Tensor::from_slice(&[0.25f64]))
-        .unwrap();
+    let qd = q.f_quantize_scaled(&Tensor::from_slice(&[0.25f64])).unwrap();
     assert_eq!(q.scale_factor(), 127.0 / 0.25);
     assert_eq!(qd.scale.kind(), Kind::Double);
     assert_eq!(qd.scale.double_value(&[]), 508.0);

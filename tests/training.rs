@@ -28,10 +28,7 @@ fn pact_alpha_moves_toward_the_data_range_and_loss_falls() {
             alpha > 4.0 && alpha <= max_abs + 0.5,
             "{device:?}: alpha went from 2.2 to {alpha} (data max {max_abs})"
         );
-        assert!(
-            last < first * 0.1,
-            "{device:?}: loss fell only from {first} to {last}"
-        );
+        assert!(last < first * 0.1, "{device:?}: loss fell only from {first} to {last}");
     }
 }
 
@@ -55,12 +52,7 @@ fn mixed_minmax_pact_network_trains_and_round_trips_through_safetensors() {
     let net = mixed_net(&vs.root());
     let alpha0 = values(&vs.variables()["q2.alpha"]);
     let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
-    let loss = |net: &dyn Module| {
-        (net.forward(&x) - &y)
-            .square()
-            .mean(Kind::Float)
-            .double_value(&[])
-    };
+    let loss = |net: &dyn Module| (net.forward(&x) - &y).square().mean(Kind::Float).double_value(&[]);
     let first = loss(&net);
     for _ in 0..300 {
         opt.backward_step(&(net.forward(&x) - &y).square().mean(Kind::Float));
@@ -68,10 +60,7 @@ fn mixed_minmax_pact_network_trains_and_round_trips_through_safetensors() {
     let last = loss(&net);
     assert!(last < first * 0.2, "loss fell only from {first} to {last}");
     let alpha1 = values(&vs.variables()["q2.alpha"]);
-    assert!(
-        (alpha1[0] - alpha0[0]).abs() > 1e-3,
-        "PACT alpha did not move: {alpha0:?} -> {alpha1:?}"
-    );
+    assert!((alpha1[0] - alpha0[0]).abs() > 1e-3, "PACT alpha did not move: {alpha0:?} -> {alpha1:?}");
 
     let dir = std::env::temp_dir().join(format!("torchapprox-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -85,21 +74,8 @@ fn mixed_minmax_pact_network_trains_and_round_trips_through_safetensors() {
         n.sort();
         n
     };
-    assert_eq!(
-        names,
-        [
-            "fc1.bias",
-            "fc1.weight",
-            "fc2.bias",
-            "fc2.weight",
-            "q2.alpha"
-        ]
-    );
-    assert_exact(
-        &vs2.variables()["q2.alpha"],
-        &vs.variables()["q2.alpha"],
-        "alpha after load",
-    );
+    assert_eq!(names, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "q2.alpha"]);
+    assert_exact(&vs2.variables()["q2.alpha"], &vs.variables()["q2.alpha"], "alpha after load");
     assert_exact(&net2.forward(&x), &net.forward(&x), "outputs after load");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -109,10 +85,7 @@ fn quantizer_enum_reports_kind_and_alpha() {
     let vs = nn::VarStore::new(Device::Cpu);
     let p = Quantizer::new(QuantizerKind::Pact, vs.root() / "p", 6);
     let m = Quantizer::new(QuantizerKind::MinMax, vs.root() / "m", 6);
-    assert_eq!(
-        (p.kind(), m.kind()),
-        (QuantizerKind::Pact, QuantizerKind::MinMax)
-    );
+    assert_eq!((p.kind(), m.kind()), (QuantizerKind::Pact, QuantizerKind::MinMax));
     assert_eq!(values(p.alpha().unwrap()), [2.2f32 as f64]);
     assert!(m.alpha().is_none());
     assert_eq!((p.bitwidth(), m.int_max()), (6, 31));

@@ -60,6 +60,9 @@ pub struct QuantConfig {
     /// Round to integers (`true`, the default); `false` keeps the scaled,
     /// clipped values, as the original's `quantize(x, rounded=False)`.
     pub rounded: bool,
+    /// MinMax only: one range per output channel (index of dim 0) for tensors
+    /// of two or more dimensions, as for Linear and Conv weights.
+    pub per_channel: bool,
 }
 
 impl Default for QuantConfig {
@@ -70,6 +73,7 @@ impl Default for QuantConfig {
             init_alpha: 2.2,
             nonfinite: NonFinite::Propagate,
             rounded: true,
+            per_channel: false,
         }
     }
 }
@@ -77,10 +81,7 @@ impl Default for QuantConfig {
 impl QuantConfig {
     /// The default configuration with another bitwidth.
     pub fn with_bitwidth(bitwidth: u32) -> Self {
-        Self {
-            bitwidth,
-            ..Self::default()
-        }
+        Self { bitwidth, ..Self::default() }
     }
 }
 
@@ -169,8 +170,5 @@ pub(crate) fn grad_enabled() -> bool {
 
 /// Counts NaN and infinite elements (one host-device sync).
 pub(crate) fn count_nonfinite(x: &Tensor) -> Result<i64> {
-    Ok(x.f_isfinite()?
-        .f_logical_not()?
-        .f_sum(Kind::Int64)?
-        .f_int64_value(&[])?)
+    Ok(x.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?)
 }

@@ -1,12 +1,10 @@
 //! `MinMaxQuant`: scale from the tensor's own absolute maximum; nothing to learn.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use tch::{nn, Kind, Tensor};
 
-use super::approx_quantizer::{
-    check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for,
-};
+use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for};
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};
 
@@ -20,12 +18,17 @@ pub const MIN_RANGE: f64 = 1e-30;
 /// [`MIN_RANGE`] are raised to it, so the scale is always finite. Each call
 /// reads `m` to the host once (the one sync), and the scale of the last call
 /// is kept for [`scale_factor`](ApproxQuantizer::scale_factor).
+///
+/// With [`QuantConfig::per_channel`], tensors of two or more dimensions get
+/// one range per index of dim 0 (a weight's output channel) and the scale
+/// tensor has shape `[C, 1, ...]`; that path also reads its scales in one sync.
 #[derive(Debug)]
 pub struct MinMaxQuant {
     bitwidth: u32,
     nonfinite: NonFinite,
     rounded: bool,
-    last_scale: AtomicU64,
+    per_channel: bool,
+    last_scales: Mutex<Vec<f64>>,
 }
 
 impl MinMaxQuant {
@@ -45,8 +48,53 @@ impl MinMaxQuant {
             bitwidth: check_bitwidth(config.bitwidth)?,
             nonfinite: config.nonfinite,
             rounded: config.rounded,
-            last_scale: AtomicU64::new(0f64.to_bits()),
+            per_channel: config.per_channel,
+            last_scales: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether this quantizer keeps one range per output channel.
+    pub fn per_channel(&self) -> bool {
+        self.per_channel
+    }
+
+    /// The scales of the last call: one, or one per channel; empty before any call.
+    pub fn scale_factors(&self) -> Vec<f64> {
+        self.last_scales.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn store_scales(&self, scales: Vec<f64>) {
+        if let Ok(mut s) = self.last_scales.lock() {
+            *s = scales;
+        }
+    }
+
+    /// Per-channel quantization of `xd` (detached, compute dtype, 2+ dims, not empty).
+    fn quantize_per_channel(&self, x: &Tensor, xd: &Tensor, kind: Kind) -> Result<Quantized> {
+        let dims: Vec<i64> = (1..xd.dim() as i64).collect();
+        let finite_mask = xd.f_isfinite()?;
+        let m = xd.f_abs()?.f_where_scalarother(&finite_mask, 0.0)?.f_amax(&dims, true)?;
+        // Same rules as per tensor: an empty range is the unit range, a tiny one is raised.
+        let m = m.f_clamp_min(MIN_RANGE)?.f_where_scalarother(&m.f_ne(0.0)?, 1.0)?;
+        let scale = m.f_full_like(self.int_max() as f64)?.f_div(&m)?;
+        // One read brings every scale and whether x was finite.
+        let all_finite = finite_mask.f_all()?.f_to_kind(kind)?.f_reshape([1])?;
+        let host = Vec::<f64>::try_from(
+            Tensor::f_cat(&[scale.f_flatten(0, -1)?, all_finite], 0)?.f_to_kind(Kind::Double)?,
+        )?;
+        let (scales, finite) = (host[..host.len() - 1].to_vec(), host[host.len() - 1] != 0.0);
+        if !finite && self.nonfinite == NonFinite::Reject {
+            return Err(Error::NonFinite { count: count_nonfinite(xd)?, numel: x.numel() as i64 });
+        }
+        let mut values = xd.f_clamp_tensor(Some(m.f_neg()?), Some(m.shallow_clone()))?.f_mul_(&scale)?;
+        if self.rounded {
+            values = values.f_round_()?;
+        }
+        if x.requires_grad() && grad_enabled() {
+            values = values.f_add(&scaled_identity(x, kind, finite)?.f_mul(&scale)?)?;
+        }
+        self.store_scales(scales);
+        Ok(Quantized { values, scale })
     }
 
     /// The range `m` used for `x`, read from the device in one sync, and whether `x` is all finite.
@@ -64,11 +112,7 @@ impl MinMaxQuant {
             let finite_abs = x.f_abs()?.f_where_scalarother(&x.f_isfinite()?, 0.0)?;
             range = finite_abs.f_max()?.f_double_value(&[])?;
         }
-        let range = if range == 0.0 {
-            1.0
-        } else {
-            range.max(MIN_RANGE)
-        };
+        let range = if range == 0.0 { 1.0 } else { range.max(MIN_RANGE) };
         Ok((range, finite))
     }
 }
@@ -78,30 +122,30 @@ impl ApproxQuantizer for MinMaxQuant {
         self.bitwidth
     }
 
-    /// The scale of the last call, 0.0 before any.
+    /// The scale of the last call, 0.0 before any; per channel, the smallest (coarsest) one.
     fn scale_factor(&self) -> f64 {
-        f64::from_bits(self.last_scale.load(Ordering::Relaxed))
+        self.scale_factors().into_iter().reduce(f64::min).unwrap_or(0.0)
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
         let kind = compute_kind(x)?;
         let xd = x.f_detach()?.f_to_kind(kind)?;
+        if self.per_channel && xd.dim() >= 2 && xd.numel() > 0 {
+            return self.quantize_per_channel(x, &xd, kind);
+        }
         let (range, finite) = Self::range_of(&xd)?;
         if !finite && self.nonfinite == NonFinite::Reject {
-            return Err(Error::NonFinite {
-                count: count_nonfinite(&xd)?,
-                numel: x.numel() as i64,
-            });
+            return Err(Error::NonFinite { count: count_nonfinite(&xd)?, numel: x.numel() as i64 });
         }
         let im = self.int_max();
         let scale = scale_for(im, range, kind);
         let values = minmax_values(&xd, range, scale, self.rounded)?;
         let values = if x.requires_grad() && grad_enabled() {
-            attach_scaled_identity(values, x, kind, scale, finite)?
+            values.f_add(&scaled_identity(x, kind, finite)?.f_mul_scalar(scale)?)?
         } else {
             values
         };
-        self.last_scale.store(scale.to_bits(), Ordering::Relaxed);
+        self.store_scales(vec![scale]);
         let scale = Tensor::f_scalar_tensor(scale, (kind, x.device()))?;
         Ok(Quantized { values, scale })
     }
@@ -126,22 +170,17 @@ fn minmax_values(xd: &Tensor, range: f64, scale: f64, rounded: bool) -> Result<T
     Ok(v)
 }
 
-/// Gives `values` the gradient `grad * scale` with respect to `x` without changing
-/// its value: `(x - x.detach())` is exactly zero wherever `x` is finite.
-fn attach_scaled_identity(
-    values: Tensor,
-    x: &Tensor,
-    kind: Kind,
-    scale: f64,
-    finite: bool,
-) -> Result<Tensor> {
+/// An exact zero whose gradient with respect to `x` is the identity: added to
+/// the integers times the scale, it gives them the gradient `grad * scale`.
+fn scaled_identity(x: &Tensor, kind: Kind, finite: bool) -> Result<Tensor> {
     let xk = x.f_to_kind(kind)?;
-    let mut zero = xk.f_sub(&xk.f_detach()?)?;
-    if !finite {
+    let zero = xk.f_sub(&xk.f_detach()?)?;
+    if finite {
+        Ok(zero)
+    } else {
         // inf - inf is NaN: keep those elements' value (and gradient) out.
-        zero = zero.f_where_scalarother(&xk.f_detach()?.f_isfinite()?, 0.0)?;
+        Ok(zero.f_where_scalarother(&xk.f_detach()?.f_isfinite()?, 0.0)?)
     }
-    Ok(values.f_add(&zero.f_mul_scalar(scale)?)?)
 }
 
 /// The original's `MinMaxQuant.Quant` node: `round(clamp(x, -minmax, minmax) * int_max / minmax)`.
@@ -152,18 +191,14 @@ pub fn f_minmax_quant(x: &Tensor, minmax: f64, int_max: i64) -> Result<Tensor> {
     let kind = compute_kind(x)?;
     check_int_max(int_max)?;
     if !(minmax.is_finite() && minmax > 0.0) {
-        return Err(Error::Argument {
-            what: "minmax",
-            value: minmax,
-            expected: "positive and finite",
-        });
+        return Err(Error::Argument { what: "minmax", value: minmax, expected: "positive and finite" });
     }
     let scale = scale_for(int_max, minmax, kind);
     let xd = x.f_detach()?.f_to_kind(kind)?;
     let values = minmax_values(&xd, minmax, scale, true)?;
     if x.requires_grad() && grad_enabled() {
         let finite = xd.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0;
-        attach_scaled_identity(values, x, kind, scale, finite)
+        Ok(values.f_add(&scaled_identity(x, kind, finite)?.f_mul_scalar(scale)?)?)
     } else {
         Ok(values)
     }

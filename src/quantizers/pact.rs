@@ -49,21 +49,10 @@ impl PACTQuant {
     pub fn from_config<'a, P: Borrow<nn::Path<'a>>>(path: P, config: QuantConfig) -> Result<Self> {
         let bitwidth = check_bitwidth(config.bitwidth)?;
         if !config.init_alpha.is_finite() {
-            return Err(Error::Argument {
-                what: "init_alpha",
-                value: config.init_alpha,
-                expected: "finite",
-            });
+            return Err(Error::Argument { what: "init_alpha", value: config.init_alpha, expected: "finite" });
         }
-        let alpha = path
-            .borrow()
-            .f_var("alpha", &[1], nn::Init::Const(config.init_alpha))?;
-        Ok(Self {
-            alpha,
-            bitwidth,
-            nonfinite: config.nonfinite,
-            rounded: config.rounded,
-        })
+        let alpha = path.borrow().f_var("alpha", &[1], nn::Init::Const(config.init_alpha))?;
+        Ok(Self { alpha, bitwidth, nonfinite: config.nonfinite, rounded: config.rounded })
     }
 
     /// The learnable clipping level, shape `[1]`.
@@ -89,20 +78,13 @@ impl ApproxQuantizer for PACTQuant {
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
         if x.device() != self.alpha.device() {
-            return Err(Error::Device {
-                input: x.device(),
-                state: self.alpha.device(),
-                what: "PACT alpha",
-            });
+            return Err(Error::Device { input: x.device(), state: self.alpha.device(), what: "PACT alpha" });
         }
         if self.nonfinite == NonFinite::Reject {
             compute_kind(x)?;
             let count = count_nonfinite(x)?;
             if count > 0 {
-                return Err(Error::NonFinite {
-                    count,
-                    numel: x.numel() as i64,
-                });
+                return Err(Error::NonFinite { count, numel: x.numel() as i64 });
             }
         }
         pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded)
@@ -141,8 +123,8 @@ fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64, rounded: bool) ->
         values = values.f_round_()?;
     }
     if (x.requires_grad() || alpha.requires_grad()) && grad_enabled() {
-        values = values
-            .f_add(&pact_gradient_carrier(x, &xd, &alpha_raw, &alpha_eff, kind)?.f_mul(&scale)?)?;
+        values =
+            values.f_add(&pact_gradient_carrier(x, &xd, &alpha_raw, &alpha_eff, kind)?.f_mul(&scale)?)?;
     }
     Ok(Quantized { values, scale })
 }
@@ -178,11 +160,7 @@ fn pact_gradient_carrier(
 pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> {
     check_int_max(int_max)?;
     if x.device() != alpha.device() {
-        return Err(Error::Device {
-            input: x.device(),
-            state: alpha.device(),
-            what: "alpha",
-        });
+        return Err(Error::Device { input: x.device(), state: alpha.device(), what: "alpha" });
     }
     Ok(pact_quant_scaled(x, alpha, int_max, true)?.values)
 }

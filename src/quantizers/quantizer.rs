@@ -65,11 +65,7 @@ pub enum Quantizer {
 
 impl Quantizer {
     /// A quantizer of `kind` with `bitwidth` bits; PACT's `alpha` goes under `path`.
-    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(
-        kind: QuantizerKind,
-        path: P,
-        bitwidth: u32,
-    ) -> Result<Self> {
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(kind: QuantizerKind, path: P, bitwidth: u32) -> Result<Self> {
         Self::from_config(kind, path, QuantConfig::with_bitwidth(bitwidth))
     }
 

@@ -8,10 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Path of a file under `tests/fixtures`.
 pub fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
 }
 
 /// Every tensor of a fixture file, by name.
@@ -19,10 +16,7 @@ pub fn load_fixture(name: &str) -> HashMap<String, Tensor> {
     let path = fixture_path(name);
     Tensor::read_safetensors(&path)
         .unwrap_or_else(|e| {
-            panic!(
-                "reading {}: {e} (regenerate with scripts/gen_fixtures.py)",
-                path.display()
-            )
+            panic!("reading {}: {e} (regenerate with scripts/gen_fixtures.py)", path.display())
         })
         .into_iter()
         .collect()
@@ -49,12 +43,7 @@ pub fn devices() -> Vec<Device> {
 
 /// A tensor's values as f64, flattened.
 pub fn values(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(
-        t.to_device(Device::Cpu)
-            .to_kind(Kind::Double)
-            .flatten(0, -1),
-    )
-    .unwrap()
+    Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double).flatten(0, -1)).unwrap()
 }
 
 /// Asserts bit-for-bit equal values (NaN equal to NaN), naming the first difference.
@@ -62,10 +51,7 @@ pub fn assert_exact(actual: &Tensor, expected: &Tensor, what: &str) {
     assert_eq!(actual.size(), expected.size(), "{what}: shape");
     let (a, e) = (values(actual), values(expected));
     for (i, (x, y)) in a.iter().zip(&e).enumerate() {
-        assert!(
-            x == y || (x.is_nan() && y.is_nan()),
-            "{what}: element {i}: got {x}, expected {y}"
-        );
+        assert!(x == y || (x.is_nan() && y.is_nan()), "{what}: element {i}: got {x}, expected {y}");
     }
 }
 
