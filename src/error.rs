@@ -48,6 +48,37 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// An inference mode name that is not `baseline`, `quant` or `noise`.
+    #[error("unknown inference mode {0:?}: expected `baseline`, `quant` or `noise`")]
+    UnknownMode(String),
+
+    /// Per-channel quantization asked of a quantizer that has none.
+    #[error("per-channel weight quantization needs MinMax, not {0}")]
+    PerChannel(crate::quantizers::QuantizerKind),
+
+    /// A tensor of the wrong shape.
+    #[error("{what}: expected shape {expected}, got {actual:?}")]
+    Shape {
+        /// Which tensor.
+        what: String,
+        /// The expected shape, in words.
+        expected: String,
+        /// The shape given.
+        actual: Vec<i64>,
+    },
+
+    /// A model name that is not `mlp` or `lenet`.
+    #[error("unknown model {0:?}: expected `mlp` or `lenet`")]
+    UnknownModel(String),
+
+    /// A data file or folder that is missing or malformed.
+    #[error("{0}")]
+    Data(String),
+
+    /// A checkpoint that cannot be written or does not fit the model.
+    #[error("{0}")]
+    Checkpoint(String),
+
     /// A quantizer name that is neither `minmax` nor `pact`.
     #[error("unknown quantizer kind {0:?}: expected `minmax` or `pact`")]
     UnknownKind(String),

@@ -27,7 +27,11 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
+pub mod data;
 mod error;
+pub mod layers;
+pub mod models;
 pub mod quantizers;
 
 pub use error::{Error, Result};

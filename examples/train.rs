@@ -1,0 +1,334 @@
+//! Quantization-aware training of an MLP or LeNet-5 on MNIST-format data, the crate's main job.
+//!
+//! ```sh
+//! cargo run --release --example train                      # LeNet, 8-bit QAT, embedded 10k digits
+//! cargo run --release --example train -- --mode baseline   # the float reference
+//! cargo run --release --example train -- --bits 4 --layer fc3=minmax,minmax:8 --json
+//! ```
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use torchapprox::checkpoint::{load_checked, save_atomic};
+use torchapprox::data::{normalize, Mnist};
+use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
+use torchapprox::models::{Architecture, Net};
+use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind};
+
+/// Train a quantization-aware MLP or LeNet-5 on MNIST with TorchApprox's quantizers.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Network: `mlp` (784-256-10) or `lenet` (LeNet-5).
+    #[arg(long, default_value = "lenet")]
+    model: Architecture,
+    /// MNIST-format folder (train/t10k images/labels, plain or .gz); default: the embedded 10,000-digit subset.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Input normalisation: mean subtracted after pixel / 255.
+    #[arg(long, default_value_t = 0.1307, allow_hyphen_values = true)]
+    mean: f64,
+    /// Input normalisation: divisor after subtracting the mean.
+    #[arg(long, default_value_t = 0.3081)]
+    std: f64,
+    /// Passes over the training set; 0 only evaluates (with --load).
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Digits per optimisation step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: i64,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Learning-rate schedule: `cosine` (decays to zero over the run, steadier final
+    /// accuracy) or `constant`.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant"])]
+    schedule: String,
+    /// Optimiser: `adam` or `sgd` (momentum 0.9).
+    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
+    optimizer: String,
+    /// Seed of initialisation, shuffling and noise.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// Inference mode of every layer: `baseline` (float), `quant` (QAT) or `noise`.
+    #[arg(long, default_value = "quant")]
+    mode: InferenceMode,
+    /// Relative noise level of `--mode noise` (times the std of each layer's output).
+    #[arg(long, default_value_t = 0.1)]
+    noise_std: f64,
+    /// Bits of every quantizer, 2..=16.
+    #[arg(long, default_value_t = 8)]
+    bits: u32,
+    /// Activation quantizer: `minmax` or `pact`.
+    #[arg(long, default_value = "pact")]
+    x_quant: QuantizerKind,
+    /// Weight quantizer: `minmax` or `pact`.
+    #[arg(long, default_value = "minmax")]
+    w_quant: QuantizerKind,
+    /// One MinMax weight scale per output channel.
+    #[arg(long)]
+    per_channel: bool,
+    /// Override one layer: `NAME=X_KIND,W_KIND[:BITS]`, e.g. `conv1=minmax,minmax:8`; repeatable.
+    #[arg(long = "layer", value_name = "NAME=X,W[:BITS]")]
+    layers: Vec<String>,
+    /// `auto` (CUDA when available), `cpu` or `cuda`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// Write the trained weights (and every alpha) here, atomically; must end in `.safetensors`.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Start from these weights (to resume, or to evaluate with `--epochs 0`).
+    #[arg(long)]
+    load: Option<PathBuf>,
+    /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// The embedded default data set (see examples/data/mnist-10k/README.md for its provenance).
+fn embedded_mnist() -> Result<Mnist> {
+    macro_rules! file {
+        ($name:literal) => {
+            (concat!("embedded ", $name), &include_bytes!(concat!("data/mnist-10k/", $name))[..])
+        };
+    }
+    Ok(Mnist::from_bytes([
+        file!("train-images-idx3-ubyte.gz"),
+        file!("train-labels-idx1-ubyte.gz"),
+        file!("t10k-images-idx3-ubyte.gz"),
+        file!("t10k-labels-idx1-ubyte.gz"),
+    ])?)
+}
+
+/// Parses `NAME=X_KIND,W_KIND[:BITS]` against the model's layer names.
+fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(String, QuantSpec)> {
+    let usage = || format!("--layer {arg:?}: expected NAME=X_KIND,W_KIND[:BITS], e.g. conv1=minmax,pact:4");
+    let (name, rest) = arg.split_once('=').with_context(usage)?;
+    if !arch.layer_names().contains(&name) {
+        bail!("--layer {arg:?}: unknown layer {name:?}; {arch} has {}", arch.layer_names().join(", "));
+    }
+    let (kinds, bits) = match rest.split_once(':') {
+        Some((k, b)) => (k, Some(b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?)),
+        None => (rest, None),
+    };
+    let (x, w) = kinds.split_once(',').with_context(usage)?;
+    let bitwidth =
+        check_bitwidth(bits.unwrap_or(base.bitwidth)).with_context(|| format!("--layer {arg:?}"))?;
+    Ok((name.to_string(), QuantSpec { x_kind: x.parse()?, w_kind: w.parse()?, bitwidth, ..base }))
+}
+
+fn pick_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
+        _ => Ok(Device::cuda_if_available()),
+    }
+}
+
+/// Share of correct predictions over a data set, in batches, without gradients.
+fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, device: Device) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let n = labels.size()[0];
+    let mut correct = 0i64;
+    for start in (0..n).step_by(1000) {
+        let len = 1000.min(n - start);
+        let logits = net.f_forward_t(&images.narrow(0, start, len), false)?;
+        let hits = logits.argmax(-1, false).eq_tensor(&labels.narrow(0, start, len).to_device(device));
+        correct += hits.sum(Kind::Int64).int64_value(&[]);
+    }
+    Ok(correct as f64 / n.max(1) as f64)
+}
+
+fn quantizer_report(q: &Quantizer) -> serde_json::Value {
+    let scales = match q {
+        Quantizer::MinMax(m) => m.scale_factors(),
+        Quantizer::Pact(_) => vec![q.scale_factor()],
+    };
+    json!({
+        "kind": q.kind().to_string(),
+        "bits": q.bitwidth(),
+        "scale_factor": q.scale_factor(),
+        "scale_factors": if scales.len() > 1 { json!(scales) } else { serde_json::Value::Null },
+        "alpha": q.alpha().map(|a| a.double_value(&[0])),
+    })
+}
+
+fn run(args: Args) -> Result<()> {
+    let base = QuantSpec {
+        x_kind: args.x_quant,
+        w_kind: args.w_quant,
+        bitwidth: check_bitwidth(args.bits).context("--bits")?,
+        per_channel: args.per_channel,
+        mode: args.mode,
+        noise_std: args.noise_std,
+    };
+    let overrides =
+        args.layers.iter().map(|a| parse_override(a, args.model, base)).collect::<Result<Vec<_>>>()?;
+    if args.batch_size < 1 {
+        bail!("--batch-size must be at least 1, got {}", args.batch_size);
+    }
+    if args.save.as_ref().is_some_and(|p| !p.to_string_lossy().ends_with(".safetensors")) {
+        bail!(
+            "--save {}: the checkpoint name must end in .safetensors",
+            args.save.as_ref().unwrap().display()
+        );
+    }
+    let device = pick_device(&args.device)?;
+    let data = match &args.data {
+        Some(dir) => Mnist::load_dir(dir)?,
+        None => embedded_mnist()?,
+    };
+    let train_x = normalize(&data.train_images, args.mean, args.std, device)?;
+    let test_x = normalize(&data.test_images, args.mean, args.std, device)?;
+    let train_y = data.train_labels.to_device(device);
+
+    tch::manual_seed(args.seed);
+    let mut vs = nn::VarStore::new(device);
+    let spec_for = |name: &str| overrides.iter().find(|(n, _)| n == name).map_or(base, |(_, s)| *s);
+    let net = args.model.build(&vs.root(), spec_for)?;
+    if let Some(path) = &args.load {
+        load_checked(&mut vs, path)?;
+    }
+    let mut opt = match args.optimizer.as_str() {
+        "sgd" => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, args.lr)?,
+        _ => nn::Adam::default().build(&vs, args.lr)?,
+    };
+
+    let n = train_y.size()[0];
+    let steps = (n + args.batch_size - 1) / args.batch_size;
+    let show_bar = !args.json && std::io::stderr().is_terminal();
+    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
+    say(format!(
+        "{} on {} train / {} test digits, mode {}, {} bits, x {} / w {}{}, {device:?}",
+        args.model,
+        n,
+        data.test_labels.size()[0],
+        args.mode,
+        args.bits,
+        args.x_quant,
+        args.w_quant,
+        if args.per_channel { " per channel" } else { "" }
+    ));
+    let started = Instant::now();
+    let mut final_loss = f64::NAN;
+    let mut epochs = Vec::new();
+    for epoch in 1..=args.epochs {
+        let t0 = Instant::now();
+        let bar = if show_bar { ProgressBar::new(steps as u64) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")?
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{}", args.epochs));
+        let order = Tensor::randperm(n, (Kind::Int64, device));
+        let (mut loss_sum, mut correct) =
+            (Tensor::zeros([], (Kind::Float, device)), Tensor::zeros([], (Kind::Int64, device)));
+        for step in 0..steps {
+            let idx =
+                order.narrow(0, step * args.batch_size, args.batch_size.min(n - step * args.batch_size));
+            let (x, y) = (train_x.index_select(0, &idx), train_y.index_select(0, &idx));
+            if args.schedule == "cosine" {
+                let done = ((epoch - 1) as i64 * steps + step) as f64 / (args.epochs as i64 * steps) as f64;
+                opt.set_lr(args.lr * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()));
+            }
+            let logits = net.f_forward_t(&x, true)?;
+            let loss = logits.cross_entropy_for_logits(&y);
+            opt.backward_step(&loss);
+            loss_sum += loss.detach() * idx.size()[0] as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
+            if show_bar && step % 10 == 0 {
+                bar.set_message(format!("loss {:.4}", loss.double_value(&[])));
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        final_loss = loss_sum.double_value(&[]) / n as f64;
+        if !final_loss.is_finite() {
+            bail!("training diverged in epoch {epoch} (loss {final_loss}); try a smaller --lr");
+        }
+        let train_acc = correct.int64_value(&[]) as f64 / n as f64;
+        let test_acc = accuracy(&net, &test_x, &data.test_labels, device)?;
+        let secs = t0.elapsed().as_secs_f64();
+        say(format!(
+            "epoch {epoch:>2}/{}  loss {final_loss:.4}  train {:.2}%  test {:.2}%  {secs:.1}s",
+            args.epochs,
+            100.0 * train_acc,
+            100.0 * test_acc
+        ));
+        epochs.push(json!({"epoch": epoch, "loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc, "seconds": secs}));
+    }
+    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, device)?;
+    if let Some(path) = &args.save {
+        save_atomic(&vs, path)?;
+        say(format!("saved {}", path.display()));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    say(format!(
+        "test accuracy {:.2}% ({} digits), {seconds:.1}s",
+        100.0 * test_accuracy,
+        data.test_labels.size()[0]
+    ));
+    if args.json {
+        let layers: Vec<_> = net
+            .approx_layers()
+            .into_iter()
+            .map(|(name, l)| {
+                let q = l.quant();
+                json!({
+                    "name": name,
+                    "mode": q.mode().to_string(),
+                    "bits": q.w_quantizer.bitwidth(),
+                    "per_channel": matches!(&q.w_quantizer, Quantizer::MinMax(m) if m.per_channel()),
+                    "x_quantizer": quantizer_report(&q.x_quantizer),
+                    "w_quantizer": quantizer_report(&q.w_quantizer),
+                    "fan_in": l.fan_in(),
+                    "opcount": l.opcount(),
+                })
+            })
+            .collect();
+        let report = json!({
+            "model": args.model.to_string(),
+            "mode": args.mode.to_string(),
+            "device": format!("{device:?}"),
+            "bits": args.bits,
+            "x_quant": args.x_quant.to_string(),
+            "w_quant": args.w_quant.to_string(),
+            "per_channel": args.per_channel,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "optimizer": args.optimizer,
+            "schedule": args.schedule,
+            "seed": args.seed,
+            "train_digits": n,
+            "test_digits": data.test_labels.size()[0],
+            "final_train_loss": if args.epochs > 0 { json!(final_loss) } else { serde_json::Value::Null },
+            "test_accuracy": test_accuracy,
+            "seconds": seconds,
+            "per_epoch": epochs,
+            "layers": layers,
+        });
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

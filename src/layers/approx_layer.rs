@@ -1,0 +1,221 @@
+//! What the Approx layers share: inference modes, quantizer choice, and the quantized forward pass.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use tch::{nn, Tensor};
+
+use crate::quantizers::{ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind};
+use crate::{Error, Result};
+
+/// How an Approx layer computes its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum InferenceMode {
+    /// The plain float layer.
+    #[default]
+    Baseline,
+    /// `op(quantize_x(x), quantize_w(w)) / (s_x * s_w) + bias` on integer-valued tensors.
+    Quantized,
+    /// `Quantized` plus Gaussian noise of standard deviation `noise_std * std(y)`, in training only.
+    Noise,
+}
+
+impl fmt::Display for InferenceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Self::Baseline => "baseline",
+            Self::Quantized => "quant",
+            Self::Noise => "noise",
+        })
+    }
+}
+
+impl FromStr for InferenceMode {
+    type Err = Error;
+
+    /// Accepts `baseline`, `quant` (or `quantized`) and `noise`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "baseline" | "float" => Ok(Self::Baseline),
+            "quant" | "quantized" => Ok(Self::Quantized),
+            "noise" => Ok(Self::Noise),
+            _ => Err(Error::UnknownMode(s.to_string())),
+        }
+    }
+}
+
+impl InferenceMode {
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Quantized,
+            2 => Self::Noise,
+            _ => Self::Baseline,
+        }
+    }
+}
+
+/// The quantization settings of one layer. Defaults as in TorchApprox:
+/// PACT for activations, MinMax (per tensor) for weights, 8 bits, baseline mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantSpec {
+    /// The activation quantizer (`x_quantizer`).
+    pub x_kind: QuantizerKind,
+    /// The weight quantizer (`w_quantizer`).
+    pub w_kind: QuantizerKind,
+    /// Bits of both quantizers, `2..=16`.
+    pub bitwidth: u32,
+    /// One weight scale per output channel (MinMax weights only).
+    pub per_channel: bool,
+    /// The initial inference mode.
+    pub mode: InferenceMode,
+    /// Relative noise level of [`InferenceMode::Noise`].
+    pub noise_std: f64,
+}
+
+impl Default for QuantSpec {
+    fn default() -> Self {
+        Self {
+            x_kind: QuantizerKind::Pact,
+            w_kind: QuantizerKind::MinMax,
+            bitwidth: 8,
+            per_channel: false,
+            mode: InferenceMode::Baseline,
+            noise_std: 0.1,
+        }
+    }
+}
+
+/// The interface shared by [`ApproxLinear`](super::ApproxLinear) and [`ApproxConv2d`](super::ApproxConv2d).
+pub trait ApproxLayer: nn::ModuleT {
+    /// The layer's quantizers and mode.
+    fn quant(&self) -> &LayerQuant;
+    /// The float weight.
+    fn weight(&self) -> &Tensor;
+    /// The float bias, if any.
+    fn bias(&self) -> Option<&Tensor>;
+    /// Inputs feeding each output: `in_features`, or `in_channels / groups * kh * kw`.
+    fn fan_in(&self) -> i64;
+    /// Multiplications per sample in one forward pass (for a convolution, at the
+    /// output size of its last forward pass; 0 before any).
+    fn opcount(&self) -> i64;
+}
+
+/// A network made of Approx layers, so modes can be set for all of them at once.
+pub trait ApproxModule {
+    /// Every Approx layer with its name (`conv1`, `fc2`, ...).
+    fn approx_layers(&self) -> Vec<(String, &dyn ApproxLayer)>;
+
+    /// Sets the inference mode of every layer.
+    fn set_mode(&self, mode: InferenceMode) {
+        for (_, l) in self.approx_layers() {
+            l.quant().set_mode(mode);
+        }
+    }
+
+    /// Sets the noise level of every layer.
+    fn set_noise_std(&self, std: f64) {
+        for (_, l) in self.approx_layers() {
+            l.quant().set_noise_std(std);
+        }
+    }
+}
+
+/// A layer's two quantizers, its mode and noise level.
+#[derive(Debug)]
+pub struct LayerQuant {
+    /// Quantizes the layer's input; PACT's `alpha` is `x_quantizer.alpha`.
+    pub x_quantizer: Quantizer,
+    /// Quantizes the weight; PACT's `alpha` is `w_quantizer.alpha`.
+    pub w_quantizer: Quantizer,
+    mode: AtomicU8,
+    noise_std: AtomicU64,
+}
+
+impl LayerQuant {
+    /// Builds the quantizers of `spec` under `path` (`path / "x_quantizer"`, `path / "w_quantizer"`).
+    pub fn new(path: &nn::Path, spec: QuantSpec) -> Result<Self> {
+        if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
+            return Err(Error::PerChannel(spec.w_kind));
+        }
+        if !(spec.noise_std.is_finite() && spec.noise_std >= 0.0) {
+            return Err(Error::Argument {
+                what: "noise_std",
+                value: spec.noise_std,
+                expected: "finite and >= 0",
+            });
+        }
+        let cfg = QuantConfig::with_bitwidth(spec.bitwidth);
+        let x_quantizer = Quantizer::from_config(spec.x_kind, path / "x_quantizer", cfg)?;
+        let w_cfg = QuantConfig { per_channel: spec.per_channel, ..cfg };
+        let w_quantizer = Quantizer::from_config(spec.w_kind, path / "w_quantizer", w_cfg)?;
+        Ok(Self {
+            x_quantizer,
+            w_quantizer,
+            mode: AtomicU8::new(spec.mode.to_u8()),
+            noise_std: AtomicU64::new(spec.noise_std.to_bits()),
+        })
+    }
+
+    /// The current inference mode.
+    pub fn mode(&self) -> InferenceMode {
+        InferenceMode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    /// Changes the inference mode; takes `&self` so a whole network can switch in place.
+    pub fn set_mode(&self, mode: InferenceMode) {
+        self.mode.store(mode.to_u8(), Ordering::Relaxed);
+    }
+
+    /// The relative noise level of [`InferenceMode::Noise`].
+    pub fn noise_std(&self) -> f64 {
+        f64::from_bits(self.noise_std.load(Ordering::Relaxed))
+    }
+
+    /// Changes the relative noise level.
+    pub fn set_noise_std(&self, std: f64) {
+        self.noise_std.store(std.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Runs `op` (a linear map of input and weight, without bias) in the current mode.
+    ///
+    /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+        channel_shape: &[i64],
+        op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mode = self.mode();
+        if mode == InferenceMode::Baseline {
+            let y = op(x, weight)?;
+            return Ok(match bias {
+                Some(b) => y.f_add(&b.f_reshape(channel_shape)?)?,
+                None => y,
+            });
+        }
+        let qx = self.x_quantizer.f_quantize_scaled(x)?;
+        let qw = self.w_quantizer.f_quantize_scaled(weight)?;
+        let acc = op(&qx.values, &qw.values)?;
+        let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
+        let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;
+        if mode == InferenceMode::Noise && train {
+            let std = self.noise_std();
+            if std > 0.0 && y.numel() > 1 {
+                let spread = y.f_detach()?.f_std(true)?;
+                y = y.f_add(&y.f_randn_like()?.f_mul(&spread)?.f_mul_scalar(std)?)?;
+            }
+        }
+        if let Some(b) = bias {
+            y = y.f_add(&b.f_reshape(channel_shape)?)?;
+        }
+        Ok(y.f_to_kind(x.kind())?)
+    }
+}
