@@ -170,6 +170,7 @@ fn run(args: Args) -> Result<()> {
         per_channel: args.per_channel,
         mode: args.mode,
         noise_std: args.noise_std,
+        rounded: true,
     };
     let overrides =
         args.layers.iter().map(|a| parse_override(a, args.model, base)).collect::<Result<Vec<_>>>()?;

@@ -95,3 +95,59 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+LAYERS_OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "layers.safetensors")
+
+
+def approx_conv(x, weight, bias, alpha, bits, per_channel, **geometry):
+    """TorchApprox's quantized ApproxConv2d: conv(q_x, q_w) / (s_x * s_w) + bias,
+    PACT on the input, MinMax on the weight (per tensor or per output channel)."""
+    int_max = int_max_of(bits)
+    s_x = int_max / alpha.item()
+    q_x = torch.round(torch.clamp(s_x * x, min=-int_max, max=int_max))
+    if per_channel:
+        m = weight.abs().amax(dim=(1, 2, 3), keepdim=True)
+        s_w = int_max / m
+        q_w = torch.round(torch.clamp(weight, min=-m, max=m) * s_w)
+        s_w = s_w.reshape(-1, 1, 1)
+    else:
+        q_w, _ = minmax_quantize(weight, bits)
+        s_w = int_max / weight.abs().max()
+    acc = torch.nn.functional.conv2d(q_x, q_w, None, **geometry)
+    return acc / (s_x * s_w) + bias.reshape(-1, 1, 1)
+
+
+def layer_fixtures():
+    """Grouped and depthwise convolutions, float and quantized, for tests/layers.rs."""
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    specs = [
+        ("grouped", 4, 6, 3, dict(stride=1, padding=1, dilation=1, groups=2)),
+        ("depthwise", 4, 4, 3, dict(stride=2, padding=1, dilation=1, groups=4)),
+        ("dilated", 3, 6, 3, dict(stride=1, padding=2, dilation=2, groups=3)),
+    ]
+    for name, cin, cout, k, geo in specs:
+        conv = torch.nn.Conv2d(cin, cout, k, **geo)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.3)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+        x = torch.randn((2, cin, 9, 9), generator=gen) * 1.2
+        alpha = torch.tensor([2.2])
+        tensors[f"{name}.x"] = x
+        tensors[f"{name}.weight"] = conv.weight.detach().clone()
+        tensors[f"{name}.bias"] = conv.bias.detach().clone()
+        tensors[f"{name}.geometry"] = torch.tensor([geo["stride"], geo["padding"], geo["dilation"], geo["groups"]])
+        with torch.no_grad():
+            tensors[f"{name}.float"] = conv(x)
+            for bits in (4, 8):
+                for per_channel in (False, True):
+                    key = f"{name}.q{bits}{'_pc' if per_channel else ''}"
+                    tensors[key] = approx_conv(x, conv.weight, conv.bias, alpha, bits, per_channel, **geo)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, LAYERS_OUT,
+              metadata={"torch": torch.__version__, "generator": "scripts/gen_fixtures.py"})
+    print(f"wrote {len(specs)} convolutions to {os.path.normpath(LAYERS_OUT)}")
+
+
+if __name__ == "__main__":
+    layer_fixtures()

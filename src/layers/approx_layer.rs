@@ -75,6 +75,9 @@ pub struct QuantSpec {
     pub mode: InferenceMode,
     /// Relative noise level of [`InferenceMode::Noise`].
     pub noise_std: f64,
+    /// Round to integers (the default); `false` gives the smooth quantizer used
+    /// to check straight-through gradients by finite differences.
+    pub rounded: bool,
 }
 
 impl Default for QuantSpec {
@@ -86,6 +89,7 @@ impl Default for QuantSpec {
             per_channel: false,
             mode: InferenceMode::Baseline,
             noise_std: 0.1,
+            rounded: true,
         }
     }
 }
@@ -149,7 +153,7 @@ impl LayerQuant {
                 expected: "finite and >= 0",
             });
         }
-        let cfg = QuantConfig::with_bitwidth(spec.bitwidth);
+        let cfg = QuantConfig { rounded: spec.rounded, ..QuantConfig::with_bitwidth(spec.bitwidth) };
         let x_quantizer = Quantizer::from_config(spec.x_kind, path / "x_quantizer", cfg)?;
         let w_cfg = QuantConfig { per_channel: spec.per_channel, ..cfg };
         let w_quantizer = Quantizer::from_config(spec.w_kind, path / "w_quantizer", w_cfg)?;
@@ -181,7 +185,7 @@ impl LayerQuant {
         self.noise_std.store(std.to_bits(), Ordering::Relaxed);
     }
 
-    /// Runs `op` (a linear map of input and weight, without bias) in the current mode.
+    /// Runs `op` (the layer's float operation on input, weight and optional bias) in the current mode.
     ///
     /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
     pub(crate) fn forward(
@@ -191,19 +195,15 @@ impl LayerQuant {
         bias: Option<&Tensor>,
         train: bool,
         channel_shape: &[i64],
-        op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let mode = self.mode();
         if mode == InferenceMode::Baseline {
-            let y = op(x, weight)?;
-            return Ok(match bias {
-                Some(b) => y.f_add(&b.f_reshape(channel_shape)?)?,
-                None => y,
-            });
+            return op(x, weight, bias);
         }
         let qx = self.x_quantizer.f_quantize_scaled(x)?;
         let qw = self.w_quantizer.f_quantize_scaled(weight)?;
-        let acc = op(&qx.values, &qw.values)?;
+        let acc = op(&qx.values, &qw.values, None)?;
         let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
         let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;
         if mode == InferenceMode::Noise && train {

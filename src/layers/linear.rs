@@ -124,7 +124,7 @@ impl ApproxLinear {
     /// The forward pass, returning errors instead of panicking.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.quant
-            .forward(xs, &self.weight, self.bias.as_ref(), train, &[-1], |x, w| Ok(x.f_matmul(&w.f_tr()?)?))
+            .forward(xs, &self.weight, self.bias.as_ref(), train, &[-1], |x, w, b| Ok(x.f_linear(w, b)?))
     }
 }
 
