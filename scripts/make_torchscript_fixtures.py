@@ -1,0 +1,169 @@
+"""TorchScript fixtures for tests/torchscript.rs, trained on the embedded MNIST digits.
+
+Run with the venv's Python (after scripts/setup.sh):
+    .venv/bin/python scripts/make_torchscript_fixtures.py
+Writes to tests/fixtures/torchscript/:
+  mlp_scripted.pt    torch.jit.script of an MLP (fc1 784-256, fc2 256-10), the trainer's `mlp`
+  lenet_traced.pt    torch.jit.trace of LeNet-5 with the trainer's layer names
+  nobias_scripted.pt an MLP without biases
+  bn_dw_cnn.pt       a CNN with BatchNorm and a depthwise convolution (scripted, eval mode)
+  expected.json      PyTorch's test accuracies: float, and weights fake-quantized with
+                     MinMax per tensor / per channel at 8, 4 and 2 bits
+  probe.safetensors  16 test digits and each model's float logits on them
+Inputs are pixel/255 (no normalisation): these models take raw [0, 1] images.
+"""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
+DATA = os.path.join(ROOT, "examples", "data", "mnist-10k")
+OUT = os.path.join(ROOT, "tests", "fixtures", "torchscript")
+
+
+def read_idx(name):
+    with gzip.open(os.path.join(DATA, name + ".gz"), "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load():
+    tx = torch.tensor(read_idx("train-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
+    ty = torch.tensor(read_idx("train-labels-idx1-ubyte"), dtype=torch.int64)
+    vx = torch.tensor(read_idx("t10k-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
+    vy = torch.tensor(read_idx("t10k-labels-idx1-ubyte"), dtype=torch.int64)
+    return tx, ty, vx, vy
+
+
+class Mlp(nn.Module):
+    def __init__(self, bias=True, hidden=256):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, 10, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class LeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class BnDwCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.dw(x))), 2)
+        x = F.relu(self.pw(x))
+        return self.fc(x.flatten(1))
+
+
+def train(model, tx, ty, epochs, seed):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(tx.shape[0])
+        for i in range(0, tx.shape[0], 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(tx[idx]), ty[idx]).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def fake_quant(w, bits, per_channel):
+    """MinMax fake quantization as TorchApprox computes it (scale = int_max / max|w|)."""
+    int_max = torch.tensor(2 ** (bits - 1) - 1)
+    if per_channel and w.dim() >= 2:
+        m = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+        m = torch.where(m == 0, torch.ones_like(m), m)
+    else:
+        m = w.abs().max()
+    s = int_max / m
+    return torch.round(torch.clamp(w, min=-m, max=m) * s) / s
+
+
+@torch.no_grad()
+def accuracy(module, vx, vy):
+    return (module(vx).argmax(-1) == vy).float().mean().item()
+
+
+@torch.no_grad()
+def quantized_accuracy(module, vx, vy, bits, per_channel):
+    saved = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for n, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(fake_quant(p, bits, per_channel))
+    acc = accuracy(module, vx, vy)
+    for n, p in module.named_parameters():
+        p.copy_(saved[n])
+    return acc
+
+
+def main():
+    torch.set_num_threads(2)
+    tx, ty, vx, vy = load()
+    os.makedirs(OUT, exist_ok=True)
+    example = vx[:2]
+    models = {
+        "mlp_scripted": (torch.jit.script, train(Mlp(), tx, ty, 2, 1)),
+        "lenet_traced": (lambda m: torch.jit.trace(m, example), train(LeNet(), tx, ty, 3, 2)),
+        "nobias_scripted": (torch.jit.script, train(Mlp(bias=False, hidden=64), tx, ty, 2, 3)),
+        "bn_dw_cnn": (torch.jit.script, train(BnDwCnn(), tx, ty, 3, 4)),
+    }
+    expected = {"test_digits": int(vy.shape[0]), "torch": torch.__version__, "models": {}}
+    probe = {"x": vx[:16].contiguous()}
+    for name, (export, model) in models.items():
+        module = export(model)
+        path = os.path.join(OUT, f"{name}.pt")
+        module.save(path)
+        module = torch.jit.load(path)
+        entry = {"float": accuracy(module, vx, vy), "bytes": os.path.getsize(path)}
+        for bits in (8, 4, 2):
+            for per_channel in (False, True):
+                key = f"q{bits}_{'per_channel' if per_channel else 'per_tensor'}"
+                entry[key] = quantized_accuracy(module, vx, vy, bits, per_channel)
+        expected["models"][name] = entry
+        with torch.no_grad():
+            probe[f"{name}.logits"] = module(probe["x"]).contiguous()
+        print(name, json.dumps(entry))
+    with open(os.path.join(OUT, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(probe, os.path.join(OUT, "probe.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
