@@ -7,6 +7,7 @@ Writes to tests/fixtures/torchscript/:
   lenet_traced.pt    torch.jit.trace of LeNet-5 with the trainer's layer names
   nobias_scripted.pt an MLP without biases
   bn_dw_cnn.pt       a CNN with BatchNorm and a depthwise convolution (scripted, eval mode)
+  no_weights.pt      a module with only one-dimensional parameters (an error case)
   expected.json      PyTorch's test accuracies: float, and weights fake-quantized with
                      MinMax per tensor / per channel at 8, 4 and 2 bits
   probe.safetensors  16 test digits and each model's float logits on them
@@ -42,6 +43,18 @@ def load():
     vx = torch.tensor(read_idx("t10k-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
     vy = torch.tensor(read_idx("t10k-labels-idx1-ubyte"), dtype=torch.int64)
     return tx, ty, vx, vy
+
+
+class NoWeights(nn.Module):
+    """Only one-dimensional parameters: nothing for weight quantization to do."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(10))
+        self.shift = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * self.scale + self.shift
 
 
 class Mlp(nn.Module):
@@ -103,6 +116,20 @@ def train(model, tx, ty, epochs, seed):
     return model
 
 
+@torch.no_grad()
+def spread_channel_scales(conv, bn, seed):
+    """Rescales each output channel of `conv` by a factor in [0.1, 10] and BatchNorm's
+    running statistics with it, which leaves the function (nearly, up to BN's eps)
+    unchanged. BatchNorm networks trained without weight decay end up with such
+    per-channel weight ranges; a 3-epoch toy does not, and per-channel quantization
+    exists for them."""
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.exp(torch.empty(conv.out_channels).uniform_(-2.3, 2.3, generator=gen))
+    conv.weight.mul_(c.view(-1, 1, 1, 1))
+    bn.running_mean.mul_(c)
+    bn.running_var.mul_(c * c)
+
+
 def fake_quant(w, bits, per_channel):
     """MinMax fake quantization as TorchApprox computes it (scale = int_max / max|w|)."""
     int_max = torch.tensor(2 ** (bits - 1) - 1)
@@ -143,6 +170,9 @@ def main():
         "nobias_scripted": (torch.jit.script, train(Mlp(bias=False, hidden=64), tx, ty, 2, 3)),
         "bn_dw_cnn": (torch.jit.script, train(BnDwCnn(), tx, ty, 3, 4)),
     }
+    cnn = models["bn_dw_cnn"][1]
+    spread_channel_scales(cnn.conv1, cnn.bn1, 5)
+    spread_channel_scales(cnn.dw, cnn.bn2, 6)
     expected = {"test_digits": int(vy.shape[0]), "torch": torch.__version__, "models": {}}
     probe = {"x": vx[:16].contiguous()}
     for name, (export, model) in models.items():
@@ -159,6 +189,7 @@ def main():
         with torch.no_grad():
             probe[f"{name}.logits"] = module(probe["x"]).contiguous()
         print(name, json.dumps(entry))
+    torch.jit.script(NoWeights()).save(os.path.join(OUT, "no_weights.pt"))
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=2, sort_keys=True)
         f.write("\n")

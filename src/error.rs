@@ -75,6 +75,10 @@ pub enum Error {
     #[error("{0}")]
     Data(String),
 
+    /// A TorchScript model that cannot be loaded, run, imported or saved.
+    #[error("{0}")]
+    TorchScript(String),
+
     /// A checkpoint that cannot be written or does not fit the model.
     #[error("{0}")]
     Checkpoint(String),

@@ -33,5 +33,6 @@ mod error;
 pub mod layers;
 pub mod models;
 pub mod quantizers;
+pub mod torchscript;
 
 pub use error::{Error, Result};

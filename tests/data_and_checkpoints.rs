@@ -37,7 +37,10 @@ fn vendored_mnist_loads_with_its_documented_counts() {
     assert!((0.1..0.15).contains(&mean), "mean intensity {mean}");
     let x = normalize(&m.test_images, 0.1307, 0.3081, Device::Cpu).unwrap();
     assert_eq!(x.size(), [2000, 1, 28, 28]);
-    assert!(normalize(&m.test_images, 0.0, 0.0, Device::Cpu).unwrap_err().to_string().contains("std must be positive"));
+    assert!(normalize(&m.test_images, 0.0, 0.0, Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("std must be positive"));
 
     // Plain files written back load to the same tensors.
     let dir = tmp("idx");

@@ -6,8 +6,8 @@ use common::{assert_close, assert_exact, load_fixture, values};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 use torchapprox::layers::{
-    approx_conv2d, approx_linear, ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig,
-    ApproxModule, InferenceMode, QuantSpec,
+    approx_conv2d, approx_linear, ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear,
+    ApproxLinearConfig, ApproxModule, InferenceMode, QuantSpec,
 };
 use torchapprox::models::Architecture;
 use torchapprox::quantizers::{ApproxQuantizer, QuantizerKind};
@@ -22,7 +22,8 @@ fn quantized_linear_equals_an_explicit_integer_computation() {
         tch::manual_seed(bits as i64);
         let vs = nn::VarStore::new(Device::Cpu);
         let s = QuantSpec { per_channel, ..spec(InferenceMode::Quantized, bits) };
-        let layer = approx_linear(vs.root() / "fc", 6, 4, ApproxLinearConfig { quant: s, ..Default::default() });
+        let layer =
+            approx_linear(vs.root() / "fc", 6, 4, ApproxLinearConfig { quant: s, ..Default::default() });
         let x = Tensor::randn([5, 6], (Kind::Float, Device::Cpu)) * 1.5;
         let y = layer.forward_t(&x, false);
         // The same integers, multiplied in int64.
@@ -46,7 +47,12 @@ fn quantized_linear_equals_an_explicit_integer_computation() {
 fn quantized_conv_equals_an_explicit_integer_computation() {
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = ApproxConvConfig { padding: 1, stride: 2, quant: spec(InferenceMode::Quantized, 8), ..Default::default() };
+    let cfg = ApproxConvConfig {
+        padding: 1,
+        stride: 2,
+        quant: spec(InferenceMode::Quantized, 8),
+        ..Default::default()
+    };
     let conv = approx_conv2d(vs.root() / "conv", 3, 5, 3, cfg);
     let x = Tensor::randn([2, 3, 7, 7], (Kind::Float, Device::Cpu));
     let y = conv.forward_t(&x, false);
@@ -62,7 +68,8 @@ fn quantized_conv_equals_an_explicit_integer_computation() {
         1,
     );
     assert_eq!(values(&acc).iter().filter(|v| v.fract() != 0.0).count(), 0);
-    let expected = acc.to_kind(Kind::Float) / (&qx.scale * &qw.scale) + conv.bias.as_ref().unwrap().reshape([-1, 1, 1]);
+    let expected =
+        acc.to_kind(Kind::Float) / (&qx.scale * &qw.scale) + conv.bias.as_ref().unwrap().reshape([-1, 1, 1]);
     assert_exact(&y, &expected, "quantized conv");
 }
 
@@ -91,15 +98,27 @@ fn objective(layer: &ApproxLinear, x: &Tensor, w: &Tensor) -> Tensor {
 #[test]
 fn gradients_reach_weight_bias_and_every_alpha() {
     // PACT on both sides so that both alphas are variables; float64 throughout.
-    let s = QuantSpec { x_kind: QuantizerKind::Pact, w_kind: QuantizerKind::Pact, ..spec(InferenceMode::Quantized, 8) };
+    let s = QuantSpec {
+        x_kind: QuantizerKind::Pact,
+        w_kind: QuantizerKind::Pact,
+        ..spec(InferenceMode::Quantized, 8)
+    };
     let build = |rounded: bool| {
         let mut vs = nn::VarStore::new(Device::Cpu);
         tch::manual_seed(9);
-        let l = approx_linear(vs.root() / "fc", 3, 2, ApproxLinearConfig { quant: QuantSpec { rounded, ..s }, ..Default::default() });
+        let l = approx_linear(
+            vs.root() / "fc",
+            3,
+            2,
+            ApproxLinearConfig { quant: QuantSpec { rounded, ..s }, ..Default::default() },
+        );
         vs.double();
         // Weights past w_quantizer's alpha, inputs past x_quantizer's alpha.
         tch::no_grad(|| {
-            let _ = l.weight.shallow_clone().copy_(&Tensor::from_slice2(&[[0.9f64, -3.1, 0.4], [2.7, 0.2, -0.6]]));
+            let _ = l
+                .weight
+                .shallow_clone()
+                .copy_(&Tensor::from_slice2(&[[0.9f64, -3.1, 0.4], [2.7, 0.2, -0.6]]));
             let _ = l.quant.x_quantizer.alpha().unwrap().shallow_clone().fill_(1.3);
             let _ = l.quant.w_quantizer.alpha().unwrap().shallow_clone().fill_(2.1);
         });
@@ -137,10 +156,20 @@ fn gradients_reach_weight_bias_and_every_alpha() {
             let down = objective(&smooth, &x, &w).double_value(&[]);
             bump(h);
             let fd = (up - down) / (2.0 * h);
-            assert!((grad[i] - fd).abs() < 1e-5 * (1.0 + fd.abs()), "{name}[{i}]: autograd {} vs finite difference {fd}", grad[i]);
+            assert!(
+                (grad[i] - fd).abs() < 1e-5 * (1.0 + fd.abs()),
+                "{name}[{i}]: autograd {} vs finite difference {fd}",
+                grad[i]
+            );
         }
         assert!(grad.iter().any(|g| g.abs() > 1e-3), "{name} gets no gradient: {grad:?}");
-        assert_close(&rounded[name].grad(), &vars[name].grad(), 0.0, 0.05, &format!("{name}: rounded vs smooth gradient"));
+        assert_close(
+            &rounded[name].grad(),
+            &vars[name].grad(),
+            0.0,
+            0.05,
+            &format!("{name}: rounded vs smooth gradient"),
+        );
     }
 }
 
@@ -186,14 +215,21 @@ fn grouped_dilated_and_depthwise_convolutions_match_pytorch() {
                 bias: true,
                 quant: QuantSpec { per_channel, ..spec(mode, bits) },
             };
-            let conv =
-                ApproxConv2d::from_tensors(vs.root(), &f[&format!("{name}.weight")], Some(&f[&format!("{name}.bias")]), cfg)
-                    .unwrap();
+            let conv = ApproxConv2d::from_tensors(
+                vs.root(),
+                &f[&format!("{name}.weight")],
+                Some(&f[&format!("{name}.bias")]),
+                cfg,
+            )
+            .unwrap();
             let expected = &f[&format!("{name}.{key}")];
             assert_close(&conv.forward_t(x, false), expected, 1e-5, 1e-5, &format!("{name} {key}"));
             let k = conv.weight.size();
             assert_eq!(conv.fan_in(), k[1] * k[2] * k[3]);
-            assert_eq!(conv.opcount(), expected.size()[1] * expected.size()[2] * expected.size()[3] * conv.fan_in());
+            assert_eq!(
+                conv.opcount(),
+                expected.size()[1] * expected.size()[2] * expected.size()[3] * conv.fan_in()
+            );
         }
     }
 }
@@ -229,15 +265,36 @@ fn variables_use_pytorch_names_and_modes_switch_network_wide() {
 fn bad_layer_configurations_are_errors() {
     let vs = nn::VarStore::new(Device::Cpu);
     let pc_pact = QuantSpec { per_channel: true, w_kind: QuantizerKind::Pact, ..Default::default() };
-    let e = ApproxLinear::f_new(vs.root(), 3, 2, ApproxLinearConfig { quant: pc_pact, ..Default::default() }).unwrap_err();
-    assert_eq!(e.to_string(), "per-channel weight quantization needs MinMax, not pact");
-    let e = ApproxConv2d::f_new(vs.root() / "c", 3, 4, 3, ApproxConvConfig { groups: 2, ..Default::default() }).unwrap_err();
-    assert!(e.to_string().starts_with("groups must be at least 1 and a divisor of both channel counts, got 2"), "{e}");
-    let e = ApproxLinear::from_tensors(vs.root() / "w", &Tensor::zeros([3], (Kind::Float, Device::Cpu)), None, QuantSpec::default())
+    let e = ApproxLinear::f_new(vs.root(), 3, 2, ApproxLinearConfig { quant: pc_pact, ..Default::default() })
         .unwrap_err();
+    assert_eq!(e.to_string(), "per-channel weight quantization needs MinMax, not pact");
+    let e =
+        ApproxConv2d::f_new(vs.root() / "c", 3, 4, 3, ApproxConvConfig { groups: 2, ..Default::default() })
+            .unwrap_err();
+    assert!(
+        e.to_string().starts_with("groups must be at least 1 and a divisor of both channel counts, got 2"),
+        "{e}"
+    );
+    let e = ApproxLinear::from_tensors(
+        vs.root() / "w",
+        &Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        None,
+        QuantSpec::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("expected shape [out_features, in_features], got [3]"), "{e}");
     let bad_bits = QuantSpec { bitwidth: 17, ..Default::default() };
-    assert!(ApproxLinear::f_new(vs.root() / "b", 3, 2, ApproxLinearConfig { quant: bad_bits, ..Default::default() }).is_err());
+    assert!(ApproxLinear::f_new(
+        vs.root() / "b",
+        3,
+        2,
+        ApproxLinearConfig { quant: bad_bits, ..Default::default() }
+    )
+    .is_err());
     assert_eq!("noise".parse::<InferenceMode>().unwrap(), InferenceMode::Noise);
-    assert!("fp8".parse::<InferenceMode>().unwrap_err().to_string().contains("unknown inference mode \"fp8\""));
+    assert!("fp8"
+        .parse::<InferenceMode>()
+        .unwrap_err()
+        .to_string()
+        .contains("unknown inference mode \"fp8\""));
 }

@@ -64,11 +64,25 @@ fn trains_reports_json_and_round_trips_its_checkpoint() {
     let ckpt = tmp.0.join("lenet.safetensors");
     let ckpt = ckpt.to_str().unwrap();
     let out = run(&[
-        "--data", &data, "--epochs", "2", "--lr", "3e-3", "--bits", "4", "--layer", "fc3=minmax,minmax:8", "--device", "cpu",
-        "--json", "--save", ckpt,
+        "--data",
+        &data,
+        "--epochs",
+        "2",
+        "--lr",
+        "3e-3",
+        "--bits",
+        "4",
+        "--layer",
+        "fc3=minmax,minmax:8",
+        "--device",
+        "cpu",
+        "--json",
+        "--save",
+        ckpt,
     ]);
     let report = json_of(&out);
-    for key in ["model", "mode", "device", "epochs", "final_train_loss", "test_accuracy", "seconds", "layers"] {
+    for key in ["model", "mode", "device", "epochs", "final_train_loss", "test_accuracy", "seconds", "layers"]
+    {
         assert!(report.get(key).is_some(), "missing {key} in {report}");
     }
     assert_eq!(report["model"], "lenet");
@@ -91,7 +105,17 @@ fn trains_reports_json_and_round_trips_its_checkpoint() {
 
     // Evaluate the checkpoint: the same accuracy, to the digit.
     let eval = json_of(&run(&[
-        "--data", &data, "--epochs", "0", "--bits", "4", "--layer", "fc3=minmax,minmax:8", "--json", "--load", ckpt,
+        "--data",
+        &data,
+        "--epochs",
+        "0",
+        "--bits",
+        "4",
+        "--layer",
+        "fc3=minmax,minmax:8",
+        "--json",
+        "--load",
+        ckpt,
     ]));
     assert_eq!(eval["test_accuracy"], report["test_accuracy"]);
     assert_eq!(eval["layers"][0]["x_quantizer"]["alpha"], report["layers"][0]["x_quantizer"]["alpha"]);
@@ -118,7 +142,11 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
     let data = small_data(&tmp.0);
     let save = tmp.0.join("never.safetensors");
     assert_fails(&["--data", "/nonexistent/mnist"], "MNIST folder /nonexistent/mnist does not exist", &save);
-    assert_fails(&["--data", &data, "--layer", "fc9=pact,minmax"], "unknown layer \"fc9\"; lenet has conv1, conv2, fc1, fc2, fc3", &save);
+    assert_fails(
+        &["--data", &data, "--layer", "fc9=pact,minmax"],
+        "unknown layer \"fc9\"; lenet has conv1, conv2, fc1, fc2, fc3",
+        &save,
+    );
     assert_fails(&["--data", &data, "--layer", "fc1=pact"], "expected NAME=X_KIND,W_KIND[:BITS]", &save);
     assert_fails(&["--data", &data, "--layer", "fc1=pact,lsq"], "unknown quantizer kind \"lsq\"", &save);
     assert_fails(&["--data", &data, "--bits", "40"], "bitwidth 40 is out of range", &save);
@@ -129,8 +157,22 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
 
     // A checkpoint of another model does not load.
     let mlp = tmp.0.join("mlp.safetensors");
-    json_of(&run(&["--data", &data, "--model", "mlp", "--epochs", "1", "--json", "--save", mlp.to_str().unwrap()]));
-    assert_fails(&["--data", &data, "--load", mlp.to_str().unwrap()], "does not match the model: missing conv1.bias", &save);
+    json_of(&run(&[
+        "--data",
+        &data,
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--json",
+        "--save",
+        mlp.to_str().unwrap(),
+    ]));
+    assert_fails(
+        &["--data", &data, "--load", mlp.to_str().unwrap()],
+        "does not match the model: missing conv1.bias",
+        &save,
+    );
 
     // Corrupt data: a truncated image file and a file that is not IDX at all.
     let bad = tmp.0.join("bad");
@@ -145,5 +187,9 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
     std::fs::write(&img, b"hello, not an idx file").unwrap();
     assert_fails(&["--data", bad.to_str().unwrap()], "not an IDX image file", &save);
     std::fs::remove_file(&img).unwrap();
-    assert_fails(&["--data", bad.to_str().unwrap()], "missing train-images-idx3-ubyte (or train-images-idx3-ubyte.gz)", &save);
+    assert_fails(
+        &["--data", bad.to_str().unwrap()],
+        "missing train-images-idx3-ubyte (or train-images-idx3-ubyte.gz)",
+        &save,
+    );
 }

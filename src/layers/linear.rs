@@ -72,11 +72,7 @@ impl ApproxLinear {
         let bound = 1.0 / (in_features as f64).sqrt();
         let init = nn::Init::Uniform { lo: -bound, up: bound };
         let weight = path.f_var("weight", &[out_features, in_features], init)?;
-        let bias = if config.bias {
-            Some(path.f_var("bias", &[out_features], init)?)
-        } else {
-            None
-        };
+        let bias = if config.bias { Some(path.f_var("bias", &[out_features], init)?) } else { None };
         Ok(Self { weight, bias, quant })
     }
 
@@ -123,8 +119,14 @@ impl ApproxLinear {
 
     /// The forward pass, returning errors instead of panicking.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.quant
-            .forward(xs, &self.weight, self.bias.as_ref(), train, &[-1], |x, w, b| Ok(x.f_linear(w, b)?))
+        self.quant.forward(
+            xs,
+            &self.weight,
+            self.bias.as_ref(),
+            train,
+            &[-1],
+            |x, w, b| Ok(x.f_linear(w, b)?),
+        )
     }
 }
 

@@ -1,0 +1,382 @@
+//! TorchScript models from PyTorch: post-training weight quantization, saving, import into Approx networks, weight-only QAT.
+
+use std::path::{Path, PathBuf};
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{CModule, Device, Kind, Tensor};
+
+use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
+use crate::{Error, Result};
+
+/// A TorchScript module (from `torch.jit.script` or `torch.jit.trace`) loaded with libtorch.
+///
+/// ```no_run
+/// use tch::Device;
+/// use torchapprox::torchscript::{PtqConfig, ScriptModel};
+///
+/// let model = ScriptModel::load("model.pt", Device::Cpu)?;
+/// let report = model.quantize_weights(&PtqConfig { bits: 4, per_channel: true, ..Default::default() })?;
+/// for layer in &report {
+///     println!("{}: SQNR {:.1} dB", layer.name, layer.sqnr_db);
+/// }
+/// model.save("model-w4.pt")?; // torch.jit.load reads it
+/// # Ok::<(), torchapprox::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct ScriptModel {
+    module: CModule,
+    source: PathBuf,
+    device: Device,
+}
+
+/// A weight that post-training quantization replaces: a float parameter with two or more dimensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantizableWeight {
+    /// The parameter's name, e.g. `conv1.weight`.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<i64>,
+}
+
+/// Settings of post-training weight quantization (MinMax).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PtqConfig {
+    /// Bits of every weight, `2..=16` (0 means the default, 8).
+    pub bits: u32,
+    /// One scale per output channel instead of one per tensor.
+    pub per_channel: bool,
+    /// Per-layer bitwidths by parameter name (`fc1.weight`) or module name (`fc1`).
+    pub overrides: Vec<(String, u32)>,
+}
+
+impl PtqConfig {
+    fn bits_for(&self, name: &str) -> u32 {
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        let default = if self.bits == 0 { 8 } else { self.bits };
+        self.overrides.iter().rev().find(|(n, _)| n == name || n == module).map_or(default, |(_, b)| *b)
+    }
+}
+
+/// What quantization did to one weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerReport {
+    /// The parameter's name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<i64>,
+    /// The bitwidth used.
+    pub bits: u32,
+    /// Whether scales are per output channel.
+    pub per_channel: bool,
+    /// The scale factor(s): one, or one per output channel.
+    pub scales: Vec<f64>,
+    /// `max |w - q(w)|`.
+    pub max_abs_error: f64,
+    /// Signal-to-quantization-noise ratio, `10 log10(sum w^2 / sum (w - q(w))^2)`, in dB (infinite for an exact grid).
+    pub sqnr_db: f64,
+}
+
+/// Settings of [`ScriptModel::finetune_qat`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FinetuneConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Samples per step.
+    pub batch_size: i64,
+    /// Seed of the shuffling.
+    pub seed: i64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self { epochs: 1, lr: 1e-4, batch_size: 64, seed: 0 }
+    }
+}
+
+/// libtorch's errors carry C++ backtraces: keep the first line.
+fn first_line(e: &tch::TchError) -> String {
+    e.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("unknown error").trim().to_string()
+}
+
+fn ts_error(msg: String) -> Error {
+    Error::TorchScript(msg)
+}
+
+impl ScriptModel {
+    /// Loads a TorchScript file onto `device`, in evaluation mode.
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(ts_error(format!("{}: no such file", path.display())));
+        }
+        let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            ts_error(format!("{}: not a TorchScript model ({})", path.display(), first_line(&e)))
+        })?;
+        module.f_set_eval()?;
+        Ok(Self { module, source: path.to_path_buf(), device })
+    }
+
+    /// The file this model was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The device its parameters live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Every parameter with its name; the tensors share storage with the module.
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.module.named_parameters()?)
+    }
+
+    fn quantizable(&self) -> Result<Vec<(String, Tensor)>> {
+        let params = self.parameters()?;
+        Ok(params.into_iter().filter(|(_, t)| t.dim() >= 2 && t.is_floating_point()).collect())
+    }
+
+    /// The weights post-training quantization replaces (Linear and Conv weights), in module order.
+    pub fn quantizable_weights(&self) -> Result<Vec<QuantizableWeight>> {
+        Ok(self
+            .quantizable()?
+            .into_iter()
+            .map(|(name, t)| QuantizableWeight { name, shape: t.size() })
+            .collect())
+    }
+
+    /// Runs the module's `forward` on one tensor; a rejected input is an error naming its shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.module.forward_ts(&[x]).map_err(|e| {
+            ts_error(format!(
+                "{}: the model rejected an input of shape {:?}: {}",
+                self.source.display(),
+                x.size(),
+                first_line(&e)
+            ))
+        })
+    }
+
+    /// Share of `images` whose arg-max logit equals `labels`, in batches, without gradients.
+    pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch_size: i64) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let n = labels.size()[0];
+        let mut correct = 0;
+        for start in (0..n).step_by(batch_size.max(1) as usize) {
+            let len = batch_size.min(n - start);
+            let logits = self.forward(&images.f_narrow(0, start, len)?.f_to_device(self.device)?)?;
+            let labels = labels.f_narrow(0, start, len)?.f_to_device(self.device)?;
+            correct +=
+                logits.f_argmax(-1, false)?.f_eq_tensor(&labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        }
+        Ok(correct as f64 / n.max(1) as f64)
+    }
+
+    /// Replaces every quantizable weight by its MinMax fake-quantized value, in place;
+    /// biases, BatchNorm parameters and buffers stay untouched.
+    pub fn quantize_weights(&self, config: &PtqConfig) -> Result<Vec<LayerReport>> {
+        let weights = self.quantizable()?;
+        if weights.is_empty() {
+            return Err(ts_error(format!(
+                "{}: no quantizable weights (float parameters with two or more dimensions)",
+                self.source.display()
+            )));
+        }
+        self.check_overrides(config, &weights)?;
+        let _guard = tch::no_grad_guard();
+        let mut reports = Vec::with_capacity(weights.len());
+        for (name, w) in weights {
+            let bits = check_bitwidth(config.bits_for(&name))?;
+            let q = MinMaxQuant::from_config(QuantConfig {
+                per_channel: config.per_channel,
+                ..QuantConfig::with_bitwidth(bits)
+            })?;
+            let fq = q.f_fake_quantize(&w)?;
+            let err = fq.f_sub(&w)?;
+            let max_abs_error = err.f_abs()?.f_max()?.f_double_value(&[])?;
+            let signal = w.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            let noise = err.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            let sqnr_db = if noise == 0.0 { f64::INFINITY } else { 10.0 * (signal / noise).log10() };
+            w.shallow_clone().f_copy_(&fq)?;
+            reports.push(LayerReport {
+                name,
+                shape: w.size(),
+                bits,
+                per_channel: config.per_channel && w.dim() >= 2,
+                scales: q.scale_factors(),
+                max_abs_error,
+                sqnr_db,
+            });
+        }
+        Ok(reports)
+    }
+
+    fn check_overrides(&self, config: &PtqConfig, weights: &[(String, Tensor)]) -> Result<()> {
+        let known =
+            |n: &str| weights.iter().any(|(w, _)| w == n || w.rsplit_once('.').is_some_and(|(m, _)| m == n));
+        let unknown: Vec<&str> =
+            config.overrides.iter().map(|(n, _)| n.as_str()).filter(|n| !known(n)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
+        Err(ts_error(format!(
+            "unknown layer(s) {}: {} has quantizable weights {}",
+            unknown.join(", "),
+            self.source.display(),
+            names.join(", ")
+        )))
+    }
+
+    /// Saves the module as TorchScript (readable by `torch.jit.load`), atomically:
+    /// a temporary file, then a rename. Refuses to overwrite the file it was loaded from.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let same = match (path.canonicalize(), self.source.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => path == self.source,
+        };
+        if same {
+            return Err(ts_error(format!(
+                "refusing to overwrite the input model {}: choose another output path",
+                self.source.display()
+            )));
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let result = self
+            .module
+            .save(&tmp)
+            .map_err(|e| ts_error(format!("{}: {}", path.display(), first_line(&e))))
+            .and_then(|()| {
+                std::fs::rename(&tmp, path).map_err(|e| ts_error(format!("{}: {e}", path.display())))
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Copies parameters into a network's `VarStore` by name (`fc1.weight`, ...), so a
+    /// network of Approx layers starts from this model's weights. Quantizer `alpha`s
+    /// keep their values. Missing, mis-shaped or unused names are an error listing each.
+    pub fn import_into(&self, vs: &nn::VarStore) -> Result<usize> {
+        let params: std::collections::HashMap<String, Tensor> = self.parameters()?.into_iter().collect();
+        let vars = vs.variables();
+        let mut wanted: Vec<&String> = vars.keys().filter(|n| !n.ends_with("quantizer.alpha")).collect();
+        wanted.sort();
+        let mut problems = Vec::new();
+        for name in &wanted {
+            match params.get(*name) {
+                None => problems.push(format!("missing {name}")),
+                Some(p) if p.size() != vars[*name].size() => problems.push(format!(
+                    "{name} has shape {:?}, the network needs {:?}",
+                    p.size(),
+                    vars[*name].size()
+                )),
+                Some(_) => {}
+            }
+        }
+        let mut unused: Vec<&String> = params.keys().filter(|n| !vars.contains_key(*n)).collect();
+        unused.sort();
+        problems.extend(unused.iter().map(|n| format!("unused {n}")));
+        if !problems.is_empty() {
+            return Err(ts_error(format!(
+                "{} does not fit the network: {}",
+                self.source.display(),
+                problems.join("; ")
+            )));
+        }
+        tch::no_grad(|| -> Result<()> {
+            for name in &wanted {
+                vars[*name].shallow_clone().f_copy_(&params[*name])?;
+            }
+            Ok(())
+        })?;
+        Ok(wanted.len())
+    }
+
+    /// Weight-only quantization-aware fine-tuning of the module itself.
+    ///
+    /// The current weights become float shadows; each step runs the module with
+    /// fake-quantized weights, sends the gradients straight through to the
+    /// shadows (Adam on all parameters), then puts the shadows back. At the end
+    /// the weights are quantized once more and the report returned. The module
+    /// runs in training mode meanwhile (BatchNorm statistics update).
+    pub fn finetune_qat(
+        &mut self,
+        quant: &PtqConfig,
+        images: &Tensor,
+        labels: &Tensor,
+        config: FinetuneConfig,
+    ) -> Result<Vec<LayerReport>> {
+        let weights = self.quantizable()?;
+        if weights.is_empty() {
+            return Err(ts_error(format!("{}: no quantizable weights to fine-tune", self.source.display())));
+        }
+        self.check_overrides(quant, &weights)?;
+        let vs = nn::VarStore::new(self.device);
+        for (name, t) in self.parameters()? {
+            // VarStore names cannot hold dots.
+            let _ = vs.root().add(&name.replace('.', "_"), t, true);
+        }
+        let mut quantizers = Vec::new();
+        for (name, w) in &weights {
+            let bits = check_bitwidth(quant.bits_for(name))?;
+            let q = MinMaxQuant::from_config(QuantConfig {
+                per_channel: quant.per_channel,
+                ..QuantConfig::with_bitwidth(bits)
+            })?;
+            quantizers.push((w.shallow_clone(), w.detach().copy(), q));
+        }
+        let mut opt = nn::Adam::default().build(&vs, config.lr)?;
+        self.module.f_set_train()?;
+        tch::manual_seed(config.seed);
+        let n = labels.size()[0];
+        let result = (|| -> Result<()> {
+            for _ in 0..config.epochs {
+                let order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
+                for start in (0..n).step_by(config.batch_size.max(1) as usize) {
+                    let idx = order.f_narrow(0, start, config.batch_size.min(n - start))?;
+                    let x = images.f_index_select(0, &idx)?.f_to_device(self.device)?;
+                    let y = labels.f_index_select(0, &idx)?.f_to_device(self.device)?;
+                    tch::no_grad(|| -> Result<()> {
+                        for (w, shadow, q) in &quantizers {
+                            w.shallow_clone().f_copy_(&q.f_fake_quantize(shadow)?)?;
+                        }
+                        Ok(())
+                    })?;
+                    let loss = self.forward(&x)?.f_cross_entropy_loss::<Tensor>(
+                        &y,
+                        None,
+                        tch::Reduction::Mean,
+                        -100,
+                        0.0,
+                    )?;
+                    opt.zero_grad();
+                    loss.f_backward()?;
+                    tch::no_grad(|| -> Result<()> {
+                        for (w, shadow, _) in &quantizers {
+                            w.shallow_clone().f_copy_(shadow)?;
+                        }
+                        Ok(())
+                    })?;
+                    opt.step();
+                    tch::no_grad(|| -> Result<()> {
+                        for (w, shadow, _) in &quantizers {
+                            shadow.shallow_clone().f_copy_(w)?;
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+            Ok(())
+        })();
+        opt.zero_grad();
+        self.module.f_set_eval()?;
+        result?;
+        self.quantize_weights(quant)
+    }
+}
