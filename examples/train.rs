@@ -22,6 +22,7 @@ use torchapprox::data::{normalize, Mnist};
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
 use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind};
+use torchapprox::torchscript::ScriptModel;
 
 /// Train a quantization-aware MLP or LeNet-5 on MNIST with TorchApprox's quantizers.
 #[derive(Parser, Debug)]
@@ -88,6 +89,9 @@ struct Args {
     /// Start from these weights (to resume, or to evaluate with `--epochs 0`).
     #[arg(long)]
     load: Option<PathBuf>,
+    /// Start from a TorchScript model's weights, matched by name (`conv1.weight`, ...).
+    #[arg(long, value_name = "MODEL.pt", conflicts_with = "load")]
+    init_from: Option<PathBuf>,
     /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -184,6 +188,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let device = pick_device(&args.device)?;
+    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
         None => embedded_mnist()?,
@@ -199,6 +204,10 @@ fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.load {
         load_checked(&mut vs, path)?;
     }
+    if let Some(path) = &args.init_from {
+        let n = ScriptModel::load(path, device)?.import_into(&vs)?;
+        say(format!("initialised {n} tensors from {}", path.display()));
+    }
     let mut opt = match args.optimizer.as_str() {
         "sgd" => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, args.lr)?,
         _ => nn::Adam::default().build(&vs, args.lr)?,
@@ -207,7 +216,6 @@ fn run(args: Args) -> Result<()> {
     let n = train_y.size()[0];
     let steps = (n + args.batch_size - 1) / args.batch_size;
     let show_bar = !args.json && std::io::stderr().is_terminal();
-    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     say(format!(
         "{} on {} train / {} test digits, mode {}, {} bits, x {} / w {}{}, {device:?}",
         args.model,

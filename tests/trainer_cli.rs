@@ -193,3 +193,66 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
         &save,
     );
 }
+
+fn quantize_cli() -> PathBuf {
+    let bin = trainer().with_file_name("quantize_torchscript");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "--example", "quantize_torchscript"]).status().unwrap();
+        assert!(status.success() && bin.exists(), "could not build {}", bin.display());
+    }
+    bin
+}
+
+fn fixture_model(name: &str) -> String {
+    common::fixture_path("torchscript").join(format!("{name}.pt")).to_string_lossy().into_owned()
+}
+
+#[test]
+fn quantize_torchscript_cli_reports_json_writes_atomically_and_refuses_bad_input() {
+    let tmp = TempDir::new("qts");
+    let model = fixture_model("lenet_traced");
+    let out = tmp.0.join("lenet-w4.pt");
+    let run_q = |args: &[&str]| Command::new(quantize_cli()).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let report = json_of(&run_q(&[
+        "--model", &model, "--bits", "4", "--per-channel", "--layer", "fc3=8", "--json", "--device", "cpu",
+        "--out", out.to_str().unwrap(),
+    ]));
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::fixture_path("torchscript/expected.json")).unwrap()).unwrap();
+    let float = report["float_accuracy"].as_f64().unwrap();
+    assert!((float - expected["models"]["lenet_traced"]["float"].as_f64().unwrap()).abs() < 1e-3);
+    assert!(report["quantized_accuracy"].as_f64().unwrap() > 0.9);
+    assert_eq!(report["bits"], 4);
+    assert_eq!(report["per_channel"], true);
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 5);
+    assert_eq!(layers[4]["name"], "fc3.weight");
+    assert_eq!(layers[4]["bits"], 8);
+    assert_eq!(layers[0]["scale_factors"].as_array().unwrap().len(), 6);
+    assert!(layers[0]["sqnr_db"].as_f64().unwrap() > 10.0);
+    assert!(out.exists());
+
+    // The trainer starts from the exported weights and evaluates them unchanged.
+    let eval = json_of(&run(&[
+        "--init-from", &model, "--mode", "baseline", "--mean", "0", "--std", "1", "--epochs", "0", "--json",
+    ]));
+    assert!((eval["test_accuracy"].as_f64().unwrap() - float).abs() < 1e-3, "{eval}");
+
+    let before = std::fs::read(&model).unwrap();
+    for (args, needle) in [
+        (vec!["--model", &model, "--out", &model], "is the input model"),
+        (vec!["--model", &model, "--layer", "fc9=4"], "unknown layer(s) fc9"),
+        (vec!["--model", &model, "--bits", "1"], "bitwidth 1 is out of range"),
+        (vec!["--model", "/nonexistent.pt"], "/nonexistent.pt: no such file"),
+        (vec!["--model", &fixture_model("no_weights")], "no quantizable weights"),
+    ] {
+        let o = run_q(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), before, "the input model was modified");
+    let e = run(&["--init-from", &fixture_model("bn_dw_cnn"), "--epochs", "0"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("does not fit the network"));
+}
