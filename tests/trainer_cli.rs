@@ -198,7 +198,8 @@ fn quantize_cli() -> PathBuf {
     let bin = trainer().with_file_name("quantize_torchscript");
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo).args(["build", "--example", "quantize_torchscript"]).status().unwrap();
+        let status =
+            Command::new(cargo).args(["build", "--example", "quantize_torchscript"]).status().unwrap();
         assert!(status.success() && bin.exists(), "could not build {}", bin.display());
     }
     bin
@@ -213,13 +214,26 @@ fn quantize_torchscript_cli_reports_json_writes_atomically_and_refuses_bad_input
     let tmp = TempDir::new("qts");
     let model = fixture_model("lenet_traced");
     let out = tmp.0.join("lenet-w4.pt");
-    let run_q = |args: &[&str]| Command::new(quantize_cli()).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let run_q = |args: &[&str]| {
+        Command::new(quantize_cli()).args(args).env_remove("RUST_BACKTRACE").output().unwrap()
+    };
     let report = json_of(&run_q(&[
-        "--model", &model, "--bits", "4", "--per-channel", "--layer", "fc3=8", "--json", "--device", "cpu",
-        "--out", out.to_str().unwrap(),
+        "--model",
+        &model,
+        "--bits",
+        "4",
+        "--per-channel",
+        "--layer",
+        "fc3=8",
+        "--json",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
     ]));
     let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(common::fixture_path("torchscript/expected.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(common::fixture_path("torchscript/expected.json")).unwrap())
+            .unwrap();
     let float = report["float_accuracy"].as_f64().unwrap();
     assert!((float - expected["models"]["lenet_traced"]["float"].as_f64().unwrap()).abs() < 1e-3);
     assert!(report["quantized_accuracy"].as_f64().unwrap() > 0.9);
@@ -235,7 +249,17 @@ fn quantize_torchscript_cli_reports_json_writes_atomically_and_refuses_bad_input
 
     // The trainer starts from the exported weights and evaluates them unchanged.
     let eval = json_of(&run(&[
-        "--init-from", &model, "--mode", "baseline", "--mean", "0", "--std", "1", "--epochs", "0", "--json",
+        "--init-from",
+        &model,
+        "--mode",
+        "baseline",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        "--epochs",
+        "0",
+        "--json",
     ]));
     assert!((eval["test_accuracy"].as_f64().unwrap() - float).abs() < 1e-3, "{eval}");
 
