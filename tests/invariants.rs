@@ -144,3 +144,62 @@ fn minmax_scale_tracks_the_last_call() {
     let p = PACTQuant::new(vs.root(), 4);
     assert_eq!(p.scale_factor(), (7.0f32 / 2.2f32) as f64);
 }
+
+#[test]
+fn fused_cpu_kernels_match_the_libtorch_path_values_and_gradients() {
+    // A non-contiguous view of the same values takes the general libtorch path.
+    for (rows, cols) in [(3, 5), (64, 33), (1024, 520)] {
+        for spread in [0.01, 1.5, 40.0] {
+            tch::manual_seed(rows);
+            let base = Tensor::randn([cols, rows], (Kind::Float, Device::Cpu)) * spread;
+            for bits in [2, 4, 8, 16] {
+                let vs = nn::VarStore::new(Device::Cpu);
+                for kind in [QuantizerKind::MinMax, QuantizerKind::Pact] {
+                    let cfg = QuantConfig { bitwidth: bits, init_alpha: 0.7 * spread, ..Default::default() };
+                    let q = Quantizer::from_config(kind, vs.root() / format!("{kind}{bits}"), cfg).unwrap();
+                    let what = format!("{kind} {bits} bits {rows}x{cols} spread {spread}");
+                    let fused_x = base.tr().contiguous().detach().set_requires_grad(true);
+                    let general_x = base.copy().detach().set_requires_grad(true);
+                    let general_in = general_x.tr();
+                    assert!(!general_in.is_contiguous());
+                    let w = Tensor::randn([rows, cols], (Kind::Float, Device::Cpu));
+                    for integers in [false, true] {
+                        let run =
+                            |x: &Tensor| if integers { q.quantize(x) } else { q.f_fake_quantize(x).unwrap() };
+                        let a = run(&fused_x);
+                        let alpha_grad = |q: &Quantizer| {
+                            q.alpha().map(|a| a.grad()).filter(|g| g.defined()).map(|g| values(&g))
+                        };
+                        (&a * &w).sum(Kind::Float).backward();
+                        let (ga, aa) = (fused_x.grad().copy(), alpha_grad(&q));
+                        let _ = fused_x.grad().zero_();
+                        if let Some(alpha) = q.alpha() {
+                            let _ = alpha.grad().zero_();
+                        }
+                        let b = run(&general_in);
+                        assert_exact(&a, &b, &format!("{what}: values, integers {integers}"));
+                        (&b * &w).sum(Kind::Float).backward();
+                        common::assert_close(
+                            &ga,
+                            &general_x.grad().tr(),
+                            1e-6,
+                            1e-6,
+                            &format!("{what}: x gradient"),
+                        );
+                        let _ = general_x.grad().zero_();
+                        if let (Some(aa), Some(ab)) = (aa, alpha_grad(&q)) {
+                            let tol = 1e-4 * (1.0 + aa[0].abs());
+                            assert!(
+                                (aa[0] - ab[0]).abs() <= tol,
+                                "{what}: alpha gradient {} vs {}",
+                                aa[0],
+                                ab[0]
+                            );
+                            let _ = q.alpha().unwrap().grad().zero_();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -24,7 +24,8 @@ fn quantized_linear_equals_an_explicit_integer_computation() {
         let s = QuantSpec { per_channel, ..spec(InferenceMode::Quantized, bits) };
         let layer =
             approx_linear(vs.root() / "fc", 6, 4, ApproxLinearConfig { quant: s, ..Default::default() });
-        let x = Tensor::randn([5, 6], (Kind::Float, Device::Cpu)) * 1.5;
+        // Inside PACT's initial clipping level (2.2), so 8 bits stay close to float.
+        let x = Tensor::rand([5, 6], (Kind::Float, Device::Cpu)) * 4.0 - 2.0;
         let y = layer.forward_t(&x, false);
         // The same integers, multiplied in int64.
         let qx = layer.quant.x_quantizer.f_quantize_scaled(&x).unwrap();
@@ -38,7 +39,8 @@ fn quantized_linear_equals_an_explicit_integer_computation() {
         let float = layer.forward_t(&x, false);
         assert!(!y.equal(&float));
         if bits == 8 {
-            assert!(y.allclose(&float, 0.0, 0.1, false), "8-bit output strays from float");
+            let diff = (&y - &float).abs().max().double_value(&[]);
+            assert!(diff < 0.1, "8-bit output strays from float by {diff}");
         }
     }
 }

@@ -2,7 +2,9 @@
 
 use std::sync::Mutex;
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::kernels::{self, MinMaxOut};
 
 use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for};
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
@@ -112,8 +114,43 @@ impl MinMaxQuant {
             let finite_abs = x.f_abs()?.f_where_scalarother(&x.f_isfinite()?, 0.0)?;
             range = finite_abs.f_max()?.f_double_value(&[])?;
         }
-        let range = if range == 0.0 { 1.0 } else { range.max(MIN_RANGE) };
-        Ok((range, finite))
+        Ok((effective_range(range), finite))
+    }
+
+    /// The fused CPU path of [`ApproxQuantizer::f_fake_quantize`] (`dequantize`) or of
+    /// [`ApproxQuantizer::f_quantize_scaled`]; `None` where it does not apply and the
+    /// libtorch path runs instead. Same values bit for bit, same gradients.
+    fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
+        if self.per_channel || !self.rounded {
+            return Ok(None);
+        }
+        let Some(kind) = kernels::eligible(x) else { return Ok(None) };
+        let (max_abs, finite) =
+            if kind == Kind::Float { kernels::abs_max::<f32>(x) } else { kernels::abs_max::<f64>(x) };
+        if !finite {
+            return Ok(None);
+        }
+        let range = effective_range(max_abs);
+        let scale = scale_for(self.int_max(), range, kind);
+        let grad = x.requires_grad() && grad_enabled();
+        let run = |out| {
+            if kind == Kind::Float {
+                kernels::minmax::<f32>(x, range, scale, out)
+            } else {
+                kernels::minmax::<f64>(x, range, scale, out)
+            }
+        };
+        let values = match (dequantize, grad) {
+            (true, false) => run(MinMaxOut::Dequantized),
+            (false, false) => run(MinMaxOut::Integers),
+            // x + (fq - x) and x*s + (q - x*s) are exact and carry the straight-through gradient.
+            (true, true) => x.f_add(&run(MinMaxOut::DeltaToX))?,
+            (false, true) => x.f_mul_scalar(scale)?.f_add(&run(MinMaxOut::DeltaToScaledX))?,
+        };
+        self.store_scales(vec![scale]);
+        let scale =
+            if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(scale, (kind, Device::Cpu))? };
+        Ok(Some(Quantized { values, scale }))
     }
 }
 
@@ -128,6 +165,9 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        if let Some(q) = self.fused(x, false)? {
+            return Ok(q);
+        }
         let kind = compute_kind(x)?;
         let xd = x.f_detach()?.f_to_kind(kind)?;
         if self.per_channel && xd.dim() >= 2 && xd.numel() > 0 {
@@ -148,6 +188,23 @@ impl ApproxQuantizer for MinMaxQuant {
         self.store_scales(vec![scale]);
         let scale = Tensor::f_scalar_tensor(scale, (kind, x.device()))?;
         Ok(Quantized { values, scale })
+    }
+
+    fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = self.fused(x, true)? {
+            return Ok(q.values);
+        }
+        let q = self.f_quantize_scaled(x)?;
+        Ok(q.f_dequantize()?.f_to_kind(x.kind())?)
+    }
+}
+
+/// An empty range (all zero, empty, or nothing finite) is the unit range; a tiny one is raised to `MIN_RANGE`.
+fn effective_range(max_abs: f64) -> f64 {
+    if max_abs == 0.0 {
+        1.0
+    } else {
+        max_abs.max(MIN_RANGE)
     }
 }
 

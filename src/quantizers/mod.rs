@@ -1,6 +1,7 @@
 //! Quantizers mirroring `torchapprox.quantizers`: MinMax, PACT, and an enum to pick one per layer.
 
 mod approx_quantizer;
+mod kernels;
 mod minmax;
 mod pact;
 mod quantizer;

@@ -2,9 +2,10 @@
 
 use std::borrow::Borrow;
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
-use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled};
+use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for};
+use super::kernels;
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};
 
@@ -77,6 +78,9 @@ impl ApproxQuantizer for PACTQuant {
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        if let Some(q) = self.fused(x, false)? {
+            return Ok(q);
+        }
         if x.device() != self.alpha.device() {
             return Err(Error::Device { input: x.device(), state: self.alpha.device(), what: "PACT alpha" });
         }
@@ -88,6 +92,66 @@ impl ApproxQuantizer for PACTQuant {
             }
         }
         pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded)
+    }
+
+    fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = self.fused(x, true)? {
+            return Ok(q.values);
+        }
+        let q = self.f_quantize_scaled(x)?;
+        Ok(q.f_dequantize()?.f_to_kind(x.kind())?)
+    }
+}
+
+impl PACTQuant {
+    /// The fused CPU path (see the `kernels` module); `None` where it does not apply.
+    fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
+        if !self.rounded || self.nonfinite == NonFinite::Reject || self.alpha.device() != Device::Cpu {
+            return Ok(None);
+        }
+        let Some(kind) = kernels::eligible(x) else { return Ok(None) };
+        let alpha = match self.alpha.kind() {
+            // SAFETY: a CPU variable of one element of the matched type.
+            Kind::Float if self.alpha.is_contiguous() => unsafe {
+                *(self.alpha.data_ptr() as *const f32) as f64
+            },
+            Kind::Double if self.alpha.is_contiguous() => unsafe { *(self.alpha.data_ptr() as *const f64) },
+            _ => return Ok(None),
+        };
+        // Round alpha and the scale as the compute dtype does, like the libtorch path.
+        let (alpha, im) = (if kind == Kind::Float { alpha as f32 as f64 } else { alpha }, self.int_max());
+        if alpha.is_nan() || alpha < ALPHA_MIN {
+            // The clamped level needs the straight-through bookkeeping of the general path.
+            return Ok(None);
+        }
+        let scale = scale_for(im, alpha, kind);
+        let grad = (x.requires_grad() || self.alpha.requires_grad()) && grad_enabled();
+        let values = if !grad {
+            if kind == Kind::Float {
+                kernels::pact::<f32>(x, scale, im, dequantize)
+            } else {
+                kernels::pact::<f64>(x, scale, im, dequantize)
+            }
+        } else {
+            let parts = if kind == Kind::Float {
+                kernels::pact_train::<f32>(x, scale, im, alpha, !dequantize)
+            } else {
+                kernels::pact_train::<f64>(x, scale, im, alpha, !dequantize)
+            };
+            let Some((e, m, c)) = parts else { return Ok(None) };
+            // 0-dim so that a 0-dim input stays 0-dim.
+            let a = self.alpha.f_reshape([])?.f_to_kind(kind)?;
+            // x*m + alpha*c: exact (m and c are 0 or +-1), with PACT's gradient.
+            let surrogate = x.f_mul(&m)?.f_addcmul(&a, &c)?;
+            if dequantize {
+                surrogate.f_add(&e)?
+            } else {
+                surrogate.f_mul_scalar(scale)?.f_add(&e)?
+            }
+        };
+        let scale =
+            if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(scale, (kind, Device::Cpu))? };
+        Ok(Some(Quantized { values, scale }))
     }
 }
 

@@ -1,0 +1,180 @@
+//! Speed of the quantizers and of a quantized LeNet-5 training step, as ratios against the
+//! memory-copy bound and a PyTorch reference measured in the same run (see scripts/bench.sh).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use torchapprox::layers::{InferenceMode, QuantSpec};
+use torchapprox::models::Architecture;
+use torchapprox::quantizers::{ApproxQuantizer, MinMaxQuant, PACTQuant};
+
+/// Benchmark the quantizers (CPU, or CUDA with --device cuda).
+#[derive(Parser, Debug)]
+struct Args {
+    /// Thread counts to measure (libtorch's intra-op threads; our CPU kernels follow them).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<i32>,
+    /// Tensor sizes in elements.
+    #[arg(long, value_delimiter = ',', default_value = "1000,65536,1048576,16777216")]
+    sizes: Vec<i64>,
+    /// JSON written by scripts/bench_reference.py in the same run.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Where to write the results as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// `cpu` or `cuda`.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+}
+
+fn median_time(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let t0 = Instant::now();
+        f();
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn iters_for(n: i64) -> usize {
+    ((1i64 << 26) / n.max(1) / 4).clamp(10, 2000) as usize
+}
+
+fn lenet_step(device: Device, mode: InferenceMode) -> Result<f64> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let net = Architecture::LeNet5.build(&vs.root(), |_| QuantSpec { mode, ..Default::default() })?;
+    let mut opt = nn::Adam::default().build(&vs, 1e-3)?;
+    let x = Tensor::randn([64, 1, 28, 28], (Kind::Float, device));
+    let y = Tensor::randint(10, [64], (Kind::Int64, device));
+    Ok(median_time(device, 60, || {
+        let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
+        opt.backward_step(&loss);
+    }))
+}
+
+fn reference_case<'a>(reference: &'a Value, threads: i32, n: i64, quantizer: &str) -> Option<&'a Value> {
+    reference["cases"]
+        .as_array()?
+        .iter()
+        .find(|c| c["threads"] == threads && c["n"] == n && c["quantizer"] == quantizer)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = if args.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let reference: Value = match &args.reference {
+        Some(p) => serde_json::from_slice(&std::fs::read(p).with_context(|| format!("{}", p.display()))?)?,
+        None => Value::Null,
+    };
+    let vs = nn::VarStore::new(device);
+    let minmax = MinMaxQuant::new(8);
+    let pact = PACTQuant::new(vs.root() / "pact", 8);
+    let quantizers: [(&str, &dyn ApproxQuantizer); 2] = [("minmax", &minmax), ("pact", &pact)];
+    let mut cases = Vec::new();
+    let mut lenet = Vec::new();
+    println!(
+        "{:>3} {:>9} {:<7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "thr",
+        "elements",
+        "quant",
+        "fwd µs",
+        "fwd+bwd µs",
+        "fwd/bound",
+        "f+b/bound",
+        "fwd/torch",
+        "f+b/torch",
+        "bound GB/s"
+    );
+    for &threads in &args.threads {
+        tch::set_num_threads(threads);
+        for &n in &args.sizes {
+            tch::manual_seed(1);
+            let x = Tensor::randn([n], (Kind::Float, device)) * 1.5;
+            let out = x.empty_like();
+            let iters = iters_for(n);
+            // The memory-copy bound: 8 bytes per element (read x, write out), no allocation.
+            let bound = median_time(device, iters, || {
+                let _ = x.f_add_scalar_out(&out, 1.0).unwrap();
+            });
+            let clone = median_time(device, iters, || {
+                let _ = x.copy();
+            });
+            for (name, q) in quantizers {
+                let fwd = median_time(device, iters, || {
+                    let _g = tch::no_grad_guard();
+                    let _ = q.f_fake_quantize(&x).unwrap();
+                });
+                let fb = median_time(device, iters, || {
+                    let xl = x.detach().set_requires_grad(true);
+                    q.f_fake_quantize(&xl).unwrap().sum(Kind::Float).backward();
+                });
+                let r = reference_case(&reference, threads, n, name);
+                let (tf, tfb) =
+                    (r.and_then(|r| r["forward"].as_f64()), r.and_then(|r| r["forward_backward"].as_f64()));
+                let ratio = |a: Option<f64>, b: f64| {
+                    a.map(|a| format!("{:.2}x", a / b)).unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{threads:>3} {n:>9} {name:<7} {:>11.1} {:>11.1} {:>8.2}x {:>8.2}x {:>9} {:>9} {:>9.1}",
+                    fwd * 1e6,
+                    fb * 1e6,
+                    bound / fwd,
+                    bound / fb,
+                    ratio(tf, fwd),
+                    ratio(tfb, fb),
+                    8.0 * n as f64 / bound / 1e9
+                );
+                cases.push(json!({
+                    "threads": threads, "n": n, "quantizer": name,
+                    "forward_s": fwd, "forward_backward_s": fb, "bound_add_out_s": bound, "clone_s": clone,
+                    "forward_over_bound": bound / fwd, "forward_backward_over_bound": bound / fb,
+                    "torch_forward_s": tf, "torch_forward_backward_s": tfb,
+                    "speedup_forward_vs_torch": tf.map(|t| t / fwd), "speedup_forward_backward_vs_torch": tfb.map(|t| t / fb),
+                    "torch_fused_fake_quantize_s": reference_case(&reference, threads, n, "torch_fake_quantize").and_then(|r| r["forward"].as_f64()),
+                }));
+            }
+        }
+        let float = lenet_step(device, InferenceMode::Baseline)?;
+        let quant = lenet_step(device, InferenceMode::Quantized)?;
+        let r = reference["lenet"].as_array().and_then(|l| l.iter().find(|e| e["threads"] == threads));
+        let (tfl, tq) =
+            (r.and_then(|r| r["float_step"].as_f64()), r.and_then(|r| r["quantized_step"].as_f64()));
+        println!(
+            "{threads:>3} LeNet-5 step, batch 64: float {:.2} ms, quantized {:.2} ms ({:.2}x){}",
+            float * 1e3,
+            quant * 1e3,
+            quant / float,
+            match (tfl, tq) {
+                (Some(a), Some(b)) =>
+                    format!("; PyTorch float {:.2} ms, quantized {:.2} ms ({:.2}x)", a * 1e3, b * 1e3, b / a),
+                _ => String::new(),
+            }
+        );
+        lenet.push(json!({"threads": threads, "float_step_s": float, "quantized_step_s": quant, "quantized_over_float": quant / float,
+            "torch_float_step_s": tfl, "torch_quantized_step_s": tq}));
+    }
+    let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "reference_torch": reference["torch"]});
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Speed benchmark, all in one run on this machine: our quantizers (release build), the
+# memory-copy bound (libtorch add(out=) and clone) and the PyTorch reference
+# (scripts/bench_reference.py), then one table of ratios; JSON in target/bench/.
+#   scripts/bench.sh                 # 1 and 2 threads, 1,000 to 16Mi elements
+#   BENCH_THREADS=1 scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh >/dev/null
+threads="${BENCH_THREADS:-1,2}"
+mkdir -p target/bench
+cargo build --quiet --release --example bench
+echo "== PyTorch reference (threads ${threads})"
+.venv/bin/python scripts/bench_reference.py --threads ${threads//,/ } --out target/bench/reference.json
+echo "== ours, with the bound and the reference ratios (ratios > 1 mean ours is faster)"
+./target/release/examples/bench --threads "$threads" --reference target/bench/reference.json --out target/bench/latest.json "$@"

@@ -1,0 +1,173 @@
+"""PyTorch reference timings for scripts/bench.sh: TorchApprox's quantizer semantics in Python.
+
+    .venv/bin/python scripts/bench_reference.py --threads 1 --out ref.json
+MinMax and PACT are written as TorchApprox writes them (torch.autograd.Function
+nodes, fake quantization as quantize / scale); the LeNet-5 step uses the same
+quantizers on every layer (PACT activations, MinMax weights, integer-valued
+conv / linear, rescaled by s_x * s_w), against the plain float LeNet-5.
+Each figure is the median of many calls, in seconds.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MinMaxQuantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, minmax, int_max):
+        scale_factor = int_max / minmax
+        ctx.save_for_backward(scale_factor)
+        return torch.round(torch.clamp(x, min=-minmax, max=minmax) * scale_factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale_factor,) = ctx.saved_tensors
+        return grad * scale_factor, None, None
+
+
+class PACTQuantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, int_max):
+        scale_factor = int_max / alpha.item()
+        ctx.save_for_backward(scale_factor)
+        return torch.round(torch.clamp(scale_factor * x, min=-int_max, max=int_max))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale_factor,) = ctx.saved_tensors
+        return grad * scale_factor, None, None
+
+
+class MinMaxQuant(nn.Module):
+    def __init__(self, bitwidth=8):
+        super().__init__()
+        self.int_max = torch.tensor(2 ** (bitwidth - 1) - 1)
+
+    def quantize(self, x):
+        with torch.no_grad():
+            minmax = torch.max(torch.abs(x))
+            self.scale = self.int_max / minmax
+        return MinMaxQuantFn.apply(x, minmax, self.int_max)
+
+    def forward(self, x):
+        return self.quantize(x) / self.scale
+
+
+class PACTQuant(nn.Module):
+    def __init__(self, bitwidth=8):
+        super().__init__()
+        self.int_max = torch.tensor(2 ** (bitwidth - 1) - 1)
+        self.alpha = nn.Parameter(torch.tensor([2.2]))
+
+    def quantize(self, x):
+        self.scale = self.int_max / self.alpha.item()
+        return PACTQuantFn.apply(x, self.alpha, self.int_max)
+
+    def forward(self, x):
+        return self.quantize(x) / self.scale
+
+
+def median_time(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def iters_for(n):
+    return max(10, min(2000, (1 << 26) // max(n, 1) // 4))
+
+
+class QLayer(nn.Module):
+    def __init__(self, op, **kw):
+        super().__init__()
+        self.op, self.kw = op, kw
+        self.xq, self.wq = PACTQuant(8), MinMaxQuant(8)
+
+    def forward(self, x, weight, bias):
+        qx, qw = self.xq.quantize(x), self.wq.quantize(weight)
+        return self.op(qx, qw, None, **self.kw) / (self.xq.scale * self.wq.scale) + bias.view(-1, *([1] * (qx.dim() - 2)))
+
+
+class LeNet(nn.Module):
+    def __init__(self, quantized):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+        self.quantized = quantized
+        self.q = nn.ModuleDict({
+            "conv1": QLayer(F.conv2d, padding=2), "conv2": QLayer(F.conv2d),
+            "fc1": QLayer(F.linear), "fc2": QLayer(F.linear), "fc3": QLayer(F.linear),
+        })
+
+    def layer(self, name, x):
+        m = getattr(self, name)
+        if self.quantized:
+            return self.q[name](x, m.weight, m.bias)
+        return m(x)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.layer("conv1", x)), 2)
+        x = F.max_pool2d(F.relu(self.layer("conv2", x)), 2)
+        x = F.relu(self.layer("fc1", x.flatten(1)))
+        x = F.relu(self.layer("fc2", x))
+        return self.layer("fc3", x)
+
+
+def lenet_step(quantized):
+    torch.manual_seed(0)
+    net = LeNet(quantized)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return median_time(step, 60, warmup=10)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 1 << 16, 1 << 20, 1 << 24])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    results = {"torch": torch.__version__, "cases": []}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for n in args.sizes:
+            x = torch.randn(n) * 1.5
+            iters = iters_for(n)
+            for name, q in (("minmax", MinMaxQuant(8)), ("pact", PACTQuant(8))):
+                with torch.no_grad():
+                    fwd = median_time(lambda: q(x), iters)
+
+                def fwd_bwd():
+                    xl = x.detach().requires_grad_()
+                    q(xl).sum().backward()
+
+                fb = median_time(fwd_bwd, iters)
+                results["cases"].append({"threads": threads, "n": n, "quantizer": name, "forward": fwd, "forward_backward": fb})
+            fused = median_time(lambda: torch.fake_quantize_per_tensor_affine(x, 0.01, 0, -127, 127), iters)
+            results["cases"].append({"threads": threads, "n": n, "quantizer": "torch_fake_quantize", "forward": fused})
+        results.setdefault("lenet", []).append(
+            {"threads": threads, "float_step": lenet_step(False), "quantized_step": lenet_step(True)})
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

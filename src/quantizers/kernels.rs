@@ -1,0 +1,292 @@
+//! Fused CPU kernels: each quantizer in one or two passes over contiguous memory,
+//! bit for bit the same arithmetic as the libtorch path (which stays the reference
+//! and the path for CUDA, other layouts, half precision and non-finite inputs).
+
+use tch::{Device, Kind, Tensor};
+
+/// Elements below which one thread does all the work (thread start-up costs more).
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// The float types the kernels handle.
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Mul<Output = Self>
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Div<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    /// 1.5 * 2^(mantissa bits): adding and subtracting it rounds half to even for |v| < 2^(mantissa - 1).
+    const MAGIC: Self;
+    const KIND: Kind;
+    fn abs(self) -> Self;
+    fn copysign(self, sign: Self) -> Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const MAGIC: Self = 12_582_912.0;
+    const KIND: Kind = Kind::Float;
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    fn copysign(self, sign: Self) -> Self {
+        f32::copysign(self, sign)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const MAGIC: Self = 6_755_399_441_055_744.0;
+    const KIND: Kind = Kind::Double;
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    fn copysign(self, sign: Self) -> Self {
+        f64::copysign(self, sign)
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// `torch.round` for |v| < 2^22 (float32) or 2^51 (float64): half to even, sign of zero kept.
+#[inline(always)]
+fn round_even<T: Real>(v: T) -> T {
+    ((v + T::MAGIC) - T::MAGIC).copysign(v)
+}
+
+/// `torch.clamp`: NaN stays NaN.
+#[inline(always)]
+fn clamp<T: Real>(v: T, lo: T, hi: T) -> T {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+/// Whether `x` can take a kernel: CPU, contiguous, float32 or float64, not empty.
+pub(crate) fn eligible(x: &Tensor) -> Option<Kind> {
+    let kind = x.kind();
+    let ok = x.device() == Device::Cpu
+        && matches!(kind, Kind::Float | Kind::Double)
+        && x.numel() > 0
+        && x.is_contiguous();
+    ok.then_some(kind)
+}
+
+/// The elements of a contiguous CPU tensor of element type `T`.
+///
+/// SAFETY: the caller checked [`eligible`] with `T::KIND`; the slice lives while `x` does.
+unsafe fn slice<T: Real>(x: &Tensor) -> &[T] {
+    std::slice::from_raw_parts(x.data_ptr() as *const T, x.numel())
+}
+
+/// A fresh contiguous tensor shaped like `x` (dtype `T`), with its elements.
+fn empty_like<T: Real>(x: &Tensor) -> (Tensor, &'static mut [T]) {
+    let t = Tensor::empty(x.size(), (T::KIND, Device::Cpu));
+    // SAFETY: a new, contiguous, uniquely owned CPU buffer of numel elements; the
+    // returned tensor owns it and outlives every use of the slice in this module.
+    let s = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) };
+    (t, s)
+}
+
+fn threads_for(len: usize) -> usize {
+    if len < PARALLEL_MIN {
+        1
+    } else {
+        (tch::get_num_threads().max(1) as usize).min(len / (PARALLEL_MIN / 2)).max(1)
+    }
+}
+
+/// Runs `f` over matching chunks of `src` and each of `dst`, on torch's thread count.
+fn for_chunks<T: Real, const N: usize>(
+    src: &[T],
+    dst: [&mut [T]; N],
+    f: impl Fn(&[T], [&mut [T]; N]) + Sync,
+) {
+    let threads = threads_for(src.len());
+    if threads == 1 {
+        return f(src, dst);
+    }
+    let chunk = src.len().div_ceil(threads);
+    let mut parts: Vec<[&mut [T]; N]> = (0..threads).map(|_| std::array::from_fn(|_| &mut [][..])).collect();
+    for (k, d) in dst.into_iter().enumerate() {
+        for (i, c) in d.chunks_mut(chunk).enumerate() {
+            parts[i][k] = c;
+        }
+    }
+    std::thread::scope(|s| {
+        for (src, dst) in src.chunks(chunk).zip(parts) {
+            let f = &f;
+            s.spawn(move || f(src, dst));
+        }
+    });
+}
+
+/// `max |x|` and whether every element is finite, in one pass.
+pub(crate) fn abs_max<T: Real>(x: &Tensor) -> (f64, bool) {
+    // SAFETY: eligible() was checked by the caller for T.
+    let xs = unsafe { slice::<T>(x) };
+    let reduce = |xs: &[T]| {
+        // Eight independent lanes so the compiler vectorises; `probe` turns NaN for inf or NaN.
+        let (mut acc, mut probe) = ([T::ZERO; 8], [T::ZERO; 8]);
+        let mut chunks = xs.chunks_exact(8);
+        for c in &mut chunks {
+            for j in 0..8 {
+                let a = c[j].abs();
+                acc[j] = if a > acc[j] { a } else { acc[j] };
+                probe[j] = probe[j] + a * T::ZERO;
+            }
+        }
+        for &v in chunks.remainder() {
+            let a = v.abs();
+            acc[0] = if a > acc[0] { a } else { acc[0] };
+            probe[0] = probe[0] + a * T::ZERO;
+        }
+        let m = acc.iter().fold(T::ZERO, |m, &a| if a > m { a } else { m });
+        let finite = probe.iter().all(|p| *p == T::ZERO);
+        (m.to_f64(), finite)
+    };
+    let threads = threads_for(xs.len());
+    if threads == 1 {
+        return reduce(xs);
+    }
+    let parts: Vec<(f64, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = xs.chunks(xs.len().div_ceil(threads)).map(|c| s.spawn(move || reduce(c))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    parts.into_iter().fold((0.0, true), |(m, f), (pm, pf)| (m.max(pm), f && pf))
+}
+
+/// What a MinMax kernel writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MinMaxOut {
+    /// `round(clamp(x, -m, m) * s)`.
+    Integers,
+    /// `round(clamp(x, -m, m) * s) / s`.
+    Dequantized,
+    /// The dequantized value minus `x` (exact: the two lie within a factor of two, or the first is zero).
+    DeltaToX,
+    /// The integers minus `x * s` (exact for the same reason).
+    DeltaToScaledX,
+}
+
+/// One MinMax pass over a finite `x` with range `m` and scale `s`.
+pub(crate) fn minmax<T: Real>(x: &Tensor, m: f64, s: f64, out: MinMaxOut) -> Tensor {
+    // SAFETY: eligible() was checked by the caller for T.
+    let xs = unsafe { slice::<T>(x) };
+    let (t, ys) = empty_like::<T>(x);
+    let (m, s) = (T::from_f64(m), T::from_f64(s));
+    let neg = T::ZERO - m;
+    for_chunks(xs, [ys], |xs, [ys]| match out {
+        MinMaxOut::Integers => {
+            for (y, &v) in ys.iter_mut().zip(xs) {
+                *y = round_even(clamp(v, neg, m) * s);
+            }
+        }
+        MinMaxOut::Dequantized => {
+            for (y, &v) in ys.iter_mut().zip(xs) {
+                *y = round_even(clamp(v, neg, m) * s) / s;
+            }
+        }
+        MinMaxOut::DeltaToX => {
+            for (y, &v) in ys.iter_mut().zip(xs) {
+                *y = round_even(clamp(v, neg, m) * s) / s - v;
+            }
+        }
+        MinMaxOut::DeltaToScaledX => {
+            for (y, &v) in ys.iter_mut().zip(xs) {
+                *y = round_even(clamp(v, neg, m) * s) - v * s;
+            }
+        }
+    });
+    t
+}
+
+/// One PACT pass: integers `round(clamp(x * s, -im, im))`, or those divided by `s`.
+pub(crate) fn pact<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+    // SAFETY: eligible() was checked by the caller for T.
+    let xs = unsafe { slice::<T>(x) };
+    let (t, ys) = empty_like::<T>(x);
+    let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
+    let neg = T::ZERO - im;
+    for_chunks(xs, [ys], |xs, [ys]| {
+        if dequantize {
+            for (y, &v) in ys.iter_mut().zip(xs) {
+                *y = round_even(clamp(v * s, neg, im)) / s;
+            }
+        } else {
+            for (y, &v) in ys.iter_mut().zip(xs) {
+                *y = round_even(clamp(v * s, neg, im));
+            }
+        }
+    });
+    t
+}
+
+/// PACT's training pass over `x`: the inside mask `m`, the clip sign `c` and an exact correction `e`.
+/// `sur = x*m + alpha*c` carries PACT's gradient (`m = 1` where `|x| < alpha`, `c = sign(x)` where
+/// `|x| >= alpha`); `e + sur` is the dequantized output, or with `integers`, `e + sur * s` is the
+/// integer output. `None` when `x` is not all finite.
+pub(crate) fn pact_train<T: Real>(
+    x: &Tensor,
+    s: f64,
+    int_max: i64,
+    alpha: f64,
+    integers: bool,
+) -> Option<(Tensor, Tensor, Tensor)> {
+    // SAFETY: eligible() was checked by the caller for T.
+    let xs = unsafe { slice::<T>(x) };
+    let (e, es) = empty_like::<T>(x);
+    let (m, ms) = empty_like::<T>(x);
+    let (c, cs) = empty_like::<T>(x);
+    let (s, im, a) = (T::from_f64(s), T::from_f64(int_max as f64), T::from_f64(alpha));
+    let (neg, nega) = (T::ZERO - im, T::ZERO - a);
+    let one = T::from_f64(1.0);
+    let non_finite = std::sync::atomic::AtomicBool::new(false);
+    for_chunks(xs, [es, ms, cs], |xs, [es, ms, cs]| {
+        let mut probe = T::ZERO;
+        for i in 0..xs.len() {
+            let v = xs[i];
+            probe = probe + v * T::ZERO;
+            let q = round_even(clamp(v * s, neg, im));
+            let (inside, sign) = if v >= a {
+                (T::ZERO, one)
+            } else if v <= nega {
+                (T::ZERO, T::ZERO - one)
+            } else {
+                (one, T::ZERO)
+            };
+            // The output minus the surrogate: exact, as both lie within a factor of two (Sterbenz).
+            let sur = if inside == one { v } else { a * sign };
+            es[i] = if integers { q - sur * s } else { q / s - sur };
+            ms[i] = inside;
+            cs[i] = sign;
+        }
+        if probe != T::ZERO {
+            non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // NaN fails every comparison above and would poison the gradient (inf is caught too, rarely
+    // worth a second look): leave such inputs to the selecting path.
+    (!non_finite.into_inner()).then_some((e, m, c))
+}
