@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speed benchmark, all in one run on this machine: our quantizers (release build), the
-# memory-copy bound (libtorch add(out=) and clone) and the PyTorch reference
+# memory-copy bound (libtorch copy_ into a preallocated tensor, and clone) and the PyTorch reference
 # (scripts/bench_reference.py), then one table of ratios; JSON in target/bench/.
 #   scripts/bench.sh                 # 1 and 2 threads, 1,000 to 16Mi elements
 #   BENCH_THREADS=1 scripts/bench.sh

@@ -203,3 +203,20 @@ fn fused_cpu_kernels_match_the_libtorch_path_values_and_gradients() {
         }
     }
 }
+
+#[test]
+fn fake_quantize_out_writes_the_same_values_into_a_reused_buffer() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    for q in quantizers(&vs) {
+        for x in random_inputs(Device::Cpu) {
+            let expected = q.f_fake_quantize(&x).unwrap();
+            let mut out = x.empty_like();
+            q.f_fake_quantize_out(&x, &mut out).unwrap();
+            assert_exact(&out, &expected, &format!("{:?} {} bits into a buffer", q.kind(), q.bitwidth()));
+            // A buffer of another dtype takes the general path and still gets the values.
+            let mut wide = x.to_kind(Kind::Double).zeros_like();
+            q.f_fake_quantize_out(&x, &mut wide).unwrap();
+            assert_exact(&wide, &expected, "float64 buffer");
+        }
+    }
+}

@@ -138,6 +138,17 @@ pub trait ApproxQuantizer: std::fmt::Debug + Send {
         let q = self.f_quantize_scaled(x)?;
         Ok(q.f_dequantize()?.f_to_kind(x.kind())?)
     }
+
+    /// Fake quantization into a preallocated `out` of `x`'s shape, without gradient.
+    ///
+    /// Reusing `out` spares the allocation, which for large tensors costs more than
+    /// the arithmetic (fresh pages fault in); MinMax and PACT then write in place on CPU.
+    fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let y = self.f_fake_quantize(x)?;
+        out.f_copy_(&y)?;
+        Ok(())
+    }
 }
 
 /// The dtype quantization is computed in: float64 stays, the rest run in float32.

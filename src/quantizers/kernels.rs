@@ -24,6 +24,7 @@ pub(crate) trait Real:
     const MAGIC: Self;
     const KIND: Kind;
     fn abs(self) -> Self;
+    fn is_nan(self) -> bool;
     fn copysign(self, sign: Self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -35,6 +36,9 @@ impl Real for f32 {
     const KIND: Kind = Kind::Float;
     fn abs(self) -> Self {
         f32::abs(self)
+    }
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
     }
     fn copysign(self, sign: Self) -> Self {
         f32::copysign(self, sign)
@@ -53,6 +57,9 @@ impl Real for f64 {
     const KIND: Kind = Kind::Double;
     fn abs(self) -> Self {
         f64::abs(self)
+    }
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
     }
     fn copysign(self, sign: Self) -> Self {
         f64::copysign(self, sign)
@@ -190,11 +197,39 @@ pub(crate) enum MinMaxOut {
     DeltaToScaledX,
 }
 
-/// One MinMax pass over a finite `x` with range `m` and scale `s`.
+/// Whether `dst` can receive a kernel's output for `x`: same shape and dtype, contiguous, CPU, no grad.
+pub(crate) fn fits(dst: &Tensor, x: &Tensor) -> bool {
+    dst.device() == Device::Cpu
+        && dst.kind() == x.kind()
+        && dst.size() == x.size()
+        && dst.is_contiguous()
+        && !dst.requires_grad()
+}
+
+/// The elements of `dst` for writing.
+///
+/// SAFETY: the caller checked [`fits`] against an eligible `x` of type `T`, and holds `dst`
+/// mutably, so nothing else reads or writes it meanwhile.
+unsafe fn slice_mut<T: Real>(dst: &mut Tensor) -> &mut [T] {
+    std::slice::from_raw_parts_mut(dst.data_ptr() as *mut T, dst.numel())
+}
+
+/// One MinMax pass over a finite `x` with range `m` and scale `s`, into a new tensor.
 pub(crate) fn minmax<T: Real>(x: &Tensor, m: f64, s: f64, out: MinMaxOut) -> Tensor {
+    let (t, ys) = empty_like::<T>(x);
+    minmax_into(x, ys, m, s, out);
+    t
+}
+
+/// Like [`minmax`], into `dst` (see [`fits`]).
+pub(crate) fn minmax_to<T: Real>(x: &Tensor, dst: &mut Tensor, m: f64, s: f64, out: MinMaxOut) {
+    // SAFETY: fits() was checked by the caller.
+    minmax_into(x, unsafe { slice_mut::<T>(dst) }, m, s, out)
+}
+
+fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut) {
     // SAFETY: eligible() was checked by the caller for T.
     let xs = unsafe { slice::<T>(x) };
-    let (t, ys) = empty_like::<T>(x);
     let (m, s) = (T::from_f64(m), T::from_f64(s));
     let neg = T::ZERO - m;
     for_chunks(xs, [ys], |xs, [ys]| match out {
@@ -219,14 +254,24 @@ pub(crate) fn minmax<T: Real>(x: &Tensor, m: f64, s: f64, out: MinMaxOut) -> Ten
             }
         }
     });
+}
+
+/// One PACT pass: integers `round(clamp(x * s, -im, im))`, or those divided by `s`, into a new tensor.
+pub(crate) fn pact<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+    let (t, ys) = empty_like::<T>(x);
+    pact_into(x, ys, s, int_max, dequantize);
     t
 }
 
-/// One PACT pass: integers `round(clamp(x * s, -im, im))`, or those divided by `s`.
-pub(crate) fn pact<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+/// Like [`pact`], into `dst` (see [`fits`]).
+pub(crate) fn pact_to<T: Real>(x: &Tensor, dst: &mut Tensor, s: f64, int_max: i64, dequantize: bool) {
+    // SAFETY: fits() was checked by the caller.
+    pact_into(x, unsafe { slice_mut::<T>(dst) }, s, int_max, dequantize)
+}
+
+fn pact_into<T: Real>(x: &Tensor, ys: &mut [T], s: f64, int_max: i64, dequantize: bool) {
     // SAFETY: eligible() was checked by the caller for T.
     let xs = unsafe { slice::<T>(x) };
-    let (t, ys) = empty_like::<T>(x);
     let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
     let neg = T::ZERO - im;
     for_chunks(xs, [ys], |xs, [ys]| {
@@ -240,13 +285,12 @@ pub(crate) fn pact<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) 
             }
         }
     });
-    t
 }
 
 /// PACT's training pass over `x`: the inside mask `m`, the clip sign `c` and an exact correction `e`.
 /// `sur = x*m + alpha*c` carries PACT's gradient (`m = 1` where `|x| < alpha`, `c = sign(x)` where
 /// `|x| >= alpha`); `e + sur` is the dequantized output, or with `integers`, `e + sur * s` is the
-/// integer output. `None` when `x` is not all finite.
+/// integer output. `None` when `x` holds NaN.
 pub(crate) fn pact_train<T: Real>(
     x: &Tensor,
     s: f64,
@@ -263,30 +307,31 @@ pub(crate) fn pact_train<T: Real>(
     let (neg, nega) = (T::ZERO - im, T::ZERO - a);
     let one = T::from_f64(1.0);
     let non_finite = std::sync::atomic::AtomicBool::new(false);
+    let mone = T::ZERO - one;
     for_chunks(xs, [es, ms, cs], |xs, [es, ms, cs]| {
-        let mut probe = T::ZERO;
-        for i in 0..xs.len() {
-            let v = xs[i];
-            probe = probe + v * T::ZERO;
+        // Branch-free selects and an integer NaN flag, so the loop vectorises.
+        let mut nan = 0u8;
+        for (((&v, e), mi), ci) in xs.iter().zip(es.iter_mut()).zip(ms.iter_mut()).zip(cs.iter_mut()) {
+            nan |= u8::from(v.is_nan());
             let q = round_even(clamp(v * s, neg, im));
-            let (inside, sign) = if v >= a {
-                (T::ZERO, one)
+            let sign = if v >= a {
+                one
             } else if v <= nega {
-                (T::ZERO, T::ZERO - one)
+                mone
             } else {
-                (one, T::ZERO)
+                T::ZERO
             };
+            let inside = if sign == T::ZERO { one } else { T::ZERO };
             // The output minus the surrogate: exact, as both lie within a factor of two (Sterbenz).
-            let sur = if inside == one { v } else { a * sign };
-            es[i] = if integers { q - sur * s } else { q / s - sur };
-            ms[i] = inside;
-            cs[i] = sign;
+            let sur = if sign == T::ZERO { v } else { a * sign };
+            *e = if integers { q - sur * s } else { q / s - sur };
+            *mi = inside;
+            *ci = sign;
         }
-        if probe != T::ZERO {
+        if nan != 0 {
             non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     });
-    // NaN fails every comparison above and would poison the gradient (inf is caught too, rarely
-    // worth a second look): leave such inputs to the selecting path.
+    // NaN fails every comparison above and would poison the gradient: leave it to the selecting path.
     (!non_finite.into_inner()).then_some((e, m, c))
 }

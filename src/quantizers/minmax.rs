@@ -190,6 +190,29 @@ impl ApproxQuantizer for MinMaxQuant {
         Ok(Quantized { values, scale })
     }
 
+    fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        if let (false, true, Some(kind)) = (self.per_channel, self.rounded, kernels::eligible(x)) {
+            if kernels::fits(out, x) {
+                let (max_abs, finite) =
+                    if kind == Kind::Float { kernels::abs_max::<f32>(x) } else { kernels::abs_max::<f64>(x) };
+                if finite {
+                    let range = effective_range(max_abs);
+                    let scale = scale_for(self.int_max(), range, kind);
+                    if kind == Kind::Float {
+                        kernels::minmax_to::<f32>(x, out, range, scale, MinMaxOut::Dequantized);
+                    } else {
+                        kernels::minmax_to::<f64>(x, out, range, scale, MinMaxOut::Dequantized);
+                    }
+                    self.store_scales(vec![scale]);
+                    return Ok(());
+                }
+            }
+        }
+        out.f_copy_(&self.f_fake_quantize(x)?)?;
+        Ok(())
+    }
+
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = self.fused(x, true)? {
             return Ok(q.values);

@@ -94,6 +94,26 @@ impl ApproxQuantizer for PACTQuant {
         pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded)
     }
 
+    fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        if let (Some(kind), Some(alpha)) = (kernels::eligible(x), self.fused_alpha()) {
+            if kernels::fits(out, x) && self.nonfinite == NonFinite::Propagate {
+                let alpha = if kind == Kind::Float { alpha as f32 as f64 } else { alpha };
+                if alpha >= ALPHA_MIN {
+                    let scale = scale_for(self.int_max(), alpha, kind);
+                    if kind == Kind::Float {
+                        kernels::pact_to::<f32>(x, out, scale, self.int_max(), true);
+                    } else {
+                        kernels::pact_to::<f64>(x, out, scale, self.int_max(), true);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        out.f_copy_(&self.f_fake_quantize(x)?)?;
+        Ok(())
+    }
+
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = self.fused(x, true)? {
             return Ok(q.values);
@@ -104,6 +124,19 @@ impl ApproxQuantizer for PACTQuant {
 }
 
 impl PACTQuant {
+    /// `alpha` read straight from CPU memory (no libtorch call), where the fused path can use it.
+    fn fused_alpha(&self) -> Option<f64> {
+        if self.alpha.device() != Device::Cpu || !self.rounded || !self.alpha.is_contiguous() {
+            return None;
+        }
+        match self.alpha.kind() {
+            // SAFETY: a contiguous CPU variable of one element of the matched type.
+            Kind::Float => Some(unsafe { *(self.alpha.data_ptr() as *const f32) } as f64),
+            Kind::Double => Some(unsafe { *(self.alpha.data_ptr() as *const f64) }),
+            _ => None,
+        }
+    }
+
     /// The fused CPU path (see the `kernels` module); `None` where it does not apply.
     fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
         if !self.rounded || self.nonfinite == NonFinite::Reject || self.alpha.device() != Device::Cpu {
