@@ -274,17 +274,19 @@ fn pact_into<T: Real>(x: &Tensor, ys: &mut [T], s: f64, int_max: i64, dequantize
     let xs = unsafe { slice::<T>(x) };
     let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
     let neg = T::ZERO - im;
-    for_chunks(xs, [ys], |xs, [ys]| {
-        if dequantize {
-            for (y, &v) in ys.iter_mut().zip(xs) {
-                *y = round_even(clamp(v * s, neg, im)) / s;
-            }
-        } else {
-            for (y, &v) in ys.iter_mut().zip(xs) {
-                *y = round_even(clamp(v * s, neg, im));
-            }
+    for_chunks(xs, [ys], |xs, [ys]| pact_slice(xs, ys, s, neg, im, dequantize));
+}
+
+fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) {
+    if dequantize {
+        for (y, &v) in ys.iter_mut().zip(xs) {
+            *y = round_even(clamp(v * s, neg, im)) / s;
         }
-    });
+    } else {
+        for (y, &v) in ys.iter_mut().zip(xs) {
+            *y = round_even(clamp(v * s, neg, im));
+        }
+    }
 }
 
 /// PACT's training pass over `x`: the inside mask `m`, the clip sign `c` and an exact correction `e`.
@@ -307,29 +309,33 @@ pub(crate) fn pact_train<T: Real>(
     let (neg, nega) = (T::ZERO - im, T::ZERO - a);
     let one = T::from_f64(1.0);
     let non_finite = std::sync::atomic::AtomicBool::new(false);
-    let mone = T::ZERO - one;
     for_chunks(xs, [es, ms, cs], |xs, [es, ms, cs]| {
-        // Branch-free selects and an integer NaN flag, so the loop vectorises.
+        // Three simple loops rather than one branchy one: each vectorises.
+        pact_slice(xs, es, s, neg, im, !integers);
         let mut nan = 0u8;
-        for (((&v, e), mi), ci) in xs.iter().zip(es.iter_mut()).zip(ms.iter_mut()).zip(cs.iter_mut()) {
+        for ((&v, mi), ci) in xs.iter().zip(ms.iter_mut()).zip(cs.iter_mut()) {
             nan |= u8::from(v.is_nan());
-            let q = round_even(clamp(v * s, neg, im));
-            let sign = if v >= a {
-                one
-            } else if v <= nega {
-                mone
-            } else {
-                T::ZERO
-            };
-            let inside = if sign == T::ZERO { one } else { T::ZERO };
-            // The output minus the surrogate: exact, as both lie within a factor of two (Sterbenz).
-            let sur = if sign == T::ZERO { v } else { a * sign };
-            *e = if integers { q - sur * s } else { q / s - sur };
-            *mi = inside;
-            *ci = sign;
+            let pos = if v >= a { one } else { T::ZERO };
+            let negative = if v <= nega { one } else { T::ZERO };
+            *ci = pos - negative;
+            *mi = one - pos - negative;
         }
         if nan != 0 {
             non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        // The output minus the surrogate: exact, as both lie within a factor of two (Sterbenz).
+        // A select, not x*m + alpha*c, so that an infinite x stays out of it.
+        let pairs = xs.iter().zip(cs.iter()).zip(es.iter_mut());
+        if integers {
+            for ((&v, &c), e) in pairs {
+                let sur = if c == T::ZERO { v } else { a * c };
+                *e = *e - sur * s;
+            }
+        } else {
+            for ((&v, &c), e) in pairs {
+                let sur = if c == T::ZERO { v } else { a * c };
+                *e = *e - sur;
+            }
         }
     });
     // NaN fails every comparison above and would poison the gradient: leave it to the selecting path.

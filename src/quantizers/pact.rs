@@ -174,12 +174,12 @@ impl PACTQuant {
             let Some((e, m, c)) = parts else { return Ok(None) };
             // 0-dim so that a 0-dim input stays 0-dim.
             let a = self.alpha.f_reshape([])?.f_to_kind(kind)?;
-            // x*m + alpha*c: exact (m and c are 0 or +-1), with PACT's gradient.
-            let surrogate = x.f_mul(&m)?.f_addcmul(&a, &c)?;
+            // x*m + alpha*c carries PACT's gradient; every product is exact (m and c are 0 or
+            // +-1), so the sums reproduce the output exactly, fused multiply-add or not.
             if dequantize {
-                surrogate.f_add(&e)?
+                e.f_addcmul(x, &m)?.f_addcmul(&a, &c)?
             } else {
-                surrogate.f_mul_scalar(scale)?.f_add(&e)?
+                x.f_mul(&m)?.f_addcmul(&a, &c)?.f_mul_scalar(scale)?.f_add(&e)?
             }
         };
         let scale =
