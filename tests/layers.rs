@@ -295,3 +295,38 @@ fn bad_layer_configurations_are_errors() {
         .to_string()
         .contains("unknown inference mode \"fp8\""));
 }
+
+#[test]
+fn first_layer_alpha_gradient_matches_with_and_without_an_input_gradient() {
+    // An input without gradient takes the tangent route; the same input with gradient
+    // takes ordinary backpropagation through the convolution. Alpha's gradient must agree.
+    for (padding, groups, cin) in [(2, 1, 1), (0, 1, 3), (1, 3, 3)] {
+        tch::manual_seed(21);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ApproxConvConfig {
+            padding,
+            groups,
+            quant: spec(InferenceMode::Quantized, 4),
+            ..Default::default()
+        };
+        let conv = approx_conv2d(vs.root(), cin, 6, 5, cfg);
+        let _ = tch::no_grad(|| conv.quant.x_quantizer.alpha().unwrap().shallow_clone().fill_(0.9));
+        let x = Tensor::randn([4, cin, 12, 12], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([4, 6, 12 - 4 + 2 * padding, 12 - 4 + 2 * padding], (Kind::Float, Device::Cpu));
+        let alpha = conv.quant.x_quantizer.alpha().unwrap();
+        let run = |x: &Tensor| {
+            let y = conv.forward_t(x, true);
+            (&y * &w).sum(Kind::Float).backward();
+            let (g, wg) = (alpha.grad().copy(), conv.weight.grad().copy());
+            let _ = alpha.grad().zero_();
+            let _ = conv.weight.grad().zero_();
+            (y.detach(), g, wg)
+        };
+        let (y1, g1, w1) = run(&x);
+        let (y2, g2, w2) = run(&x.detach().set_requires_grad(true));
+        assert_exact(&y1, &y2, "outputs");
+        assert_close(&g1, &g2, 1e-4, 1e-4, "alpha gradient");
+        assert_close(&w1, &w2, 1e-5, 1e-5, "weight gradient");
+        assert!(values(&g1)[0].abs() > 1e-3, "alpha gets a gradient: {g1:?}");
+    }
+}

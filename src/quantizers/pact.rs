@@ -65,6 +65,21 @@ impl PACTQuant {
     pub fn alpha_value(&self) -> f64 {
         self.alpha.double_value(&[0]).max(ALPHA_MIN)
     }
+
+    /// The derivative of the integer output with respect to `alpha` under PACT's
+    /// straight-through rule, without gradient: `sign(x) * int_max / alpha` where
+    /// `|x| >= alpha`, 0 elsewhere (and at NaN). It lets a layer deliver alpha's
+    /// gradient without differentiating its operation with respect to its input.
+    pub fn f_alpha_tangent(&self, x: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let kind = compute_kind(x)?;
+        let alpha = self.alpha.f_reshape([])?.f_to_kind(kind)?.f_clamp_min(ALPHA_MIN)?;
+        let scale = alpha.f_full_like(self.int_max() as f64)?.f_div(&alpha)?;
+        let xd = x.f_to_kind(kind)?;
+        let upper = xd.f_ge_tensor(&alpha)?.f_to_kind(kind)?;
+        let lower = xd.f_le_tensor(&alpha.f_neg()?)?.f_to_kind(kind)?;
+        Ok(upper.f_sub(&lower)?.f_mul(&scale)?)
+    }
 }
 
 impl ApproxQuantizer for PACTQuant {
