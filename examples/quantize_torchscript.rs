@@ -8,8 +8,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use common::{embedded_mnist, pick_device};
 use serde_json::json;
 use tch::Device;
 use torchapprox::data::{normalize, Mnist};
@@ -58,20 +61,6 @@ struct Args {
     json: bool,
 }
 
-fn embedded_mnist() -> Result<Mnist> {
-    macro_rules! file {
-        ($name:literal) => {
-            (concat!("embedded ", $name), &include_bytes!(concat!("data/mnist-10k/", $name))[..])
-        };
-    }
-    Ok(Mnist::from_bytes([
-        file!("train-images-idx3-ubyte.gz"),
-        file!("train-labels-idx1-ubyte.gz"),
-        file!("t10k-images-idx3-ubyte.gz"),
-        file!("t10k-labels-idx1-ubyte.gz"),
-    ])?)
-}
-
 fn parse_layer(arg: &str) -> Result<(String, u32)> {
     let (name, bits) = arg.split_once('=').with_context(|| format!("--layer {arg:?}: expected NAME=BITS"))?;
     let bits: u32 =
@@ -107,12 +96,7 @@ fn run(args: Args) -> Result<()> {
             bail!("--out {} is the input model: choose another path", out.display());
         }
     }
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
-        _ => Device::cuda_if_available(),
-    };
+    let device = pick_device(&args.device)?;
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
         None => embedded_mnist()?,

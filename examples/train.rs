@@ -11,8 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use common::{embedded_mnist, pick_device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
@@ -97,21 +100,6 @@ struct Args {
     json: bool,
 }
 
-/// The embedded default data set (see examples/data/mnist-10k/README.md for its provenance).
-fn embedded_mnist() -> Result<Mnist> {
-    macro_rules! file {
-        ($name:literal) => {
-            (concat!("embedded ", $name), &include_bytes!(concat!("data/mnist-10k/", $name))[..])
-        };
-    }
-    Ok(Mnist::from_bytes([
-        file!("train-images-idx3-ubyte.gz"),
-        file!("train-labels-idx1-ubyte.gz"),
-        file!("t10k-images-idx3-ubyte.gz"),
-        file!("t10k-labels-idx1-ubyte.gz"),
-    ])?)
-}
-
 /// Parses `NAME=X_KIND,W_KIND[:BITS]` against the model's layer names.
 fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(String, QuantSpec)> {
     let usage = || format!("--layer {arg:?}: expected NAME=X_KIND,W_KIND[:BITS], e.g. conv1=minmax,pact:4");
@@ -127,15 +115,6 @@ fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(Str
     let bitwidth =
         check_bitwidth(bits.unwrap_or(base.bitwidth)).with_context(|| format!("--layer {arg:?}"))?;
     Ok((name.to_string(), QuantSpec { x_kind: x.parse()?, w_kind: w.parse()?, bitwidth, ..base }))
-}
-
-fn pick_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
-        _ => Ok(Device::cuda_if_available()),
-    }
 }
 
 /// Share of correct predictions over a data set, in batches, without gradients.

@@ -214,11 +214,10 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(q) = self.fused(x, true)? {
-            return Ok(q.values);
+        match self.fused(x, true)? {
+            Some(q) => Ok(q.values),
+            None => Ok(self.f_quantize_scaled(x)?.f_dequantize()?.f_to_kind(x.kind())?),
         }
-        let q = self.f_quantize_scaled(x)?;
-        Ok(q.f_dequantize()?.f_to_kind(x.kind())?)
     }
 }
 

@@ -1,0 +1,30 @@
+//! What the example programs share: the embedded MNIST digits and the `--device` choice.
+
+use anyhow::{bail, Result};
+use tch::Device;
+use torchapprox::data::Mnist;
+
+/// The embedded default data set (see examples/data/mnist-10k/README.md for its provenance).
+pub fn embedded_mnist() -> Result<Mnist> {
+    macro_rules! file {
+        ($name:literal) => {
+            (concat!("embedded ", $name), &include_bytes!(concat!("../data/mnist-10k/", $name))[..])
+        };
+    }
+    Ok(Mnist::from_bytes([
+        file!("train-images-idx3-ubyte.gz"),
+        file!("train-labels-idx1-ubyte.gz"),
+        file!("t10k-images-idx3-ubyte.gz"),
+        file!("t10k-labels-idx1-ubyte.gz"),
+    ])?)
+}
+
+/// `auto` (CUDA when available), `cpu` or `cuda` (an error without a CUDA device).
+pub fn pick_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
+        _ => Ok(Device::cuda_if_available()),
+    }
+}
