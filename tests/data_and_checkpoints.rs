@@ -13,13 +13,6 @@ fn vendored() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("torchapprox-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
 #[test]
 fn vendored_mnist_loads_with_its_documented_counts() {
     let m = Mnist::load_dir(vendored()).unwrap();
@@ -43,7 +36,8 @@ fn vendored_mnist_loads_with_its_documented_counts() {
         .contains("std must be positive"));
 
     // Plain files written back load to the same tensors.
-    let dir = tmp("idx");
+    let tmp = common::TempDir::new("idx");
+    let dir = tmp.0.clone();
     m.subset(50, 20).save_dir(&dir).unwrap();
     let back = Mnist::load_dir(&dir).unwrap();
     assert!(back.train_images.equal(&m.train_images.narrow(0, 0, 50)));
@@ -54,12 +48,12 @@ fn vendored_mnist_loads_with_its_documented_counts() {
     bytes[8] = 42;
     std::fs::write(&labels, bytes).unwrap();
     assert!(Mnist::load_dir(&dir).unwrap_err().to_string().ends_with("label 42 is not a digit 0..=9"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn checkpoints_are_written_atomically_and_checked_on_load() {
-    let dir = tmp("ckpt");
+    let tmp = common::TempDir::new("ckpt");
+    let dir = tmp.0.clone();
     let vs = nn::VarStore::new(Device::Cpu);
     let _net = Architecture::Mlp.build(&vs.root(), |_| Default::default()).unwrap();
     let path = dir.join("mlp.safetensors");
@@ -89,5 +83,4 @@ fn checkpoints_are_written_atomically_and_checked_on_load() {
     std::fs::write(dir.join("junk.safetensors"), b"junk").unwrap();
     let e = load_checked(&mut other, dir.join("junk.safetensors")).unwrap_err().to_string();
     assert!(e.contains("not a readable .safetensors file"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

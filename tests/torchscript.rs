@@ -31,13 +31,6 @@ fn test_set() -> (Tensor, Tensor) {
     (normalize(&m.test_images, 0.0, 1.0, Device::Cpu).unwrap(), m.test_labels)
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("torchapprox-ts-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
 #[test]
 fn float_and_quantized_accuracies_equal_pytorchs_within_two_digits() {
     let (x, y) = test_set();
@@ -98,7 +91,8 @@ fn per_channel_beats_per_tensor_at_4_bits_on_the_batchnorm_cnn() {
 
 #[test]
 fn quantized_model_saved_by_rust_reloads_in_pytorch_with_the_same_outputs() {
-    let dir = tmp("reload");
+    let tmp = common::TempDir::new("reload");
+    let dir = tmp.0.clone();
     let probe = load_fixture("torchscript/probe.safetensors");
     let x = &probe["x"];
     for name in MODELS {
@@ -141,7 +135,6 @@ fn quantized_model_saved_by_rust_reloads_in_pytorch_with_the_same_outputs() {
         })
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -198,7 +191,8 @@ fn weight_only_qat_finetune_beats_post_training_quantization_at_3_bits() {
 
 #[test]
 fn bad_input_is_a_clear_error_and_never_touches_the_input() {
-    let dir = tmp("bad");
+    let tmp = common::TempDir::new("bad");
+    let dir = tmp.0.clone();
     let e = ScriptModel::load(dir.join("absent.pt"), Device::Cpu).unwrap_err().to_string();
     assert!(e.ends_with("absent.pt: no such file"), "{e}");
     let junk = dir.join("junk.pt");
@@ -235,5 +229,4 @@ fn bad_input_is_a_clear_error_and_never_touches_the_input() {
     assert_eq!(std::fs::read(&src).unwrap(), before);
     let e = lenet.save(dir.join("no/such/dir/out.pt")).unwrap_err().to_string();
     assert!(!e.contains('\n'), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

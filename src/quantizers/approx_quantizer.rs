@@ -144,11 +144,19 @@ pub trait ApproxQuantizer: std::fmt::Debug + Send {
     /// Reusing `out` spares the allocation, which for large tensors costs more than
     /// the arithmetic (fresh pages fault in); MinMax and PACT then write in place on CPU.
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let y = self.f_fake_quantize(x)?;
-        out.f_copy_(&y)?;
-        Ok(())
+        copy_fake_quantized(self, x, out)
     }
+}
+
+/// The general `f_fake_quantize_out`: compute, then copy into `out`, without gradient.
+pub(crate) fn copy_fake_quantized<Q: ApproxQuantizer + ?Sized>(
+    q: &Q,
+    x: &Tensor,
+    out: &mut Tensor,
+) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    out.f_copy_(&q.f_fake_quantize(x)?)?;
+    Ok(())
 }
 
 /// The dtype quantization is computed in: float64 stays, the rest run in float32.

@@ -6,7 +6,9 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::kernels::{self, MinMaxOut};
 
-use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for};
+use super::approx_quantizer::{
+    check_int_max, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled, scale_for,
+};
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};
 
@@ -120,18 +122,27 @@ impl MinMaxQuant {
     /// The fused CPU path of [`ApproxQuantizer::f_fake_quantize`] (`dequantize`) or of
     /// [`ApproxQuantizer::f_quantize_scaled`]; `None` where it does not apply and the
     /// libtorch path runs instead. Same values bit for bit, same gradients.
-    fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
+    /// Dtype, range and scale for the fused CPU kernels, or `None` where they do not apply
+    /// (per channel, unrounded, CUDA, strided, half precision, empty or non-finite input).
+    fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, f64, f64)> {
         if self.per_channel || !self.rounded {
-            return Ok(None);
+            return None;
         }
-        let Some(kind) = kernels::eligible(x) else { return Ok(None) };
+        let kind = kernels::eligible(x)?;
         let (max_abs, finite) =
             if kind == Kind::Float { kernels::abs_max::<f32>(x) } else { kernels::abs_max::<f64>(x) };
         if !finite {
-            return Ok(None);
+            return None;
         }
         let range = effective_range(max_abs);
-        let scale = scale_for(self.int_max(), range, kind);
+        Some((kind, range, scale_for(self.int_max(), range, kind)))
+    }
+
+    /// The fused CPU path of [`ApproxQuantizer::f_fake_quantize`] (`dequantize`) or of
+    /// [`ApproxQuantizer::f_quantize_scaled`]; `None` where it does not apply and the
+    /// libtorch path runs instead. Same values bit for bit, same gradients.
+    fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
+        let Some((kind, range, scale)) = self.kernel_plan(x) else { return Ok(None) };
         let grad = x.requires_grad() && grad_enabled();
         let run = |out| {
             if kind == Kind::Float {
@@ -192,25 +203,18 @@ impl ApproxQuantizer for MinMaxQuant {
 
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        if let (false, true, Some(kind)) = (self.per_channel, self.rounded, kernels::eligible(x)) {
-            if kernels::fits(out, x) {
-                let (max_abs, finite) =
-                    if kind == Kind::Float { kernels::abs_max::<f32>(x) } else { kernels::abs_max::<f64>(x) };
-                if finite {
-                    let range = effective_range(max_abs);
-                    let scale = scale_for(self.int_max(), range, kind);
-                    if kind == Kind::Float {
-                        kernels::minmax_to::<f32>(x, out, range, scale, MinMaxOut::Dequantized);
-                    } else {
-                        kernels::minmax_to::<f64>(x, out, range, scale, MinMaxOut::Dequantized);
-                    }
-                    self.store_scales(vec![scale]);
-                    return Ok(());
+        match kernels::fits(out, x).then(|| self.kernel_plan(x)).flatten() {
+            Some((kind, range, scale)) => {
+                if kind == Kind::Float {
+                    kernels::minmax_to::<f32>(x, out, range, scale, MinMaxOut::Dequantized);
+                } else {
+                    kernels::minmax_to::<f64>(x, out, range, scale, MinMaxOut::Dequantized);
                 }
+                self.store_scales(vec![scale]);
+                Ok(())
             }
+            None => copy_fake_quantized(self, x, out),
         }
-        out.f_copy_(&self.f_fake_quantize(x)?)?;
-        Ok(())
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {

@@ -4,7 +4,9 @@ use std::borrow::Borrow;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::approx_quantizer::{check_int_max, compute_kind, count_nonfinite, grad_enabled, scale_for};
+use super::approx_quantizer::{
+    check_int_max, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled, scale_for,
+};
 use super::kernels;
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};
@@ -111,22 +113,17 @@ impl ApproxQuantizer for PACTQuant {
 
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        if let (Some(kind), Some(alpha)) = (kernels::eligible(x), self.fused_alpha()) {
-            if kernels::fits(out, x) && self.nonfinite == NonFinite::Propagate {
-                let alpha = if kind == Kind::Float { alpha as f32 as f64 } else { alpha };
-                if alpha >= ALPHA_MIN {
-                    let scale = scale_for(self.int_max(), alpha, kind);
-                    if kind == Kind::Float {
-                        kernels::pact_to::<f32>(x, out, scale, self.int_max(), true);
-                    } else {
-                        kernels::pact_to::<f64>(x, out, scale, self.int_max(), true);
-                    }
-                    return Ok(());
+        match kernels::fits(out, x).then(|| self.kernel_plan(x)).flatten() {
+            Some((kind, _, scale)) => {
+                if kind == Kind::Float {
+                    kernels::pact_to::<f32>(x, out, scale, self.int_max(), true);
+                } else {
+                    kernels::pact_to::<f64>(x, out, scale, self.int_max(), true);
                 }
+                Ok(())
             }
+            None => copy_fake_quantized(self, x, out),
         }
-        out.f_copy_(&self.f_fake_quantize(x)?)?;
-        Ok(())
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
@@ -151,27 +148,27 @@ impl PACTQuant {
         }
     }
 
+    /// Dtype, clipping level and scale for the fused CPU kernels, or `None` where they do
+    /// not apply (CUDA, strided or half-precision input, `NonFinite::Reject`, unrounded,
+    /// or an alpha below `ALPHA_MIN`, whose straight-through bookkeeping the general path does).
+    fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, f64, f64)> {
+        if self.nonfinite == NonFinite::Reject {
+            return None;
+        }
+        let kind = kernels::eligible(x)?;
+        let alpha = self.fused_alpha()?;
+        // Round alpha and the scale as the compute dtype does, like the libtorch path.
+        let alpha = if kind == Kind::Float { alpha as f32 as f64 } else { alpha };
+        if alpha.is_nan() || alpha < ALPHA_MIN {
+            return None;
+        }
+        Some((kind, alpha, scale_for(self.int_max(), alpha, kind)))
+    }
+
     /// The fused CPU path (see the `kernels` module); `None` where it does not apply.
     fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
-        if !self.rounded || self.nonfinite == NonFinite::Reject || self.alpha.device() != Device::Cpu {
-            return Ok(None);
-        }
-        let Some(kind) = kernels::eligible(x) else { return Ok(None) };
-        let alpha = match self.alpha.kind() {
-            // SAFETY: a CPU variable of one element of the matched type.
-            Kind::Float if self.alpha.is_contiguous() => unsafe {
-                *(self.alpha.data_ptr() as *const f32) as f64
-            },
-            Kind::Double if self.alpha.is_contiguous() => unsafe { *(self.alpha.data_ptr() as *const f64) },
-            _ => return Ok(None),
-        };
-        // Round alpha and the scale as the compute dtype does, like the libtorch path.
-        let (alpha, im) = (if kind == Kind::Float { alpha as f32 as f64 } else { alpha }, self.int_max());
-        if alpha.is_nan() || alpha < ALPHA_MIN {
-            // The clamped level needs the straight-through bookkeeping of the general path.
-            return Ok(None);
-        }
-        let scale = scale_for(im, alpha, kind);
+        let Some((kind, alpha, scale)) = self.kernel_plan(x) else { return Ok(None) };
+        let im = self.int_max();
         let grad = (x.requires_grad() || self.alpha.requires_grad()) && grad_enabled();
         let values = if !grad {
             if kind == Kind::Float {

@@ -73,3 +73,22 @@ pub fn randn(shape: &[i64], seed: i64, device: Device) -> Tensor {
     tch::manual_seed(seed);
     Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device)
 }
+
+/// A fresh folder under the system's temporary directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `torchapprox-{tag}-{pid}`, emptying it first.
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("torchapprox-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
