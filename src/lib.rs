@@ -9,6 +9,12 @@
 //! divide by the scale) with straight-through gradients, so it drops into
 //! `nn::seq()` and trains on CPU or CUDA.
 //!
+//! Around them: [`layers`] (`ApproxLinear`, `ApproxConv2d` with baseline,
+//! quantized and noisy modes), [`models`] (the trainer's MLP and LeNet-5),
+//! [`data`] (MNIST in IDX format), [`checkpoint`] (atomic, checked VarStore
+//! files) and [`torchscript`] (post-training quantization, import and QAT of
+//! models exported from PyTorch).
+//!
 //! ```
 //! use tch::{nn, nn::Module, Device, Kind, Tensor};
 //! use torchapprox::quantizers::{ApproxQuantizer, MinMaxQuant, PACTQuant};
