@@ -127,20 +127,9 @@ impl Net {
                 l[1].f_forward_t(&h, train)
             }
             Architecture::LeNet5 => {
-                let h = l[0].f_forward_t(xs, train)?.f_relu()?.f_max_pool2d(
-                    [2, 2],
-                    [2, 2],
-                    [0, 0],
-                    [1, 1],
-                    false,
-                )?;
-                let h = l[1].f_forward_t(&h, train)?.f_relu()?.f_max_pool2d(
-                    [2, 2],
-                    [2, 2],
-                    [0, 0],
-                    [1, 1],
-                    false,
-                )?;
+                let pool = |t: Tensor| t.f_relu()?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+                let h = pool(l[0].f_forward_t(xs, train)?)?;
+                let h = pool(l[1].f_forward_t(&h, train)?)?;
                 let h = l[2].f_forward_t(&h.f_flatten(1, -1)?, train)?.f_relu()?;
                 let h = l[3].f_forward_t(&h, train)?.f_relu()?;
                 l[4].f_forward_t(&h, train)

@@ -90,6 +90,51 @@ fn clamp<T: Real>(v: T, lo: T, hi: T) -> T {
     }
 }
 
+/// Runs the `T = f32` or `T = f64` instance of a kernel for a dtype from [`eligible`], so
+/// that no caller can pair a buffer with the wrong element type.
+macro_rules! by_kind {
+    ($kind:expr, $f:ident($($arg:expr),*)) => {
+        if $kind == Kind::Double { $f::<f64>($($arg),*) } else { $f::<f32>($($arg),*) }
+    };
+}
+
+/// `max |x|` and whether every element is finite, in one pass; `kind` from [`eligible`].
+pub(crate) fn abs_max(x: &Tensor, kind: Kind) -> (f64, bool) {
+    by_kind!(kind, abs_max_typed(x))
+}
+
+/// One MinMax pass over a finite `x` with range `m` and scale `s`, into a new tensor.
+pub(crate) fn minmax(x: &Tensor, kind: Kind, m: f64, s: f64, out: MinMaxOut) -> Tensor {
+    by_kind!(kind, minmax_typed(x, m, s, out))
+}
+
+/// Like [`minmax`], into `dst` (see [`fits`]).
+pub(crate) fn minmax_to(x: &Tensor, kind: Kind, dst: &mut Tensor, m: f64, s: f64, out: MinMaxOut) {
+    by_kind!(kind, minmax_to_typed(x, dst, m, s, out))
+}
+
+/// One PACT pass: integers `round(clamp(x * s, -im, im))`, or those divided by `s`, into a new tensor.
+pub(crate) fn pact(x: &Tensor, kind: Kind, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+    by_kind!(kind, pact_typed(x, s, int_max, dequantize))
+}
+
+/// Like [`pact`], into `dst` (see [`fits`]).
+pub(crate) fn pact_to(x: &Tensor, kind: Kind, dst: &mut Tensor, s: f64, int_max: i64, dequantize: bool) {
+    by_kind!(kind, pact_to_typed(x, dst, s, int_max, dequantize))
+}
+
+/// PACT's training pass (see [`pact_train_typed`]).
+pub(crate) fn pact_train(
+    x: &Tensor,
+    kind: Kind,
+    s: f64,
+    int_max: i64,
+    alpha: f64,
+    integers: bool,
+) -> Option<(Tensor, Tensor, Tensor)> {
+    by_kind!(kind, pact_train_typed(x, s, int_max, alpha, integers))
+}
+
 /// Whether `x` can take a kernel: CPU, contiguous, float32 or float64, not empty.
 pub(crate) fn eligible(x: &Tensor) -> Option<Kind> {
     let kind = x.kind();
@@ -149,9 +194,9 @@ fn for_chunks<T: Real, const N: usize>(
     });
 }
 
-/// `max |x|` and whether every element is finite, in one pass.
-pub(crate) fn abs_max<T: Real>(x: &Tensor) -> (f64, bool) {
-    // SAFETY: eligible() was checked by the caller for T.
+/// [`abs_max`] for element type `T`.
+fn abs_max_typed<T: Real>(x: &Tensor) -> (f64, bool) {
+    // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
     let xs = unsafe { slice::<T>(x) };
     let reduce = |xs: &[T]| {
         // Eight independent lanes so the compiler vectorises; `probe` turns NaN for inf or NaN.
@@ -214,21 +259,21 @@ unsafe fn slice_mut<T: Real>(dst: &mut Tensor) -> &mut [T] {
     std::slice::from_raw_parts_mut(dst.data_ptr() as *mut T, dst.numel())
 }
 
-/// One MinMax pass over a finite `x` with range `m` and scale `s`, into a new tensor.
-pub(crate) fn minmax<T: Real>(x: &Tensor, m: f64, s: f64, out: MinMaxOut) -> Tensor {
+/// [`minmax`] for element type `T`.
+fn minmax_typed<T: Real>(x: &Tensor, m: f64, s: f64, out: MinMaxOut) -> Tensor {
     let (t, ys) = empty_like::<T>(x);
     minmax_into(x, ys, m, s, out);
     t
 }
 
-/// Like [`minmax`], into `dst` (see [`fits`]).
-pub(crate) fn minmax_to<T: Real>(x: &Tensor, dst: &mut Tensor, m: f64, s: f64, out: MinMaxOut) {
+/// [`minmax_to`] for element type `T`.
+fn minmax_to_typed<T: Real>(x: &Tensor, dst: &mut Tensor, m: f64, s: f64, out: MinMaxOut) {
     // SAFETY: fits() was checked by the caller.
     minmax_into(x, unsafe { slice_mut::<T>(dst) }, m, s, out)
 }
 
 fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut) {
-    // SAFETY: eligible() was checked by the caller for T.
+    // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
     let xs = unsafe { slice::<T>(x) };
     let (m, s) = (T::from_f64(m), T::from_f64(s));
     let neg = T::ZERO - m;
@@ -256,21 +301,21 @@ fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut
     });
 }
 
-/// One PACT pass: integers `round(clamp(x * s, -im, im))`, or those divided by `s`, into a new tensor.
-pub(crate) fn pact<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+/// [`pact`] for element type `T`.
+fn pact_typed<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) -> Tensor {
     let (t, ys) = empty_like::<T>(x);
     pact_into(x, ys, s, int_max, dequantize);
     t
 }
 
-/// Like [`pact`], into `dst` (see [`fits`]).
-pub(crate) fn pact_to<T: Real>(x: &Tensor, dst: &mut Tensor, s: f64, int_max: i64, dequantize: bool) {
+/// [`pact_to`] for element type `T`.
+fn pact_to_typed<T: Real>(x: &Tensor, dst: &mut Tensor, s: f64, int_max: i64, dequantize: bool) {
     // SAFETY: fits() was checked by the caller.
     pact_into(x, unsafe { slice_mut::<T>(dst) }, s, int_max, dequantize)
 }
 
 fn pact_into<T: Real>(x: &Tensor, ys: &mut [T], s: f64, int_max: i64, dequantize: bool) {
-    // SAFETY: eligible() was checked by the caller for T.
+    // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
     let xs = unsafe { slice::<T>(x) };
     let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
     let neg = T::ZERO - im;
@@ -293,14 +338,14 @@ fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: 
 /// `sur = x*m + alpha*c` carries PACT's gradient (`m = 1` where `|x| < alpha`, `c = sign(x)` where
 /// `|x| >= alpha`); `e + sur` is the dequantized output, or with `integers`, `e + sur * s` is the
 /// integer output. `None` when `x` holds NaN.
-pub(crate) fn pact_train<T: Real>(
+fn pact_train_typed<T: Real>(
     x: &Tensor,
     s: f64,
     int_max: i64,
     alpha: f64,
     integers: bool,
 ) -> Option<(Tensor, Tensor, Tensor)> {
-    // SAFETY: eligible() was checked by the caller for T.
+    // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
     let xs = unsafe { slice::<T>(x) };
     let (e, es) = empty_like::<T>(x);
     let (m, ms) = empty_like::<T>(x);

@@ -129,8 +129,7 @@ impl MinMaxQuant {
             return None;
         }
         let kind = kernels::eligible(x)?;
-        let (max_abs, finite) =
-            if kind == Kind::Float { kernels::abs_max::<f32>(x) } else { kernels::abs_max::<f64>(x) };
+        let (max_abs, finite) = kernels::abs_max(x, kind);
         if !finite {
             return None;
         }
@@ -144,13 +143,7 @@ impl MinMaxQuant {
     fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
         let Some((kind, range, scale)) = self.kernel_plan(x) else { return Ok(None) };
         let grad = x.requires_grad() && grad_enabled();
-        let run = |out| {
-            if kind == Kind::Float {
-                kernels::minmax::<f32>(x, range, scale, out)
-            } else {
-                kernels::minmax::<f64>(x, range, scale, out)
-            }
-        };
+        let run = |out| kernels::minmax(x, kind, range, scale, out);
         let values = match (dequantize, grad) {
             (true, false) => run(MinMaxOut::Dequantized),
             (false, false) => run(MinMaxOut::Integers),
@@ -205,11 +198,7 @@ impl ApproxQuantizer for MinMaxQuant {
         let _guard = tch::no_grad_guard();
         match kernels::fits(out, x).then(|| self.kernel_plan(x)).flatten() {
             Some((kind, range, scale)) => {
-                if kind == Kind::Float {
-                    kernels::minmax_to::<f32>(x, out, range, scale, MinMaxOut::Dequantized);
-                } else {
-                    kernels::minmax_to::<f64>(x, out, range, scale, MinMaxOut::Dequantized);
-                }
+                kernels::minmax_to(x, kind, out, range, scale, MinMaxOut::Dequantized);
                 self.store_scales(vec![scale]);
                 Ok(())
             }

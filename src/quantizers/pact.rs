@@ -115,11 +115,7 @@ impl ApproxQuantizer for PACTQuant {
         let _guard = tch::no_grad_guard();
         match kernels::fits(out, x).then(|| self.kernel_plan(x)).flatten() {
             Some((kind, _, scale)) => {
-                if kind == Kind::Float {
-                    kernels::pact_to::<f32>(x, out, scale, self.int_max(), true);
-                } else {
-                    kernels::pact_to::<f64>(x, out, scale, self.int_max(), true);
-                }
+                kernels::pact_to(x, kind, out, scale, self.int_max(), true);
                 Ok(())
             }
             None => copy_fake_quantized(self, x, out),
@@ -171,17 +167,9 @@ impl PACTQuant {
         let im = self.int_max();
         let grad = (x.requires_grad() || self.alpha.requires_grad()) && grad_enabled();
         let values = if !grad {
-            if kind == Kind::Float {
-                kernels::pact::<f32>(x, scale, im, dequantize)
-            } else {
-                kernels::pact::<f64>(x, scale, im, dequantize)
-            }
+            kernels::pact(x, kind, scale, im, dequantize)
         } else {
-            let parts = if kind == Kind::Float {
-                kernels::pact_train::<f32>(x, scale, im, alpha, !dequantize)
-            } else {
-                kernels::pact_train::<f64>(x, scale, im, alpha, !dequantize)
-            };
+            let parts = kernels::pact_train(x, kind, scale, im, alpha, !dequantize);
             let Some((e, m, c)) = parts else { return Ok(None) };
             // 0-dim so that a 0-dim input stays 0-dim.
             let a = self.alpha.f_reshape([])?.f_to_kind(kind)?;
