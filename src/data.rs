@@ -42,28 +42,35 @@ impl Mnist {
                 dir.display()
             )));
         }
-        let read = |name: &str| -> Result<(PathBuf, Vec<u8>)> {
-            for candidate in [dir.join(name), dir.join(format!("{name}.gz"))] {
-                if candidate.is_file() {
-                    let bytes = std::fs::read(&candidate)
-                        .map_err(|e| Error::Data(format!("{}: {e}", candidate.display())))?;
-                    return Ok((candidate, bytes));
-                }
-            }
-            Err(Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display())))
+        let find = |name: &str| -> Result<PathBuf> {
+            [dir.join(name), dir.join(format!("{name}.gz"))]
+                .into_iter()
+                .find(|c| c.is_file())
+                .ok_or_else(|| Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display())))
         };
-        let [a, b, c, d] = MNIST_FILES.map(read);
+        let [a, b, c, d] = MNIST_FILES.map(find);
         let (a, b, c, d) = (a?, b?, c?, d?);
-        Self::from_files([(&a.0, &a.1[..]), (&b.0, &b.1[..]), (&c.0, &c.1[..]), (&d.0, &d.1[..])])
+        let open = |p: &PathBuf| -> Result<(PathBuf, std::fs::File)> {
+            let f = std::fs::File::open(p).map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
+            Ok((p.clone(), f))
+        };
+        let (ti, tl, vi, vl) = (open(&a)?, open(&b)?, open(&c)?, open(&d)?);
+        Self::from_readers([
+            (&ti.0, Box::new(ti.1)),
+            (&tl.0, Box::new(tl.1)),
+            (&vi.0, Box::new(vi.1)),
+            (&vl.0, Box::new(vl.1)),
+        ])
     }
 
     /// Parses the four files' bytes (plain or gzipped), in [`MNIST_FILES`] order;
     /// the names only label error messages.
     pub fn from_bytes(files: [(&str, &[u8]); 4]) -> Result<Self> {
-        Self::from_files(files.map(|(n, b)| (Path::new(n), b)))
+        let [a, b, c, d] = files.map(|(n, bytes)| (Path::new(n), Box::new(bytes) as Box<dyn Read + '_>));
+        Self::from_readers([a, b, c, d])
     }
 
-    fn from_files(files: [(&Path, &[u8]); 4]) -> Result<Self> {
+    fn from_readers(files: [(&Path, Box<dyn Read + '_>); 4]) -> Result<Self> {
         let [ti, tl, vi, vl] = files;
         let (train_images, train_labels) = (parse_images(ti.0, ti.1)?, parse_labels(tl.0, tl.1)?);
         let (test_images, test_labels) = (parse_images(vi.0, vi.1)?, parse_labels(vl.0, vl.1)?);
@@ -126,50 +133,92 @@ pub fn normalize(images: &Tensor, mean: f64, std: f64, device: Device) -> Result
     Ok(((x / 255.0) - mean) / std)
 }
 
-fn decompress(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::Data(format!("{}: corrupt gzip data ({e})", path.display())))?;
-        Ok(out)
-    } else {
-        Ok(bytes.to_vec())
+/// Plain bytes, or the gunzipped stream (every member of a multi-member gzip) where the data starts with gzip's magic.
+fn decompressed<'a>(path: &Path, mut r: Box<dyn Read + 'a>) -> Result<Box<dyn Read + 'a>> {
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match r.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Data(format!("{}: {e}", path.display()))),
+        }
     }
+    let whole = std::io::Cursor::new(magic[..got].to_vec()).chain(r);
+    Ok(if got == 2 && magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::MultiGzDecoder::new(whole))
+    } else {
+        Box::new(whole)
+    })
 }
 
-/// Parses an IDX header: the magic number and the dimensions, checking the payload length.
-fn parse_idx(path: &Path, bytes: &[u8], magic: u32, what: &str) -> Result<(Vec<i64>, Vec<u8>)> {
-    let data = decompress(path, bytes)?;
+/// Reads an IDX header (magic number, dimensions), then exactly the payload it promises:
+/// memory never exceeds what the header announces, and a longer or shorter payload is refused.
+fn parse_idx(path: &Path, reader: Box<dyn Read + '_>, magic: u32, what: &str) -> Result<(Vec<i64>, Vec<u8>)> {
+    let io = |e: std::io::Error| {
+        let kind = if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData {
+            "corrupt gzip data"
+        } else {
+            "read error"
+        };
+        Error::Data(format!("{}: {kind} ({e})", path.display()))
+    };
+    let mut r = decompressed(path, reader)?;
     let ndim = (magic & 0xff) as usize;
-    let header = 4 + 4 * ndim;
-    let be = |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-    if data.len() < header || be(0) != magic {
-        let found =
-            if data.len() >= 4 { format!("{:#010x}", be(0)) } else { format!("{} bytes", data.len()) };
+    let mut header = vec![0u8; 4 + 4 * ndim];
+    let got = read_full(&mut r, &mut header).map_err(io)?;
+    let be = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    if got < header.len() || be(0) != magic {
+        let found = if got >= 4 { format!("{:#010x}", be(0)) } else { format!("{got} bytes") };
         return Err(Error::Data(format!(
             "{}: not an IDX {what} file (expected magic {magic:#010x}, found {found})",
             path.display()
         )));
     }
     let dims: Vec<i64> = (0..ndim).map(|d| be(4 + 4 * d) as i64).collect();
-    let expected = dims.iter().product::<i64>() as usize;
-    if data.len() - header != expected {
+    let expected = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&n| n <= isize::MAX as u64)
+        .ok_or_else(|| {
+            Error::Data(format!("{}: header dimensions {dims:?} overflow: no {what} file is that large", path.display()))
+        })?;
+    // Grows with the data actually present, so a lying header cannot make us allocate.
+    let mut data = Vec::with_capacity(expected.min(1 << 26) as usize);
+    r.by_ref().take(expected).read_to_end(&mut data).map_err(io)?;
+    let mut extra = [0u8; 1];
+    let more = read_full(&mut r, &mut extra).map_err(io)?;
+    if data.len() as u64 != expected || more > 0 {
+        let found = if more > 0 { "more follow".to_string() } else { format!("{} follow", data.len()) };
         return Err(Error::Data(format!(
-            "{}: header promises {dims:?} = {expected} bytes of {what} but {} follow (truncated or corrupt)",
-            path.display(),
-            data.len() - header
+            "{}: header promises {dims:?} = {expected} bytes of {what} but {found} (truncated or corrupt)",
+            path.display()
         )));
     }
-    Ok((dims, data[header..].to_vec()))
+    Ok((dims, data))
 }
 
-fn parse_images(path: &Path, bytes: &[u8]) -> Result<Tensor> {
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn parse_images(path: &Path, bytes: Box<dyn Read + '_>) -> Result<Tensor> {
     let (dims, data) = parse_idx(path, bytes, IMAGES_MAGIC, "image")?;
     Ok(Tensor::f_from_slice(&data)?.f_reshape(&dims)?)
 }
 
-fn parse_labels(path: &Path, bytes: &[u8]) -> Result<Tensor> {
+fn parse_labels(path: &Path, bytes: Box<dyn Read + '_>) -> Result<Tensor> {
     let (dims, data) = parse_idx(path, bytes, LABELS_MAGIC, "label")?;
     if let Some(bad) = data.iter().find(|&&l| l > 9) {
         return Err(Error::Data(format!("{}: label {bad} is not a digit 0..=9", path.display())));

@@ -5,9 +5,14 @@ use tch::{Device, Kind};
 /// Everything that can go wrong in this crate, each case naming the offending value.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An error raised by libtorch itself.
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
+    /// An error raised by libtorch itself; shown as its message without C++ stack frames
+    /// (see [`torch_message`]), the full text stays in the field.
+    #[error("{}", torch_message(.0))]
+    Torch(tch::TchError),
+
+    /// A tensor argument that is undefined (`Tensor::new()`).
+    #[error("{0} is an undefined tensor (Tensor::new()): pass a tensor with data")]
+    Undefined(&'static str),
 
     /// A bitwidth outside the supported range.
     #[error("bitwidth {0} is out of range: quantizers support 2..=16 bits")]
@@ -86,6 +91,56 @@ pub enum Error {
     /// A quantizer name that is neither `minmax` nor `pact`.
     #[error("unknown quantizer kind {0:?}: expected `minmax` or `pact`")]
     UnknownKind(String),
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Self::Torch(e)
+    }
+}
+
+/// libtorch's message without the C++ backtrace and frame lines it appends.
+///
+/// A TorchScript interpreter error keeps the line that says why (`RuntimeError: ...`)
+/// rather than its generic first line.
+pub fn torch_message(e: &tch::TchError) -> String {
+    match e {
+        tch::TchError::Torch(msg) => format!("libtorch: {}", strip_backtrace(msg)),
+        other => strip_backtrace(&other.to_string()),
+    }
+}
+
+/// [`torch_message`] for any text, e.g. an error chain that wraps a libtorch error.
+pub fn strip_backtrace(text: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut in_frames = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("Exception raised from ") || t.starts_with("frame #") {
+            in_frames = true;
+            continue;
+        }
+        if in_frames && (t.is_empty() || line.starts_with(' ') || t.starts_with("frame #")) {
+            continue;
+        }
+        in_frames = false;
+        if !t.is_empty() {
+            kept.push(t);
+        }
+    }
+    if let Some(at) = kept.iter().position(|l| l.contains("The following operation failed in the TorchScript interpreter")) {
+        // The cause is the last `SomethingError: ...` line of the TorchScript traceback.
+        let cause = kept[at..].iter().rev().find(|l| {
+            l.split_once(": ").is_some_and(|(head, _)| head.ends_with("Error") && !head.contains(' '))
+        });
+        let before = kept[..at].join(" ");
+        return match cause {
+            Some(c) if before.is_empty() => format!("TorchScript: {c}"),
+            Some(c) => format!("{before} TorchScript: {c}"),
+            None => kept.join(" "),
+        };
+    }
+    kept.join(" ")
 }
 
 /// The crate's result type.

@@ -41,4 +41,4 @@ pub mod models;
 pub mod quantizers;
 pub mod torchscript;
 
-pub use error::{Error, Result};
+pub use error::{strip_backtrace, torch_message, Error, Result};

@@ -112,6 +112,7 @@ impl Net {
 
     /// The forward pass, returning errors (such as a wrong input shape) instead of panicking.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        crate::quantizers::check_defined(xs, "network input")?;
         let size = xs.size();
         if size.len() != 4 || size[1..] != [1, 28, 28] {
             return Err(Error::Shape {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use tch::{nn, Tensor};
 
-use crate::quantizers::{grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind};
+use crate::quantizers::{check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind};
 use crate::{Error, Result};
 
 /// How an Approx layer computes its output.
@@ -197,6 +197,7 @@ impl LayerQuant {
         channel_shape: &[i64],
         op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        check_defined(x, "layer input")?;
         let mode = self.mode();
         if mode == InferenceMode::Baseline {
             return op(x, weight, bias);

@@ -154,6 +154,7 @@ pub(crate) fn copy_fake_quantized<Q: ApproxQuantizer + ?Sized>(
     x: &Tensor,
     out: &mut Tensor,
 ) -> Result<()> {
+    check_out(x, out)?;
     let _guard = tch::no_grad_guard();
     out.f_copy_(&q.f_fake_quantize(x)?)?;
     Ok(())
@@ -175,6 +176,39 @@ pub(crate) fn scale_for(int_max: i64, range: f64, kind: Kind) -> f64 {
         Kind::Double => int_max as f64 / range,
         _ => (int_max as f32 / range as f32) as f64,
     }
+}
+
+/// Refuses an undefined tensor (`Tensor::new()`), which libtorch would answer with a panic.
+pub fn check_defined(t: &Tensor, what: &'static str) -> Result<()> {
+    if t.defined() {
+        Ok(())
+    } else {
+        Err(Error::Undefined(what))
+    }
+}
+
+/// Whether the memory of `a` and `b` overlaps (same device, byte ranges intersecting).
+pub(crate) fn memory_overlaps(a: &Tensor, b: &Tensor) -> bool {
+    if a.device() != b.device() || a.numel() == 0 || b.numel() == 0 {
+        return false;
+    }
+    let span = |t: &Tensor| {
+        let start = t.data_ptr() as usize;
+        let last: i64 = t.size().iter().zip(t.stride()).map(|(n, s)| (n - 1) * s).sum();
+        (start, start + (last.max(0) as usize + 1) * t.kind().elt_size_in_bytes())
+    };
+    let ((a0, a1), (b0, b1)) = (span(a), span(b));
+    a0 < b1 && b0 < a1
+}
+
+/// Checks `x` and `out` of `f_fake_quantize_out`: both defined, `out` of `x`'s shape.
+pub(crate) fn check_out(x: &Tensor, out: &Tensor) -> Result<()> {
+    check_defined(x, "input")?;
+    check_defined(out, "out")?;
+    if out.size() != x.size() {
+        return Err(Error::Shape { what: "out".into(), expected: format!("the input's {:?}", x.size()), actual: out.size() });
+    }
+    Ok(())
 }
 
 /// Whether autograd is recording, so that gradient plumbing is skipped in inference.

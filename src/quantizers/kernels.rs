@@ -24,7 +24,6 @@ pub(crate) trait Real:
     const MAGIC: Self;
     const KIND: Kind;
     fn abs(self) -> Self;
-    fn is_nan(self) -> bool;
     fn copysign(self, sign: Self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -36,9 +35,6 @@ impl Real for f32 {
     const KIND: Kind = Kind::Float;
     fn abs(self) -> Self {
         f32::abs(self)
-    }
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
     }
     fn copysign(self, sign: Self) -> Self {
         f32::copysign(self, sign)
@@ -57,9 +53,6 @@ impl Real for f64 {
     const KIND: Kind = Kind::Double;
     fn abs(self) -> Self {
         f64::abs(self)
-    }
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
     }
     fn copysign(self, sign: Self) -> Self {
         f64::copysign(self, sign)
@@ -359,7 +352,8 @@ fn pact_train_typed<T: Real>(
         pact_slice(xs, es, s, neg, im, !integers);
         let mut nan = 0u8;
         for ((&v, mi), ci) in xs.iter().zip(ms.iter_mut()).zip(cs.iter_mut()) {
-            nan |= u8::from(v.is_nan());
+            // v * 0 is NaN exactly for NaN and ±inf.
+            nan |= u8::from(v * T::ZERO != T::ZERO);
             let pos = if v >= a { one } else { T::ZERO };
             let negative = if v <= nega { one } else { T::ZERO };
             *ci = pos - negative;
@@ -383,6 +377,6 @@ fn pact_train_typed<T: Real>(
             }
         }
     });
-    // NaN fails every comparison above and would poison the gradient: leave it to the selecting path.
+    // NaN fails every comparison above and ±inf turns x*m into inf*0: leave both to the selecting path.
     (!non_finite.into_inner()).then_some((e, m, c))
 }

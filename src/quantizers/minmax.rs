@@ -7,7 +7,8 @@ use tch::{nn, Device, Kind, Tensor};
 use super::kernels::{self, MinMaxOut};
 
 use super::approx_quantizer::{
-    check_int_max, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled, scale_for,
+    check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled,
+    memory_overlaps, scale_for,
 };
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};
@@ -169,6 +170,7 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        check_defined(x, "input")?;
         if let Some(q) = self.fused(x, false)? {
             return Ok(q);
         }
@@ -195,8 +197,11 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_out(x, out)?;
         let _guard = tch::no_grad_guard();
-        match kernels::fits(out, x).then(|| self.kernel_plan(x)).flatten() {
+        // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
+        let direct = kernels::fits(out, x) && !memory_overlaps(x, out);
+        match direct.then(|| self.kernel_plan(x)).flatten() {
             Some((kind, range, scale)) => {
                 kernels::minmax_to(x, kind, out, range, scale, MinMaxOut::Dequantized);
                 self.store_scales(vec![scale]);
@@ -207,6 +212,7 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
+        check_defined(x, "input")?;
         match self.fused(x, true)? {
             Some(q) => Ok(q.values),
             None => Ok(self.f_quantize_scaled(x)?.f_dequantize()?.f_to_kind(x.kind())?),
@@ -258,12 +264,19 @@ fn scaled_identity(x: &Tensor, kind: Kind, finite: bool) -> Result<Tensor> {
 /// The original's `MinMaxQuant.Quant` node: `round(clamp(x, -minmax, minmax) * int_max / minmax)`.
 ///
 /// The gradient with respect to `x` is `grad * int_max / minmax` everywhere,
-/// as in TorchApprox. `minmax` must be positive and finite.
+/// as in TorchApprox. `minmax` must lie in `[MIN_RANGE, max finite]` of the compute dtype.
 pub fn f_minmax_quant(x: &Tensor, minmax: f64, int_max: i64) -> Result<Tensor> {
+    check_defined(x, "input")?;
     let kind = compute_kind(x)?;
     check_int_max(int_max)?;
-    if !(minmax.is_finite() && minmax > 0.0) {
-        return Err(Error::Argument { what: "minmax", value: minmax, expected: "positive and finite" });
+    // Outside this range the scale int_max / minmax (or minmax itself in float32) is not finite.
+    let top = if kind == Kind::Double { f64::MAX } else { f32::MAX as f64 };
+    if !(minmax.is_finite() && (MIN_RANGE..=top).contains(&minmax)) {
+        return Err(Error::Argument {
+            what: "minmax",
+            value: minmax,
+            expected: "between MIN_RANGE (1e-30) and the compute dtype's largest finite value",
+        });
     }
     let scale = scale_for(int_max, minmax, kind);
     let xd = x.f_detach()?.f_to_kind(kind)?;

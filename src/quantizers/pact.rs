@@ -5,15 +5,35 @@ use std::borrow::Borrow;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::approx_quantizer::{
-    check_int_max, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled, scale_for,
+    check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled,
+    memory_overlaps, scale_for,
 };
 use super::kernels;
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};
 
 /// The smallest clipping level PACT uses: an `alpha` at or below it (zero or
-/// negative, as an optimizer may leave it) acts as `ALPHA_MIN`.
+/// negative, as an optimizer may leave it, NaN or -inf) acts as `ALPHA_MIN`.
 pub const ALPHA_MIN: f64 = 1e-6;
+
+/// The largest clipping level PACT uses (float32's largest finite value): `+inf` acts as it,
+/// so that every scale stays finite and non-zero.
+pub const ALPHA_MAX: f64 = f32::MAX as f64;
+
+/// The clipping level PACT uses for a stored `alpha`: `alpha` within `[ALPHA_MIN, ALPHA_MAX]`,
+/// the nearest bound outside it, `ALPHA_MIN` for NaN.
+pub fn effective_alpha(alpha: f64) -> f64 {
+    if alpha.is_nan() {
+        ALPHA_MIN
+    } else {
+        alpha.clamp(ALPHA_MIN, ALPHA_MAX)
+    }
+}
+
+/// [`effective_alpha`] on a tensor, without gradient.
+fn effective_alpha_tensor(alpha: &Tensor) -> Result<Tensor> {
+    Ok(alpha.f_detach()?.f_nan_to_num(ALPHA_MIN, ALPHA_MAX, ALPHA_MIN)?.f_clamp(ALPHA_MIN, ALPHA_MAX)?)
+}
 
 /// PACT quantizer: `round(clamp(x * int_max / alpha, -int_max, int_max))`.
 ///
@@ -27,7 +47,9 @@ pub const ALPHA_MIN: f64 = 1e-6;
 /// - `d/dalpha = sign(x)` where `|x| >= alpha`, `0` elsewhere (an element exactly at `alpha` is clipped).
 ///
 /// Below [`ALPHA_MIN`] the clipping level is `ALPHA_MIN`, while the gradient
-/// still reaches `alpha` unchanged, so an optimizer can pull it back up.
+/// still reaches `alpha` unchanged, so an optimizer can pull it back up; see
+/// [`effective_alpha`] for the full rule. A non-finite `alpha` gets no gradient.
+/// Inputs of ±inf saturate to ±`int_max` and NaN stays NaN on every path.
 /// The forward pass makes no host-device sync.
 #[derive(Debug)]
 pub struct PACTQuant {
@@ -63,9 +85,9 @@ impl PACTQuant {
         &self.alpha
     }
 
-    /// The clipping level in use, `max(alpha, ALPHA_MIN)`, read to the host.
+    /// The clipping level in use, [`effective_alpha`] of `alpha`, read to the host.
     pub fn alpha_value(&self) -> f64 {
-        self.alpha.double_value(&[0]).max(ALPHA_MIN)
+        effective_alpha(self.alpha.double_value(&[0]))
     }
 
     /// The derivative of the integer output with respect to `alpha` under PACT's
@@ -75,7 +97,7 @@ impl PACTQuant {
     pub fn f_alpha_tangent(&self, x: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let kind = compute_kind(x)?;
-        let alpha = self.alpha.f_reshape([])?.f_to_kind(kind)?.f_clamp_min(ALPHA_MIN)?;
+        let alpha = effective_alpha_tensor(&self.alpha.f_reshape([])?.f_to_kind(kind)?)?;
         let scale = alpha.f_full_like(self.int_max() as f64)?.f_div(&alpha)?;
         let xd = x.f_to_kind(kind)?;
         let upper = xd.f_ge_tensor(&alpha)?.f_to_kind(kind)?;
@@ -95,6 +117,7 @@ impl ApproxQuantizer for PACTQuant {
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
+        check_defined(x, "input")?;
         if let Some(q) = self.fused(x, false)? {
             return Ok(q);
         }
@@ -112,8 +135,11 @@ impl ApproxQuantizer for PACTQuant {
     }
 
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_out(x, out)?;
         let _guard = tch::no_grad_guard();
-        match kernels::fits(out, x).then(|| self.kernel_plan(x)).flatten() {
+        // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
+        let direct = kernels::fits(out, x) && !memory_overlaps(x, out);
+        match direct.then(|| self.kernel_plan(x)).flatten() {
             Some((kind, _, scale)) => {
                 kernels::pact_to(x, kind, out, scale, self.int_max(), true);
                 Ok(())
@@ -123,6 +149,7 @@ impl ApproxQuantizer for PACTQuant {
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
+        check_defined(x, "input")?;
         match self.fused(x, true)? {
             Some(q) => Ok(q.values),
             None => Ok(self.f_quantize_scaled(x)?.f_dequantize()?.f_to_kind(x.kind())?),
@@ -155,7 +182,7 @@ impl PACTQuant {
         let alpha = self.fused_alpha()?;
         // Round alpha and the scale as the compute dtype does, like the libtorch path.
         let alpha = if kind == Kind::Float { alpha as f32 as f64 } else { alpha };
-        if alpha.is_nan() || alpha < ALPHA_MIN {
+        if !(ALPHA_MIN..=ALPHA_MAX).contains(&alpha) {
             return None;
         }
         Some((kind, alpha, scale_for(self.int_max(), alpha, kind)))
@@ -210,7 +237,7 @@ fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64, rounded: bool) ->
     let im = int_max as f64;
     // 0-dim so that a 0-dim input stays 0-dim.
     let alpha_raw = alpha.f_reshape([])?.f_to_kind(kind)?;
-    let alpha_eff = alpha_raw.f_detach()?.f_clamp_min(ALPHA_MIN)?;
+    let alpha_eff = effective_alpha_tensor(&alpha_raw)?;
     // int_max / alpha as one division in the compute dtype, as the original computes it.
     let scale = alpha_eff.f_full_like(im)?.f_div(&alpha_eff)?;
     let xd = x.f_detach()?.f_to_kind(kind)?;
@@ -240,6 +267,8 @@ fn pact_gradient_carrier(
     let inside = xd.f_abs()?.f_lt_tensor(alpha_eff)?;
     let upper = xd.f_ge_tensor(alpha_eff)?;
     let lower = xd.f_le_tensor(&alpha_eff.f_neg()?)?;
+    // An infinite alpha would make the surrogate inf - inf: it gets no gradient instead.
+    let alpha_raw = &alpha_raw.f_where_scalarother(&alpha_raw.f_isfinite()?, 0.0)?;
     let surrogate = x
         .f_to_kind(kind)?
         .f_where_scalarother(&inside, 0.0)?
@@ -254,6 +283,8 @@ fn pact_gradient_carrier(
 /// and `alpha` as documented on [`PACTQuant`] (scaled by `int_max / alpha`
 /// for these integer values).
 pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> {
+    check_defined(x, "input")?;
+    check_defined(alpha, "alpha")?;
     check_int_max(int_max)?;
     if x.device() != alpha.device() {
         return Err(Error::Device { input: x.device(), state: alpha.device(), what: "alpha" });

@@ -122,6 +122,14 @@ impl ApproxQuantizer for Quantizer {
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
         self.inner().f_quantize_scaled(x)
     }
+
+    fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner().f_fake_quantize(x)
+    }
+
+    fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.inner().f_fake_quantize_out(x, out)
+    }
 }
 
 impl nn::Module for Quantizer {

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use tch::nn::{self, OptimizerConfig};
 use tch::{CModule, Device, Kind, Tensor};
 
+use crate::checkpoint::write_atomic;
 use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
-use crate::{Error, Result};
+use crate::{torch_message, Error, Result};
+
+mod archive;
 
 /// A TorchScript module (from `torch.jit.script` or `torch.jit.trace`) loaded with libtorch.
 ///
@@ -89,15 +92,60 @@ pub struct FinetuneConfig {
     pub seed: i64,
 }
 
+impl FinetuneConfig {
+    /// Checks the learning rate (finite, not negative) and the batch size (at least 1).
+    pub fn check(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::Argument { what: "fine-tuning learning rate", value: self.lr, expected: "finite and not negative" });
+        }
+        if self.batch_size < 1 {
+            return Err(Error::Argument { what: "fine-tuning batch size", value: self.batch_size as f64, expected: "at least 1" });
+        }
+        Ok(())
+    }
+}
+
+fn diverged(epoch: usize, what: String) -> Error {
+    ts_error(format!(
+        "fine-tuning diverged in epoch {epoch} ({what}); the weights are restored and nothing is written: try a smaller learning rate"
+    ))
+}
+
+/// `max |w - q|` and the SQNR in dB, in float64 and relative to `max |w|`, so that neither
+/// squares nor sums overflow; infinite SQNR only for an exact grid.
+fn error_stats(w: &Tensor, q: &Tensor) -> Result<(f64, f64)> {
+    let w = w.f_to_kind(Kind::Double)?;
+    let err = q.f_to_kind(Kind::Double)?.f_sub(&w)?;
+    let max_abs_error = err.f_abs()?.f_max()?.f_double_value(&[])?;
+    let peak = w.f_abs()?.f_max()?.f_double_value(&[])?;
+    if max_abs_error == 0.0 {
+        return Ok((0.0, f64::INFINITY));
+    }
+    let signal = w.f_div_scalar(peak)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    let noise = err.f_div_scalar(peak)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    let sqnr_db = if noise > 0.0 { 10.0 * (signal / noise).log10() } else { 10.0 * (signal / f64::MIN_POSITIVE).log10() };
+    Ok((max_abs_error, sqnr_db))
+}
+
+/// Refuses weights holding NaN or ±inf: their quantization would be meaningless.
+fn check_finite_weights(source: &Path, weights: &[(String, Tensor)]) -> Result<()> {
+    for (name, w) in weights {
+        let bad = w.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        if bad > 0 {
+            return Err(ts_error(format!(
+                "{}: weight {name} holds {bad} non-finite value(s) (NaN or ±inf) of {}",
+                source.display(),
+                w.numel()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self { epochs: 1, lr: 1e-4, batch_size: 64, seed: 0 }
     }
-}
-
-/// libtorch's errors carry C++ backtraces: keep the first line.
-fn first_line(e: &tch::TchError) -> String {
-    e.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("unknown error").trim().to_string()
 }
 
 fn ts_error(msg: String) -> Error {
@@ -111,8 +159,9 @@ impl ScriptModel {
         if !path.is_file() {
             return Err(ts_error(format!("{}: no such file", path.display())));
         }
+        archive::check(path)?;
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
-            ts_error(format!("{}: not a TorchScript model ({})", path.display(), first_line(&e)))
+            ts_error(format!("{}: not a TorchScript model ({})", path.display(), torch_message(&e)))
         })?;
         module.f_set_eval()?;
         Ok(Self { module, source: path.to_path_buf(), device })
@@ -154,19 +203,37 @@ impl ScriptModel {
                 "{}: the model rejected an input of shape {:?}: {}",
                 self.source.display(),
                 x.size(),
-                first_line(&e)
+                torch_message(&e)
             ))
         })
+    }
+
+    /// Runs `forward` and checks that the result is `[N, classes]` logits for the `N` inputs.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        let n = x.size().first().copied().unwrap_or(0);
+        if y.dim() != 2 || y.size()[0] != n || !y.is_floating_point() {
+            return Err(ts_error(format!(
+                "{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {:?} of shape {:?}",
+                self.source.display(),
+                y.kind(),
+                y.size()
+            )));
+        }
+        Ok(y)
     }
 
     /// Share of `images` whose arg-max logit equals `labels`, in batches, without gradients.
     pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch_size: i64) -> Result<f64> {
         let _guard = tch::no_grad_guard();
         let n = labels.size()[0];
+        if n == 0 {
+            return Err(ts_error("no digits to measure accuracy on".into()));
+        }
         let mut correct = 0;
         for start in (0..n).step_by(batch_size.max(1) as usize) {
             let len = batch_size.min(n - start);
-            let logits = self.forward(&images.f_narrow(0, start, len)?.f_to_device(self.device)?)?;
+            let logits = self.logits(&images.f_narrow(0, start, len)?.f_to_device(self.device)?)?;
             let labels = labels.f_narrow(0, start, len)?.f_to_device(self.device)?;
             correct +=
                 logits.f_argmax(-1, false)?.f_eq_tensor(&labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
@@ -194,11 +261,7 @@ impl ScriptModel {
                 ..QuantConfig::with_bitwidth(bits)
             })?;
             let fq = q.f_fake_quantize(&w)?;
-            let err = fq.f_sub(&w)?;
-            let max_abs_error = err.f_abs()?.f_max()?.f_double_value(&[])?;
-            let signal = w.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-            let noise = err.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-            let sqnr_db = if noise == 0.0 { f64::INFINITY } else { 10.0 * (signal / noise).log10() };
+            let (max_abs_error, sqnr_db) = error_stats(&w, &fq)?;
             w.shallow_clone().f_copy_(&fq)?;
             reports.push(LayerReport {
                 name,
@@ -214,6 +277,17 @@ impl ScriptModel {
     }
 
     fn check_overrides(&self, config: &PtqConfig, weights: &[(String, Tensor)]) -> Result<()> {
+        check_finite_weights(&self.source, weights)?;
+        // `fc1` and `fc1.weight` name the same weight: two overrides of one layer are ambiguous.
+        let target = |n: &str| weights.iter().position(|(w, _)| w == n || w.rsplit_once('.').is_some_and(|(m, _)| m == n));
+        for (i, (a, _)) in config.overrides.iter().enumerate() {
+            if let Some(other) = config.overrides[..i].iter().find(|(b, _)| target(b).is_some() && target(b) == target(a)) {
+                return Err(ts_error(format!(
+                    "layer override {a:?} repeats {:?}: give each layer once",
+                    other.0
+                )));
+            }
+        }
         let known =
             |n: &str| weights.iter().any(|(w, _)| w == n || w.rsplit_once('.').is_some_and(|(m, _)| m == n));
         let unknown: Vec<&str> =
@@ -244,19 +318,9 @@ impl ScriptModel {
                 self.source.display()
             )));
         }
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-        let result = self
-            .module
-            .save(&tmp)
-            .map_err(|e| ts_error(format!("{}: {}", path.display(), first_line(&e))))
-            .and_then(|()| {
-                std::fs::rename(&tmp, path).map_err(|e| ts_error(format!("{}: {e}", path.display())))
-            });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        write_atomic(path, "", Error::TorchScript, |tmp| {
+            self.module.save(tmp).map_err(|e| ts_error(format!("{}: {}", path.display(), torch_message(&e))))
+        })
     }
 
     /// Copies parameters into a network's `VarStore` by name (`fc1.weight`, ...), so a
@@ -276,6 +340,9 @@ impl ScriptModel {
                     p.size(),
                     vars[*name].size()
                 )),
+                Some(p) if !p.is_floating_point() => {
+                    problems.push(format!("{name} has dtype {:?}, the network needs a float tensor", p.kind()))
+                }
                 Some(_) => {}
             }
         }
@@ -317,6 +384,17 @@ impl ScriptModel {
             return Err(ts_error(format!("{}: no quantizable weights to fine-tune", self.source.display())));
         }
         self.check_overrides(quant, &weights)?;
+        config.check()?;
+        let n = labels.size().first().copied().unwrap_or(0);
+        if n == 0 {
+            return Err(ts_error("fine-tuning needs training digits, got none".into()));
+        }
+        if images.size().first() != Some(&n) {
+            return Err(ts_error(format!("{} images but {n} labels", images.size().first().unwrap_or(&0))));
+        }
+        // Restored if training diverges, so a failed run leaves the model as it was.
+        let snapshot: Vec<(Tensor, Tensor)> =
+            self.parameters()?.into_iter().map(|(_, t)| (t.detach().copy(), t)).collect();
         let vs = nn::VarStore::new(self.device);
         for (name, t) in self.parameters()? {
             // VarStore names cannot hold dots.
@@ -334,9 +412,8 @@ impl ScriptModel {
         let mut opt = nn::Adam::default().build(&vs, config.lr)?;
         self.module.f_set_train()?;
         tch::manual_seed(config.seed);
-        let n = labels.size()[0];
         let result = (|| -> Result<()> {
-            for _ in 0..config.epochs {
+            for epoch in 1..=config.epochs {
                 let order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
                 for start in (0..n).step_by(config.batch_size.max(1) as usize) {
                     let idx = order.f_narrow(0, start, config.batch_size.min(n - start))?;
@@ -348,13 +425,17 @@ impl ScriptModel {
                         }
                         Ok(())
                     })?;
-                    let loss = self.forward(&x)?.f_cross_entropy_loss::<Tensor>(
+                    let loss = self.logits(&x)?.f_cross_entropy_loss::<Tensor>(
                         &y,
                         None,
                         tch::Reduction::Mean,
                         -100,
                         0.0,
                     )?;
+                    let value = loss.f_double_value(&[])?;
+                    if !value.is_finite() {
+                        return Err(diverged(epoch, format!("loss {value}")));
+                    }
                     opt.zero_grad();
                     loss.f_backward()?;
                     tch::no_grad(|| -> Result<()> {
@@ -371,11 +452,24 @@ impl ScriptModel {
                         Ok(())
                     })?;
                 }
+                for (name, t) in self.parameters()? {
+                    if !t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0 {
+                        return Err(diverged(epoch, format!("{name} holds non-finite values")));
+                    }
+                }
             }
             Ok(())
         })();
         opt.zero_grad();
         self.module.f_set_eval()?;
+        if result.is_err() {
+            tch::no_grad(|| -> Result<()> {
+                for (saved, t) in &snapshot {
+                    t.shallow_clone().f_copy_(saved)?;
+                }
+                Ok(())
+            })?;
+        }
         result?;
         self.quantize_weights(quant)
     }
