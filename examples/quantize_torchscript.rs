@@ -15,6 +15,7 @@ use clap::Parser;
 use common::{embedded_mnist, pick_device};
 use serde_json::json;
 use tch::Device;
+use torchapprox::checkpoint::check_destination;
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::quantizers::check_bitwidth;
 use torchapprox::torchscript::{FinetuneConfig, LayerReport, PtqConfig, ScriptModel};
@@ -82,6 +83,8 @@ fn layer_json(r: &LayerReport) -> serde_json::Value {
 }
 
 fn run(args: Args) -> Result<()> {
+    let ft = FinetuneConfig { epochs: args.finetune_epochs, lr: args.finetune_lr, ..Default::default() };
+    ft.check().context("--finetune-lr")?;
     let config = PtqConfig {
         bits: check_bitwidth(args.bits).context("--bits")?,
         per_channel: args.per_channel,
@@ -94,6 +97,12 @@ fn run(args: Args) -> Result<()> {
         };
         if same {
             bail!("--out {} is the input model: choose another path", out.display());
+        }
+        check_destination(out).context("--out")?;
+    }
+    for (i, (name, _)) in config.overrides.iter().enumerate() {
+        if config.overrides[..i].iter().any(|(n, _)| n == name) {
+            bail!("--layer {name} is given twice: give each layer once");
         }
     }
     let device = pick_device(&args.device)?;
@@ -117,7 +126,6 @@ fn run(args: Args) -> Result<()> {
         if std::io::stderr().is_terminal() {
             eprintln!("fine-tuning {} epoch(s) with {}-bit weights...", args.finetune_epochs, args.bits);
         }
-        let ft = FinetuneConfig { epochs: args.finetune_epochs, lr: args.finetune_lr, ..Default::default() };
         model.finetune_qat(&config, &train_x, &data.train_labels, ft)?
     } else {
         model.quantize_weights(&config)?
@@ -165,7 +173,7 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

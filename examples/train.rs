@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use torchapprox::checkpoint::{load_checked, save_atomic};
+use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
@@ -157,14 +157,22 @@ fn run(args: Args) -> Result<()> {
     };
     let overrides =
         args.layers.iter().map(|a| parse_override(a, args.model, base)).collect::<Result<Vec<_>>>()?;
+    for (i, (name, _)) in overrides.iter().enumerate() {
+        if overrides[..i].iter().any(|(n, _)| n == name) {
+            bail!("--layer {name} is given twice: give each layer once");
+        }
+    }
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1, got {}", args.batch_size);
     }
-    if args.save.as_ref().is_some_and(|p| !p.to_string_lossy().ends_with(".safetensors")) {
-        bail!(
-            "--save {}: the checkpoint name must end in .safetensors",
-            args.save.as_ref().unwrap().display()
-        );
+    if !(args.lr.is_finite() && args.lr >= 0.0) {
+        bail!("--lr must be finite and not negative, got {}", args.lr);
+    }
+    if let Some(path) = &args.save {
+        if !path.to_string_lossy().ends_with(".safetensors") {
+            bail!("--save {}: the checkpoint name must end in .safetensors", path.display());
+        }
+        check_destination(path).context("--save")?;
     }
     let device = pick_device(&args.device)?;
     let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
@@ -175,6 +183,12 @@ fn run(args: Args) -> Result<()> {
     let train_x = normalize(&data.train_images, args.mean, args.std, device)?;
     let test_x = normalize(&data.test_images, args.mean, args.std, device)?;
     let train_y = data.train_labels.to_device(device);
+    if args.epochs > 0 && data.train_labels.size()[0] == 0 {
+        bail!("the training set is empty: {} has no training digits", data_name(&args.data));
+    }
+    if data.test_labels.size()[0] == 0 {
+        bail!("the test set is empty: {} has no test digits to evaluate", data_name(&args.data));
+    }
 
     tch::manual_seed(args.seed);
     let mut vs = nn::VarStore::new(device);
@@ -193,7 +207,8 @@ fn run(args: Args) -> Result<()> {
     };
 
     let n = train_y.size()[0];
-    let steps = (n + args.batch_size - 1) / args.batch_size;
+    // n / b rounded up without n + b - 1, which overflows for a huge --batch-size.
+    let steps = n / args.batch_size + i64::from(n % args.batch_size != 0);
     let show_bar = !args.json && std::io::stderr().is_terminal();
     say(format!(
         "{} on {} train / {} test digits, mode {}, {} bits, x {} / w {}{}, {device:?}",
@@ -310,12 +325,16 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+fn data_name(dir: &Option<PathBuf>) -> String {
+    dir.as_ref().map_or("the embedded data set".into(), |d| d.display().to_string())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

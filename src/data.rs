@@ -43,10 +43,9 @@ impl Mnist {
             )));
         }
         let find = |name: &str| -> Result<PathBuf> {
-            [dir.join(name), dir.join(format!("{name}.gz"))]
-                .into_iter()
-                .find(|c| c.is_file())
-                .ok_or_else(|| Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display())))
+            [dir.join(name), dir.join(format!("{name}.gz"))].into_iter().find(|c| c.is_file()).ok_or_else(
+                || Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display())),
+            )
         };
         let [a, b, c, d] = MNIST_FILES.map(find);
         let (a, b, c, d) = (a?, b?, c?, d?);
@@ -157,11 +156,12 @@ fn decompressed<'a>(path: &Path, mut r: Box<dyn Read + 'a>) -> Result<Box<dyn Re
 /// memory never exceeds what the header announces, and a longer or shorter payload is refused.
 fn parse_idx(path: &Path, reader: Box<dyn Read + '_>, magic: u32, what: &str) -> Result<(Vec<i64>, Vec<u8>)> {
     let io = |e: std::io::Error| {
-        let kind = if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData {
-            "corrupt gzip data"
-        } else {
-            "read error"
-        };
+        let kind =
+            if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData {
+                "corrupt gzip data"
+            } else {
+                "read error"
+            };
         Error::Data(format!("{}: {kind} ({e})", path.display()))
     };
     let mut r = decompressed(path, reader)?;
@@ -182,7 +182,10 @@ fn parse_idx(path: &Path, reader: Box<dyn Read + '_>, magic: u32, what: &str) ->
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .filter(|&n| n <= isize::MAX as u64)
         .ok_or_else(|| {
-            Error::Data(format!("{}: header dimensions {dims:?} overflow: no {what} file is that large", path.display()))
+            Error::Data(format!(
+                "{}: header dimensions {dims:?} overflow: no {what} file is that large",
+                path.display()
+            ))
         })?;
     // Grows with the data actually present, so a lying header cannot make us allocate.
     let mut data = Vec::with_capacity(expected.min(1 << 26) as usize);

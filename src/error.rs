@@ -128,7 +128,9 @@ pub fn strip_backtrace(text: &str) -> String {
             kept.push(t);
         }
     }
-    if let Some(at) = kept.iter().position(|l| l.contains("The following operation failed in the TorchScript interpreter")) {
+    if let Some(at) =
+        kept.iter().position(|l| l.contains("The following operation failed in the TorchScript interpreter"))
+    {
         // The cause is the last `SomethingError: ...` line of the TorchScript traceback.
         let cause = kept[at..].iter().rev().find(|l| {
             l.split_once(": ").is_some_and(|(head, _)| head.ends_with("Error") && !head.contains(' '))

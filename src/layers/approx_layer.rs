@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use tch::{nn, Tensor};
 
-use crate::quantizers::{check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind};
+use crate::quantizers::{
+    check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind,
+};
 use crate::{Error, Result};
 
 /// How an Approx layer computes its output.

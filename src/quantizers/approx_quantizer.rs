@@ -206,7 +206,11 @@ pub(crate) fn check_out(x: &Tensor, out: &Tensor) -> Result<()> {
     check_defined(x, "input")?;
     check_defined(out, "out")?;
     if out.size() != x.size() {
-        return Err(Error::Shape { what: "out".into(), expected: format!("the input's {:?}", x.size()), actual: out.size() });
+        return Err(Error::Shape {
+            what: "out".into(),
+            expected: format!("the input's {:?}", x.size()),
+            actual: out.size(),
+        });
     }
     Ok(())
 }

@@ -7,8 +7,8 @@ use tch::{nn, Device, Kind, Tensor};
 use super::kernels::{self, MinMaxOut};
 
 use super::approx_quantizer::{
-    check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled,
-    memory_overlaps, scale_for,
+    check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite,
+    grad_enabled, memory_overlaps, scale_for,
 };
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
 use crate::{Error, Result};

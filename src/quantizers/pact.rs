@@ -5,8 +5,8 @@ use std::borrow::Borrow;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::approx_quantizer::{
-    check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite, grad_enabled,
-    memory_overlaps, scale_for,
+    check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite,
+    grad_enabled, memory_overlaps, scale_for,
 };
 use super::kernels;
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};

@@ -29,7 +29,7 @@ pub(crate) struct StorageRef {
 /// Refuses `path` unless it is a zip archive whose `data.pkl` (and `constants.pkl`, where
 /// present) reference only storages whose records hold at least the bytes they promise.
 pub(crate) fn check(path: &Path) -> Result<()> {
-    let fail = |why: String| ts_error(format!("{}: not a usable TorchScript model ({why})", path.display()));
+    let fail = |why: String| ts_error(format!("{}: not a TorchScript model ({why})", path.display()));
     let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| fail(format!("not a zip archive: {e}")))?;
     let mut sizes: HashMap<String, u64> = HashMap::with_capacity(zip.len());
@@ -50,7 +50,10 @@ pub(crate) fn check(path: &Path) -> Result<()> {
         }
         let mut entry = zip.by_name(&name).map_err(|e| fail(format!("{name}: {e}")))?;
         if entry.size() > MAX_PICKLE_BYTES {
-            return Err(fail(format!("{name} is {} bytes, more than the {MAX_PICKLE_BYTES} allowed", entry.size())));
+            return Err(fail(format!(
+                "{name} is {} bytes, more than the {MAX_PICKLE_BYTES} allowed",
+                entry.size()
+            )));
         }
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         entry
@@ -62,7 +65,8 @@ pub(crate) fn check(path: &Path) -> Result<()> {
         let refs = storage_refs(&bytes).map_err(|why| fail(format!("{name}: {why}")))?;
         for r in refs {
             let record = format!("{prefix}{archive}/{}", r.key);
-            let item = item_size(&r.dtype).ok_or_else(|| fail(format!("{name}: unknown storage type {}", r.dtype)))?;
+            let item = item_size(&r.dtype)
+                .ok_or_else(|| fail(format!("{name}: unknown storage type {}", r.dtype)))?;
             let needed = u64::try_from(r.numel)
                 .ok()
                 .and_then(|n| n.checked_mul(item))
@@ -232,7 +236,9 @@ pub(crate) fn storage_refs(bytes: &[u8]) -> std::result::Result<Vec<StorageRef>,
                 // Only what a storage reference is made of: cloning big values on every
                 // memo get would let a small hostile pickle take quadratic memory.
                 let top = match stack.last().ok_or("memo of an empty stack")? {
-                    Value::Tuple(items) if items.len() <= 8 && items.iter().all(|v| !matches!(v, Value::Tuple(_))) => {
+                    Value::Tuple(items)
+                        if items.len() <= 8 && items.iter().all(|v| !matches!(v, Value::Tuple(_))) =>
+                    {
                         Value::Tuple(items.clone())
                     }
                     Value::Tuple(_) => Value::Other,

@@ -96,10 +96,18 @@ impl FinetuneConfig {
     /// Checks the learning rate (finite, not negative) and the batch size (at least 1).
     pub fn check(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return Err(Error::Argument { what: "fine-tuning learning rate", value: self.lr, expected: "finite and not negative" });
+            return Err(Error::Argument {
+                what: "fine-tuning learning rate",
+                value: self.lr,
+                expected: "finite and not negative",
+            });
         }
         if self.batch_size < 1 {
-            return Err(Error::Argument { what: "fine-tuning batch size", value: self.batch_size as f64, expected: "at least 1" });
+            return Err(Error::Argument {
+                what: "fine-tuning batch size",
+                value: self.batch_size as f64,
+                expected: "at least 1",
+            });
         }
         Ok(())
     }
@@ -123,7 +131,11 @@ fn error_stats(w: &Tensor, q: &Tensor) -> Result<(f64, f64)> {
     }
     let signal = w.f_div_scalar(peak)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
     let noise = err.f_div_scalar(peak)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-    let sqnr_db = if noise > 0.0 { 10.0 * (signal / noise).log10() } else { 10.0 * (signal / f64::MIN_POSITIVE).log10() };
+    let sqnr_db = if noise > 0.0 {
+        10.0 * (signal / noise).log10()
+    } else {
+        10.0 * (signal / f64::MIN_POSITIVE).log10()
+    };
     Ok((max_abs_error, sqnr_db))
 }
 
@@ -279,9 +291,13 @@ impl ScriptModel {
     fn check_overrides(&self, config: &PtqConfig, weights: &[(String, Tensor)]) -> Result<()> {
         check_finite_weights(&self.source, weights)?;
         // `fc1` and `fc1.weight` name the same weight: two overrides of one layer are ambiguous.
-        let target = |n: &str| weights.iter().position(|(w, _)| w == n || w.rsplit_once('.').is_some_and(|(m, _)| m == n));
+        let target = |n: &str| {
+            weights.iter().position(|(w, _)| w == n || w.rsplit_once('.').is_some_and(|(m, _)| m == n))
+        };
         for (i, (a, _)) in config.overrides.iter().enumerate() {
-            if let Some(other) = config.overrides[..i].iter().find(|(b, _)| target(b).is_some() && target(b) == target(a)) {
+            if let Some(other) =
+                config.overrides[..i].iter().find(|(b, _)| target(b).is_some() && target(b) == target(a))
+            {
                 return Err(ts_error(format!(
                     "layer override {a:?} repeats {:?}: give each layer once",
                     other.0
@@ -340,9 +356,8 @@ impl ScriptModel {
                     p.size(),
                     vars[*name].size()
                 )),
-                Some(p) if !p.is_floating_point() => {
-                    problems.push(format!("{name} has dtype {:?}, the network needs a float tensor", p.kind()))
-                }
+                Some(p) if !p.is_floating_point() => problems
+                    .push(format!("{name} has dtype {:?}, the network needs a float tensor", p.kind())),
                 Some(_) => {}
             }
         }

@@ -92,3 +92,42 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The path of an example binary, building it where a filtered `cargo test` did not.
+pub fn example_bin(name: &str) -> PathBuf {
+    // cargo test builds the examples next to the test binaries' folder.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo).args(["build", "--example", name]).status().unwrap();
+        assert!(status.success() && bin.exists(), "could not build {}", bin.display());
+    }
+    bin
+}
+
+/// Copies the zip archive `src` to `dst` (stored, uncompressed, as PyTorch writes it),
+/// passing each member through `edit`, which may change its bytes.
+pub fn rewrite_zip(src: &std::path::Path, dst: &std::path::Path, edit: impl Fn(&str, Vec<u8>) -> Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut zin = zip::ZipArchive::new(std::fs::File::open(src).unwrap()).unwrap();
+    let mut zout = zip::ZipWriter::new(std::fs::File::create(dst).unwrap());
+    let opts = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..zin.len() {
+        let mut f = zin.by_index(i).unwrap();
+        let name = f.name().to_string();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        zout.start_file(name.clone(), opts).unwrap();
+        zout.write_all(&edit(&name, bytes)).unwrap();
+    }
+    zout.finish().unwrap();
+}
+
+/// The process's peak resident memory so far (VmHWM), in bytes; `None` without /proc.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
