@@ -36,6 +36,7 @@
 pub mod checkpoint;
 pub mod data;
 mod error;
+mod glue;
 pub mod layers;
 pub mod models;
 pub mod quantizers;

@@ -116,16 +116,43 @@ pub(crate) fn pact_to(x: &Tensor, kind: Kind, dst: &mut Tensor, s: f64, int_max:
     by_kind!(kind, pact_to_typed(x, dst, s, int_max, dequantize))
 }
 
-/// PACT's training pass (see [`pact_train_typed`]).
-pub(crate) fn pact_train(
+/// PACT's backward pass (see [`pact_backward_typed`]).
+pub(crate) fn pact_backward(
     x: &Tensor,
     kind: Kind,
-    s: f64,
-    int_max: i64,
+    g: Grad,
     alpha: f64,
-    integers: bool,
-) -> Option<(Tensor, Tensor, Tensor)> {
-    by_kind!(kind, pact_train_typed(x, s, int_max, alpha, integers))
+    gx_scale: f64,
+    want_gx: bool,
+) -> (Option<Tensor>, f64) {
+    by_kind!(kind, pact_backward_typed(x, g, alpha, gx_scale, want_gx))
+}
+
+/// An upstream gradient: contiguous of the input's shape and dtype, or one value broadcast
+/// (what `sum()` sends back), which the kernels read without materialising it.
+#[derive(Clone, Copy)]
+pub(crate) enum Grad<'a> {
+    Tensor(&'a Tensor),
+    Scalar(f64),
+}
+
+impl<'a> Grad<'a> {
+    /// `g` as a kernel reads it, or `None` where it must go through libtorch (other dtype,
+    /// device or layout than `x`).
+    pub(crate) fn of(g: &'a Tensor, x: &Tensor) -> Option<Self> {
+        if g.device() != Device::Cpu || g.kind() != x.kind() || g.size() != x.size() {
+            return None;
+        }
+        if g.numel() > 0 && g.stride().iter().all(|&s| s == 0) {
+            // SAFETY: a CPU tensor of x's float dtype with at least one element.
+            let v = match g.kind() {
+                Kind::Float => unsafe { *(g.data_ptr() as *const f32) as f64 },
+                _ => unsafe { *(g.data_ptr() as *const f64) },
+            };
+            return Some(Self::Scalar(v));
+        }
+        g.is_contiguous().then_some(Self::Tensor(g))
+    }
 }
 
 /// Whether `x` can take a kernel: CPU, contiguous, float32 or float64, not empty.
@@ -154,37 +181,42 @@ fn empty_like<T: Real>(x: &Tensor) -> (Tensor, &'static mut [T]) {
     (t, s)
 }
 
-fn threads_for(len: usize) -> usize {
-    if len < PARALLEL_MIN {
-        1
-    } else {
-        (tch::get_num_threads().max(1) as usize).min(len / (PARALLEL_MIN / 2)).max(1)
-    }
-}
-
-/// Runs `f` over matching chunks of `src` and each of `dst`, on torch's thread count.
+/// Runs `f` over matching chunks of `src` and each of `dst` on libtorch's intra-op threads.
 fn for_chunks<T: Real, const N: usize>(
     src: &[T],
     dst: [&mut [T]; N],
     f: impl Fn(&[T], [&mut [T]; N]) + Sync,
 ) {
-    let threads = threads_for(src.len());
-    if threads == 1 {
-        return f(src, dst);
-    }
-    let chunk = src.len().div_ceil(threads);
-    let mut parts: Vec<[&mut [T]; N]> = (0..threads).map(|_| std::array::from_fn(|_| &mut [][..])).collect();
-    for (k, d) in dst.into_iter().enumerate() {
-        for (i, c) in d.chunks_mut(chunk).enumerate() {
-            parts[i][k] = c;
-        }
-    }
-    std::thread::scope(|s| {
-        for (src, dst) in src.chunks(chunk).zip(parts) {
-            let f = &f;
-            s.spawn(move || f(src, dst));
-        }
+    let n = src.len();
+    assert!(dst.iter().all(|d| d.len() == n));
+    let bases: [usize; N] = std::array::from_fn(|k| dst[k].as_ptr() as usize);
+    crate::glue::parallel_for(n, PARALLEL_MIN / 2, |b, e| {
+        // SAFETY: parallel_for hands out disjoint ranges of 0..n, and `dst` is borrowed
+        // mutably for the whole call, so each chunk is written by one thread only.
+        let parts: [&mut [T]; N] = std::array::from_fn(|k| unsafe {
+            std::slice::from_raw_parts_mut((bases[k] as *mut T).add(b), e - b)
+        });
+        f(&src[b..e], parts)
     });
+}
+
+/// Like [`for_chunks`] with one output, summing what `f(offset, src, dst)` returns for each chunk.
+fn for_chunks_reduce<T: Real>(
+    src: &[T],
+    dst: &mut [T],
+    f: impl Fn(usize, &[T], &mut [T]) -> f64 + Sync,
+) -> f64 {
+    let n = src.len();
+    assert_eq!(dst.len(), n);
+    let base = dst.as_mut_ptr() as usize;
+    let total = std::sync::Mutex::new(0.0f64);
+    crate::glue::parallel_for(n, PARALLEL_MIN / 2, |b, e| {
+        // SAFETY: as in for_chunks.
+        let part = unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(b), e - b) };
+        let s = f(b, &src[b..e], part);
+        *total.lock().unwrap_or_else(|p| p.into_inner()) += s;
+    });
+    total.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
 /// [`abs_max`] for element type `T`.
@@ -211,15 +243,13 @@ fn abs_max_typed<T: Real>(x: &Tensor) -> (f64, bool) {
         let finite = probe.iter().all(|p| *p == T::ZERO);
         (m.to_f64(), finite)
     };
-    let threads = threads_for(xs.len());
-    if threads == 1 {
-        return reduce(xs);
-    }
-    let parts: Vec<(f64, bool)> = std::thread::scope(|s| {
-        let hs: Vec<_> = xs.chunks(xs.len().div_ceil(threads)).map(|c| s.spawn(move || reduce(c))).collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let parts = std::sync::Mutex::new((0.0f64, true));
+    crate::glue::parallel_for(xs.len(), PARALLEL_MIN / 2, |b, e| {
+        let (m, f) = reduce(&xs[b..e]);
+        let mut p = parts.lock().unwrap_or_else(|p| p.into_inner());
+        *p = (p.0.max(m), p.1 && f);
     });
-    parts.into_iter().fold((0.0, true), |(m, f), (pm, pf)| (m.max(pm), f && pf))
+    parts.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a MinMax kernel writes.
@@ -229,10 +259,6 @@ pub(crate) enum MinMaxOut {
     Integers,
     /// `round(clamp(x, -m, m) * s) / s`.
     Dequantized,
-    /// The dequantized value minus `x` (exact: the two lie within a factor of two, or the first is zero).
-    DeltaToX,
-    /// The integers minus `x * s` (exact for the same reason).
-    DeltaToScaledX,
 }
 
 /// Whether `dst` can receive a kernel's output for `x`: same shape and dtype, contiguous, CPU, no grad.
@@ -281,16 +307,6 @@ fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut
                 *y = round_even(clamp(v, neg, m) * s) / s;
             }
         }
-        MinMaxOut::DeltaToX => {
-            for (y, &v) in ys.iter_mut().zip(xs) {
-                *y = round_even(clamp(v, neg, m) * s) / s - v;
-            }
-        }
-        MinMaxOut::DeltaToScaledX => {
-            for (y, &v) in ys.iter_mut().zip(xs) {
-                *y = round_even(clamp(v, neg, m) * s) - v * s;
-            }
-        }
     });
 }
 
@@ -327,56 +343,54 @@ fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: 
     }
 }
 
-/// PACT's training pass over `x`: the inside mask `m`, the clip sign `c` and an exact correction `e`.
-/// `sur = x*m + alpha*c` carries PACT's gradient (`m = 1` where `|x| < alpha`, `c = sign(x)` where
-/// `|x| >= alpha`); `e + sur` is the dequantized output, or with `integers`, `e + sur * s` is the
-/// integer output. `None` when `x` holds NaN.
-fn pact_train_typed<T: Real>(
+/// PACT's backward over `x` for upstream gradient `g`: `g * gx_scale` where `|x| < alpha` (0
+/// elsewhere and at NaN; only with `want_gx`), and `sum(g where x >= alpha) - sum(g where
+/// x <= -alpha)` accumulated in float64.
+fn pact_backward_typed<T: Real>(
     x: &Tensor,
-    s: f64,
-    int_max: i64,
+    g: Grad,
     alpha: f64,
-    integers: bool,
-) -> Option<(Tensor, Tensor, Tensor)> {
+    gx_scale: f64,
+    want_gx: bool,
+) -> (Option<Tensor>, f64) {
     // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
     let xs = unsafe { slice::<T>(x) };
-    let (e, es) = empty_like::<T>(x);
-    let (m, ms) = empty_like::<T>(x);
-    let (c, cs) = empty_like::<T>(x);
-    let (s, im, a) = (T::from_f64(s), T::from_f64(int_max as f64), T::from_f64(alpha));
-    let (neg, nega) = (T::ZERO - im, T::ZERO - a);
-    let one = T::from_f64(1.0);
-    let non_finite = std::sync::atomic::AtomicBool::new(false);
-    for_chunks(xs, [es, ms, cs], |xs, [es, ms, cs]| {
-        // Three simple loops rather than one branchy one: each vectorises.
-        pact_slice(xs, es, s, neg, im, !integers);
-        let mut nan = 0u8;
-        for ((&v, mi), ci) in xs.iter().zip(ms.iter_mut()).zip(cs.iter_mut()) {
-            // v * 0 is NaN exactly for NaN and ±inf.
-            nan |= u8::from(v * T::ZERO != T::ZERO);
-            let pos = if v >= a { one } else { T::ZERO };
-            let negative = if v <= nega { one } else { T::ZERO };
-            *ci = pos - negative;
-            *mi = one - pos - negative;
+    let (a, k) = (T::from_f64(alpha), T::from_f64(gx_scale));
+    let nega = T::ZERO - a;
+    let gs: &[T] = match g {
+        // SAFETY: Grad::of checked a contiguous CPU tensor of x's dtype and shape.
+        Grad::Tensor(t) => unsafe { slice::<T>(t) },
+        Grad::Scalar(_) => &[],
+    };
+    let scalar = match g {
+        Grad::Scalar(v) => Some(T::from_f64(v)),
+        Grad::Tensor(_) => None,
+    };
+    // Selects rather than products: a NaN x (or inf * 0) never reaches either result.
+    let clip = |v: T, gi: T| {
+        let up = if v >= a { gi } else { T::ZERO };
+        let lo = if v <= nega { gi } else { T::ZERO };
+        (up - lo).to_f64()
+    };
+    let grad_x = |v: T, gi: T| if v.abs() < a { gi * k } else { T::ZERO };
+    let g_at = |i: usize| scalar.unwrap_or_else(|| gs[i]);
+    if !want_gx {
+        let sum = std::sync::Mutex::new(0.0f64);
+        crate::glue::parallel_for(xs.len(), PARALLEL_MIN / 2, |b, e| {
+            let s: f64 = (b..e).map(|i| clip(xs[i], g_at(i))).sum();
+            *sum.lock().unwrap_or_else(|p| p.into_inner()) += s;
+        });
+        return (None, sum.into_inner().unwrap_or_else(|p| p.into_inner()));
+    }
+    let (gx, gxs) = empty_like::<T>(x);
+    let sum = for_chunks_reduce(xs, gxs, |off, xs, gxs| {
+        let mut acc = 0.0f64;
+        for (i, (&v, o)) in xs.iter().zip(gxs.iter_mut()).enumerate() {
+            let gi = g_at(off + i);
+            *o = grad_x(v, gi);
+            acc += clip(v, gi);
         }
-        if nan != 0 {
-            non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        // The output minus the surrogate: exact, as both lie within a factor of two (Sterbenz).
-        // A select, not x*m + alpha*c, so that an infinite x stays out of it.
-        let pairs = xs.iter().zip(cs.iter()).zip(es.iter_mut());
-        if integers {
-            for ((&v, &c), e) in pairs {
-                let sur = if c == T::ZERO { v } else { a * c };
-                *e = *e - sur * s;
-            }
-        } else {
-            for ((&v, &c), e) in pairs {
-                let sur = if c == T::ZERO { v } else { a * c };
-                *e = *e - sur;
-            }
-        }
+        acc
     });
-    // NaN fails every comparison above and ±inf turns x*m into inf*0: leave both to the selecting path.
-    (!non_finite.into_inner()).then_some((e, m, c))
+    (Some(gx), sum)
 }

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::kernels::{self, MinMaxOut};
+use crate::glue;
 
 use super::approx_quantizer::{
     check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite,
@@ -74,34 +75,6 @@ impl MinMaxQuant {
         }
     }
 
-    /// Per-channel quantization of `xd` (detached, compute dtype, 2+ dims, not empty).
-    fn quantize_per_channel(&self, x: &Tensor, xd: &Tensor, kind: Kind) -> Result<Quantized> {
-        let dims: Vec<i64> = (1..xd.dim() as i64).collect();
-        let finite_mask = xd.f_isfinite()?;
-        let m = xd.f_abs()?.f_where_scalarother(&finite_mask, 0.0)?.f_amax(&dims, true)?;
-        // Same rules as per tensor: an empty range is the unit range, a tiny one is raised.
-        let m = m.f_clamp_min(MIN_RANGE)?.f_where_scalarother(&m.f_ne(0.0)?, 1.0)?;
-        let scale = m.f_full_like(self.int_max() as f64)?.f_div(&m)?;
-        // One read brings every scale and whether x was finite.
-        let all_finite = finite_mask.f_all()?.f_to_kind(kind)?.f_reshape([1])?;
-        let host = Vec::<f64>::try_from(
-            Tensor::f_cat(&[scale.f_flatten(0, -1)?, all_finite], 0)?.f_to_kind(Kind::Double)?,
-        )?;
-        let (scales, finite) = (host[..host.len() - 1].to_vec(), host[host.len() - 1] != 0.0);
-        if !finite && self.nonfinite == NonFinite::Reject {
-            return Err(Error::NonFinite { count: count_nonfinite(xd)?, numel: x.numel() as i64 });
-        }
-        let mut values = xd.f_clamp_tensor(Some(m.f_neg()?), Some(m.shallow_clone()))?.f_mul_(&scale)?;
-        if self.rounded {
-            values = values.f_round_()?;
-        }
-        if x.requires_grad() && grad_enabled() {
-            values = values.f_add(&scaled_identity(x, kind, finite)?.f_mul(&scale)?)?;
-        }
-        self.store_scales(scales);
-        Ok(Quantized { values, scale })
-    }
-
     /// The range `m` used for `x`, read from the device in one sync, and whether `x` is all finite.
     fn range_of(x: &Tensor) -> Result<(f64, bool)> {
         if x.numel() == 0 {
@@ -120,9 +93,6 @@ impl MinMaxQuant {
         Ok((effective_range(range), finite))
     }
 
-    /// The fused CPU path of [`ApproxQuantizer::f_fake_quantize`] (`dequantize`) or of
-    /// [`ApproxQuantizer::f_quantize_scaled`]; `None` where it does not apply and the
-    /// libtorch path runs instead. Same values bit for bit, same gradients.
     /// Dtype, range and scale for the fused CPU kernels, or `None` where they do not apply
     /// (per channel, unrounded, CUDA, strided, half precision, empty or non-finite input).
     fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, f64, f64)> {
@@ -138,25 +108,158 @@ impl MinMaxQuant {
         Some((kind, range, scale_for(self.int_max(), range, kind)))
     }
 
-    /// The fused CPU path of [`ApproxQuantizer::f_fake_quantize`] (`dequantize`) or of
-    /// [`ApproxQuantizer::f_quantize_scaled`]; `None` where it does not apply and the
-    /// libtorch path runs instead. Same values bit for bit, same gradients.
-    fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
-        let Some((kind, range, scale)) = self.kernel_plan(x) else { return Ok(None) };
+    /// Quantizes `x` (integers, or with `dequantize` their values over the scale) and keeps
+    /// the scales; with a gradient to compute, as one autograd node.
+    fn run(&self, x: &Tensor, dequantize: bool) -> Result<Quantized> {
+        check_defined(x, "input")?;
+        let kind = compute_kind(x)?;
         let grad = x.requires_grad() && grad_enabled();
-        let run = |out| kernels::minmax(x, kind, range, scale, out);
-        let values = match (dequantize, grad) {
-            (true, false) => run(MinMaxOut::Dequantized),
-            (false, false) => run(MinMaxOut::Integers),
-            // x + (fq - x) and x*s + (q - x*s) are exact and carry the straight-through gradient.
-            (true, true) => x.f_add(&run(MinMaxOut::DeltaToX))?,
-            (false, true) => x.f_mul_scalar(scale)?.f_add(&run(MinMaxOut::DeltaToScaledX))?,
+        if let Some((kind, range, scale)) = self.kernel_plan(x) {
+            let node = MinMaxNode {
+                kind,
+                dequantize,
+                finite: true,
+                rounded: true,
+                plan: Plan::Kernel { range, scale },
+            };
+            let values = node.values(&[x], grad)?;
+            self.store_scales(vec![scale]);
+            let scale =
+                if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(scale, (kind, Device::Cpu))? };
+            return Ok(Quantized { values, scale });
+        }
+        let xd = x.f_detach()?.f_to_kind(kind)?;
+        let base =
+            MinMaxNode { kind, dequantize, finite: true, rounded: self.rounded, plan: Plan::PerChannel };
+        let (values, scale, host) = if self.per_channel && xd.dim() >= 2 && xd.numel() > 0 {
+            let dims: Vec<i64> = (1..xd.dim() as i64).collect();
+            let finite_mask = xd.f_isfinite()?;
+            let m = xd.f_abs()?.f_where_scalarother(&finite_mask, 0.0)?.f_amax(&dims, true)?;
+            // Same rules as per tensor: an empty range is the unit range, a tiny one is raised.
+            let m = m.f_clamp_min(MIN_RANGE)?.f_where_scalarother(&m.f_ne(0.0)?, 1.0)?;
+            let scale = m.f_full_like(self.int_max() as f64)?.f_div(&m)?;
+            // One read brings every scale and whether x was finite.
+            let all_finite = finite_mask.f_all()?.f_to_kind(kind)?.f_reshape([1])?;
+            let host = Vec::<f64>::try_from(
+                Tensor::f_cat(&[scale.f_flatten(0, -1)?, all_finite], 0)?.f_to_kind(Kind::Double)?,
+            )?;
+            let (scales, finite) = (host[..host.len() - 1].to_vec(), host[host.len() - 1] != 0.0);
+            self.reject_nonfinite(&xd, finite)?;
+            let node = MinMaxNode { finite, ..base };
+            (node.values(&[x, &m, &scale], grad)?, scale, scales)
+        } else {
+            let (range, finite) = Self::range_of(&xd)?;
+            self.reject_nonfinite(&xd, finite)?;
+            let scale = scale_for(self.int_max(), range, kind);
+            let node = MinMaxNode { finite, plan: Plan::PerTensor { range, scale }, ..base };
+            (node.values(&[x], grad)?, Tensor::f_scalar_tensor(scale, (kind, x.device()))?, vec![scale])
         };
-        self.store_scales(vec![scale]);
-        let scale =
-            if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(scale, (kind, Device::Cpu))? };
-        Ok(Some(Quantized { values, scale }))
+        self.store_scales(host);
+        Ok(Quantized { values, scale: if dequantize { Tensor::new() } else { scale } })
     }
+
+    fn reject_nonfinite(&self, xd: &Tensor, finite: bool) -> Result<()> {
+        if !finite && self.nonfinite == NonFinite::Reject {
+            return Err(Error::NonFinite { count: count_nonfinite(xd)?, numel: xd.numel() as i64 });
+        }
+        Ok(())
+    }
+}
+
+/// How a MinMax node computes its values.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    /// The fused CPU kernel (contiguous, finite, rounded, per tensor).
+    Kernel { range: f64, scale: f64 },
+    /// libtorch ops with one range.
+    PerTensor { range: f64, scale: f64 },
+    /// libtorch ops with the ranges and scales given as the node's second and third inputs.
+    PerChannel,
+}
+
+/// MinMax's autograd node: the values, and straight-through gradients `grad` (dequantized) or
+/// `grad * scale` (integers), zero at non-finite inputs.
+#[derive(Debug, Clone, Copy)]
+struct MinMaxNode {
+    kind: Kind,
+    dequantize: bool,
+    /// Whether every input element is finite (otherwise the backward masks the others out).
+    finite: bool,
+    rounded: bool,
+    plan: Plan,
+}
+
+impl MinMaxNode {
+    /// The values of `inputs` (`x`, then the per-channel ranges and scales), as a node when `grad`.
+    fn values(self, inputs: &[&Tensor], grad: bool) -> Result<Tensor> {
+        if grad {
+            Ok(glue::apply(self, inputs, minmax_forward, minmax_backward)?.remove(0))
+        } else {
+            let _guard = tch::no_grad_guard();
+            let t: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
+            Ok(minmax_forward(&self, &t)?.0.remove(0))
+        }
+    }
+}
+
+fn minmax_forward(n: &MinMaxNode, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let x = &t[0];
+    let values = match n.plan {
+        Plan::Kernel { range, scale } => {
+            let out = if n.dequantize { MinMaxOut::Dequantized } else { MinMaxOut::Integers };
+            kernels::minmax(x, n.kind, range, scale, out)
+        }
+        Plan::PerTensor { range, scale } => {
+            let mut v = minmax_values(&x.f_to_kind(n.kind)?, range, scale, n.rounded)?;
+            if n.dequantize {
+                v.f_div_scalar_(scale)?
+            } else {
+                v
+            }
+        }
+        Plan::PerChannel => {
+            let (m, scale) = (&t[1], &t[2]);
+            let mut v = x
+                .f_to_kind(n.kind)?
+                .f_clamp_tensor(Some(m.f_neg()?), Some(m.shallow_clone()))?
+                .f_mul_(scale)?;
+            if n.rounded {
+                v = v.f_round_()?;
+            }
+            if n.dequantize {
+                v = v.f_div_(scale)?;
+            }
+            v
+        }
+    };
+    // Only what the backward reads: x where some elements are not finite, the channel scales.
+    let mut saved = vec![if n.finite { Tensor::new() } else { x.shallow_clone() }];
+    if let (Plan::PerChannel, false) = (n.plan, n.dequantize) {
+        saved.push(t[2].shallow_clone());
+    }
+    Ok((vec![values], saved))
+}
+
+fn minmax_backward(
+    n: &MinMaxNode,
+    saved: &[Tensor],
+    grads: &[Tensor],
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    if !needs[0] {
+        return Ok(vec![None]);
+    }
+    let g = &grads[0];
+    let mut gx = match (n.dequantize, n.plan) {
+        (true, _) => g.shallow_clone(),
+        (false, Plan::Kernel { scale, .. } | Plan::PerTensor { scale, .. }) => g.f_mul_scalar(scale)?,
+        (false, Plan::PerChannel) => g.f_mul(&saved[1])?,
+    };
+    if !n.finite {
+        // inf - inf is NaN: keep those elements' gradient out.
+        gx = gx.f_where_scalarother(&saved[0].f_isfinite()?, 0.0)?;
+    }
+    Ok(vec![Some(gx)])
 }
 
 impl ApproxQuantizer for MinMaxQuant {
@@ -170,30 +273,7 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
-        check_defined(x, "input")?;
-        if let Some(q) = self.fused(x, false)? {
-            return Ok(q);
-        }
-        let kind = compute_kind(x)?;
-        let xd = x.f_detach()?.f_to_kind(kind)?;
-        if self.per_channel && xd.dim() >= 2 && xd.numel() > 0 {
-            return self.quantize_per_channel(x, &xd, kind);
-        }
-        let (range, finite) = Self::range_of(&xd)?;
-        if !finite && self.nonfinite == NonFinite::Reject {
-            return Err(Error::NonFinite { count: count_nonfinite(&xd)?, numel: x.numel() as i64 });
-        }
-        let im = self.int_max();
-        let scale = scale_for(im, range, kind);
-        let values = minmax_values(&xd, range, scale, self.rounded)?;
-        let values = if x.requires_grad() && grad_enabled() {
-            values.f_add(&scaled_identity(x, kind, finite)?.f_mul_scalar(scale)?)?
-        } else {
-            values
-        };
-        self.store_scales(vec![scale]);
-        let scale = Tensor::f_scalar_tensor(scale, (kind, x.device()))?;
-        Ok(Quantized { values, scale })
+        self.run(x, false)
     }
 
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -212,11 +292,7 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
-        check_defined(x, "input")?;
-        match self.fused(x, true)? {
-            Some(q) => Ok(q.values),
-            None => Ok(self.f_quantize_scaled(x)?.f_dequantize()?.f_to_kind(x.kind())?),
-        }
+        Ok(self.run(x, true)?.values.f_to_kind(x.kind())?)
     }
 }
 
@@ -248,19 +324,6 @@ fn minmax_values(xd: &Tensor, range: f64, scale: f64, rounded: bool) -> Result<T
     Ok(v)
 }
 
-/// An exact zero whose gradient with respect to `x` is the identity: added to
-/// the integers times the scale, it gives them the gradient `grad * scale`.
-fn scaled_identity(x: &Tensor, kind: Kind, finite: bool) -> Result<Tensor> {
-    let xk = x.f_to_kind(kind)?;
-    let zero = xk.f_sub(&xk.f_detach()?)?;
-    if finite {
-        Ok(zero)
-    } else {
-        // inf - inf is NaN: keep those elements' value (and gradient) out.
-        Ok(zero.f_where_scalarother(&xk.f_detach()?.f_isfinite()?, 0.0)?)
-    }
-}
-
 /// The original's `MinMaxQuant.Quant` node: `round(clamp(x, -minmax, minmax) * int_max / minmax)`.
 ///
 /// The gradient with respect to `x` is `grad * int_max / minmax` everywhere,
@@ -279,14 +342,11 @@ pub fn f_minmax_quant(x: &Tensor, minmax: f64, int_max: i64) -> Result<Tensor> {
         });
     }
     let scale = scale_for(int_max, minmax, kind);
-    let xd = x.f_detach()?.f_to_kind(kind)?;
-    let values = minmax_values(&xd, minmax, scale, true)?;
-    if x.requires_grad() && grad_enabled() {
-        let finite = xd.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0;
-        Ok(values.f_add(&scaled_identity(x, kind, finite)?.f_mul_scalar(scale)?)?)
-    } else {
-        Ok(values)
-    }
+    let grad = x.requires_grad() && grad_enabled();
+    // Only a gradient needs to know (one sync) whether some elements are not finite.
+    let finite = !grad || x.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0;
+    let plan = Plan::PerTensor { range: minmax, scale };
+    MinMaxNode { kind, dequantize: false, finite, rounded: true, plan }.values(&[x], grad)
 }
 
 /// Like [`f_minmax_quant`], panicking on error.

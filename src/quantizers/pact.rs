@@ -10,6 +10,7 @@ use super::approx_quantizer::{
 };
 use super::kernels;
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
+use crate::glue;
 use crate::{Error, Result};
 
 /// The smallest clipping level PACT uses: an `alpha` at or below it (zero or
@@ -89,21 +90,6 @@ impl PACTQuant {
     pub fn alpha_value(&self) -> f64 {
         effective_alpha(self.alpha.double_value(&[0]))
     }
-
-    /// The derivative of the integer output with respect to `alpha` under PACT's
-    /// straight-through rule, without gradient: `sign(x) * int_max / alpha` where
-    /// `|x| >= alpha`, 0 elsewhere (and at NaN). It lets a layer deliver alpha's
-    /// gradient without differentiating its operation with respect to its input.
-    pub fn f_alpha_tangent(&self, x: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let kind = compute_kind(x)?;
-        let alpha = effective_alpha_tensor(&self.alpha.f_reshape([])?.f_to_kind(kind)?)?;
-        let scale = alpha.f_full_like(self.int_max() as f64)?.f_div(&alpha)?;
-        let xd = x.f_to_kind(kind)?;
-        let upper = xd.f_ge_tensor(&alpha)?.f_to_kind(kind)?;
-        let lower = xd.f_le_tensor(&alpha.f_neg()?)?.f_to_kind(kind)?;
-        Ok(upper.f_sub(&lower)?.f_mul(&scale)?)
-    }
 }
 
 impl ApproxQuantizer for PACTQuant {
@@ -117,10 +103,41 @@ impl ApproxQuantizer for PACTQuant {
     }
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
-        check_defined(x, "input")?;
-        if let Some(q) = self.fused(x, false)? {
-            return Ok(q);
+        self.checked(x)?;
+        pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded, false)
+    }
+
+    fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
+        self.checked(x)?;
+        let q = pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded, true)?;
+        Ok(q.values.f_to_kind(x.kind())?)
+    }
+
+    fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_out(x, out)?;
+        let _guard = tch::no_grad_guard();
+        // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
+        let direct = self.rounded
+            && self.nonfinite == NonFinite::Propagate
+            && kernels::fits(out, x)
+            && !memory_overlaps(x, out);
+        let plan =
+            kernels::eligible(x).and_then(|kind| Some((kind, host_plan(&self.alpha, kind, self.int_max())?)));
+        match plan.filter(|_| direct) {
+            Some((kind, h)) => {
+                kernels::pact_to(x, kind, out, h.scale, self.int_max(), true);
+                Ok(())
+            }
+            None => copy_fake_quantized(self, x, out),
         }
+    }
+}
+
+impl PACTQuant {
+    /// The checks every quantizing entry point makes: defined, on alpha's device, and finite
+    /// under [`NonFinite::Reject`].
+    fn checked(&self, x: &Tensor) -> Result<()> {
+        check_defined(x, "input")?;
         if x.device() != self.alpha.device() {
             return Err(Error::Device { input: x.device(), state: self.alpha.device(), what: "PACT alpha" });
         }
@@ -131,86 +148,7 @@ impl ApproxQuantizer for PACTQuant {
                 return Err(Error::NonFinite { count, numel: x.numel() as i64 });
             }
         }
-        pact_quant_scaled(x, &self.alpha, self.int_max(), self.rounded)
-    }
-
-    fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
-        check_out(x, out)?;
-        let _guard = tch::no_grad_guard();
-        // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
-        let direct = kernels::fits(out, x) && !memory_overlaps(x, out);
-        match direct.then(|| self.kernel_plan(x)).flatten() {
-            Some((kind, _, scale)) => {
-                kernels::pact_to(x, kind, out, scale, self.int_max(), true);
-                Ok(())
-            }
-            None => copy_fake_quantized(self, x, out),
-        }
-    }
-
-    fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
-        check_defined(x, "input")?;
-        match self.fused(x, true)? {
-            Some(q) => Ok(q.values),
-            None => Ok(self.f_quantize_scaled(x)?.f_dequantize()?.f_to_kind(x.kind())?),
-        }
-    }
-}
-
-impl PACTQuant {
-    /// `alpha` read straight from CPU memory (no libtorch call), where the fused path can use it.
-    fn fused_alpha(&self) -> Option<f64> {
-        if self.alpha.device() != Device::Cpu || !self.rounded || !self.alpha.is_contiguous() {
-            return None;
-        }
-        match self.alpha.kind() {
-            // SAFETY: a contiguous CPU variable of one element of the matched type.
-            Kind::Float => Some(unsafe { *(self.alpha.data_ptr() as *const f32) } as f64),
-            Kind::Double => Some(unsafe { *(self.alpha.data_ptr() as *const f64) }),
-            _ => None,
-        }
-    }
-
-    /// Dtype, clipping level and scale for the fused CPU kernels, or `None` where they do
-    /// not apply (CUDA, strided or half-precision input, `NonFinite::Reject`, unrounded,
-    /// or an alpha below `ALPHA_MIN`, whose straight-through bookkeeping the general path does).
-    fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, f64, f64)> {
-        if self.nonfinite == NonFinite::Reject {
-            return None;
-        }
-        let kind = kernels::eligible(x)?;
-        let alpha = self.fused_alpha()?;
-        // Round alpha and the scale as the compute dtype does, like the libtorch path.
-        let alpha = if kind == Kind::Float { alpha as f32 as f64 } else { alpha };
-        if !(ALPHA_MIN..=ALPHA_MAX).contains(&alpha) {
-            return None;
-        }
-        Some((kind, alpha, scale_for(self.int_max(), alpha, kind)))
-    }
-
-    /// The fused CPU path (see the `kernels` module); `None` where it does not apply.
-    fn fused(&self, x: &Tensor, dequantize: bool) -> Result<Option<Quantized>> {
-        let Some((kind, alpha, scale)) = self.kernel_plan(x) else { return Ok(None) };
-        let im = self.int_max();
-        let grad = (x.requires_grad() || self.alpha.requires_grad()) && grad_enabled();
-        let values = if !grad {
-            kernels::pact(x, kind, scale, im, dequantize)
-        } else {
-            let parts = kernels::pact_train(x, kind, scale, im, alpha, !dequantize);
-            let Some((e, m, c)) = parts else { return Ok(None) };
-            // 0-dim so that a 0-dim input stays 0-dim.
-            let a = self.alpha.f_reshape([])?.f_to_kind(kind)?;
-            // x*m + alpha*c carries PACT's gradient; every product is exact (m and c are 0 or
-            // +-1), so the sums reproduce the output exactly, fused multiply-add or not.
-            if dequantize {
-                e.f_addcmul(x, &m)?.f_addcmul(&a, &c)?
-            } else {
-                x.f_mul(&m)?.f_addcmul(&a, &c)?.f_mul_scalar(scale)?.f_add(&e)?
-            }
-        };
-        let scale =
-            if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(scale, (kind, Device::Cpu))? };
-        Ok(Some(Quantized { values, scale }))
+        Ok(())
     }
 }
 
@@ -224,8 +162,52 @@ impl nn::Module for PACTQuant {
     }
 }
 
-/// PACT quantization with its scale tensor; all on `x`'s device, no sync.
-fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64, rounded: bool) -> Result<Quantized> {
+/// `alpha` as stored, the clipping level in use and the scale, rounded as the compute dtype
+/// rounds them, read straight from CPU memory; `None` for an alpha elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct HostAlpha {
+    raw: f64,
+    alpha: f64,
+    scale: f64,
+}
+
+fn host_plan(alpha: &Tensor, kind: Kind, int_max: i64) -> Option<HostAlpha> {
+    if alpha.device() != Device::Cpu || alpha.numel() != 1 || !alpha.is_contiguous() {
+        return None;
+    }
+    let raw = match alpha.kind() {
+        // SAFETY: a contiguous CPU tensor of one element of the matched type.
+        Kind::Float => (unsafe { *(alpha.data_ptr() as *const f32) }) as f64,
+        Kind::Double => unsafe { *(alpha.data_ptr() as *const f64) },
+        _ => return None,
+    };
+    let raw_k = if kind == Kind::Float { raw as f32 as f64 } else { raw };
+    let a = effective_alpha(raw_k);
+    let a = if kind == Kind::Float { a as f32 as f64 } else { a };
+    Some(HostAlpha { raw: raw_k, alpha: a, scale: scale_for(int_max, a, kind) })
+}
+
+/// What PACT's autograd node needs besides its tensors.
+#[derive(Debug, Clone, Copy)]
+struct PactNode {
+    int_max: i64,
+    rounded: bool,
+    dequantize: bool,
+    kind: Kind,
+    /// Set where `x` and `alpha` are on the CPU and `x` takes the kernels.
+    host: Option<HostAlpha>,
+}
+
+/// PACT's integers (or, with `dequantize`, their values over the scale) with the scale tensor
+/// (undefined when dequantized); all on `x`'s device, no sync. With a gradient to compute this
+/// is one autograd node (see [`PACTQuant`] for its gradients).
+fn pact_quant_scaled(
+    x: &Tensor,
+    alpha: &Tensor,
+    int_max: i64,
+    rounded: bool,
+    dequantize: bool,
+) -> Result<Quantized> {
     let kind = compute_kind(x)?;
     if alpha.numel() != 1 {
         return Err(Error::Argument {
@@ -234,47 +216,109 @@ fn pact_quant_scaled(x: &Tensor, alpha: &Tensor, int_max: i64, rounded: bool) ->
             expected: "1",
         });
     }
-    let im = int_max as f64;
+    let host = if rounded && kernels::eligible(x).is_some() { host_plan(alpha, kind, int_max) } else { None };
+    let node = PactNode { int_max, rounded, dequantize, kind, host };
+    let grad = (x.requires_grad() || alpha.requires_grad()) && grad_enabled();
+    if let Some(h) = host {
+        let scale =
+            if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(h.scale, (kind, Device::Cpu))? };
+        let values = if grad {
+            glue::apply(node, &[x, alpha], pact_forward, pact_backward)?.remove(0)
+        } else {
+            kernels::pact(x, kind, h.scale, int_max, dequantize)
+        };
+        return Ok(Quantized { values, scale });
+    }
+    let _guard = tch::no_grad_guard();
     // 0-dim so that a 0-dim input stays 0-dim.
-    let alpha_raw = alpha.f_reshape([])?.f_to_kind(kind)?;
-    let alpha_eff = effective_alpha_tensor(&alpha_raw)?;
+    let alpha_eff = effective_alpha_tensor(&alpha.f_reshape([])?.f_to_kind(kind)?)?;
     // int_max / alpha as one division in the compute dtype, as the original computes it.
-    let scale = alpha_eff.f_full_like(im)?.f_div(&alpha_eff)?;
-    let xd = x.f_detach()?.f_to_kind(kind)?;
-    let mut values = xd.f_mul(&scale)?.f_clamp_(-im, im)?;
-    if rounded {
-        values = values.f_round_()?;
-    }
-    if (x.requires_grad() || alpha.requires_grad()) && grad_enabled() {
-        values =
-            values.f_add(&pact_gradient_carrier(x, &xd, &alpha_raw, &alpha_eff, kind)?.f_mul(&scale)?)?;
-    }
-    Ok(Quantized { values, scale })
+    let scale = alpha_eff.f_full_like(int_max as f64)?.f_div(&alpha_eff)?;
+    drop(_guard);
+    let values = if grad {
+        glue::apply(node, &[x, alpha, &alpha_eff, &scale], pact_forward, pact_backward)?.remove(0)
+    } else {
+        general_values(x, &scale, node)?
+    };
+    Ok(Quantized { values, scale: if dequantize { Tensor::new() } else { scale } })
 }
 
-/// A tensor that is exactly zero but whose gradient is PACT's: `x` inside
-/// `(-alpha, alpha)`, `±alpha` where clipped, nothing for NaN elements.
-///
-/// Built from selections rather than products with masks, so that a NaN in
-/// the upstream gradient at a NaN input never reaches `alpha`.
-fn pact_gradient_carrier(
-    x: &Tensor,
-    xd: &Tensor,
-    alpha_raw: &Tensor,
-    alpha_eff: &Tensor,
-    kind: Kind,
-) -> Result<Tensor> {
-    let inside = xd.f_abs()?.f_lt_tensor(alpha_eff)?;
-    let upper = xd.f_ge_tensor(alpha_eff)?;
-    let lower = xd.f_le_tensor(&alpha_eff.f_neg()?)?;
-    // An infinite alpha would make the surrogate inf - inf: it gets no gradient instead.
-    let alpha_raw = &alpha_raw.f_where_scalarother(&alpha_raw.f_isfinite()?, 0.0)?;
-    let surrogate = x
-        .f_to_kind(kind)?
-        .f_where_scalarother(&inside, 0.0)?
-        .f_add(&alpha_raw.f_where_scalarother(&upper, 0.0)?)?
-        .f_sub(&alpha_raw.f_where_scalarother(&lower, 0.0)?)?;
-    Ok(surrogate.f_sub(&surrogate.f_detach()?)?)
+/// libtorch's PACT: `round(clamp(x * scale, -int_max, int_max))`, over `scale` if dequantized.
+fn general_values(x: &Tensor, scale: &Tensor, n: PactNode) -> Result<Tensor> {
+    let im = n.int_max as f64;
+    let mut v = x.f_detach()?.f_to_kind(n.kind)?.f_mul(scale)?.f_clamp_(-im, im)?;
+    if n.rounded {
+        v = v.f_round_()?;
+    }
+    if n.dequantize {
+        v = v.f_div_(scale)?;
+    }
+    Ok(v)
+}
+
+/// The node's forward: the values, saving `x` and `alpha` (and the clipping level and scale
+/// where they live on the device).
+fn pact_forward(n: &PactNode, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let (x, alpha) = (&t[0], &t[1]);
+    let values = match n.host {
+        Some(h) => kernels::pact(x, n.kind, h.scale, n.int_max, n.dequantize),
+        None => general_values(x, &t[3], *n)?,
+    };
+    let mut saved = vec![x.shallow_clone(), alpha.shallow_clone()];
+    if n.host.is_none() {
+        saved.extend([t[2].shallow_clone(), t[3].shallow_clone()]);
+    }
+    Ok((vec![values], saved))
+}
+
+/// The node's backward in one pass: `x`'s gradient and `alpha`'s reduction (see [`PACTQuant`]).
+fn pact_backward(
+    n: &PactNode,
+    saved: &[Tensor],
+    grads: &[Tensor],
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let (x, alpha, g) = (&saved[0], &saved[1], &grads[0]);
+    if let Some(h) = n.host {
+        if let Some(gk) = kernels::Grad::of(g, x) {
+            let per = if n.dequantize { 1.0 } else { h.scale };
+            let (gx, sum) = kernels::pact_backward(x, n.kind, gk, h.alpha, per, needs[0]);
+            // A non-finite alpha cannot be learned back: it gets no gradient, never NaN.
+            let ga = if h.raw.is_finite() { sum * per } else { 0.0 };
+            return Ok(vec![gx, needs[1].then(|| alpha.f_full_like(ga)).transpose()?]);
+        }
+    }
+    let (alpha_eff, scale) = match n.host {
+        Some(h) => (
+            Tensor::f_scalar_tensor(h.alpha, (n.kind, Device::Cpu))?,
+            Tensor::f_scalar_tensor(h.scale, (n.kind, Device::Cpu))?,
+        ),
+        None => (saved[2].shallow_clone(), saved[3].shallow_clone()),
+    };
+    let xd = x.f_to_kind(n.kind)?;
+    let gk = g.f_to_kind(n.kind)?;
+    let per = |t: Tensor| -> Result<Tensor> { Ok(if n.dequantize { t } else { t.f_mul(&scale)? }) };
+    let gx = if needs[0] {
+        let inside = xd.f_abs()?.f_lt_tensor(&alpha_eff)?;
+        Some(per(gk.f_where_scalarother(&inside, 0.0)?)?.f_to_kind(x.kind())?)
+    } else {
+        None
+    };
+    let ga = if needs[1] {
+        // Selects, not products with masks: a NaN input's gradient never reaches alpha.
+        let upper = xd.f_ge_tensor(&alpha_eff)?;
+        let lower = xd.f_le_tensor(&alpha_eff.f_neg()?)?;
+        let sum = gk
+            .f_where_scalarother(&upper, 0.0)?
+            .f_sum(n.kind)?
+            .f_sub(&gk.f_where_scalarother(&lower, 0.0)?.f_sum(n.kind)?)?;
+        let raw = alpha.f_reshape([])?;
+        let sum = per(sum)?.f_where_scalarother(&raw.f_isfinite()?, 0.0)?;
+        Some(sum.f_reshape(alpha.size())?.f_to_kind(alpha.kind())?)
+    } else {
+        None
+    };
+    Ok(vec![gx, ga])
 }
 
 /// The original's `PACTQuant.Quant` node: `round(clamp(x * int_max / alpha, -int_max, int_max))`.
@@ -289,7 +333,7 @@ pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> 
     if x.device() != alpha.device() {
         return Err(Error::Device { input: x.device(), state: alpha.device(), what: "alpha" });
     }
-    Ok(pact_quant_scaled(x, alpha, int_max, true)?.values)
+    Ok(pact_quant_scaled(x, alpha, int_max, true, false)?.values)
 }
 
 /// Like [`f_pact_quant`], panicking on error.

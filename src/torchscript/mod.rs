@@ -468,7 +468,7 @@ impl ScriptModel {
                     })?;
                 }
                 for (name, t) in self.parameters()? {
-                    if !t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0 {
+                    if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
                         return Err(diverged(epoch, format!("{name} holds non-finite values")));
                     }
                 }
