@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use tch::{nn, Tensor};
 
-use crate::quantizers::{check_defined, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind};
+use crate::quantizers::{
+    check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind,
+};
 use crate::{Error, Result};
 
 /// How an Approx layer computes its output.
@@ -203,8 +205,27 @@ impl LayerQuant {
             return op(x, weight, bias);
         }
         let qw = self.w_quantizer.f_quantize_scaled(weight)?;
-        let qx = self.x_quantizer.f_quantize_scaled(x)?;
-        let acc = op(&qx.values, &qw.values, None)?;
+        let (qx, acc) = match &self.x_quantizer {
+            // An input without gradient (a first layer's images) whose PACT alpha learns:
+            // alpha's gradient <g, op(dq_x/dalpha, q_w)> comes from one extra forward op,
+            // instead of differentiating op with respect to its input (for a convolution
+            // with one input channel, oneDNN's backward-data costs several forward passes).
+            Quantizer::Pact(p) if !x.requires_grad() && p.alpha().requires_grad() && grad_enabled() => {
+                let qx = tch::no_grad(|| p.f_quantize_scaled(x))?;
+                let acc = op(&qx.values, &qw.values, None)?;
+                let tangent = op(&p.f_alpha_tangent(x)?, &qw.values.f_detach()?, None)?;
+                let alpha = p.alpha().f_reshape([])?;
+                // Exactly zero in value (a non-finite alpha gets none), d/dalpha = tangent.
+                let delta =
+                    alpha.f_sub(&alpha.f_detach()?)?.f_where_scalarother(&alpha.f_isfinite()?, 0.0)?;
+                (qx, acc.f_add(&tangent.f_mul(&delta)?)?)
+            }
+            _ => {
+                let qx = self.x_quantizer.f_quantize_scaled(x)?;
+                let acc = op(&qx.values, &qw.values, None)?;
+                (qx, acc)
+            }
+        };
         let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
         let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;
         if mode == InferenceMode::Noise && train {

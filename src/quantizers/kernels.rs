@@ -27,6 +27,10 @@ pub(crate) trait Real:
     fn copysign(self, sign: Self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
+    /// `max |x|` and whether every element is finite, from the bit patterns: without the sign
+    /// bit, IEEE floats order as unsigned integers, and only inf and NaN reach the exponent's
+    /// all-ones. One integer max per element, which vectorises on every x86-64.
+    fn abs_max_slice(xs: &[Self]) -> (f64, bool);
 }
 
 impl Real for f32 {
@@ -45,6 +49,18 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    fn abs_max_slice(xs: &[Self]) -> (f64, bool) {
+        let mut lanes = [0i32; 16];
+        let mut chunks = xs.chunks_exact(16);
+        for c in &mut chunks {
+            for j in 0..16 {
+                lanes[j] = lanes[j].max((c[j].to_bits() & 0x7fff_ffff) as i32);
+            }
+        }
+        let tail = chunks.remainder().iter().map(|v| (v.to_bits() & 0x7fff_ffff) as i32);
+        let m = lanes.into_iter().chain(tail).max().unwrap_or(0);
+        (f32::from_bits(m as u32).min(f32::MAX) as f64, m < 0x7f80_0000)
+    }
 }
 
 impl Real for f64 {
@@ -62,6 +78,18 @@ impl Real for f64 {
     }
     fn to_f64(self) -> f64 {
         self
+    }
+    fn abs_max_slice(xs: &[Self]) -> (f64, bool) {
+        let mut lanes = [0i64; 8];
+        let mut chunks = xs.chunks_exact(8);
+        for c in &mut chunks {
+            for j in 0..8 {
+                lanes[j] = lanes[j].max((c[j].to_bits() & 0x7fff_ffff_ffff_ffff) as i64);
+            }
+        }
+        let tail = chunks.remainder().iter().map(|v| (v.to_bits() & 0x7fff_ffff_ffff_ffff) as i64);
+        let m = lanes.into_iter().chain(tail).max().unwrap_or(0);
+        (f64::from_bits(m as u64).min(f64::MAX), m < 0x7ff0_0000_0000_0000)
     }
 }
 
@@ -223,26 +251,7 @@ fn for_chunks_reduce<T: Real>(
 fn abs_max_typed<T: Real>(x: &Tensor) -> (f64, bool) {
     // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
     let xs = unsafe { slice::<T>(x) };
-    let reduce = |xs: &[T]| {
-        // Eight independent lanes so the compiler vectorises; `probe` turns NaN for inf or NaN.
-        let (mut acc, mut probe) = ([T::ZERO; 8], [T::ZERO; 8]);
-        let mut chunks = xs.chunks_exact(8);
-        for c in &mut chunks {
-            for j in 0..8 {
-                let a = c[j].abs();
-                acc[j] = if a > acc[j] { a } else { acc[j] };
-                probe[j] = probe[j] + a * T::ZERO;
-            }
-        }
-        for &v in chunks.remainder() {
-            let a = v.abs();
-            acc[0] = if a > acc[0] { a } else { acc[0] };
-            probe[0] = probe[0] + a * T::ZERO;
-        }
-        let m = acc.iter().fold(T::ZERO, |m, &a| if a > m { a } else { m });
-        let finite = probe.iter().all(|p| *p == T::ZERO);
-        (m.to_f64(), finite)
-    };
+    let reduce = T::abs_max_slice;
     let parts = std::sync::Mutex::new((0.0f64, true));
     crate::glue::parallel_for(xs.len(), PARALLEL_MIN / 2, |b, e| {
         let (m, f) = reduce(&xs[b..e]);
@@ -296,7 +305,8 @@ fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut
     let xs = unsafe { slice::<T>(x) };
     let (m, s) = (T::from_f64(m), T::from_f64(s));
     let neg = T::ZERO - m;
-    for_chunks(xs, [ys], |xs, [ys]| match out {
+    // `move`: parameters by value, so the loop keeps them in registers and vectorises.
+    for_chunks(xs, [ys], move |xs, [ys]| match out {
         MinMaxOut::Integers => {
             for (y, &v) in ys.iter_mut().zip(xs) {
                 *y = round_even(clamp(v, neg, m) * s);
@@ -328,7 +338,7 @@ fn pact_into<T: Real>(x: &Tensor, ys: &mut [T], s: f64, int_max: i64, dequantize
     let xs = unsafe { slice::<T>(x) };
     let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
     let neg = T::ZERO - im;
-    for_chunks(xs, [ys], |xs, [ys]| pact_slice(xs, ys, s, neg, im, dequantize));
+    for_chunks(xs, [ys], move |xs, [ys]| pact_slice(xs, ys, s, neg, im, dequantize));
 }
 
 fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) {
@@ -357,40 +367,79 @@ fn pact_backward_typed<T: Real>(
     let xs = unsafe { slice::<T>(x) };
     let (a, k) = (T::from_f64(alpha), T::from_f64(gx_scale));
     let nega = T::ZERO - a;
-    let gs: &[T] = match g {
+    let gs: Option<&[T]> = match g {
         // SAFETY: Grad::of checked a contiguous CPU tensor of x's dtype and shape.
-        Grad::Tensor(t) => unsafe { slice::<T>(t) },
-        Grad::Scalar(_) => &[],
+        Grad::Tensor(t) => Some(unsafe { slice::<T>(t) }),
+        Grad::Scalar(_) => None,
     };
     let scalar = match g {
         Grad::Scalar(v) => Some(T::from_f64(v)),
         Grad::Tensor(_) => None,
     };
-    // Selects rather than products: a NaN x (or inf * 0) never reaches either result.
-    let clip = |v: T, gi: T| {
-        let up = if v >= a { gi } else { T::ZERO };
-        let lo = if v <= nega { gi } else { T::ZERO };
-        (up - lo).to_f64()
-    };
-    let grad_x = |v: T, gi: T| if v.abs() < a { gi * k } else { T::ZERO };
-    let g_at = |i: usize| scalar.unwrap_or_else(|| gs[i]);
     if !want_gx {
         let sum = std::sync::Mutex::new(0.0f64);
-        crate::glue::parallel_for(xs.len(), PARALLEL_MIN / 2, |b, e| {
-            let s: f64 = (b..e).map(|i| clip(xs[i], g_at(i))).sum();
-            *sum.lock().unwrap_or_else(|p| p.into_inner()) += s;
+        let total = &sum;
+        crate::glue::parallel_for(xs.len(), PARALLEL_MIN / 2, move |b, e| {
+            let part = pact_backward_slice(&xs[b..e], gs.map(|g| &g[b..e]), scalar, None, a, nega, k);
+            *total.lock().unwrap_or_else(|p| p.into_inner()) += part;
         });
         return (None, sum.into_inner().unwrap_or_else(|p| p.into_inner()));
     }
     let (gx, gxs) = empty_like::<T>(x);
-    let sum = for_chunks_reduce(xs, gxs, |off, xs, gxs| {
-        let mut acc = 0.0f64;
-        for (i, (&v, o)) in xs.iter().zip(gxs.iter_mut()).enumerate() {
-            let gi = g_at(off + i);
-            *o = grad_x(v, gi);
-            acc += clip(v, gi);
-        }
-        acc
+    let sum = for_chunks_reduce(xs, gxs, move |off, xs, gxs| {
+        pact_backward_slice(xs, gs.map(|g| &g[off..off + xs.len()]), scalar, Some(gxs), a, nega, k)
     });
     (Some(gx), sum)
+}
+
+/// One chunk of PACT's backward: `gxs` (where wanted) and the chunk's alpha sum. The gradient
+/// is `gs`, or `scalar` everywhere when `gs` is `None`. Every parameter by value and one loop
+/// per case, so that each loop vectorises.
+fn pact_backward_slice<T: Real>(
+    xs: &[T],
+    gs: Option<&[T]>,
+    scalar: Option<T>,
+    gxs: Option<&mut [T]>,
+    a: T,
+    nega: T,
+    k: T,
+) -> f64 {
+    // Selects rather than products: a NaN x (or inf * 0) never reaches either result.
+    #[inline(always)]
+    fn step<T: Real>(v: T, gi: T, a: T, nega: T, k: T) -> (T, T) {
+        let inside = if v.abs() < a { gi * k } else { T::ZERO };
+        let up = if v >= a { gi } else { T::ZERO };
+        let lo = if v <= nega { gi } else { T::ZERO };
+        (inside, up - lo)
+    }
+    // Four float64 partial sums: exact enough for any size and independent of the chunking.
+    let mut acc = [0.0f64; 4];
+    match (gs, scalar, gxs) {
+        (Some(gs), _, Some(gxs)) => {
+            for (i, ((&v, &gi), o)) in xs.iter().zip(gs).zip(gxs.iter_mut()).enumerate() {
+                let (gx, c) = step(v, gi, a, nega, k);
+                *o = gx;
+                acc[i & 3] += c.to_f64();
+            }
+        }
+        (None, Some(gi), Some(gxs)) => {
+            for (i, (&v, o)) in xs.iter().zip(gxs.iter_mut()).enumerate() {
+                let (gx, c) = step(v, gi, a, nega, k);
+                *o = gx;
+                acc[i & 3] += c.to_f64();
+            }
+        }
+        (Some(gs), _, None) => {
+            for (i, (&v, &gi)) in xs.iter().zip(gs).enumerate() {
+                acc[i & 3] += step(v, gi, a, nega, k).1.to_f64();
+            }
+        }
+        (None, Some(gi), None) => {
+            for (i, &v) in xs.iter().enumerate() {
+                acc[i & 3] += step(v, gi, a, nega, k).1.to_f64();
+            }
+        }
+        (None, None, _) => {}
+    }
+    acc.iter().sum()
 }

@@ -92,6 +92,25 @@ impl PACTQuant {
     }
 }
 
+impl PACTQuant {
+    /// The derivative of the integer output with respect to `alpha` under PACT's
+    /// straight-through rule, without gradient: `sign(x) * int_max / alpha` where
+    /// `|x| >= alpha`, 0 elsewhere (and at NaN). A layer whose input needs no gradient uses
+    /// it to deliver alpha's gradient with one forward op instead of differentiating its
+    /// operation with respect to its input.
+    pub fn f_alpha_tangent(&self, x: &Tensor) -> Result<Tensor> {
+        check_defined(x, "input")?;
+        let _guard = tch::no_grad_guard();
+        let kind = compute_kind(x)?;
+        let alpha = effective_alpha_tensor(&self.alpha.f_reshape([])?.f_to_kind(kind)?)?;
+        let scale = alpha.f_full_like(self.int_max() as f64)?.f_div(&alpha)?;
+        let xd = x.f_to_kind(kind)?;
+        let upper = xd.f_ge_tensor(&alpha)?.f_to_kind(kind)?;
+        let lower = xd.f_le_tensor(&alpha.f_neg()?)?.f_to_kind(kind)?;
+        Ok(upper.f_sub(&lower)?.f_mul(&scale)?)
+    }
+}
+
 impl ApproxQuantizer for PACTQuant {
     fn bitwidth(&self) -> u32 {
         self.bitwidth
