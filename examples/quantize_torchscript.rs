@@ -1,7 +1,11 @@
-//! Post-training weight quantization (and optional weight-only QAT) of a TorchScript model exported from PyTorch.
+//! Quantization of a TorchScript model exported from PyTorch: weights only (post-training, optional
+//! weight-only QAT), or with `--x-quant` every Linear and Conv2d rewritten into a quantized layer
+//! (inputs and weights), calibrated and fine-tuned, saved as plain TorchScript.
 //!
 //! ```sh
 //! cargo run --release --example quantize_torchscript -- --model model.pt --bits 4 --per-channel --out model-w4.pt
+//! cargo run --release --example quantize_torchscript -- --model resnet.pt --x-quant pact --calibrate 8 \
+//!     --bits 4 --per-channel --finetune-epochs 1 --finetune-lr 1e-3 --out resnet-q4.pt
 //! ```
 
 use std::io::IsTerminal;
@@ -17,8 +21,10 @@ use serde_json::json;
 use tch::Device;
 use torchapprox::checkpoint::check_destination;
 use torchapprox::data::{normalize, Mnist};
-use torchapprox::quantizers::check_bitwidth;
-use torchapprox::torchscript::{FinetuneConfig, LayerReport, PtqConfig, ScriptModel};
+use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
+use torchapprox::torchscript::{
+    FinetuneConfig, LayerQuantSpec, LayerReport, PtqConfig, RewriteConfig, RewriteReport, ScriptModel,
+};
 
 /// Quantize the weights of a TorchScript model and report test accuracy before and after.
 #[derive(Parser, Debug)]
@@ -27,15 +33,33 @@ struct Args {
     /// The TorchScript file (`torch.jit.script` or `torch.jit.trace`, then `.save`).
     #[arg(long)]
     model: PathBuf,
-    /// Bits of every weight, 2..=16.
+    /// Bits of every weight (and, with --x-quant, every input), 2..=16.
     #[arg(long, default_value_t = 8)]
     bits: u32,
+    /// Input quantizer of every Linear and Conv2d: `pact`, `minmax`, or `none` (weights only,
+    /// in place). Anything but `none` rewrites the layers' forward inside the model.
+    #[arg(long, default_value = "none", value_parser = ["none", "pact", "minmax"])]
+    x_quant: String,
+    /// Weight quantizer with --x-quant: `minmax` or `pact`.
+    #[arg(long, default_value = "minmax")]
+    w_quant: QuantizerKind,
+    /// Bits of the inputs with --x-quant (default: --bits).
+    #[arg(long)]
+    x_bits: Option<u32>,
+    /// Bits of the weights with --x-quant (default: --bits).
+    #[arg(long)]
+    w_bits: Option<u32>,
     /// One MinMax scale per output channel instead of one per tensor.
     #[arg(long)]
     per_channel: bool,
-    /// Override one layer's bits: `NAME=BITS` (`fc1` or `fc1.weight`); repeatable.
-    #[arg(long = "layer", value_name = "NAME=BITS")]
+    /// Override one layer: `NAME=BITS` (weights only; `fc1` or `fc1.weight`), or with --x-quant
+    /// `NAME=X_KIND[:BITS],W_KIND[:BITS]` (e.g. `fc=minmax:8,minmax:8`); repeatable.
+    #[arg(long = "layer", value_name = "NAME=SPEC")]
     layers: Vec<String>,
+    /// With --x-quant: set every PACT alpha from this many training batches (of 64) before
+    /// fine-tuning or evaluation; 0 keeps alpha = 2.2.
+    #[arg(long, default_value_t = 0)]
+    calibrate: usize,
     /// MNIST-format folder to measure accuracy on; default: the embedded 10,000-digit subset.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -45,7 +69,8 @@ struct Args {
     /// Input normalisation: divisor after subtracting the mean.
     #[arg(long, default_value_t = 1.0)]
     std: f64,
-    /// Epochs of weight-only QAT fine-tuning on the training digits (0: post-training only).
+    /// Epochs of QAT fine-tuning on the training digits (0: post-training only): weight-only,
+    /// or with --x-quant of every parameter and alpha of the rewritten model.
     #[arg(long, default_value_t = 0)]
     finetune_epochs: usize,
     /// Learning rate of the fine-tuning.
@@ -69,6 +94,46 @@ fn parse_layer(arg: &str) -> Result<(String, u32)> {
     Ok((name.to_string(), check_bitwidth(bits).with_context(|| format!("--layer {arg:?}"))?))
 }
 
+/// `NAME=X_KIND[:BITS],W_KIND[:BITS]` over `base`.
+fn parse_rewrite_layer(arg: &str, base: LayerQuantSpec) -> Result<(String, LayerQuantSpec)> {
+    let usage =
+        || format!("--layer {arg:?}: expected NAME=X_KIND[:BITS],W_KIND[:BITS], e.g. fc=minmax:8,minmax:8");
+    let (name, rest) = arg.split_once('=').with_context(usage)?;
+    let (x, w) = rest.split_once(',').with_context(usage)?;
+    let part = |p: &str, bits: u32| -> Result<(QuantizerKind, u32)> {
+        let (kind, b) = match p.split_once(':') {
+            Some((k, b)) => (k, b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?),
+            None => (p, bits),
+        };
+        Ok((kind.parse()?, check_bitwidth(b).with_context(|| format!("--layer {arg:?}"))?))
+    };
+    let ((x_kind, x_bits), (w_kind, w_bits)) = (part(x, base.x_bits)?, part(w, base.w_bits)?);
+    Ok((name.to_string(), LayerQuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
+}
+
+fn rewrite_json(model: &ScriptModel, report: &RewriteReport) -> Result<Vec<serde_json::Value>> {
+    let alphas = model.alphas()?;
+    Ok(report
+        .layers
+        .iter()
+        .zip(alphas)
+        .map(|(l, (_, xa, wa))| {
+            json!({
+                "name": l.name,
+                "op": match l.op { torchapprox::torchscript::LayerOp::Linear => "linear", _ => "conv2d" },
+                "x_quant": l.spec.x_kind.to_string(),
+                "w_quant": l.spec.w_kind.to_string(),
+                "x_bits": l.spec.x_bits,
+                "w_bits": l.spec.w_bits,
+                "per_channel": l.spec.per_channel,
+                "x_alpha": xa,
+                "w_alpha": wa,
+                "calls": l.calls,
+            })
+        })
+        .collect())
+}
+
 fn layer_json(r: &LayerReport) -> serde_json::Value {
     json!({
         "name": r.name,
@@ -85,11 +150,37 @@ fn layer_json(r: &LayerReport) -> serde_json::Value {
 fn run(args: Args) -> Result<()> {
     let ft = FinetuneConfig { epochs: args.finetune_epochs, lr: args.finetune_lr, ..Default::default() };
     ft.check().context("--finetune-lr")?;
-    let config = PtqConfig {
-        bits: check_bitwidth(args.bits).context("--bits")?,
+    let bits = check_bitwidth(args.bits).context("--bits")?;
+    let rewrite = args.x_quant != "none";
+    if !rewrite && (args.calibrate > 0 || args.x_bits.is_some() || args.w_bits.is_some()) {
+        bail!("--calibrate, --x-bits and --w-bits need --x-quant pact or minmax");
+    }
+    let base = LayerQuantSpec {
+        x_kind: if args.x_quant == "minmax" { QuantizerKind::MinMax } else { QuantizerKind::Pact },
+        w_kind: args.w_quant,
+        x_bits: check_bitwidth(args.x_bits.unwrap_or(bits)).context("--x-bits")?,
+        w_bits: check_bitwidth(args.w_bits.unwrap_or(bits)).context("--w-bits")?,
         per_channel: args.per_channel,
-        overrides: args.layers.iter().map(|l| parse_layer(l)).collect::<Result<_>>()?,
+        rounded: true,
     };
+    let (config, rewrite_config) = if rewrite {
+        let overrides =
+            args.layers.iter().map(|l| parse_rewrite_layer(l, base)).collect::<Result<Vec<_>>>()?;
+        (PtqConfig::default(), RewriteConfig { default: base, overrides, ..Default::default() })
+    } else {
+        let overrides = args.layers.iter().map(|l| parse_layer(l)).collect::<Result<Vec<_>>>()?;
+        (PtqConfig { bits, per_channel: args.per_channel, overrides }, RewriteConfig::default())
+    };
+    let names: Vec<&str> = if rewrite {
+        rewrite_config.overrides.iter().map(|(n, _)| n.as_str()).collect()
+    } else {
+        config.overrides.iter().map(|(n, _)| n.as_str()).collect()
+    };
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            bail!("--layer {name} is given twice: give each layer once");
+        }
+    }
     if let Some(out) = &args.out {
         let same = match (out.canonicalize(), args.model.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
@@ -99,11 +190,6 @@ fn run(args: Args) -> Result<()> {
             bail!("--out {} is the input model: choose another path", out.display());
         }
         check_destination(out).context("--out")?;
-    }
-    for (i, (name, _)) in config.overrides.iter().enumerate() {
-        if config.overrides[..i].iter().any(|(n, _)| n == name) {
-            bail!("--layer {name} is given twice: give each layer once");
-        }
     }
     let device = pick_device(&args.device)?;
     let data = match &args.data {
@@ -121,26 +207,56 @@ fn run(args: Args) -> Result<()> {
         weights.len(),
         100.0 * float_accuracy
     ));
-    let report = if args.finetune_epochs > 0 {
-        let train_x = normalize(&data.train_images, args.mean, args.std, Device::Cpu)?;
-        if std::io::stderr().is_terminal() {
-            eprintln!("fine-tuning {} epoch(s) with {}-bit weights...", args.finetune_epochs, args.bits);
+    let train_x = || normalize(&data.train_images, args.mean, args.std, Device::Cpu);
+    let (layers_json, left) = if rewrite {
+        let report = model.quantize_layers(&rewrite_config)?;
+        if args.calibrate > 0 {
+            model.calibrate(&train_x()?, args.calibrate, 64)?;
         }
-        model.finetune_qat(&config, &train_x, &data.train_labels, ft)?
+        if args.finetune_epochs > 0 {
+            if std::io::stderr().is_terminal() {
+                eprintln!("fine-tuning {} epoch(s) of the rewritten model...", args.finetune_epochs);
+            }
+            model.finetune(&train_x()?, &data.train_labels, ft)?;
+        }
+        for l in &report.layers {
+            say(format!(
+                "  {:<20} x {}:{} w {}:{}{}{}",
+                l.name,
+                l.spec.x_kind,
+                l.spec.x_bits,
+                l.spec.w_kind,
+                l.spec.w_bits,
+                if l.spec.per_channel { " per channel" } else { "" },
+                if l.calls > 1 { format!(" (called {} times)", l.calls) } else { String::new() }
+            ));
+        }
+        for l in &report.left_in_float {
+            say(format!("  left in float: {l}"));
+        }
+        (rewrite_json(&model, &report)?, report.left_in_float)
     } else {
-        model.quantize_weights(&config)?
+        let report = if args.finetune_epochs > 0 {
+            if std::io::stderr().is_terminal() {
+                eprintln!("fine-tuning {} epoch(s) with {}-bit weights...", args.finetune_epochs, args.bits);
+            }
+            model.finetune_qat(&config, &train_x()?, &data.train_labels, ft)?
+        } else {
+            model.quantize_weights(&config)?
+        };
+        for r in &report {
+            say(format!(
+                "  {:<16} {:>2} bits{}  SQNR {:>6.2} dB  max error {:.3e}",
+                r.name,
+                r.bits,
+                if r.per_channel { " per channel" } else { "" },
+                r.sqnr_db,
+                r.max_abs_error
+            ));
+        }
+        (report.iter().map(layer_json).collect(), Vec::new())
     };
     let quantized_accuracy = model.accuracy(&test_x, &data.test_labels, 500)?;
-    for r in &report {
-        say(format!(
-            "  {:<16} {:>2} bits{}  SQNR {:>6.2} dB  max error {:.3e}",
-            r.name,
-            r.bits,
-            if r.per_channel { " per channel" } else { "" },
-            r.sqnr_db,
-            r.max_abs_error
-        ));
-    }
     say(format!(
         "test accuracy: float {:.2}%, quantized {:.2}% ({} digits)",
         100.0 * float_accuracy,
@@ -156,13 +272,16 @@ fn run(args: Args) -> Result<()> {
             "model": args.model.display().to_string(),
             "device": format!("{device:?}"),
             "bits": args.bits,
+            "x_quant": args.x_quant,
             "per_channel": args.per_channel,
+            "calibrate": args.calibrate,
             "finetune_epochs": args.finetune_epochs,
             "test_digits": data.test_labels.size()[0],
             "float_accuracy": float_accuracy,
             "quantized_accuracy": quantized_accuracy,
             "out": args.out.as_ref().map(|p| p.display().to_string()),
-            "layers": report.iter().map(layer_json).collect::<Vec<_>>(),
+            "layers": layers_json,
+            "left_in_float": left,
         });
         println!("{report}");
     }

@@ -6,10 +6,13 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::write_atomic;
-use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
+use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig, QuantizerKind};
 use crate::{torch_message, Error, Result};
 
 mod archive;
+mod rewrite;
+
+pub use rewrite::{LayerOp, LayerQuantSpec, RewriteConfig, RewriteReport, RewrittenLayer};
 
 /// A TorchScript module (from `torch.jit.script` or `torch.jit.trace`) loaded with libtorch.
 ///
@@ -30,6 +33,7 @@ pub struct ScriptModel {
     module: CModule,
     source: PathBuf,
     device: Device,
+    rewritten: Vec<RewrittenLayer>,
 }
 
 /// A weight that post-training quantization replaces: a float parameter with two or more dimensions.
@@ -59,6 +63,9 @@ impl PtqConfig {
         self.overrides.iter().rev().find(|(n, _)| n == name || n == module).map_or(default, |(_, b)| *b)
     }
 }
+
+/// A rewritten layer's PACT alphas: `(layer, input alpha, weight alpha)`, `None` for MinMax.
+pub type LayerAlphas = (String, Option<f64>, Option<f64>);
 
 /// What quantization did to one weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,7 +183,7 @@ impl ScriptModel {
             ts_error(format!("{}: not a TorchScript model ({})", path.display(), torch_message(&e)))
         })?;
         module.f_set_eval()?;
-        Ok(Self { module, source: path.to_path_buf(), device })
+        Ok(Self { module, source: path.to_path_buf(), device, rewritten: Vec::new() })
     }
 
     /// The file this model was loaded from.
@@ -340,12 +347,17 @@ impl ScriptModel {
     }
 
     /// Copies parameters into a network's `VarStore` by name (`fc1.weight`, ...), so a
-    /// network of Approx layers starts from this model's weights. Quantizer `alpha`s
-    /// keep their values. Missing, mis-shaped or unused names are an error listing each.
+    /// network of Approx layers starts from this model's weights. Quantizer `alpha`s are
+    /// copied where the model has them (after [`quantize_layers`](Self::quantize_layers))
+    /// and keep their values otherwise. Missing, mis-shaped or unused names are an error
+    /// listing each.
     pub fn import_into(&self, vs: &nn::VarStore) -> Result<usize> {
         let params: std::collections::HashMap<String, Tensor> = self.parameters()?.into_iter().collect();
         let vars = vs.variables();
-        let mut wanted: Vec<&String> = vars.keys().filter(|n| !n.ends_with("quantizer.alpha")).collect();
+        // Quantizer alphas come along where the model has them (a rewritten model) and keep
+        // their values where it has none.
+        let mut wanted: Vec<&String> =
+            vars.keys().filter(|n| !n.ends_with("quantizer.alpha") || params.contains_key(*n)).collect();
         wanted.sort();
         let mut problems = Vec::new();
         for name in &wanted {
@@ -386,7 +398,8 @@ impl ScriptModel {
     /// fake-quantized weights, sends the gradients straight through to the
     /// shadows (Adam on all parameters), then puts the shadows back. At the end
     /// the weights are quantized once more and the report returned. The module
-    /// runs in training mode meanwhile (BatchNorm statistics update).
+    /// runs in training mode meanwhile (BatchNorm statistics update). If training
+    /// diverges the parameters are restored and an error returned.
     pub fn finetune_qat(
         &mut self,
         quant: &PtqConfig,
@@ -399,6 +412,42 @@ impl ScriptModel {
             return Err(ts_error(format!("{}: no quantizable weights to fine-tune", self.source.display())));
         }
         self.check_overrides(quant, &weights)?;
+        let mut shadows = Vec::new();
+        for (name, w) in &weights {
+            let bits = check_bitwidth(quant.bits_for(name))?;
+            let q = MinMaxQuant::from_config(QuantConfig {
+                per_channel: quant.per_channel,
+                ..QuantConfig::with_bitwidth(bits)
+            })?;
+            shadows.push((w.shallow_clone(), w.detach().copy(), q));
+        }
+        self.train(images, labels, config, &shadows)?;
+        self.quantize_weights(quant)
+    }
+
+    /// Quantization-aware fine-tuning of a model whose layers [`quantize_layers`](Self::quantize_layers)
+    /// rewrote: Adam on every parameter (weights, biases, BatchNorm, PACT alphas) through the
+    /// layers' own straight-through gradients. If training diverges the parameters are
+    /// restored and an error returned.
+    pub fn finetune(&mut self, images: &Tensor, labels: &Tensor, config: FinetuneConfig) -> Result<()> {
+        if self.rewritten.is_empty() {
+            return Err(ts_error(format!(
+                "{}: no rewritten layers to fine-tune: call quantize_layers first (or finetune_qat for weights only)",
+                self.source.display()
+            )));
+        }
+        self.train(images, labels, config, &[])
+    }
+
+    /// The training loop of both fine-tunings. `shadows` holds, for weight-only QAT, each
+    /// weight with its float shadow and quantizer.
+    fn train(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        config: FinetuneConfig,
+        shadows: &[(Tensor, Tensor, MinMaxQuant)],
+    ) -> Result<()> {
         config.check()?;
         let n = labels.size().first().copied().unwrap_or(0);
         if n == 0 {
@@ -415,15 +464,14 @@ impl ScriptModel {
             // VarStore names cannot hold dots.
             let _ = vs.root().add(&name.replace('.', "_"), t, true);
         }
-        let mut quantizers = Vec::new();
-        for (name, w) in &weights {
-            let bits = check_bitwidth(quant.bits_for(name))?;
-            let q = MinMaxQuant::from_config(QuantConfig {
-                per_channel: quant.per_channel,
-                ..QuantConfig::with_bitwidth(bits)
-            })?;
-            quantizers.push((w.shallow_clone(), w.detach().copy(), q));
-        }
+        let copy_all = |pairs: &mut dyn Iterator<Item = (&Tensor, Tensor)>| -> Result<()> {
+            tch::no_grad(|| -> Result<()> {
+                for (dst, src) in pairs {
+                    dst.shallow_clone().f_copy_(&src)?;
+                }
+                Ok(())
+            })
+        };
         let mut opt = nn::Adam::default().build(&vs, config.lr)?;
         self.module.f_set_train()?;
         tch::manual_seed(config.seed);
@@ -434,12 +482,9 @@ impl ScriptModel {
                     let idx = order.f_narrow(0, start, config.batch_size.min(n - start))?;
                     let x = images.f_index_select(0, &idx)?.f_to_device(self.device)?;
                     let y = labels.f_index_select(0, &idx)?.f_to_device(self.device)?;
-                    tch::no_grad(|| -> Result<()> {
-                        for (w, shadow, q) in &quantizers {
-                            w.shallow_clone().f_copy_(&q.f_fake_quantize(shadow)?)?;
-                        }
-                        Ok(())
-                    })?;
+                    let quantized: Vec<Tensor> =
+                        shadows.iter().map(|(_, s, q)| q.f_fake_quantize(s)).collect::<Result<_>>()?;
+                    copy_all(&mut shadows.iter().map(|(w, _, _)| w).zip(quantized))?;
                     let loss = self.logits(&x)?.f_cross_entropy_loss::<Tensor>(
                         &y,
                         None,
@@ -453,19 +498,10 @@ impl ScriptModel {
                     }
                     opt.zero_grad();
                     loss.f_backward()?;
-                    tch::no_grad(|| -> Result<()> {
-                        for (w, shadow, _) in &quantizers {
-                            w.shallow_clone().f_copy_(shadow)?;
-                        }
-                        Ok(())
-                    })?;
+                    // The straight-through step: the gradient of the quantized weights updates the shadows.
+                    copy_all(&mut shadows.iter().map(|(w, s, _)| (w, s.shallow_clone())))?;
                     opt.step();
-                    tch::no_grad(|| -> Result<()> {
-                        for (w, shadow, _) in &quantizers {
-                            shadow.shallow_clone().f_copy_(w)?;
-                        }
-                        Ok(())
-                    })?;
+                    copy_all(&mut shadows.iter().map(|(w, s, _)| (s, w.shallow_clone())))?;
                 }
                 for (name, t) in self.parameters()? {
                     if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
@@ -478,14 +514,133 @@ impl ScriptModel {
         opt.zero_grad();
         self.module.f_set_eval()?;
         if result.is_err() {
-            tch::no_grad(|| -> Result<()> {
-                for (saved, t) in &snapshot {
-                    t.shallow_clone().f_copy_(saved)?;
-                }
-                Ok(())
-            })?;
+            copy_all(&mut snapshot.iter().map(|(saved, t)| (t, saved.shallow_clone())))?;
         }
-        result?;
-        self.quantize_weights(quant)
+        result
+    }
+
+    /// Turns every `Linear` and `Conv2d` of the model (nested anywhere, scripted or traced)
+    /// into a quantized layer by rewriting its `forward` inside the TorchScript module: an
+    /// input quantizer and a weight quantizer per layer, computed as the crate's
+    /// `ApproxLinear` / `ApproxConv2d` in Quantized mode compute them. PACT alphas become
+    /// parameters `<layer>.x_quantizer.alpha` (and `w_quantizer.alpha`); the saved file is
+    /// plain TorchScript that `torch.jit.load` runs with nothing else installed.
+    ///
+    /// Layers the rewrite does not cover (Conv1d, transposed convolutions, functional
+    /// `F.linear` calls) stay in float and are listed in the report. A model rewritten once
+    /// is refused. The rewrite runs on a fresh copy of the module (libtorch freezes a
+    /// module's calls into its optimized plan on its first run).
+    ///
+    /// ```no_run
+    /// use tch::Device;
+    /// use torchapprox::torchscript::{RewriteConfig, ScriptModel};
+    ///
+    /// let mut model = ScriptModel::load("resnet.pt", Device::Cpu)?;
+    /// let report = model.quantize_layers(&RewriteConfig::default())?; // 8-bit PACT / MinMax
+    /// println!("{} layers quantized, left in float: {:?}", report.layers.len(), report.left_in_float);
+    /// model.save("resnet-q8.pt")?;
+    /// # Ok::<(), torchapprox::Error>(())
+    /// ```
+    pub fn quantize_layers(&mut self, config: &RewriteConfig) -> Result<RewriteReport> {
+        // A fresh module: one that already ran would keep calling its old layers.
+        let tmp = std::env::temp_dir().join(format!("torchapprox-rewrite-{}.pt", std::process::id()));
+        let fresh = self
+            .module
+            .save(&tmp)
+            .and_then(|()| CModule::load_on_device(&tmp, self.device))
+            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))));
+        let _ = std::fs::remove_file(&tmp);
+        let mut fresh = fresh?;
+        fresh.f_set_eval()?;
+        let params = fresh.named_parameters()?;
+        let report = rewrite::rewrite(&fresh, &params, config)?;
+        self.module = fresh;
+        self.rewritten = report.layers.clone();
+        Ok(report)
+    }
+
+    /// The layers [`quantize_layers`](Self::quantize_layers) rewrote (empty before).
+    pub fn rewritten_layers(&self) -> &[RewrittenLayer] {
+        &self.rewritten
+    }
+
+    /// Sets every PACT input alpha of the rewritten layers from data: runs the model in float
+    /// on the first `batches` batches of `images` (no gradient), takes each layer's largest
+    /// input magnitude, and makes it that layer's alpha. Returns the alphas by layer.
+    pub fn calibrate(
+        &mut self,
+        images: &Tensor,
+        batches: usize,
+        batch_size: i64,
+    ) -> Result<Vec<(String, f64)>> {
+        let pact: Vec<RewrittenLayer> =
+            self.rewritten.iter().filter(|l| l.spec.x_kind == QuantizerKind::Pact).cloned().collect();
+        if pact.is_empty() {
+            return Err(ts_error("no PACT input quantizers to calibrate: call quantize_layers first".into()));
+        }
+        if batch_size < 1 || batches == 0 {
+            return Err(Error::Argument {
+                what: "calibration batches",
+                value: batches as f64,
+                expected: "at least 1, of at least 1 sample",
+            });
+        }
+        let n = images.size().first().copied().unwrap_or(0);
+        if n == 0 {
+            return Err(ts_error("calibration needs images, got none".into()));
+        }
+        let _guard = tch::no_grad_guard();
+        for l in &pact {
+            let _ = rewrite::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "observed")?
+                .f_zero_()?;
+        }
+        rewrite::set_calibrating(&self.module, &pact, true)?;
+        let run = (|| -> Result<()> {
+            for b in 0..batches as i64 {
+                let start = b * batch_size;
+                if start >= n {
+                    break;
+                }
+                let x = images.f_narrow(0, start, batch_size.min(n - start))?.f_to_device(self.device)?;
+                let _ = self.forward(&x)?;
+            }
+            Ok(())
+        })();
+        rewrite::set_calibrating(&self.module, &pact, false)?;
+        run?;
+        let mut alphas = Vec::new();
+        for l in &pact {
+            let path = format!("{}.x_quantizer", l.name);
+            let observed = rewrite::get_tensor(&self.module, &path, "observed")?.f_double_value(&[])?;
+            let mut alpha = rewrite::get_tensor(&self.module, &path, "alpha")?;
+            if observed > 0.0 && observed.is_finite() {
+                let _ = alpha.f_fill_(observed)?;
+            }
+            alphas.push((l.name.clone(), alpha.f_double_value(&[0])?));
+        }
+        Ok(alphas)
+    }
+
+    /// The current PACT alphas of the rewritten layers: `(layer, x alpha, w alpha)`.
+    pub fn alphas(&self) -> Result<Vec<LayerAlphas>> {
+        let read = |l: &RewrittenLayer, q: &str, kind: QuantizerKind| -> Result<Option<f64>> {
+            if kind != QuantizerKind::Pact {
+                return Ok(None);
+            }
+            Ok(Some(
+                rewrite::get_tensor(&self.module, &format!("{}.{q}", l.name), "alpha")?
+                    .f_double_value(&[0])?,
+            ))
+        };
+        self.rewritten
+            .iter()
+            .map(|l| {
+                Ok((
+                    l.name.clone(),
+                    read(l, "x_quantizer", l.spec.x_kind)?,
+                    read(l, "w_quantizer", l.spec.w_kind)?,
+                ))
+            })
+            .collect()
     }
 }
