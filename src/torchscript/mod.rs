@@ -559,6 +559,15 @@ impl ScriptModel {
         Ok(report)
     }
 
+    /// Casts every parameter and buffer to `kind` (e.g. `Kind::Double` for gradient checks).
+    pub fn set_kind(&mut self, kind: Kind) -> Result<()> {
+        if !matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
+            return Err(Error::Dtype(kind));
+        }
+        self.module.to(self.device, kind, false);
+        Ok(())
+    }
+
     /// The layers [`quantize_layers`](Self::quantize_layers) rewrote (empty before).
     pub fn rewritten_layers(&self) -> &[RewrittenLayer] {
         &self.rewritten

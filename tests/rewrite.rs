@@ -1,0 +1,332 @@
+//! TorchScript layer rewrite (scripts/make_rewrite_fixtures.py): rewritten models run and train in
+//! Rust, reload in PyTorch with the same logits, equal the crate's own layers, learn their alphas
+//! with PACT's gradient, keep their accuracy, and refuse what they cannot do.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{assert_close, fixture_path, load_fixture, TempDir};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+use torchapprox::data::{normalize, Mnist};
+use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
+use torchapprox::models::Architecture;
+use torchapprox::quantizers::QuantizerKind;
+use torchapprox::torchscript::{FinetuneConfig, LayerQuantSpec, RewriteConfig, ScriptModel};
+
+fn rewrite_fixture(name: &str) -> PathBuf {
+    fixture_path("rewrite").join(format!("{name}.pt"))
+}
+
+fn ts_fixture(name: &str) -> PathBuf {
+    fixture_path("torchscript").join(format!("{name}.pt"))
+}
+
+fn digits() -> Mnist {
+    Mnist::load_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")).unwrap()
+}
+
+fn float_accuracy(name: &str) -> f64 {
+    let e: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture_path("rewrite/expected.json")).unwrap()).unwrap();
+    e["float_accuracy"][name].as_f64().unwrap()
+}
+
+fn python() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(p.exists(), "run scripts/setup.sh: {} is missing", p.display());
+    p
+}
+
+#[test]
+fn rewritten_models_reload_in_pytorch_with_the_same_logits() {
+    let tmp = TempDir::new("rw-reload");
+    let m = digits();
+    let train = normalize(&m.train_images.narrow(0, 0, 512), 0.0, 1.0, Device::Cpu).unwrap();
+    let x = load_fixture("torchscript/probe.safetensors")["x"].shallow_clone();
+    let spec4 = LayerQuantSpec { x_bits: 4, w_bits: 4, per_channel: true, ..Default::default() };
+    let minmax_fc =
+        LayerQuantSpec { x_kind: QuantizerKind::MinMax, w_kind: QuantizerKind::Pact, ..Default::default() };
+    for (path, config, n_layers) in [
+        (rewrite_fixture("resnet_scripted"), RewriteConfig::default(), 9),
+        (
+            rewrite_fixture("resnet_traced"),
+            RewriteConfig { default: spec4, overrides: vec![("fc".into(), minmax_fc)], ..Default::default() },
+            9,
+        ),
+        (ts_fixture("mlp_scripted"), RewriteConfig { default: spec4, ..Default::default() }, 2),
+    ] {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut model = ScriptModel::load(&path, Device::Cpu).unwrap();
+        let report = model.quantize_layers(&config).unwrap();
+        assert_eq!(report.layers.len(), n_layers, "{name}: {report:?}");
+        assert!(report.left_in_float.is_empty(), "{name}: {:?}", report.left_in_float);
+        model.calibrate(&train, 2, 128).unwrap();
+        // Each PACT quantizer's alpha is a parameter under the crate's names.
+        let params: Vec<String> = model.parameters().unwrap().into_iter().map(|(n, _)| n).collect();
+        for l in &report.layers {
+            let has = |q: &str| params.contains(&format!("{}.{q}.alpha", l.name));
+            assert_eq!(has("x_quantizer"), l.spec.x_kind == QuantizerKind::Pact, "{name} {}", l.name);
+            assert_eq!(has("w_quantizer"), l.spec.w_kind == QuantizerKind::Pact, "{name} {}", l.name);
+        }
+        let y = tch::no_grad(|| model.forward(&x).unwrap());
+        let out = tmp.0.join(format!("{name}-q.pt"));
+        model.save(&out).unwrap();
+        let back = ScriptModel::load(&out, Device::Cpu).unwrap();
+        assert_close(
+            &tch::no_grad(|| back.forward(&x).unwrap()),
+            &y,
+            0.0,
+            1e-6,
+            &format!("{name}: Rust reload"),
+        );
+        let io = tmp.0.join(format!("{name}-io.safetensors"));
+        Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_reload_check.py");
+        let o = Command::new(python()).arg(script).arg(&out).arg(&io).output().unwrap();
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{name}: PyTorch disagrees: {said} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Loss and every alpha gradient of the rewritten model and of the crate's network on the same batch.
+fn loss_and_alpha_grads(
+    forward: impl Fn(&Tensor) -> Tensor,
+    alphas: &[(String, Tensor)],
+    x: &Tensor,
+    y: &Tensor,
+) -> (Tensor, Vec<f64>) {
+    for (_, a) in alphas {
+        let mut g = a.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let logits = forward(x);
+    logits.cross_entropy_for_logits(y).backward();
+    (logits.detach(), alphas.iter().map(|(_, a)| a.grad().double_value(&[0])).collect())
+}
+
+#[test]
+fn rewritten_layers_equal_the_crates_layers_in_quantized_mode() {
+    let m = digits();
+    let x = normalize(&m.test_images.narrow(0, 0, 64), 0.0, 1.0, Device::Cpu).unwrap();
+    let y = m.test_labels.narrow(0, 0, 64);
+    for (name, arch, per_channel) in [
+        ("lenet_traced", Architecture::LeNet5, false),
+        ("lenet_traced", Architecture::LeNet5, true),
+        ("mlp_scripted", Architecture::Mlp, false),
+    ] {
+        let what = format!("{name} per_channel {per_channel}");
+        let mut model = ScriptModel::load(ts_fixture(name), Device::Cpu).unwrap();
+        let spec = LayerQuantSpec { per_channel, ..Default::default() };
+        // alpha = 1.0 clips part of every layer's input, so that every alpha gets a gradient.
+        model
+            .quantize_layers(&RewriteConfig { default: spec, init_alpha: 1.0, ..Default::default() })
+            .unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = arch
+            .build(&vs.root(), |_| QuantSpec {
+                per_channel,
+                mode: InferenceMode::Quantized,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(model.import_into(&vs).unwrap(), vs.variables().len(), "{what}: alphas imported too");
+        net.set_mode(InferenceMode::Quantized);
+        let ts_alphas: Vec<(String, Tensor)> =
+            model.parameters().unwrap().into_iter().filter(|(n, _)| n.ends_with("alpha")).collect();
+        let rs_alphas: Vec<(String, Tensor)> =
+            ts_alphas.iter().map(|(n, _)| (n.clone(), vs.variables()[n].shallow_clone())).collect();
+        for (_, a) in &ts_alphas {
+            let _ = a.set_requires_grad(true);
+        }
+        let (a, ga) = loss_and_alpha_grads(|x| model.forward(x).unwrap(), &ts_alphas, &x, &y);
+        let (b, gb) = loss_and_alpha_grads(|x| net.forward_t(x, false), &rs_alphas, &x, &y);
+        assert_close(&a, &b, 0.0, 1e-5, &format!("{what}: logits"));
+        for ((n, ga), gb) in ts_alphas.iter().map(|(n, _)| n).zip(&ga).zip(&gb) {
+            assert!(ga.abs() > 0.0, "{what}: {n} got no gradient");
+            assert!((ga - gb).abs() <= 1e-3 * (1.0 + gb.abs()), "{what}: {n} gradient {ga} vs {gb}");
+        }
+    }
+}
+
+#[test]
+fn alpha_gradients_match_finite_differences_of_the_unrounded_quantizer() {
+    let m = digits();
+    let x = normalize(&m.test_images.narrow(0, 0, 16), 0.0, 1.0, Device::Cpu).unwrap().to_kind(Kind::Double);
+    for name in ["resnet_scripted", "resnet_traced"] {
+        let mut model = ScriptModel::load(rewrite_fixture(name), Device::Cpu).unwrap();
+        let spec = LayerQuantSpec { rounded: false, x_bits: 4, ..Default::default() };
+        // Not a multiple of 1/255: no input pixel sits exactly on the kink at alpha.
+        model
+            .quantize_layers(&RewriteConfig { default: spec, init_alpha: 0.7123, ..Default::default() })
+            .unwrap();
+        model.set_kind(Kind::Double).unwrap();
+        tch::manual_seed(3);
+        let w = Tensor::randn([16, 10], (Kind::Double, Device::Cpu));
+        let objective = |model: &ScriptModel| (model.forward(&x).unwrap() * &w).sum(Kind::Double);
+        let alphas: Vec<(String, Tensor)> = model
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("x_quantizer.alpha"))
+            .collect();
+        assert_eq!(alphas.len(), 9);
+        for (_, a) in &alphas {
+            let _ = a.set_requires_grad(true);
+        }
+        objective(&model).backward();
+        for (n, a) in &alphas {
+            let g = a.grad().double_value(&[0]);
+            let h = 1e-6;
+            let at = |v: f64| {
+                let _ = tch::no_grad(|| a.shallow_clone().fill_(v));
+                objective(&model).double_value(&[])
+            };
+            let a0 = a.double_value(&[0]);
+            let fd = (at(a0 + h) - at(a0 - h)) / (2.0 * h);
+            at(a0);
+            assert!(
+                (g - fd).abs() <= 1e-4 * (1.0 + fd.abs()),
+                "{name} {n}: autograd {g} vs finite difference {fd}"
+            );
+        }
+    }
+}
+
+#[test]
+fn calibrated_8_bit_and_finetuned_4_bit_models_keep_their_accuracy() {
+    let m = digits();
+    let tx = normalize(&m.train_images, 0.0, 1.0, Device::Cpu).unwrap();
+    let vx = normalize(&m.test_images, 0.0, 1.0, Device::Cpu).unwrap();
+    let mut q8 = ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
+    q8.quantize_layers(&RewriteConfig::default()).unwrap();
+    let uncalibrated = q8.accuracy(&vx, &m.test_labels, 500).unwrap();
+    q8.calibrate(&tx, 8, 64).unwrap();
+    let calibrated = q8.accuracy(&vx, &m.test_labels, 500).unwrap();
+    let float = float_accuracy("resnet_scripted");
+    eprintln!("resnet 8-bit: float {float:.4}, alpha 2.2 {uncalibrated:.4}, calibrated {calibrated:.4}");
+    assert!(calibrated >= float - 0.005, "8-bit calibrated {calibrated} vs float {float}");
+    assert!(calibrated > uncalibrated, "calibration did not help: {calibrated} vs {uncalibrated}");
+
+    let mut q4 = ScriptModel::load(rewrite_fixture("resnet_traced"), Device::Cpu).unwrap();
+    let spec = LayerQuantSpec { x_bits: 4, w_bits: 4, per_channel: true, ..Default::default() };
+    q4.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
+    q4.calibrate(&tx, 8, 64).unwrap();
+    let before = q4.accuracy(&vx, &m.test_labels, 500).unwrap();
+    let alphas_before = q4.alphas().unwrap();
+    q4.finetune(&tx, &m.train_labels, FinetuneConfig { epochs: 1, lr: 1e-3, ..Default::default() }).unwrap();
+    let after = q4.accuracy(&vx, &m.test_labels, 500).unwrap();
+    let float = float_accuracy("resnet_traced");
+    eprintln!("resnet 4-bit per channel: float {float:.4}, calibrated {before:.4}, after 1 epoch {after:.4}");
+    assert!(after >= float - 0.015, "4-bit fine-tuned {after} vs float {float}");
+    let moved = q4.alphas().unwrap().iter().zip(&alphas_before).filter(|(a, b)| a.1 != b.1).count();
+    assert_eq!(moved, 9, "every input alpha learns");
+}
+
+#[test]
+fn what_the_rewrite_cannot_do_is_reported_or_refused() {
+    let mixed = rewrite_fixture("mixed_scripted");
+    let mut model = ScriptModel::load(&mixed, Device::Cpu).unwrap();
+    let report = model.quantize_layers(&RewriteConfig::default()).unwrap();
+    let names: Vec<(&str, usize)> = report.layers.iter().map(|l| (l.name.as_str(), l.calls)).collect();
+    assert_eq!(names, [("hidden", 1), ("twice", 2)]);
+    assert_eq!(
+        report.left_in_float,
+        ["rows: Conv1d is not covered", "the top module: 1 functional aten::linear call(s) in its code"]
+    );
+    let e = model.quantize_layers(&RewriteConfig::default()).unwrap_err().to_string();
+    assert!(
+        e.starts_with("the model was quantized by this rewrite before (hidden.x_quantizer is a quantizer)"),
+        "{e}"
+    );
+
+    let scripted = rewrite_fixture("resnet_scripted");
+    let load = || ScriptModel::load(&scripted, Device::Cpu).unwrap();
+    let minmax = LayerQuantSpec { x_kind: QuantizerKind::MinMax, ..Default::default() };
+    let e = load()
+        .quantize_layers(&RewriteConfig {
+            overrides: vec![("layer1.1.conv1".into(), minmax)],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("layers layer1.0.conv1 and layer1.1.conv1 share the TorchScript class"), "{e}");
+    let e = load()
+        .quantize_layers(&RewriteConfig { overrides: vec![("layer9".into(), minmax)], ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("unknown layer \"layer9\": the model's layers are stem.0, layer1.0.conv1"), "{e}");
+    let bad_bits = LayerQuantSpec { w_bits: 17, ..Default::default() };
+    let e = load().quantize_layers(&RewriteConfig { default: bad_bits, ..Default::default() }).unwrap_err();
+    assert_eq!(e.to_string(), "bitwidth 17 is out of range: quantizers support 2..=16 bits");
+    let e = ScriptModel::load(ts_fixture("no_weights"), Device::Cpu)
+        .unwrap()
+        .quantize_layers(&RewriteConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "no Linear or Conv2d layer to quantize");
+    let mut plain = load();
+    let e = plain.calibrate(&Tensor::zeros([4, 1, 28, 28], (Kind::Float, Device::Cpu)), 1, 4).unwrap_err();
+    assert!(e.to_string().starts_with("no PACT input quantizers to calibrate"), "{e}");
+}
+
+#[test]
+fn quantize_torchscript_cli_rewrites_calibrates_and_reports_each_layer() {
+    let tmp = TempDir::new("rw-cli");
+    let bin = common::example_bin("quantize_torchscript");
+    let model = rewrite_fixture("resnet_scripted");
+    let out = tmp.0.join("q.pt");
+    let run = |args: &[&str]| Command::new(&bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let o = run(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--x-quant",
+        "pact",
+        "--calibrate",
+        "4",
+        "--bits",
+        "8",
+        "--layer",
+        "fc=minmax:8,minmax:6",
+        "--json",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (float, quantized) =
+        (report["float_accuracy"].as_f64().unwrap(), report["quantized_accuracy"].as_f64().unwrap());
+    assert!(quantized >= float - 0.005, "{report}");
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 9);
+    assert_eq!((layers[0]["name"].as_str(), layers[0]["x_quant"].as_str()), (Some("stem.0"), Some("pact")));
+    assert!(layers[0]["x_alpha"].as_f64().unwrap() != 2.2);
+    assert_eq!((layers[8]["x_quant"].as_str(), layers[8]["w_bits"].as_u64()), (Some("minmax"), Some(6)));
+    assert!(layers[8]["x_alpha"].is_null());
+    // PyTorch measures the saved file as Rust did.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_accuracy.py");
+    let o = Command::new(python()).arg(script).arg(&out).output().unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    let torch_acc: f64 = said.split_whitespace().last().unwrap().parse().unwrap();
+    assert!((torch_acc - quantized).abs() < 1e-4, "PyTorch {torch_acc} vs Rust {quantized}");
+    for (args, needle) in [
+        (vec!["--x-quant", "pact", "--layer", "nope=pact,minmax"], "unknown layer \"nope\""),
+        (vec!["--calibrate", "2"], "--calibrate, --x-bits and --w-bits need --x-quant"),
+        (vec!["--x-quant", "pact", "--x-bits", "1"], "bitwidth 1 is out of range"),
+    ] {
+        let o = run(&[&["--model", model.to_str().unwrap(), "--device", "cpu"][..], &args[..]].concat());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
