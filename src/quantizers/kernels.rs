@@ -37,15 +37,19 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const MAGIC: Self = 12_582_912.0;
     const KIND: Kind = Kind::Float;
+    #[inline(always)]
     fn abs(self) -> Self {
         f32::abs(self)
     }
+    #[inline(always)]
     fn copysign(self, sign: Self) -> Self {
         f32::copysign(self, sign)
     }
+    #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
     }
@@ -67,15 +71,19 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const MAGIC: Self = 6_755_399_441_055_744.0;
     const KIND: Kind = Kind::Double;
+    #[inline(always)]
     fn abs(self) -> Self {
         f64::abs(self)
     }
+    #[inline(always)]
     fn copysign(self, sign: Self) -> Self {
         f64::copysign(self, sign)
     }
+    #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
     }
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         self
     }
@@ -109,6 +117,28 @@ fn clamp<T: Real>(v: T, lo: T, hi: T) -> T {
     } else {
         v
     }
+}
+
+/// Calls `$body` (an `#[inline(always)]` kernel loop) compiled for AVX2 where the CPU has it,
+/// else for the baseline: twice the vector width for the same IEEE arithmetic (no FMA), so
+/// results stay bit for bit the same.
+macro_rules! simd {
+    (fn $name:ident<$t:ident: Real>($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $body:ident) => {
+        fn $name<$t: Real>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2<$t: Real>($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
 }
 
 /// Runs the `T = f32` or `T = f64` instance of a kernel for a dtype from [`eligible`], so
@@ -306,18 +336,23 @@ fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut
     let (m, s) = (T::from_f64(m), T::from_f64(s));
     let neg = T::ZERO - m;
     // `move`: parameters by value, so the loop keeps them in registers and vectorises.
-    for_chunks(xs, [ys], move |xs, [ys]| match out {
-        MinMaxOut::Integers => {
-            for (y, &v) in ys.iter_mut().zip(xs) {
-                *y = round_even(clamp(v, neg, m) * s);
-            }
+    let dequantize = out == MinMaxOut::Dequantized;
+    for_chunks(xs, [ys], move |xs, [ys]| minmax_slice(xs, ys, neg, m, s, dequantize));
+}
+
+simd!(fn minmax_slice<T: Real>(xs: &[T], ys: &mut [T], neg: T, m: T, s: T, dequantize: bool) = minmax_body);
+
+#[inline(always)]
+fn minmax_body<T: Real>(xs: &[T], ys: &mut [T], neg: T, m: T, s: T, dequantize: bool) {
+    if dequantize {
+        for (y, &v) in ys.iter_mut().zip(xs) {
+            *y = round_even(clamp(v, neg, m) * s) / s;
         }
-        MinMaxOut::Dequantized => {
-            for (y, &v) in ys.iter_mut().zip(xs) {
-                *y = round_even(clamp(v, neg, m) * s) / s;
-            }
+    } else {
+        for (y, &v) in ys.iter_mut().zip(xs) {
+            *y = round_even(clamp(v, neg, m) * s);
         }
-    });
+    }
 }
 
 /// [`pact`] for element type `T`.
@@ -341,7 +376,10 @@ fn pact_into<T: Real>(x: &Tensor, ys: &mut [T], s: f64, int_max: i64, dequantize
     for_chunks(xs, [ys], move |xs, [ys]| pact_slice(xs, ys, s, neg, im, dequantize));
 }
 
-fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) {
+simd!(fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) = pact_body);
+
+#[inline(always)]
+fn pact_body<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) {
     if dequantize {
         for (y, &v) in ys.iter_mut().zip(xs) {
             *y = round_even(clamp(v * s, neg, im)) / s;
@@ -392,10 +430,21 @@ fn pact_backward_typed<T: Real>(
     (Some(gx), sum)
 }
 
-/// One chunk of PACT's backward: `gxs` (where wanted) and the chunk's alpha sum. The gradient
-/// is `gs`, or `scalar` everywhere when `gs` is `None`. Every parameter by value and one loop
-/// per case, so that each loop vectorises.
-fn pact_backward_slice<T: Real>(
+// One chunk of PACT's backward: `gxs` (where wanted) and the chunk's alpha sum. The gradient
+// is `gs`, or `scalar` everywhere when `gs` is `None`. Every parameter by value and one loop
+// per case, so that each loop vectorises.
+simd!(fn pact_backward_slice<T: Real>(
+    xs: &[T],
+    gs: Option<&[T]>,
+    scalar: Option<T>,
+    gxs: Option<&mut [T]>,
+    a: T,
+    nega: T,
+    k: T
+) -> f64 = pact_backward_body);
+
+#[inline(always)]
+fn pact_backward_body<T: Real>(
     xs: &[T],
     gs: Option<&[T]>,
     scalar: Option<T>,
