@@ -4,8 +4,10 @@
 #   scripts/gpu-check.sh build    # here: build test and example binaries into gpu-bin/
 #   scripts/gpu-check.sh run      # there (carry gpu-bin): run them against that machine's torch
 #
-# `run` executes every test binary (CUDA tests stop saying SKIPPED), the trainer for
-# two epochs on CUDA, and the speed benchmark with --device cuda, each under a time box.
+# `run` executes every test binary (CUDA tests stop saying SKIPPED; the quantizers' autograd
+# nodes take their libtorch path there, with no host sync in PACT), the trainer for two epochs
+# on CUDA, a TorchScript layer rewrite with calibration and one fine-tuning epoch on CUDA, and
+# the speed benchmark with --device cuda, each under a time box.
 # gpu-bin/ is listed in .git/info/exclude by `build`, so it travels only when carried.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,8 +22,8 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | while read -r exe; do cp "$exe" gpu-bin/tests/; done
-    cargo build --quiet --release --example train --example bench
-    cp target/release/examples/train target/release/examples/bench gpu-bin/
+    cargo build --quiet --release --example train --example bench --example quantize_torchscript
+    cp target/release/examples/{train,bench,quantize_torchscript} gpu-bin/
     ls -la gpu-bin gpu-bin/tests
     ;;
 run)
@@ -36,6 +38,9 @@ run)
     done
     echo "== trainer on CUDA, 2 epochs"
     timeout 180 gpu-bin/train --device cuda --epochs 2 || status=1
+    echo "== TorchScript layer rewrite on CUDA: calibrate, fine-tune one epoch"
+    timeout 180 gpu-bin/quantize_torchscript --model tests/fixtures/rewrite/resnet_scripted.pt --device cuda \
+        --x-quant pact --bits 4 --per-channel --calibrate 4 --finetune-epochs 1 --finetune-lr 1e-3 || status=1
     echo "== benchmark on CUDA"
     timeout 240 gpu-bin/bench --device cuda --threads 1 || status=1
     exit $status
