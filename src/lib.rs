@@ -13,7 +13,12 @@
 //! quantized and noisy modes), [`models`] (the trainer's MLP and LeNet-5),
 //! [`data`] (MNIST in IDX format), [`checkpoint`] (atomic, checked VarStore
 //! files) and [`torchscript`] (post-training quantization, import and QAT of
-//! models exported from PyTorch).
+//! models exported from PyTorch, and quantized layers rewritten into them).
+//!
+//! The quantizers' gradients are native autograd nodes, and the TorchScript
+//! rewrite uses libtorch's JIT API: both through a small C++ glue (`src/glue`,
+//! compiled by `build.rs` against the same libtorch), whose errors come back as
+//! [`Error`]s.
 //!
 //! ```
 //! use tch::{nn, nn::Module, Device, Kind, Tensor};
