@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
+use torchapprox::approx::Multiplier;
 use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
@@ -62,9 +63,14 @@ struct Args {
     /// Seed of initialisation, shuffling and noise.
     #[arg(long, default_value_t = 0)]
     seed: i64,
-    /// Inference mode of every layer: `baseline` (float), `quant` (QAT) or `noise`.
+    /// Inference mode of every layer: `baseline` (float), `quant` (QAT), `noise`, or `approx`
+    /// (8-bit products from --multiplier's table, straight-through gradients).
     #[arg(long, default_value = "quant")]
     mode: InferenceMode,
+    /// The multiplier of `--mode approx`: `exact`, `truncated:K`, `mitchell`, `drum:K`, or a
+    /// table file (`.npy` int32/int64 [256, 256], or 65,536 little-endian int32).
+    #[arg(long, value_name = "SPEC")]
+    multiplier: Option<String>,
     /// Relative noise level of `--mode noise` (times the std of each layer's output).
     #[arg(long, default_value_t = 0.1)]
     noise_std: f64,
@@ -174,6 +180,21 @@ fn run(args: Args) -> Result<()> {
         }
         check_destination(path).context("--save")?;
     }
+    let multiplier = match (&args.multiplier, args.mode) {
+        (Some(spec), InferenceMode::Approximate) => Some(spec.parse::<Multiplier>()?),
+        (None, InferenceMode::Approximate) => {
+            bail!("--mode approx needs --multiplier SPEC (e.g. exact, drum:4)")
+        }
+        (Some(_), mode) => bail!("--multiplier applies to --mode approx, not --mode {mode}"),
+        (None, _) => None,
+    };
+    if args.mode == InferenceMode::Approximate {
+        let bits: Vec<u32> =
+            std::iter::once(base.bitwidth).chain(overrides.iter().map(|(_, s)| s.bitwidth)).collect();
+        if let Some(b) = bits.iter().find(|&&b| b != 8) {
+            bail!("--mode approx multiplies 8-bit integers: got {b} bits (use --bits 8)");
+        }
+    }
     let device = pick_device(&args.device)?;
     let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     let data = match &args.data {
@@ -194,6 +215,7 @@ fn run(args: Args) -> Result<()> {
     let mut vs = nn::VarStore::new(device);
     let spec_for = |name: &str| overrides.iter().find(|(n, _)| n == name).map_or(base, |(_, s)| *s);
     let net = args.model.build(&vs.root(), spec_for)?;
+    net.set_multiplier(multiplier.clone());
     if let Some(path) = &args.load {
         load_checked(&mut vs, path)?;
     }
@@ -319,6 +341,11 @@ fn run(args: Args) -> Result<()> {
             "seconds": seconds,
             "per_epoch": epochs,
             "layers": layers,
+            "multiplier": multiplier.as_ref().map(|m| {
+                let e = m.metrics();
+                json!({"name": m.name(), "error_rate": e.error_rate, "mean_absolute_error": e.mean_absolute_error,
+                    "mred": e.mred, "worst_case_error": e.worst_case_error, "mean_error": e.mean_error})
+            }),
         });
         println!("{report}");
     }

@@ -88,6 +88,10 @@ pub enum Error {
     #[error("{0}")]
     Checkpoint(String),
 
+    /// A multiplier spec or table file that cannot be used.
+    #[error("{0}")]
+    Multiplier(String),
+
     /// A quantizer name that is neither `minmax` nor `pact`.
     #[error("unknown quantizer kind {0:?}: expected `minmax` or `pact`")]
     UnknownKind(String),

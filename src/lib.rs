@@ -38,6 +38,7 @@
 
 #![warn(missing_docs)]
 
+pub mod approx;
 pub mod checkpoint;
 pub mod data;
 mod error;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use tch::{nn, Tensor};
 
+use crate::approx::Multiplier;
 use crate::quantizers::{
     check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind,
 };
@@ -21,6 +22,10 @@ pub enum InferenceMode {
     Quantized,
     /// `Quantized` plus Gaussian noise of standard deviation `noise_std * std(y)`, in training only.
     Noise,
+    /// `Quantized` with every 8-bit product read from the layer's [`Multiplier`] table,
+    /// summed exactly; gradients are those of the exact products (straight-through), as in
+    /// TorchApprox. Needs 8-bit quantizers and a multiplier ([`LayerQuant::set_multiplier`]).
+    Approximate,
 }
 
 impl fmt::Display for InferenceMode {
@@ -29,6 +34,7 @@ impl fmt::Display for InferenceMode {
             Self::Baseline => "baseline",
             Self::Quantized => "quant",
             Self::Noise => "noise",
+            Self::Approximate => "approx",
         })
     }
 }
@@ -36,12 +42,13 @@ impl fmt::Display for InferenceMode {
 impl FromStr for InferenceMode {
     type Err = Error;
 
-    /// Accepts `baseline`, `quant` (or `quantized`) and `noise`.
+    /// Accepts `baseline`, `quant` (or `quantized`), `noise` and `approx` (or `approximate`).
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "baseline" | "float" => Ok(Self::Baseline),
             "quant" | "quantized" => Ok(Self::Quantized),
             "noise" => Ok(Self::Noise),
+            "approx" | "approximate" => Ok(Self::Approximate),
             _ => Err(Error::UnknownMode(s.to_string())),
         }
     }
@@ -56,6 +63,7 @@ impl InferenceMode {
         match v {
             1 => Self::Quantized,
             2 => Self::Noise,
+            3 => Self::Approximate,
             _ => Self::Baseline,
         }
     }
@@ -123,6 +131,13 @@ pub trait ApproxModule {
         }
     }
 
+    /// Sets (or clears) the multiplier of every layer's Approximate mode.
+    fn set_multiplier(&self, multiplier: Option<crate::approx::Multiplier>) {
+        for (_, l) in self.approx_layers() {
+            l.quant().set_multiplier(multiplier.clone());
+        }
+    }
+
     /// Sets the noise level of every layer.
     fn set_noise_std(&self, std: f64) {
         for (_, l) in self.approx_layers() {
@@ -140,6 +155,7 @@ pub struct LayerQuant {
     pub w_quantizer: Quantizer,
     mode: AtomicU8,
     noise_std: AtomicU64,
+    multiplier: std::sync::RwLock<Option<Multiplier>>,
 }
 
 impl LayerQuant {
@@ -164,7 +180,19 @@ impl LayerQuant {
             w_quantizer,
             mode: AtomicU8::new(spec.mode.to_u8()),
             noise_std: AtomicU64::new(spec.noise_std.to_bits()),
+            multiplier: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Refuses Approximate mode with quantizers of other than 8 bits (the tables are 8-bit).
+    fn check_approx_bits(&self) -> Result<()> {
+        let (x, w) = (self.x_quantizer.bitwidth(), self.w_quantizer.bitwidth());
+        if (x, w) != (8, 8) {
+            return Err(Error::Multiplier(format!(
+                "approximate mode multiplies 8-bit integers: the layer quantizes inputs to {x} and weights to {w} bits"
+            )));
+        }
+        Ok(())
     }
 
     /// The current inference mode.
@@ -177,6 +205,16 @@ impl LayerQuant {
         self.mode.store(mode.to_u8(), Ordering::Relaxed);
     }
 
+    /// Sets (or clears) the multiplier of [`InferenceMode::Approximate`].
+    pub fn set_multiplier(&self, multiplier: Option<Multiplier>) {
+        *self.multiplier.write().unwrap_or_else(|p| p.into_inner()) = multiplier;
+    }
+
+    /// The multiplier of [`InferenceMode::Approximate`], if set.
+    pub fn multiplier(&self) -> Option<Multiplier> {
+        self.multiplier.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The relative noise level of [`InferenceMode::Noise`].
     pub fn noise_std(&self) -> f64 {
         f64::from_bits(self.noise_std.load(Ordering::Relaxed))
@@ -187,9 +225,11 @@ impl LayerQuant {
         self.noise_std.store(std.to_bits(), Ordering::Relaxed);
     }
 
-    /// Runs `op` (the layer's float operation on input, weight and optional bias) in the current mode.
+    /// Runs `op` (the layer's float operation on input, weight and optional bias) in the current mode;
+    /// `lut_op` is the same operation with a multiplier's table products (Approximate mode).
     ///
     /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -198,6 +238,7 @@ impl LayerQuant {
         train: bool,
         channel_shape: &[i64],
         op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+        lut_op: impl Fn(&Tensor, &Tensor, &Multiplier) -> Result<Tensor>,
     ) -> Result<Tensor> {
         check_defined(x, "layer input")?;
         let mode = self.mode();
@@ -225,6 +266,17 @@ impl LayerQuant {
                 let acc = op(&qx.values, &qw.values, None)?;
                 (qx, acc)
             }
+        };
+        let acc = if mode == InferenceMode::Approximate {
+            let m = self.multiplier().ok_or_else(|| {
+                Error::Multiplier("approximate mode needs a multiplier: call set_multiplier first".into())
+            })?;
+            self.check_approx_bits()?;
+            // The table's sums in value, the exact products' gradient: acc + (lut - acc), detached.
+            let lut = lut_op(&qx.values.f_detach()?, &qw.values.f_detach()?, &m)?;
+            acc.f_add(&lut.f_sub(&acc.f_detach()?)?)?
+        } else {
+            acc
         };
         let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
         let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;

@@ -137,9 +137,15 @@ impl ApproxConv2d {
     /// The forward pass, returning errors instead of panicking.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let c = &self.config;
-        let y = self.quant.forward(xs, &self.weight, self.bias.as_ref(), train, &[-1, 1, 1], |x, w, b| {
-            Ok(x.f_conv2d(w, b, [c.stride; 2], [c.padding; 2], [c.dilation; 2], c.groups)?)
-        })?;
+        let y = self.quant.forward(
+            xs,
+            &self.weight,
+            self.bias.as_ref(),
+            train,
+            &[-1, 1, 1],
+            |x, w, b| Ok(x.f_conv2d(w, b, [c.stride; 2], [c.padding; 2], [c.dilation; 2], c.groups)?),
+            |x, w, m| crate::approx::lut_conv2d(x, w, m, c.stride, c.padding, c.dilation, c.groups),
+        )?;
         let size = y.size();
         self.last_output_pixels.store(size[size.len() - 2] * size[size.len() - 1], Ordering::Relaxed);
         Ok(y)

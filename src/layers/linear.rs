@@ -126,6 +126,7 @@ impl ApproxLinear {
             train,
             &[-1],
             |x, w, b| Ok(x.f_linear(w, b)?),
+            crate::approx::lut_linear,
         )
     }
 }

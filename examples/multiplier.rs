@@ -1,0 +1,112 @@
+//! Error metrics of an approximate multiplier over all 65,536 signed 8-bit operand pairs, and its
+//! error as a 256×256 heatmap.
+//!
+//! ```sh
+//! cargo run --release --example multiplier -- --multiplier drum:4 --heatmap drum4.png
+//! cargo run --release --example multiplier -- --multiplier table.npy --json
+//! ```
+
+use std::io::BufWriter;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+use torchapprox::approx::Multiplier;
+
+/// Print a multiplier's error metrics (EvoApprox's definitions) and draw its error.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// `exact`, `truncated:K`, `mitchell`, `drum:K`, or a table file (`.npy` int32/int64
+    /// [256, 256], or 65,536 little-endian int32).
+    #[arg(long, value_name = "SPEC")]
+    multiplier: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Draw `approx - exact` for every operand pair (rows: a from -128 to 127, columns: b) as a
+    /// PNG, blue below zero, red above, white exact, with the colour scale along the bottom.
+    #[arg(long, value_name = "FILE.png")]
+    heatmap: Option<PathBuf>,
+    /// libtorch's intra-op threads (unused here; kept for a uniform command line).
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+}
+
+/// A diverging colour for `e` in `[-max, max]`: blue, white, red.
+fn colour(e: f64, max: f64) -> [u8; 3] {
+    let t = if max > 0.0 { (e / max).clamp(-1.0, 1.0) } else { 0.0 };
+    let fade = |v: f64| (255.0 * (1.0 - v.abs())).round() as u8;
+    if t < 0.0 {
+        [fade(t), fade(t), 255]
+    } else {
+        [255, fade(t), fade(t)]
+    }
+}
+
+fn heatmap(m: &Multiplier, path: &PathBuf) -> Result<f64> {
+    let max = m.metrics().worst_case_error as f64;
+    // 256 rows of products, a gap, and a 16-row scale from -max (left) to +max (right).
+    let (w, h) = (256u32, 256u32 + 4 + 16);
+    let mut pixels = vec![255u8; (w * h * 3) as usize];
+    for a in -128..=127i32 {
+        for b in -128..=127i32 {
+            let e = (m.product(a, b) as i64 - (a * b) as i64) as f64;
+            let at = (((a + 128) as u32 * w + (b + 128) as u32) * 3) as usize;
+            pixels[at..at + 3].copy_from_slice(&colour(e, max));
+        }
+    }
+    for y in 260..h {
+        for x in 0..w {
+            let e = (x as f64 / (w - 1) as f64 * 2.0 - 1.0) * max;
+            let at = ((y * w + x) * 3) as usize;
+            pixels[at..at + 3].copy_from_slice(&colour(e, max));
+        }
+    }
+    let file = std::fs::File::create(path).with_context(|| format!("--heatmap {}", path.display()))?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()?.write_image_data(&pixels)?;
+    Ok(max)
+}
+
+fn run(args: Args) -> Result<()> {
+    tch::set_num_threads(args.threads.max(1));
+    let m: Multiplier = args.multiplier.parse()?;
+    let e = m.metrics();
+    let scale = args.heatmap.as_ref().map(|p| heatmap(&m, p)).transpose()?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "multiplier": m.name(), "error_rate": e.error_rate, "mean_absolute_error": e.mean_absolute_error,
+                "mred": e.mred, "worst_case_error": e.worst_case_error, "mean_error": e.mean_error,
+                "heatmap": args.heatmap.as_ref().map(|p| p.display().to_string()),
+            })
+        );
+    } else {
+        println!("multiplier           {}", m.name());
+        println!("error rate           {:.4}", e.error_rate);
+        println!("mean absolute error  {:.3}", e.mean_absolute_error);
+        println!("MRED                 {:.5}", e.mred);
+        println!("worst-case error     {}", e.worst_case_error);
+        println!("mean error (bias)    {:.3}", e.mean_error);
+        if let (Some(p), Some(max)) = (&args.heatmap, scale) {
+            println!("heatmap              {} (colour scale -{max} .. +{max})", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
