@@ -45,7 +45,7 @@ fn bad(what: String) -> Error {
 
 impl Multiplier {
     /// A multiplier from `product(a, b)` over all signed 8-bit pairs.
-    pub fn from_fn(name: impl Into<String>, product: impl Fn(i32, i32) -> i64) -> Result<Self> {
+    pub fn from_fn(name: impl Into<String>, mut product: impl FnMut(i32, i32) -> i64) -> Result<Self> {
         let name = name.into();
         let mut table = vec![0i32; TABLE_SIZE];
         for a in -128..=127 {
@@ -154,11 +154,13 @@ impl Multiplier {
             match descr.as_str() {
                 "<i4" | "|i4" => npy
                     .into_vec::<i32>()
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(format!("truncated or corrupt data ({e})")))?
                     .into_iter()
                     .map(i64::from)
                     .collect(),
-                "<i8" | "|i8" => npy.into_vec::<i64>().map_err(|e| fail(e.to_string()))?,
+                "<i8" | "|i8" => {
+                    npy.into_vec::<i64>().map_err(|e| fail(format!("truncated or corrupt data ({e})")))?
+                }
                 other => return Err(fail(format!("dtype {other}, expected int32 or int64 (<i4, <i8)"))),
             }
         } else {

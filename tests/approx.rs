@@ -1,0 +1,377 @@
+//! Approximate multipliers: built-in tables against hand-worked products, table GEMMs against an
+//! int64 brute force, Approximate mode against Quantized mode, bad tables, the trainer's flags.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{assert_exact, example_bin, randn, values, TempDir};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+use torchapprox::approx::{lut_conv2d, lut_linear, lut_matmul, lut_matmul_gather, Multiplier};
+use torchapprox::layers::{
+    ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig, InferenceMode, QuantSpec,
+};
+
+#[test]
+fn built_in_multipliers_give_the_hand_worked_products() {
+    let cases: [(&str, i32, i32, i32); 16] = [
+        ("exact", -7, 9, -63),
+        ("exact", -128, -128, 16384),
+        ("truncated:4", 13, -11, -128), // 143 = 0b1000_1111 -> 0b1000_0000
+        ("truncated:4", 3, 5, 0),
+        ("truncated:0", 127, -127, -16129),
+        ("truncated:2", 7, 7, 48), // 49 = 0b11_0001 -> 0b11_0000
+        ("mitchell", 3, 3, 8),     // 2^2 (1 + 1/2 + 1/2) >= 2: 2^3 (1/2 + 1/2)
+        ("mitchell", 5, 6, 28),    // 2^4 (1 + 1/4 + 1/2)
+        ("mitchell", -5, 6, -28),
+        ("mitchell", 0, 77, 0),
+        ("mitchell", 127, 127, 16128),
+        ("mitchell", -128, 1, -128),
+        ("drum:3", 13, 6, 84), // 13 = 0b1101 -> 0b1110 = 14; 6 has 3 bits, kept
+        ("drum:3", 6, 6, 36),
+        ("drum:4", 100, 100, 10816), // 100 = 0b110_0100 -> 0b110_1000 = 104
+        ("drum:4", -100, 3, -312),
+    ];
+    for (spec, a, b, expected) in cases {
+        let m: Multiplier = spec.parse().unwrap();
+        assert_eq!(m.product(a, b), expected, "{spec}: {a} * {b}");
+    }
+    // Metrics: zero for the exact table; truncation's worst case is the dropped bits; Mitchell
+    // never overestimates a magnitude, DRUM is nearly unbiased.
+    let e = Multiplier::exact().metrics();
+    assert_eq!(
+        (e.error_rate, e.mean_absolute_error, e.mred, e.worst_case_error, e.mean_error),
+        (0.0, 0.0, 0.0, 0, 0.0)
+    );
+    for k in [1, 4, 7] {
+        assert_eq!(Multiplier::truncated(k).unwrap().metrics().worst_case_error, (1 << k) - 1);
+    }
+    let mitchell = Multiplier::mitchell();
+    for a in -128..=127 {
+        for b in -128..=127 {
+            assert!(mitchell.product(a, b).abs() <= (a * b).abs(), "mitchell {a} * {b}");
+        }
+    }
+    let mm = mitchell.metrics();
+    assert!((0.03..0.045).contains(&mm.mred), "Mitchell's MRED is about 3.8%: {}", mm.mred);
+    let drum = Multiplier::drum(4).unwrap().metrics();
+    assert!(drum.mean_error.abs() < 0.01 * drum.mean_absolute_error, "{drum:?}");
+    assert!(Multiplier::drum(8).is_err() && Multiplier::truncated(15).is_err());
+    let e = "drum:x".parse::<Multiplier>().unwrap_err().to_string();
+    assert_eq!(e, "multiplier \"drum:x\": K must be a number, got \"x\"");
+    let e = "wallace".parse::<Multiplier>().unwrap_err().to_string();
+    assert!(e.starts_with("unknown multiplier \"wallace\""), "{e}");
+}
+
+/// A seeded table of values in `[-range, range]`.
+fn random_table(seed: u64, range: i64) -> Multiplier {
+    let mut s = seed;
+    Multiplier::from_fn(format!("random{seed}"), move |_, _| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s % (2 * range as u64 + 1)) as i64 - range
+    })
+    .unwrap()
+}
+
+fn ints(shape: &[i64], seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randint_low(-127, 128, shape, (Kind::Float, Device::Cpu))
+}
+
+#[test]
+fn table_gemms_equal_an_int64_brute_force() {
+    for (m, what) in [(random_table(1, 30000), "random"), (random_table(2, 1 << 30), "wide (int64 sums)")] {
+        // Linear: every row count around the 4-row blocks.
+        for rows in [1, 3, 4, 7] {
+            let (x, w) = (ints(&[rows, 37], rows), ints(&[5, 37], 100 + rows));
+            let (xv, wv) = (values(&x), values(&w));
+            let mut expected = vec![0f32; (rows * 5) as usize];
+            for r in 0..rows as usize {
+                for o in 0..5 {
+                    let s: i64 =
+                        (0..37).map(|k| m.product(xv[r * 37 + k] as i32, wv[o * 37 + k] as i32) as i64).sum();
+                    expected[r * 5 + o] = s as f32;
+                }
+            }
+            let expected = Tensor::from_slice(&expected).reshape([rows, 5]);
+            assert_exact(
+                &lut_matmul(&x, &w, &m).unwrap(),
+                &expected,
+                &format!("{what} lut_matmul {rows} rows"),
+            );
+            assert_exact(
+                &lut_matmul_gather(&x, &w, &m).unwrap(),
+                &expected,
+                &format!("{what} gather {rows} rows"),
+            );
+            assert_exact(
+                &lut_linear(&x.reshape([rows, 1, 37]), &w, &m).unwrap(),
+                &expected.reshape([rows, 1, 5]),
+                what,
+            );
+        }
+        // Conv2d: stride, padding, dilation and groups against a direct loop.
+        for (stride, padding, dilation, groups) in [(1, 0, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 1, 1, 4)] {
+            let (n, c, h, wd, o, k) = (2i64, 4i64, 7i64, 6i64, 4i64, 3i64);
+            let (x, w) = (ints(&[n, c, h, wd], 7), ints(&[o, c / groups, k, k], 8));
+            let y = lut_conv2d(&x, &w, &m, stride, padding, dilation, groups).unwrap();
+            let exact_shape =
+                x.conv2d(&w, None::<Tensor>, [stride; 2], [padding; 2], [dilation; 2], groups).size();
+            assert_eq!(y.size(), exact_shape);
+            let (xv, wv, yv) = (values(&x), values(&w), values(&y));
+            let (ho, wo) = (exact_shape[2], exact_shape[3]);
+            let (cg, og) = (c / groups, o / groups);
+            for (idx, &got) in yv.iter().enumerate() {
+                let idx = idx as i64;
+                let (b, oc, oy, ox) = (idx / (o * ho * wo), idx / (ho * wo) % o, idx / wo % ho, idx % wo);
+                let g = oc / og;
+                let mut s = 0i64;
+                for ic in 0..cg {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (iy, ix) = (
+                                oy * stride - padding + ky * dilation,
+                                ox * stride - padding + kx * dilation,
+                            );
+                            if iy < 0 || ix < 0 || iy >= h || ix >= wd {
+                                // Zero padding: the table's product with 0, as the unfolded zeros read it.
+                                s += m.product(0, wv[(((oc * cg + ic) * k + ky) * k + kx) as usize] as i32)
+                                    as i64;
+                                continue;
+                            }
+                            let xa = xv[(((b * c + g * cg + ic) * h + iy) * wd + ix) as usize] as i32;
+                            let wb = wv[(((oc * cg + ic) * k + ky) * k + kx) as usize] as i32;
+                            s += m.product(xa, wb) as i64;
+                        }
+                    }
+                }
+                assert_eq!(
+                    got, s as f32 as f64,
+                    "{what} conv {stride} {padding} {dilation} {groups}: element {idx}"
+                );
+            }
+        }
+    }
+}
+
+/// Output and the gradients of input, weight, bias and the input alpha after `sum(y * probe)`.
+fn run_layer(
+    forward: impl Fn(&Tensor) -> Tensor,
+    vs: &nn::VarStore,
+    x: &Tensor,
+    seed: i64,
+) -> Vec<(String, Tensor)> {
+    for (_, t) in vs.variables() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let xl = x.detach().set_requires_grad(true);
+    let y = forward(&xl);
+    let probe = randn(&y.size(), seed, Device::Cpu);
+    (&y * probe).sum(Kind::Float).backward();
+    let mut out = vec![("y".to_string(), y.detach()), ("x.grad".to_string(), xl.grad())];
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    out.extend(vars.into_iter().map(|(n, t)| (format!("{n}.grad"), t.grad())));
+    out
+}
+
+#[test]
+fn approximate_mode_with_the_exact_table_is_quantized_mode_and_keeps_its_gradients() {
+    let tables =
+        [(Multiplier::exact(), true), (random_table(3, 20000), false), (Multiplier::drum(4).unwrap(), false)];
+    let x2 = randn(&[6, 40], 1, Device::Cpu) * 1.5;
+    let x4 = randn(&[2, 4, 9, 8], 2, Device::Cpu) * 1.5;
+    for (m, exact) in &tables {
+        let what = m.name();
+        let linear_spec = QuantSpec { mode: InferenceMode::Quantized, ..Default::default() };
+        let vs = nn::VarStore::new(Device::Cpu);
+        tch::manual_seed(5);
+        let fc = ApproxLinear::f_new(
+            vs.root() / "fc",
+            40,
+            7,
+            ApproxLinearConfig { bias: true, quant: linear_spec },
+        )
+        .unwrap();
+        fc.quant().set_multiplier(Some(m.clone()));
+        let quant = run_layer(|x| fc.forward_t(x, true), &vs, &x2, 11);
+        fc.quant().set_mode(InferenceMode::Approximate);
+        let approx = run_layer(|x| fc.forward_t(x, true), &vs, &x2, 11);
+        compare(&quant, &approx, *exact, &format!("{what} linear"));
+        for (stride, padding, dilation, groups, bias) in
+            [(1, 0, 1, 1, true), (2, 1, 1, 2, true), (1, 2, 2, 1, false), (1, 1, 1, 4, true)]
+        {
+            let vs = nn::VarStore::new(Device::Cpu);
+            tch::manual_seed(6);
+            let cfg = ApproxConvConfig { stride, padding, dilation, groups, bias, quant: linear_spec };
+            let conv = ApproxConv2d::f_new(vs.root() / "conv", 4, 8, 3, cfg).unwrap();
+            conv.quant().set_multiplier(Some(m.clone()));
+            let quant = run_layer(|x| conv.forward_t(x, true), &vs, &x4, 12);
+            conv.quant().set_mode(InferenceMode::Approximate);
+            let approx = run_layer(|x| conv.forward_t(x, true), &vs, &x4, 12);
+            compare(
+                &quant,
+                &approx,
+                *exact,
+                &format!("{what} conv s{stride} p{padding} d{dilation} g{groups}"),
+            );
+        }
+    }
+}
+
+/// Gradients always equal Quantized mode's (straight-through); outputs too for the exact table.
+fn compare(quant: &[(String, Tensor)], approx: &[(String, Tensor)], exact: bool, what: &str) {
+    for ((name, q), (_, a)) in quant.iter().zip(approx) {
+        if name == "y" && !exact {
+            assert!(values(q) != values(a), "{what}: an approximate table changed nothing");
+            continue;
+        }
+        assert_exact(a, q, &format!("{what}: {name}"));
+    }
+}
+
+/// A `.npy` file of `descr` with `shape` and raw little-endian `data`.
+fn write_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn table_files_load_and_bad_ones_are_refused_with_one_line() {
+    let tmp = TempDir::new("tables");
+    let drum = Multiplier::drum(4).unwrap();
+    let le32: Vec<u8> = drum.table().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let le64: Vec<u8> = drum.table().iter().flat_map(|v| (*v as i64).to_le_bytes()).collect();
+    let p32 = tmp.0.join("drum4_i4.npy");
+    write_npy(&p32, "<i4", "(256, 256)", &le32);
+    let p64 = tmp.0.join("drum4_i8.npy");
+    write_npy(&p64, "<i8", "(256, 256)", &le64);
+    let raw = tmp.0.join("drum4.bin");
+    std::fs::write(&raw, &le32).unwrap();
+    for p in [&p32, &p64, &raw] {
+        let m: Multiplier = p.to_str().unwrap().parse().unwrap();
+        assert_eq!(m.table(), drum.table(), "{}", p.display());
+    }
+    // numpy's own file, where the venv has numpy.
+    let py = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let np_file = tmp.0.join("numpy.npy");
+    let code = format!(
+        "import numpy as np; v = np.arange(256); s = np.where(v < 128, v, v - 256); np.save('{}', np.outer(s, s).astype(np.int64))",
+        np_file.display()
+    );
+    let ok = Command::new(&py).args(["-c", &code]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "numpy could not write a table (run scripts/setup.sh)");
+    let from_numpy = Multiplier::load(&np_file).unwrap();
+    assert_eq!(from_numpy.table(), Multiplier::exact().table(), "numpy's int64 exact table");
+
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (tmp.0.join("shape.npy"), "shape [128, 256], expected [256, 256]"),
+        (tmp.0.join("float.npy"), "expected int32 or int64"),
+        (tmp.0.join("big.npy"), "entry [0][0] = 1099511627776 does not fit int32"),
+        (tmp.0.join("short.bin"), "1000 bytes: a raw table is 65,536 little-endian int32 values"),
+        (tmp.0.join("cut.npy"), "truncated or corrupt data"),
+    ];
+    write_npy(&cases[0].0, "<i4", "(128, 256)", &le32[..le32.len() / 2]);
+    write_npy(&cases[1].0, "<f4", "(256, 256)", &le32);
+    let mut big = le64.clone();
+    big[..8].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    write_npy(&cases[2].0, "<i8", "(256, 256)", &big);
+    std::fs::write(&cases[3].0, vec![0u8; 1000]).unwrap();
+    let cut = std::fs::read(&p32).unwrap();
+    std::fs::write(&cases[4].0, &cut[..cut.len() / 2]).unwrap();
+    for (path, needle) in &cases {
+        let e = Multiplier::load(path).unwrap_err().to_string();
+        assert!(e.contains(needle) && !e.contains('\n'), "{}: {e}", path.display());
+    }
+    let e = Multiplier::load(tmp.0.join("missing.npy")).unwrap_err().to_string();
+    assert!(e.starts_with("multiplier table ") && e.contains("missing.npy"), "{e}");
+
+    // Approximate mode wants 8-bit quantizers and a multiplier.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let spec = QuantSpec { bitwidth: 4, mode: InferenceMode::Approximate, ..Default::default() };
+    let fc =
+        ApproxLinear::f_new(vs.root() / "fc", 4, 2, ApproxLinearConfig { bias: true, quant: spec }).unwrap();
+    let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
+    let e = fc.f_forward_t(&x, false).unwrap_err().to_string();
+    assert_eq!(e, "approximate mode needs a multiplier: call set_multiplier first");
+    fc.quant().set_multiplier(Some(Multiplier::exact()));
+    let e = fc.f_forward_t(&x, false).unwrap_err().to_string();
+    assert!(
+        e.starts_with("approximate mode multiplies 8-bit integers: the layer quantizes inputs to 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_trainer_runs_approximate_mode_and_refuses_bad_settings() {
+    let tmp = TempDir::new("approx-cli");
+    let data = tmp.0.join("small");
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    torchapprox::data::Mnist::load_dir(&dir).unwrap().subset(500, 200).save_dir(&data).unwrap();
+    let bin = example_bin("train");
+    let run = |args: &[&str]| Command::new(&bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let d = data.to_str().unwrap();
+    let o = run(&[
+        "--data",
+        d,
+        "--model",
+        "mlp",
+        "--mode",
+        "approx",
+        "--multiplier",
+        "drum:4",
+        "--epochs",
+        "2",
+        "--json",
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["mode"], "approx");
+    assert_eq!(r["multiplier"]["name"], "drum:4");
+    assert!(r["multiplier"]["mred"].as_f64().unwrap() > 0.05);
+    assert!(r["test_accuracy"].as_f64().unwrap() > 0.5, "{r}");
+    for (args, needle) in [
+        (
+            vec!["--mode", "approx", "--multiplier", "exact", "--bits", "4"],
+            "--mode approx multiplies 8-bit integers: got 4 bits",
+        ),
+        (vec!["--mode", "approx"], "--mode approx needs --multiplier SPEC"),
+        (
+            vec!["--mode", "quant", "--multiplier", "exact"],
+            "--multiplier applies to --mode approx, not --mode quant",
+        ),
+        (vec!["--mode", "approx", "--multiplier", "drum:9"], "drum:9: K must be in 2..=7"),
+    ] {
+        let o = run(&[&["--data", d, "--epochs", "1", "--device", "cpu"][..], &args[..]].concat());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    let png = tmp.0.join("m.png");
+    let o = Command::new(example_bin("multiplier"))
+        .args(["--multiplier", "mitchell", "--json", "--heatmap", png.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["worst_case_error"], Multiplier::mitchell().metrics().worst_case_error);
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 1000);
+}
