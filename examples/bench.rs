@@ -9,6 +9,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
+use torchapprox::approx::{lut_conv2d, lut_linear, Multiplier};
 use torchapprox::layers::{InferenceMode, QuantSpec};
 use torchapprox::models::Architecture;
 use torchapprox::quantizers::{ApproxQuantizer, MinMaxQuant, PACTQuant};
@@ -90,6 +91,43 @@ fn lenet_steps(device: Device) -> Result<(f64, f64)> {
     Ok((median(tf), median(tq)))
 }
 
+/// The table-GEMM layers of the approximate mode (LeNet-5's at batch 64, and one large Linear):
+/// name, conv?, input shape, weight shape, stride, padding.
+const APPROX_LAYERS: [(&str, bool, [i64; 4], [i64; 4], i64, i64); 6] = [
+    ("lenet.conv1", true, [64, 1, 28, 28], [6, 1, 5, 5], 1, 2),
+    ("lenet.conv2", true, [64, 6, 14, 14], [16, 6, 5, 5], 1, 0),
+    ("lenet.fc1", false, [64, 400, 0, 0], [120, 400, 0, 0], 1, 0),
+    ("lenet.fc2", false, [64, 120, 0, 0], [84, 120, 0, 0], 1, 0),
+    ("lenet.fc3", false, [64, 84, 0, 0], [10, 84, 0, 0], 1, 0),
+    ("linear.512x512x1024", false, [512, 512, 0, 0], [1024, 512, 0, 0], 1, 0),
+];
+
+/// Seconds per call and table lookups per call of each approximate layer (drum:4 table).
+fn approx_cases(device: Device) -> Result<Vec<(&'static str, f64, i64)>> {
+    let m: Multiplier = "drum:4".parse()?;
+    let mut out = Vec::new();
+    for (name, conv, xs, ws, stride, padding) in APPROX_LAYERS {
+        let (xs, ws) = if conv { (&xs[..], &ws[..]) } else { (&xs[..2], &ws[..2]) };
+        tch::manual_seed(0);
+        let x = Tensor::randint_low(-127, 128, xs, (Kind::Float, device));
+        let w = Tensor::randint_low(-127, 128, ws, (Kind::Float, device));
+        let run = || {
+            if conv {
+                lut_conv2d(&x, &w, &m, stride, padding, 1, 1).unwrap()
+            } else {
+                lut_linear(&x, &w, &m).unwrap()
+            }
+        };
+        let y = run();
+        let lookups = y.numel() as i64 * if conv { ws[1] * ws[2] * ws[3] } else { ws[1] };
+        let t = median_time(device, if lookups > 100_000_000 { 5 } else { 20 }, || {
+            let _ = run();
+        });
+        out.push((name, t, lookups));
+    }
+    Ok(out)
+}
+
 fn reference_case<'a>(reference: &'a Value, threads: i32, n: i64, quantizer: &str) -> Option<&'a Value> {
     reference["cases"]
         .as_array()?
@@ -110,6 +148,7 @@ fn main() -> Result<()> {
     let quantizers: [(&str, &dyn ApproxQuantizer); 2] = [("minmax", &minmax), ("pact", &pact)];
     let mut cases = Vec::new();
     let mut lenet = Vec::new();
+    let mut approx = Vec::new();
     println!(
         "{:>3} {:>9} {:<7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "thr",
@@ -195,8 +234,23 @@ fn main() -> Result<()> {
         );
         lenet.push(json!({"threads": threads, "float_step_s": float, "quantized_step_s": quant, "quantized_over_float": quant / float,
             "torch_float_step_s": tfl, "torch_quantized_step_s": tq}));
+        for (layer, t, lookups) in approx_cases(device)? {
+            let torch_s = reference["approx"].as_array().and_then(|l| {
+                l.iter()
+                    .find(|e| e["threads"] == threads && e["layer"] == layer)
+                    .and_then(|e| e["seconds"].as_f64())
+            });
+            println!(
+                "{threads:>3} table GEMM {layer:<20} {:>10.3} ms  {:>6.2}e9 lookups/s{}",
+                t * 1e3,
+                lookups as f64 / t / 1e9,
+                torch_s.map(|s| format!("  vs PyTorch {:.1}x", s / t)).unwrap_or_default()
+            );
+            approx.push(json!({"threads": threads, "layer": layer, "lookups": lookups, "seconds": t,
+                "lookups_per_s": lookups as f64 / t, "torch_s": torch_s, "speedup_vs_torch": torch_s.map(|s| s / t)}));
+        }
     }
-    let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "reference_torch": reference["torch"]});
+    let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "approx": approx, "reference_torch": reference["torch"]});
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
         println!("wrote {}", out.display());

@@ -139,6 +139,53 @@ def lenet_step(quantized):
     return median_time(step, 60, warmup=10)
 
 
+# Table-GEMM layers of the approximate mode: (name, kind, input shape, weight shape, stride, padding).
+APPROX_LAYERS = [
+    ("lenet.conv1", "conv", (64, 1, 28, 28), (6, 1, 5, 5), 1, 2),
+    ("lenet.conv2", "conv", (64, 6, 14, 14), (16, 6, 5, 5), 1, 0),
+    ("lenet.fc1", "linear", (64, 400), (120, 400), 1, 0),
+    ("lenet.fc2", "linear", (64, 120), (84, 120), 1, 0),
+    ("lenet.fc3", "linear", (64, 84), (10, 84), 1, 0),
+    ("linear.512x512x1024", "linear", (512, 512), (1024, 512), 1, 0),
+]
+
+
+def approx_inputs(kind, xs, ws):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, xs, generator=g).float()
+    w = torch.randint(-127, 128, ws, generator=g).float()
+    return x, w
+
+
+def lut_matmul(table, x, w):
+    """The PyTorch way: index the table with both operands' bytes, then sum (rows in chunks)."""
+    xi, wi = x.long() % 256, w.long() % 256
+    rows = max(1, (8 << 20) // (w.shape[0] * w.shape[1]))
+    out = []
+    for r in range(0, x.shape[0], rows):
+        idx = xi[r:r + rows].unsqueeze(1) * 256 + wi.unsqueeze(0)
+        out.append(table.take(idx).sum(-1))
+    return torch.cat(out).float()
+
+
+def approx_layer(table, kind, x, w, stride, padding):
+    if kind == "linear":
+        return lut_matmul(table, x, w)
+    n, o, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [N, K, L]
+    l = cols.shape[2]
+    y = lut_matmul(table, cols.transpose(1, 2).reshape(n * l, -1), w.reshape(o, -1))
+    return y.reshape(n, l, o).transpose(1, 2)
+
+
+def lookups(kind, xs, ws, stride, padding):
+    if kind == "linear":
+        return xs[0] * ws[0] * ws[1]
+    ho = (xs[2] + 2 * padding - ws[2]) // stride + 1
+    wo = (xs[3] + 2 * padding - ws[3]) // stride + 1
+    return xs[0] * ho * wo * ws[0] * ws[1] * ws[2] * ws[3]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -165,6 +212,14 @@ def main():
             results["cases"].append({"threads": threads, "n": n, "quantizer": "torch_fake_quantize", "forward": fused})
         results.setdefault("lenet", []).append(
             {"threads": threads, "float_step": lenet_step(False), "quantized_step": lenet_step(True)})
+        v = torch.arange(256)
+        s = torch.where(v < 128, v, v - 256)
+        table = torch.outer(s, s).reshape(-1)
+        for name, kind, xs, ws, stride, padding in APPROX_LAYERS:
+            x, w = approx_inputs(kind, xs, ws)
+            n = lookups(kind, xs, ws, stride, padding)
+            t = median_time(lambda: approx_layer(table, kind, x, w, stride, padding), 3 if n > 1e8 else 10, warmup=1)
+            results.setdefault("approx", []).append({"threads": threads, "layer": name, "lookups": n, "seconds": t})
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

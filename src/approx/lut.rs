@@ -8,19 +8,57 @@ use crate::{Error, Result};
 /// Rows per block: each weight index loaded serves this many table rows.
 const ROWS: usize = 4;
 
-/// Integer-valued float tensor in `[-128, 127]` as contiguous int8 bytes.
-fn bytes_of(t: &Tensor, what: &str) -> Result<Tensor> {
-    let t = t.f_detach()?.f_to_device(Device::Cpu)?;
-    let (lo, hi) = (t.f_min()?.f_double_value(&[])?, t.f_max()?.f_double_value(&[])?);
-    if t.numel() > 0 && !(lo >= -128.0 && hi <= 127.0) {
+/// The two's-complement bytes of an integer-valued tensor in `[-128, 127]` (one pass in Rust
+/// over float32 CPU memory, which the quantizers produce; anything else is converted first).
+fn to_bytes(t: &Tensor, what: &str) -> Result<Vec<u8>> {
+    let t = t.f_detach()?;
+    let t = if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+        t
+    } else {
+        t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?
+    };
+    // SAFETY: a contiguous float32 CPU tensor, alive while the slice is read.
+    let v = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
+    let mut out = Vec::with_capacity(v.len());
+    let mut ok = true;
+    for &x in v {
+        ok &= (-128.0..=127.0).contains(&x) && x == x.trunc();
+        out.push(x as i8 as u8);
+    }
+    if !ok {
+        let bad = v
+            .iter()
+            .find(|&&x| !((-128.0..=127.0).contains(&x) && x == x.trunc()))
+            .copied()
+            .unwrap_or(f32::NAN);
         return Err(Error::Multiplier(format!(
-            "{what} holds values in [{lo}, {hi}]: approximate products need 8-bit integers"
+            "{what} holds {bad}: approximate products need integers in [-128, 127] (8-bit quantized values)"
         )));
     }
-    Ok(t.f_to_kind(Kind::Int8)?.f_contiguous()?)
+    Ok(out)
 }
 
-/// `out[r][o] = sum_k table[x[r][k]][w[o][k]]` for int8 `x` `[R, K]` and `w` `[O, K]`, exactly
+/// `w` `[O, K]` bytes transposed to `[K, O]`.
+fn transposed(w: &[u8], o: usize, k: usize) -> Vec<u8> {
+    let mut t = vec![0u8; w.len()];
+    for j in 0..o {
+        for kk in 0..k {
+            t[kk * o + j] = w[j * k + kk];
+        }
+    }
+    t
+}
+
+/// Where a table GEMM writes: rows `r` of `[R, O]` go to `out[(r / l) * o_total * l + (o_off + j) * l + r % l]`,
+/// which is `[R, O]` itself for `l = 1` and the `[N, O_total, L]` layout of a convolution's output.
+#[derive(Clone, Copy)]
+struct Layout {
+    l: usize,
+    o_total: usize,
+    o_off: usize,
+}
+
+/// `out[r][o] = sum_k table[x[r][k]][w[o][k]]` for integer-valued `x` `[R, K]` and `w` `[O, K]`, exactly
 /// (int32 sums where the table's range allows, int64 otherwise), as float32 `[R, O]`.
 ///
 /// CPU: a blocked table GEMM on libtorch's threads (the transposed weight's bytes index the
@@ -35,17 +73,32 @@ pub fn lut_matmul(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tensor> {
             actual: [xs, ws].concat(),
         });
     }
-    let device = x.device();
-    if device != Device::Cpu {
+    if x.device() != Device::Cpu {
         return lut_matmul_gather(x, w, m);
     }
     let (r, k, o) = (xs[0] as usize, xs[1] as usize, ws[0] as usize);
-    let xb = bytes_of(x, "the input")?;
-    let wt = bytes_of(w, "the weight")?.f_t_()?.f_contiguous()?; // [K, O]
-                                                                 // SAFETY: contiguous int8 CPU tensors of r*k and k*o elements, alive for the whole call.
-    let xv = unsafe { std::slice::from_raw_parts(xb.data_ptr() as *const u8, r * k) };
-    let wv = unsafe { std::slice::from_raw_parts(wt.data_ptr() as *const u8, k * o) };
-    let out = Tensor::f_zeros([r as i64, o as i64], (Kind::Float, Device::Cpu))?;
+    let xb = to_bytes(x, "the input")?;
+    let wt = transposed(&to_bytes(w, "the weight")?, o, k);
+    let mut out = Tensor::f_empty([r as i64, o as i64], (Kind::Float, Device::Cpu))?;
+    // SAFETY: `out` is a fresh contiguous float tensor of r * o elements, each written once.
+    unsafe { table_gemm(&xb, &wt, r, k, o, m, &mut out, Layout { l: 1, o_total: o, o_off: 0 }) };
+    Ok(out)
+}
+
+/// The table GEMM into `out` (float32, laid out as `layout` says).
+///
+/// SAFETY: `out` is a contiguous float32 CPU tensor large enough for `layout`, written only here.
+#[allow(clippy::too_many_arguments)]
+unsafe fn table_gemm(
+    xv: &[u8],
+    wv: &[u8],
+    r: usize,
+    k: usize,
+    o: usize,
+    m: &Multiplier,
+    out: &mut Tensor,
+    layout: Layout,
+) {
     let base = out.data_ptr() as usize;
     let table = m.table();
     let wide = (m.max_abs() as i128) * (k as i128) > i32::MAX as i128;
@@ -63,17 +116,17 @@ pub fn lut_matmul(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tensor> {
                 block_sums(&mut acc32, xv, wv, table, r0, rows, k, o);
             }
             for i in 0..rows {
-                // SAFETY: row r0 + i of `out` belongs to this block alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut((base as *mut f32).add((r0 + i) * o), o) };
-                if wide {
-                    dst.iter_mut().zip(&acc64[i * o..(i + 1) * o]).for_each(|(d, &s)| *d = s as f32);
-                } else {
-                    dst.iter_mut().zip(&acc32[i * o..(i + 1) * o]).for_each(|(d, &s)| *d = s as f32);
+                let row = r0 + i;
+                let (n, p) = (row / layout.l, row % layout.l);
+                for j in 0..o {
+                    let at = (n * layout.o_total + layout.o_off + j) * layout.l + p;
+                    let v = if wide { acc64[i * o + j] as f32 } else { acc32[i * o + j] as f32 };
+                    // SAFETY: each (row, j) maps to its own element; rows belong to one block each.
+                    *(base as *mut f32).add(at) = v;
                 }
             }
         }
     });
-    Ok(out)
 }
 
 /// An accumulator lane: int32 or int64.
@@ -175,8 +228,9 @@ pub fn lut_linear(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tensor> {
     Ok(y.f_reshape(&out)?.f_to_device(x.device())?)
 }
 
-/// A Conv2d layer's table products (input `[N, C, H, W]`, weight `[O, C/groups, kh, kw]`),
-/// through unfolding, one table GEMM per group.
+/// A Conv2d layer's table products (input `[N, C, H, W]`, weight `[O, C/groups, kh, kw]`):
+/// the input's bytes unfolded into rows per group (zeros for padding), one table GEMM per
+/// group written straight into the `[N, O, Ho, Wo]` output.
 pub fn lut_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -194,6 +248,74 @@ pub fn lut_conv2d(
             actual: [xs, ws].concat(),
         });
     }
+    if stride < 1 || padding < 0 || dilation < 1 {
+        return Err(Error::Argument {
+            what: "convolution geometry",
+            value: stride.min(dilation) as f64,
+            expected: "stride and dilation >= 1, padding >= 0",
+        });
+    }
+    if x.device() != Device::Cpu {
+        return lut_conv2d_gather(x, w, m, stride, padding, dilation, groups);
+    }
+    let [n, c, h, wd] = [xs[0], xs[1], xs[2], xs[3]].map(|v| v as usize);
+    let [o, cg, kh, kw] = [ws[0], ws[1], ws[2], ws[3]].map(|v| v as usize);
+    let (s, p, d, g) = (stride as usize, padding as usize, dilation as usize, groups as usize);
+    let span =
+        |size: usize, kernel: usize| (size + 2 * p).checked_sub(d * (kernel - 1) + 1).map(|v| v / s + 1);
+    let (Some(ho), Some(wo)) = (span(h, kh), span(wd, kw)) else {
+        return Err(Error::Shape {
+            what: "lut_conv2d input".into(),
+            expected: "at least the kernel's extent".into(),
+            actual: xs,
+        });
+    };
+    let (l, og, kg) = (ho * wo, o / g, cg * kh * kw);
+    let (xv, wv) = (to_bytes(x, "the input")?, to_bytes(w, "the weight")?);
+    let mut out = Tensor::f_empty([n as i64, o as i64, ho as i64, wo as i64], (Kind::Float, Device::Cpu))?;
+    let zero = 0u8; // the byte of 0: padding multiplies through the table like any operand
+    let mut rows = vec![0u8; n * l * kg];
+    for gi in 0..g {
+        for (row, dst) in rows.chunks_mut(kg).enumerate() {
+            let (b, pos) = (row / l, row % l);
+            let (oy, ox) = (pos / wo, pos % wo);
+            let mut i = 0;
+            for ic in 0..cg {
+                let plane = (b * c + gi * cg + ic) * h * wd;
+                for ky in 0..kh {
+                    let iy = (oy * s + ky * d) as isize - p as isize;
+                    for kx in 0..kw {
+                        let ix = (ox * s + kx * d) as isize - p as isize;
+                        dst[i] = if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                            zero
+                        } else {
+                            xv[plane + iy as usize * wd + ix as usize]
+                        };
+                        i += 1;
+                    }
+                }
+            }
+        }
+        let wg = transposed(&wv[gi * og * kg..(gi + 1) * og * kg], og, kg);
+        // SAFETY: `out` is the fresh [N, O, Ho, Wo] float tensor; each group writes its own channels.
+        unsafe {
+            table_gemm(&rows, &wg, n * l, kg, og, m, &mut out, Layout { l, o_total: o, o_off: gi * og })
+        };
+    }
+    Ok(out)
+}
+
+/// [`lut_conv2d`] through libtorch's unfold and gathers (any device).
+fn lut_conv2d_gather(
+    x: &Tensor,
+    w: &Tensor,
+    m: &Multiplier,
+    stride: i64,
+    padding: i64,
+    dilation: i64,
+    groups: i64,
+) -> Result<Tensor> {
+    let (xs, ws) = (x.size(), w.size());
     let (n, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
     let (o, kh, kw) = (ws[0], ws[2], ws[3]);
     let ho = (h + 2 * padding - dilation * (kh - 1) - 1) / stride + 1;
@@ -206,8 +328,8 @@ pub fn lut_conv2d(
     for g in 0..groups {
         let xg = cols.f_narrow(1, g * kg, kg)?.f_permute([0, 2, 1])?.f_reshape([n * l, kg])?;
         let wg = w.f_narrow(0, g * og, og)?.f_reshape([og, kg])?;
-        let yg = lut_matmul(&xg, &wg, m)?.f_reshape([n, l, og])?.f_permute([0, 2, 1])?;
+        let yg = lut_matmul_gather(&xg, &wg, m)?.f_reshape([n, l, og])?.f_permute([0, 2, 1])?;
         outs.push(yg);
     }
-    Ok(Tensor::f_cat(&outs, 1)?.f_reshape([n, o, ho, wo])?.f_contiguous()?.f_to_device(x.device())?)
+    Ok(Tensor::f_cat(&outs, 1)?.f_reshape([n, o, ho, wo])?.f_contiguous()?)
 }

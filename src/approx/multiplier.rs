@@ -27,6 +27,7 @@ pub const TABLE_SIZE: usize = 256 * 256;
 pub struct Multiplier {
     name: String,
     table: Arc<Vec<i32>>,
+    max_abs: i64,
 }
 
 impl fmt::Debug for Multiplier {
@@ -56,7 +57,12 @@ impl Multiplier {
                 })?;
             }
         }
-        Ok(Self { name, table: Arc::new(table) })
+        Ok(Self::new(name, table))
+    }
+
+    fn new(name: String, table: Vec<i32>) -> Self {
+        let max_abs = table.iter().map(|v| (*v as i64).abs()).max().unwrap_or(0);
+        Self { name, table: Arc::new(table), max_abs }
     }
 
     /// The exact product.
@@ -181,7 +187,7 @@ impl Multiplier {
                 .map_err(|_| fail(format!("entry [{}][{}] = {v} does not fit int32", i / 256, i % 256)))?;
             table.push(v);
         }
-        Ok(Self { name, table: Arc::new(table) })
+        Ok(Self::new(name, table))
     }
 
     /// The spec or file it came from (`exact`, `drum:4`, a path).
@@ -201,7 +207,7 @@ impl Multiplier {
 
     /// The largest magnitude in the table (decides whether sums fit int32).
     pub fn max_abs(&self) -> i64 {
-        self.table.iter().map(|v| (*v as i64).abs()).max().unwrap_or(0)
+        self.max_abs
     }
 
     /// Error metrics over all 65,536 operand pairs, as EvoApprox defines them.
