@@ -93,7 +93,8 @@ fn lenet_steps(device: Device) -> Result<(f64, f64)> {
 
 /// The table-GEMM layers of the approximate mode (LeNet-5's at batch 64, and one large Linear):
 /// name, conv?, input shape, weight shape, stride, padding.
-const APPROX_LAYERS: [(&str, bool, [i64; 4], [i64; 4], i64, i64); 6] = [
+type ApproxLayer = (&'static str, bool, [i64; 4], [i64; 4], i64, i64);
+const APPROX_LAYERS: [ApproxLayer; 6] = [
     ("lenet.conv1", true, [64, 1, 28, 28], [6, 1, 5, 5], 1, 2),
     ("lenet.conv2", true, [64, 6, 14, 14], [16, 6, 5, 5], 1, 0),
     ("lenet.fc1", false, [64, 400, 0, 0], [120, 400, 0, 0], 1, 0),
