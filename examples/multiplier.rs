@@ -30,8 +30,8 @@ struct Args {
     /// PNG, blue below zero, red above, white exact, with the colour scale along the bottom.
     #[arg(long, value_name = "FILE.png")]
     heatmap: Option<PathBuf>,
-    /// libtorch's intra-op threads (unused here; kept for a uniform command line).
-    #[arg(long, default_value_t = 1)]
+    /// libtorch's intra-op threads (0: libtorch's default; the metrics run in Rust alone).
+    #[arg(long, default_value_t = 0)]
     threads: i32,
 }
 
@@ -74,7 +74,9 @@ fn heatmap(m: &Multiplier, path: &PathBuf) -> Result<f64> {
 }
 
 fn run(args: Args) -> Result<()> {
-    tch::set_num_threads(args.threads.max(1));
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
     let m: Multiplier = args.multiplier.parse()?;
     let e = m.metrics();
     let scale = args.heatmap.as_ref().map(|p| heatmap(&m, p)).transpose()?;

@@ -14,10 +14,16 @@ struct Args {
     /// Values to quantize; by default eight seeded normal samples times 2.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     values: Option<Vec<f32>>,
+    /// libtorch's intra-op threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
     let x = match &args.values {
         Some(v) => Tensor::from_slice(v),
         None => {

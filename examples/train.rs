@@ -101,6 +101,9 @@ struct Args {
     /// Start from a TorchScript model's weights, matched by name (`conv1.weight`, ...).
     #[arg(long, value_name = "MODEL.pt", conflicts_with = "load")]
     init_from: Option<PathBuf>,
+    /// libtorch's intra-op threads (0: libtorch's default). On a busy machine 1 is often fastest.
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
     /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -152,6 +155,12 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 }
 
 fn run(args: Args) -> Result<()> {
+    if args.threads < 0 {
+        bail!("--threads must be 0 (libtorch's default) or more, got {}", args.threads);
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
     let base = QuantSpec {
         x_kind: args.x_quant,
         w_kind: args.w_quant,
