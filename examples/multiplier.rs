@@ -6,6 +6,8 @@
 //! cargo run --release --example multiplier -- --multiplier table.npy --json
 //! ```
 
+mod common;
+
 use std::io::BufWriter;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,11 +106,5 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
-            ExitCode::FAILURE
-        }
-    }
+    common::exit(run(Args::parse()))
 }

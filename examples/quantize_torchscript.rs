@@ -298,11 +298,5 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
-            ExitCode::FAILURE
-        }
-    }
+    common::exit(run(Args::parse()))
 }

@@ -366,12 +366,5 @@ fn data_name(dir: &Option<PathBuf>) -> String {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
-            ExitCode::FAILURE
-        }
-    }
+    common::exit(run(Args::parse()))
 }

@@ -6,7 +6,8 @@
 #
 # `run` executes every test binary (CUDA tests stop saying SKIPPED; the quantizers' autograd
 # nodes take their libtorch path there, with no host sync in PACT), the trainer for two epochs
-# on CUDA, a TorchScript layer rewrite with calibration and one fine-tuning epoch on CUDA, and
+# on CUDA, a TorchScript layer rewrite with calibration and one fine-tuning epoch on CUDA, an
+# epoch of approximate mode (the table products' libtorch gather path) on CUDA, and
 # the speed benchmark with --device cuda, each under a time box.
 # gpu-bin/ is listed in .git/info/exclude by `build`, so it travels only when carried.
 set -uo pipefail
@@ -41,6 +42,8 @@ run)
     echo "== TorchScript layer rewrite on CUDA: calibrate, fine-tune one epoch"
     timeout 180 gpu-bin/quantize_torchscript --model tests/fixtures/rewrite/resnet_scripted.pt --device cuda \
         --x-quant pact --bits 4 --per-channel --calibrate 4 --finetune-epochs 1 --finetune-lr 1e-3 || status=1
+    echo "== approximate mode on CUDA (table products through libtorch gathers), 1 epoch"
+    timeout 180 gpu-bin/train --device cuda --epochs 1 --mode approx --multiplier drum:4 || status=1
     echo "== benchmark on CUDA"
     timeout 240 gpu-bin/bench --device cuda --threads 1 || status=1
     exit $status

@@ -15,34 +15,16 @@ Writes to tests/fixtures/rewrite/:
 Inputs are pixel/255 (no normalisation).
 """
 
-import gzip
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mnist_idx import load, train
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-DATA = os.path.join(ROOT, "examples", "data", "mnist-10k")
 OUT = os.path.join(ROOT, "tests", "fixtures", "rewrite")
-
-
-def read_idx(name):
-    with gzip.open(os.path.join(DATA, name + ".gz"), "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load():
-    tx = torch.tensor(read_idx("train-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
-    ty = torch.tensor(read_idx("train-labels-idx1-ubyte"), dtype=torch.int64)
-    vx = torch.tensor(read_idx("t10k-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
-    vy = torch.tensor(read_idx("t10k-labels-idx1-ubyte"), dtype=torch.int64)
-    return tx, ty, vx, vy
 
 
 class Block(nn.Module):
@@ -87,21 +69,6 @@ class Mixed(nn.Module):
         return F.linear(h, self.head)
 
 
-def train(model, tx, ty, epochs, seed):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(tx.shape[0])
-        for i in range(0, tx.shape[0], 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(tx[idx]), ty[idx]).backward()
-            opt.step()
-    model.eval()
-    return model
-
-
 @torch.no_grad()
 def accuracy(module, vx, vy):
     return (module(vx).argmax(-1) == vy).float().mean().item()
@@ -112,14 +79,14 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     tx, ty, vx, vy = load()
     torch.manual_seed(0)
-    net = train(ResNet(), tx, ty, epochs=4, seed=1)
+    net = train(ResNet(), tx, ty, epochs=4, seed=1, lr=2e-3)
     expected = {}
     scripted = torch.jit.script(net)
     scripted.save(os.path.join(OUT, "resnet_scripted.pt"))
     traced = torch.jit.trace(net, vx[:4])
     traced.save(os.path.join(OUT, "resnet_traced.pt"))
     torch.manual_seed(0)
-    mixed = torch.jit.script(train(Mixed(), tx, ty, epochs=3, seed=2))
+    mixed = torch.jit.script(train(Mixed(), tx, ty, epochs=3, seed=2, lr=2e-3))
     mixed.save(os.path.join(OUT, "mixed_scripted.pt"))
     for name in ["resnet_scripted", "resnet_traced", "mixed_scripted"]:
         m = torch.jit.load(os.path.join(OUT, name + ".pt"))

@@ -14,35 +14,17 @@ Writes to tests/fixtures/torchscript/:
 Inputs are pixel/255 (no normalisation): these models take raw [0, 1] images.
 """
 
-import gzip
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mnist_idx import load, train
 from safetensors.torch import save_file
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-DATA = os.path.join(ROOT, "examples", "data", "mnist-10k")
 OUT = os.path.join(ROOT, "tests", "fixtures", "torchscript")
-
-
-def read_idx(name):
-    with gzip.open(os.path.join(DATA, name + ".gz"), "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load():
-    tx = torch.tensor(read_idx("train-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
-    ty = torch.tensor(read_idx("train-labels-idx1-ubyte"), dtype=torch.int64)
-    vx = torch.tensor(read_idx("t10k-images-idx3-ubyte"), dtype=torch.float32).unsqueeze(1) / 255.0
-    vy = torch.tensor(read_idx("t10k-labels-idx1-ubyte"), dtype=torch.int64)
-    return tx, ty, vx, vy
 
 
 class NoWeights(nn.Module):
@@ -99,21 +81,6 @@ class BnDwCnn(nn.Module):
         x = F.max_pool2d(F.relu(self.bn2(self.dw(x))), 2)
         x = F.relu(self.pw(x))
         return self.fc(x.flatten(1))
-
-
-def train(model, tx, ty, epochs, seed):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(tx.shape[0])
-        for i in range(0, tx.shape[0], 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(tx[idx]), ty[idx]).backward()
-            opt.step()
-    model.eval()
-    return model
 
 
 @torch.no_grad()

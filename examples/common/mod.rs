@@ -1,4 +1,8 @@
-//! What the example programs share: the embedded MNIST digits and the `--device` choice.
+//! What the example programs share: the embedded MNIST digits, the `--device` choice, the exit.
+// Each example uses part of this module.
+#![allow(dead_code)]
+
+use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use tch::Device;
@@ -26,5 +30,16 @@ pub fn pick_device(name: &str) -> Result<Device> {
         "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
         "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
         _ => Ok(Device::cuda_if_available()),
+    }
+}
+
+/// The process's exit: success, or the error's chain on one line (C++ frames stripped) and failure.
+pub fn exit(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
     }
 }
