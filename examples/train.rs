@@ -77,6 +77,15 @@ struct Args {
     /// Bits of every quantizer, 2..=16.
     #[arg(long, default_value_t = 8)]
     bits: u32,
+    /// Bits of the activation quantizers (default: --bits).
+    #[arg(long)]
+    x_bits: Option<u32>,
+    /// Bits of the weight quantizers (default: --bits).
+    #[arg(long)]
+    w_bits: Option<u32>,
+    /// Initial alpha of PACT activation quantizers (PACT weights start at their range).
+    #[arg(long, default_value_t = 2.2)]
+    init_alpha: f64,
     /// Activation quantizer: `minmax` or `pact`.
     #[arg(long, default_value = "pact")]
     x_quant: QuantizerKind,
@@ -86,8 +95,10 @@ struct Args {
     /// One MinMax weight scale per output channel.
     #[arg(long)]
     per_channel: bool,
-    /// Override one layer: `NAME=X_KIND,W_KIND[:BITS]`, e.g. `conv1=minmax,minmax:8`; repeatable.
-    #[arg(long = "layer", value_name = "NAME=X,W[:BITS]")]
+    /// Override one layer: `NAME=X_KIND[:BITS],W_KIND[:BITS]` (bits per quantizer, e.g.
+    /// `conv1=pact:8,minmax:4`); repeatable. In `NAME=X_KIND,W_KIND:BITS` the bits apply to
+    /// both, as before.
+    #[arg(long = "layer", value_name = "NAME=X[:B],W[:B]")]
     layers: Vec<String>,
     /// `auto` (CUDA when available), `cpu` or `cuda`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
@@ -109,21 +120,31 @@ struct Args {
     json: bool,
 }
 
-/// Parses `NAME=X_KIND,W_KIND[:BITS]` against the model's layer names.
+/// Parses `NAME=X_KIND[:BITS],W_KIND[:BITS]` against the model's layer names; the old form
+/// `NAME=X_KIND,W_KIND:BITS` (no bits on the first) gives both quantizers those bits.
 fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(String, QuantSpec)> {
-    let usage = || format!("--layer {arg:?}: expected NAME=X_KIND,W_KIND[:BITS], e.g. conv1=minmax,pact:4");
+    let usage =
+        || format!("--layer {arg:?}: expected NAME=X_KIND[:BITS],W_KIND[:BITS], e.g. conv1=pact:8,minmax:4");
     let (name, rest) = arg.split_once('=').with_context(usage)?;
     if !arch.layer_names().contains(&name) {
         bail!("--layer {arg:?}: unknown layer {name:?}; {arch} has {}", arch.layer_names().join(", "));
     }
-    let (kinds, bits) = match rest.split_once(':') {
-        Some((k, b)) => (k, Some(b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?)),
-        None => (rest, None),
+    let (x, w) = rest.split_once(',').with_context(usage)?;
+    let part = |p: &str| -> Result<(QuantizerKind, Option<u32>)> {
+        match p.split_once(':') {
+            Some((k, b)) => {
+                let b = b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?;
+                Ok((k.parse()?, Some(check_bitwidth(b).with_context(|| format!("--layer {arg:?}"))?)))
+            }
+            None => Ok((p.parse()?, None)),
+        }
     };
-    let (x, w) = kinds.split_once(',').with_context(usage)?;
-    let bitwidth =
-        check_bitwidth(bits.unwrap_or(base.bitwidth)).with_context(|| format!("--layer {arg:?}"))?;
-    Ok((name.to_string(), QuantSpec { x_kind: x.parse()?, w_kind: w.parse()?, bitwidth, ..base }))
+    let ((x_kind, xb), (w_kind, wb)) = (part(x)?, part(w)?);
+    let (x_bits, w_bits) = match (xb, wb) {
+        (None, Some(b)) => (Some(b), Some(b)),
+        (xb, wb) => (xb.or(Some(base.x_bitwidth())), wb.or(Some(base.w_bitwidth()))),
+    };
+    Ok((name.to_string(), QuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
 }
 
 /// Share of correct predictions over a data set, in batches, without gradients.
@@ -165,6 +186,9 @@ fn run(args: Args) -> Result<()> {
         x_kind: args.x_quant,
         w_kind: args.w_quant,
         bitwidth: check_bitwidth(args.bits).context("--bits")?,
+        x_bits: args.x_bits.map(|b| check_bitwidth(b).context("--x-bits")).transpose()?,
+        w_bits: args.w_bits.map(|b| check_bitwidth(b).context("--w-bits")).transpose()?,
+        init_alpha: args.init_alpha,
         per_channel: args.per_channel,
         mode: args.mode,
         noise_std: args.noise_std,
@@ -321,6 +345,8 @@ fn run(args: Args) -> Result<()> {
                     "name": name,
                     "mode": q.mode().to_string(),
                     "bits": q.w_quantizer.bitwidth(),
+                    "x_bits": q.x_quantizer.bitwidth(),
+                    "w_bits": q.w_quantizer.bitwidth(),
                     "per_channel": matches!(&q.w_quantizer, Quantizer::MinMax(m) if m.per_channel()),
                     "x_quantizer": quantizer_report(&q.x_quantizer),
                     "w_quantizer": quantizer_report(&q.w_quantizer),

@@ -77,8 +77,15 @@ pub struct QuantSpec {
     pub x_kind: QuantizerKind,
     /// The weight quantizer (`w_quantizer`).
     pub w_kind: QuantizerKind,
-    /// Bits of both quantizers, `2..=16`.
+    /// Bits of both quantizers, `2..=16`, unless `x_bits` / `w_bits` say otherwise.
     pub bitwidth: u32,
+    /// Bits of the activation quantizer, overriding `bitwidth`.
+    pub x_bits: Option<u32>,
+    /// Bits of the weight quantizer, overriding `bitwidth`.
+    pub w_bits: Option<u32>,
+    /// Initial clipping level of a PACT activation quantizer (TorchApprox's 2.2). A PACT
+    /// weight quantizer starts at the weight's own range, `max |w|`, instead.
+    pub init_alpha: f64,
     /// One weight scale per output channel (MinMax weights only).
     pub per_channel: bool,
     /// The initial inference mode.
@@ -90,12 +97,27 @@ pub struct QuantSpec {
     pub rounded: bool,
 }
 
+impl QuantSpec {
+    /// Bits of the activation quantizer: `x_bits`, else `bitwidth`.
+    pub fn x_bitwidth(&self) -> u32 {
+        self.x_bits.unwrap_or(self.bitwidth)
+    }
+
+    /// Bits of the weight quantizer: `w_bits`, else `bitwidth`.
+    pub fn w_bitwidth(&self) -> u32 {
+        self.w_bits.unwrap_or(self.bitwidth)
+    }
+}
+
 impl Default for QuantSpec {
     fn default() -> Self {
         Self {
             x_kind: QuantizerKind::Pact,
             w_kind: QuantizerKind::MinMax,
             bitwidth: 8,
+            x_bits: None,
+            w_bits: None,
+            init_alpha: 2.2,
             per_channel: false,
             mode: InferenceMode::Baseline,
             noise_std: 0.1,
@@ -171,9 +193,17 @@ impl LayerQuant {
                 expected: "finite and >= 0",
             });
         }
-        let cfg = QuantConfig { rounded: spec.rounded, ..QuantConfig::with_bitwidth(spec.bitwidth) };
-        let x_quantizer = Quantizer::from_config(spec.x_kind, path / "x_quantizer", cfg)?;
-        let w_cfg = QuantConfig { per_channel: spec.per_channel, ..cfg };
+        let x_cfg = QuantConfig {
+            rounded: spec.rounded,
+            init_alpha: spec.init_alpha,
+            ..QuantConfig::with_bitwidth(spec.x_bitwidth())
+        };
+        let x_quantizer = Quantizer::from_config(spec.x_kind, path / "x_quantizer", x_cfg)?;
+        let w_cfg = QuantConfig {
+            per_channel: spec.per_channel,
+            rounded: spec.rounded,
+            ..QuantConfig::with_bitwidth(spec.w_bitwidth())
+        };
         let w_quantizer = Quantizer::from_config(spec.w_kind, path / "w_quantizer", w_cfg)?;
         Ok(Self {
             x_quantizer,
@@ -182,6 +212,17 @@ impl LayerQuant {
             noise_std: AtomicU64::new(spec.noise_std.to_bits()),
             multiplier: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Starts a PACT weight quantizer's alpha at the weight's range, `max |w|` (1 for an
+    /// all-zero weight), rather than at an activation's 2.2, which can zero every weight.
+    pub(crate) fn init_weight_alpha(&self, weight: &Tensor) -> Result<()> {
+        if let Some(alpha) = self.w_quantizer.alpha() {
+            let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
+            let init = if range > 0.0 && range.is_finite() { range } else { 1.0 };
+            let _ = tch::no_grad(|| alpha.shallow_clone().f_fill_(init))?;
+        }
+        Ok(())
     }
 
     /// Refuses Approximate mode with quantizers of other than 8 bits (the tables are 8-bit).

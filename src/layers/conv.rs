@@ -88,6 +88,7 @@ impl ApproxConv2d {
         let bound = 1.0 / ((in_channels / config.groups * kernel_size * kernel_size) as f64).sqrt();
         let init = nn::Init::Uniform { lo: -bound, up: bound };
         let weight = path.f_var("weight", &shape, init)?;
+        quant.init_weight_alpha(&weight)?;
         let bias = if config.bias { Some(path.f_var("bias", &[out_channels], init)?) } else { None };
         Ok(Self { weight, bias, quant, config, last_output_pixels: AtomicI64::new(0) })
     }
@@ -121,6 +122,7 @@ impl ApproxConv2d {
         }
         let quant = LayerQuant::new(path, config.quant)?;
         let weight = path.f_var_copy("weight", weight)?;
+        quant.init_weight_alpha(&weight)?;
         let bias = bias.map(|b| path.f_var_copy("bias", b)).transpose()?;
         Ok(Self { weight, bias, quant, config, last_output_pixels: AtomicI64::new(0) })
     }

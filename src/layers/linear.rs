@@ -72,6 +72,7 @@ impl ApproxLinear {
         let bound = 1.0 / (in_features as f64).sqrt();
         let init = nn::Init::Uniform { lo: -bound, up: bound };
         let weight = path.f_var("weight", &[out_features, in_features], init)?;
+        quant.init_weight_alpha(&weight)?;
         let bias = if config.bias { Some(path.f_var("bias", &[out_features], init)?) } else { None };
         Ok(Self { weight, bias, quant })
     }
@@ -104,6 +105,7 @@ impl ApproxLinear {
         }
         let quant = LayerQuant::new(path, spec)?;
         let weight = path.f_var_copy("weight", weight)?;
+        quant.init_weight_alpha(&weight)?;
         let bias = bias.map(|b| path.f_var_copy("bias", b)).transpose()?;
         Ok(Self { weight, bias, quant })
     }
