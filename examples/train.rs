@@ -86,10 +86,10 @@ struct Args {
     /// Initial alpha of PACT activation quantizers (PACT weights start at their range).
     #[arg(long, default_value_t = 2.2)]
     init_alpha: f64,
-    /// Activation quantizer: `minmax` or `pact`.
+    /// Activation quantizer: `minmax`, `pact` or `lsq`.
     #[arg(long, default_value = "pact")]
     x_quant: QuantizerKind,
-    /// Weight quantizer: `minmax` or `pact`.
+    /// Weight quantizer: `minmax`, `pact` or `lsq`.
     #[arg(long, default_value = "minmax")]
     w_quant: QuantizerKind,
     /// One MinMax weight scale per output channel.
@@ -164,7 +164,7 @@ fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, device: Device) -> Resu
 fn quantizer_report(q: &Quantizer) -> serde_json::Value {
     let scales = match q {
         Quantizer::MinMax(m) => m.scale_factors(),
-        Quantizer::Pact(_) => vec![q.scale_factor()],
+        _ => vec![q.scale_factor()],
     };
     json!({
         "kind": q.kind().to_string(),
@@ -172,6 +172,7 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
         "scale_factor": q.scale_factor(),
         "scale_factors": if scales.len() > 1 { json!(scales) } else { serde_json::Value::Null },
         "alpha": q.alpha().map(|a| a.double_value(&[0])),
+        "step_size": q.step_size().map(|s| s.double_value(&[0])),
     })
 }
 

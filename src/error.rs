@@ -92,8 +92,8 @@ pub enum Error {
     #[error("{0}")]
     Multiplier(String),
 
-    /// A quantizer name that is neither `minmax` nor `pact`.
-    #[error("unknown quantizer kind {0:?}: expected `minmax` or `pact`")]
+    /// A quantizer name that is not `minmax`, `pact` or `lsq`.
+    #[error("unknown quantizer kind {0:?}: expected `minmax`, `pact` or `lsq`")]
     UnknownKind(String),
 }
 

@@ -133,7 +133,11 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
         "unknown layer \"fc9\"; lenet has conv1, conv2, fc1, fc2, fc3",
         &save,
     );
-    assert_fails(&["--data", &data, "--layer", "fc1=pact"], "expected NAME=X_KIND[:BITS],W_KIND[:BITS]", &save);
+    assert_fails(
+        &["--data", &data, "--layer", "fc1=pact"],
+        "expected NAME=X_KIND[:BITS],W_KIND[:BITS]",
+        &save,
+    );
     assert_fails(&["--data", &data, "--layer", "fc1=pact,lsq"], "unknown quantizer kind \"lsq\"", &save);
     assert_fails(&["--data", &data, "--bits", "40"], "bitwidth 40 is out of range", &save);
     assert_fails(&["--data", &data, "--layer", "fc1=pact,minmax:1"], "bitwidth 1 is out of range", &save);

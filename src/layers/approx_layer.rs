@@ -215,8 +215,12 @@ impl LayerQuant {
     }
 
     /// Starts a PACT weight quantizer's alpha at the weight's range, `max |w|` (1 for an
-    /// all-zero weight), rather than at an activation's 2.2, which can zero every weight.
+    /// all-zero weight), rather than at an activation's 2.2, which can zero every weight;
+    /// an LSQ weight quantizer's step size at `2 mean|w| / sqrt(int_max)`.
     pub(crate) fn init_weight_alpha(&self, weight: &Tensor) -> Result<()> {
+        if let Quantizer::Lsq(q) = &self.w_quantizer {
+            q.init_from(weight)?;
+        }
         if let Some(alpha) = self.w_quantizer.alpha() {
             let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
             let init = if range > 0.0 && range.is_finite() { range } else { 1.0 };

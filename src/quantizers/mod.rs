@@ -1,4 +1,4 @@
-//! Quantizers mirroring `torchapprox.quantizers`: MinMax, PACT, and an enum to pick one per layer.
+//! Quantizers mirroring `torchapprox.quantizers`: MinMax, PACT, LSQ, and an enum to pick one per layer.
 //!
 //! ```
 //! use tch::{nn, nn::Module, Device, Tensor};
@@ -18,11 +18,13 @@
 
 mod approx_quantizer;
 mod kernels;
+mod lsq;
 mod minmax;
 mod pact;
 mod quantizer;
 
 pub use approx_quantizer::*;
+pub use lsq::*;
 pub use minmax::*;
 pub use pact::*;
 pub use quantizer::*;

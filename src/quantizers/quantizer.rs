@@ -1,4 +1,4 @@
-//! `Quantizer`: MinMax or PACT behind one type, so a network can choose per layer.
+//! `Quantizer`: MinMax, PACT or LSQ behind one type, so a network can choose per layer.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -6,16 +6,18 @@ use std::str::FromStr;
 
 use tch::{nn, Tensor};
 
-use super::{ApproxQuantizer, MinMaxQuant, PACTQuant, QuantConfig, Quantized};
+use super::{ApproxQuantizer, LSQQuant, MinMaxQuant, PACTQuant, QuantConfig, Quantized};
 use crate::{Error, Result};
 
-/// Which quantizer to build; parses from and prints as `minmax` / `pact`.
+/// Which quantizer to build; parses from and prints as `minmax` / `pact` / `lsq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantizerKind {
     /// [`MinMaxQuant`].
     MinMax,
     /// [`PACTQuant`].
     Pact,
+    /// [`LSQQuant`].
+    Lsq,
 }
 
 impl fmt::Display for QuantizerKind {
@@ -23,6 +25,7 @@ impl fmt::Display for QuantizerKind {
         f.pad(match self {
             Self::MinMax => "minmax",
             Self::Pact => "pact",
+            Self::Lsq => "lsq",
         })
     }
 }
@@ -30,11 +33,12 @@ impl fmt::Display for QuantizerKind {
 impl FromStr for QuantizerKind {
     type Err = Error;
 
-    /// Accepts `minmax` and `pact`, ignoring ASCII case.
+    /// Accepts `minmax`, `pact` and `lsq`, ignoring ASCII case.
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "minmax" => Ok(Self::MinMax),
             "pact" => Ok(Self::Pact),
+            "lsq" => Ok(Self::Lsq),
             _ => Err(Error::UnknownKind(s.to_string())),
         }
     }
@@ -61,6 +65,8 @@ pub enum Quantizer {
     MinMax(MinMaxQuant),
     /// A PACT quantizer.
     Pact(PACTQuant),
+    /// An LSQ quantizer.
+    Lsq(LSQQuant),
 }
 
 impl Quantizer {
@@ -83,6 +89,7 @@ impl Quantizer {
         Ok(match kind {
             QuantizerKind::MinMax => Self::MinMax(MinMaxQuant::from_config(config)?),
             QuantizerKind::Pact => Self::Pact(PACTQuant::from_config(path, config)?),
+            QuantizerKind::Lsq => Self::Lsq(LSQQuant::from_config(path, config)?),
         })
     }
 
@@ -91,14 +98,23 @@ impl Quantizer {
         match self {
             Self::MinMax(_) => QuantizerKind::MinMax,
             Self::Pact(_) => QuantizerKind::Pact,
+            Self::Lsq(_) => QuantizerKind::Lsq,
         }
     }
 
-    /// PACT's `alpha` variable, `None` for MinMax.
+    /// PACT's `alpha` variable, `None` for the others.
     pub fn alpha(&self) -> Option<&Tensor> {
         match self {
-            Self::MinMax(_) => None,
             Self::Pact(p) => Some(p.alpha()),
+            _ => None,
+        }
+    }
+
+    /// LSQ's `step_size` variable, `None` for the others.
+    pub fn step_size(&self) -> Option<&Tensor> {
+        match self {
+            Self::Lsq(q) => Some(q.step_size()),
+            _ => None,
         }
     }
 
@@ -106,6 +122,7 @@ impl Quantizer {
         match self {
             Self::MinMax(q) => q,
             Self::Pact(q) => q,
+            Self::Lsq(q) => q,
         }
     }
 }

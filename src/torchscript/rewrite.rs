@@ -259,6 +259,11 @@ pub(super) fn rewrite(
         if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
             return Err(Error::PerChannel(spec.w_kind));
         }
+        if spec.x_kind == QuantizerKind::Lsq || spec.w_kind == QuantizerKind::Lsq {
+            return Err(ts_error(format!(
+                "{path}: the TorchScript rewrite covers pact and minmax, not lsq (yet)"
+            )));
+        }
         let weight = param(&format!("{path}.weight"))
             .ok_or_else(|| ts_error(format!("{path}: has no parameter weight")))?;
         let op = if classify(class) == Some(Ok("Linear")) {
