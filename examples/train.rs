@@ -25,7 +25,7 @@ use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
-use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind};
+use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind, RangeMode};
 use torchapprox::torchscript::ScriptModel;
 
 /// Train a quantization-aware MLP or LeNet-5 on MNIST with TorchApprox's quantizers.
@@ -83,6 +83,14 @@ struct Args {
     /// Bits of the weight quantizers (default: --bits).
     #[arg(long)]
     w_bits: Option<u32>,
+    /// Range of MinMax activation quantizers: `running` (a moving average updated in
+    /// training, frozen in evaluation, saved: predictions do not depend on the batch) or
+    /// `batch` (each call's own range, as TorchApprox).
+    #[arg(long, default_value = "running", value_parser = ["running", "batch"])]
+    x_range: String,
+    /// Digits per evaluation batch (results do not depend on it, except with --x-range batch).
+    #[arg(long, default_value_t = 1000)]
+    eval_batch_size: i64,
     /// Initial alpha of PACT activation quantizers (PACT weights start at their range).
     #[arg(long, default_value_t = 2.2)]
     init_alpha: f64,
@@ -148,12 +156,12 @@ fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(Str
 }
 
 /// Share of correct predictions over a data set, in batches, without gradients.
-fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, device: Device) -> Result<f64> {
+fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, device: Device, batch: i64) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let n = labels.size()[0];
     let mut correct = 0i64;
-    for start in (0..n).step_by(1000) {
-        let len = 1000.min(n - start);
+    for start in (0..n).step_by(batch as usize) {
+        let len = batch.min(n - start);
         let logits = net.f_forward_t(&images.narrow(0, start, len), false)?;
         let hits = logits.argmax(-1, false).eq_tensor(&labels.narrow(0, start, len).to_device(device));
         correct += hits.sum(Kind::Int64).int64_value(&[]);
@@ -190,6 +198,11 @@ fn run(args: Args) -> Result<()> {
         x_bits: args.x_bits.map(|b| check_bitwidth(b).context("--x-bits")).transpose()?,
         w_bits: args.w_bits.map(|b| check_bitwidth(b).context("--w-bits")).transpose()?,
         init_alpha: args.init_alpha,
+        x_range: if args.x_range == "running" {
+            RangeMode::Running { momentum: 0.9 }
+        } else {
+            RangeMode::Batch
+        },
         per_channel: args.per_channel,
         mode: args.mode,
         noise_std: args.noise_std,
@@ -204,6 +217,9 @@ fn run(args: Args) -> Result<()> {
     }
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1, got {}", args.batch_size);
+    }
+    if args.eval_batch_size < 1 {
+        bail!("--eval-batch-size must be at least 1, got {}", args.eval_batch_size);
     }
     if !(args.lr.is_finite() && args.lr >= 0.0) {
         bail!("--lr must be finite and not negative, got {}", args.lr);
@@ -315,7 +331,7 @@ fn run(args: Args) -> Result<()> {
             bail!("training diverged in epoch {epoch} (loss {final_loss}); try a smaller --lr");
         }
         let train_acc = correct.int64_value(&[]) as f64 / n as f64;
-        let test_acc = accuracy(&net, &test_x, &data.test_labels, device)?;
+        let test_acc = accuracy(&net, &test_x, &data.test_labels, device, args.eval_batch_size)?;
         let secs = t0.elapsed().as_secs_f64();
         say(format!(
             "epoch {epoch:>2}/{}  loss {final_loss:.4}  train {:.2}%  test {:.2}%  {secs:.1}s",
@@ -325,7 +341,7 @@ fn run(args: Args) -> Result<()> {
         ));
         epochs.push(json!({"epoch": epoch, "loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc, "seconds": secs}));
     }
-    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, device)?;
+    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, device, args.eval_batch_size)?;
     if let Some(path) = &args.save {
         save_atomic(&vs, path)?;
         say(format!("saved {}", path.display()));

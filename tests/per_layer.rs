@@ -80,3 +80,63 @@ fn the_trainer_takes_x_bits_w_bits_and_per_quantizer_layer_bits() {
     let acc = r["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.7, "4-bit PACT weights: {acc}");
 }
+
+/// Logits of `x` evaluated in one batch and in batches of 7.
+fn logits_by_batch(net: &torchapprox::models::Net, x: &tch::Tensor) -> (tch::Tensor, tch::Tensor) {
+    tch::no_grad(|| {
+        let whole = net.f_forward_t(x, false).unwrap();
+        let parts: Vec<tch::Tensor> = (0..x.size()[0])
+            .step_by(7)
+            .map(|s| net.f_forward_t(&x.narrow(0, s, 7), false).unwrap())
+            .collect();
+        (whole, tch::Tensor::cat(&parts, 0))
+    })
+}
+
+#[test]
+fn evaluation_does_not_depend_on_the_batch_with_running_ranges() {
+    use tch::nn::OptimizerConfig;
+    use torchapprox::models::Architecture;
+    use torchapprox::quantizers::RangeMode;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let m = Mnist::load_dir(&dir).unwrap().subset(640, 70);
+    let x = torchapprox::data::normalize(&m.train_images, 0.1307, 0.3081, Device::Cpu).unwrap();
+    let test = torchapprox::data::normalize(&m.test_images, 0.1307, 0.3081, Device::Cpu).unwrap();
+    let running = RangeMode::Running { momentum: 0.9 };
+    for (kind, range, independent) in [
+        (QuantizerKind::MinMax, running, true),
+        (QuantizerKind::Pact, running, true),
+        (QuantizerKind::Lsq, running, true),
+        (QuantizerKind::MinMax, RangeMode::Batch, false),
+    ] {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec =
+            QuantSpec { x_kind: kind, x_range: range, mode: InferenceMode::Quantized, ..Default::default() };
+        let net = Architecture::LeNet5.build(&vs.root(), |_| spec).unwrap();
+        let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+        for s in (0..640).step_by(64) {
+            let loss = net
+                .f_forward_t(&x.narrow(0, s, 64), true)
+                .unwrap()
+                .cross_entropy_for_logits(&m.train_labels.narrow(0, s, 64));
+            opt.backward_step(&loss);
+        }
+        let (whole, by7) = logits_by_batch(&net, &test);
+        let same =
+            values(&whole).iter().zip(values(&by7)).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + a.abs()));
+        assert_eq!(same, independent, "{kind} {range:?}: logits with batches of 70 and of 7");
+        if independent {
+            assert_eq!(
+                values(&whole.argmax(-1, false)),
+                values(&by7.argmax(-1, false)),
+                "{kind}: predictions"
+            );
+        }
+    }
+    // The running range is a variable: it saves and loads with the checkpoint.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let spec = QuantSpec { x_kind: QuantizerKind::MinMax, x_range: running, ..Default::default() };
+    let _net = Architecture::Mlp.build(&vs.root(), |_| spec).unwrap();
+    assert!(vs.variables().contains_key("fc1.x_quantizer.running_max"));
+}

@@ -138,7 +138,11 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
         "expected NAME=X_KIND[:BITS],W_KIND[:BITS]",
         &save,
     );
-    assert_fails(&["--data", &data, "--layer", "fc1=pact,lsq"], "unknown quantizer kind \"lsq\"", &save);
+    assert_fails(
+        &["--data", &data, "--layer", "fc1=pact,dorefa"],
+        "unknown quantizer kind \"dorefa\"",
+        &save,
+    );
     assert_fails(&["--data", &data, "--bits", "40"], "bitwidth 40 is out of range", &save);
     assert_fails(&["--data", &data, "--layer", "fc1=pact,minmax:1"], "bitwidth 1 is out of range", &save);
     if !tch::Cuda::is_available() {

@@ -8,7 +8,7 @@ use tch::{nn, Tensor};
 
 use crate::approx::Multiplier;
 use crate::quantizers::{
-    check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind,
+    check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind, RangeMode,
 };
 use crate::{Error, Result};
 
@@ -86,6 +86,9 @@ pub struct QuantSpec {
     /// Initial clipping level of a PACT activation quantizer (TorchApprox's 2.2). A PACT
     /// weight quantizer starts at the weight's own range, `max |w|`, instead.
     pub init_alpha: f64,
+    /// Where a MinMax activation quantizer takes its range: each call's (TorchApprox's) or
+    /// a running one, frozen in evaluation so that results do not depend on the batch.
+    pub x_range: RangeMode,
     /// One weight scale per output channel (MinMax weights only).
     pub per_channel: bool,
     /// The initial inference mode.
@@ -118,6 +121,7 @@ impl Default for QuantSpec {
             x_bits: None,
             w_bits: None,
             init_alpha: 2.2,
+            x_range: RangeMode::Batch,
             per_channel: false,
             mode: InferenceMode::Baseline,
             noise_std: 0.1,
@@ -196,6 +200,7 @@ impl LayerQuant {
         let x_cfg = QuantConfig {
             rounded: spec.rounded,
             init_alpha: spec.init_alpha,
+            range: spec.x_range,
             ..QuantConfig::with_bitwidth(spec.x_bitwidth())
         };
         let x_quantizer = Quantizer::from_config(spec.x_kind, path / "x_quantizer", x_cfg)?;
@@ -307,7 +312,7 @@ impl LayerQuant {
                 (qx, acc.f_add(&tangent.f_mul(&delta)?)?)
             }
             _ => {
-                let qx = self.x_quantizer.f_quantize_scaled(x)?;
+                let qx = self.x_quantizer.f_quantize_scaled_t(x, train)?;
                 let acc = op(&qx.values, &qw.values, None)?;
                 (qx, acc)
             }

@@ -48,6 +48,23 @@ pub enum NonFinite {
     Reject,
 }
 
+/// Where MinMax takes its range from.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RangeMode {
+    /// The tensor of each call (TorchApprox's behaviour): an evaluation result depends on
+    /// the other samples of its batch.
+    #[default]
+    Batch,
+    /// An exponential moving average of the per-batch ranges, updated in training
+    /// (`range = momentum * range + (1 - momentum) * batch_range`; the first batch sets it)
+    /// and frozen in evaluation, kept as the variable `running_max` (saved in checkpoints).
+    /// Before any training batch (or calibration) evaluation falls back to the batch range.
+    Running {
+        /// Weight of the old range, in `[0, 1)`.
+        momentum: f64,
+    },
+}
+
 /// Settings shared by the quantizers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantConfig {
@@ -63,6 +80,9 @@ pub struct QuantConfig {
     /// MinMax only: one range per output channel (index of dim 0) for tensors
     /// of two or more dimensions, as for Linear and Conv weights.
     pub per_channel: bool,
+    /// MinMax only: per-call or running range (needs a VarStore path; per-channel
+    /// quantizers always use the tensor's own ranges).
+    pub range: RangeMode,
 }
 
 impl Default for QuantConfig {
@@ -74,6 +94,7 @@ impl Default for QuantConfig {
             nonfinite: NonFinite::Propagate,
             rounded: true,
             per_channel: false,
+            range: RangeMode::Batch,
         }
     }
 }
@@ -122,6 +143,14 @@ pub trait ApproxQuantizer: std::fmt::Debug + Send {
 
     /// Quantizes `x` and returns the integer values with their scale tensor.
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized>;
+
+    /// Like [`f_quantize_scaled`](Self::f_quantize_scaled) in training (`train`) or evaluation:
+    /// the two differ only for quantizers with state that training updates (MinMax's
+    /// running range).
+    fn f_quantize_scaled_t(&self, x: &Tensor, train: bool) -> Result<Quantized> {
+        let _ = train;
+        self.f_quantize_scaled(x)
+    }
 
     /// Maps `x` to integer values in `[-int_max, int_max]`, as the original's `quantize`.
     fn f_quantize(&self, x: &Tensor) -> Result<Tensor> {

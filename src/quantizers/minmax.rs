@@ -11,7 +11,7 @@ use super::approx_quantizer::{
     check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite,
     grad_enabled, memory_overlaps, scale_for,
 };
-use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
+use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized, RangeMode};
 use crate::{Error, Result};
 
 /// The smallest range MinMax divides by: below it the scale would overflow float32.
@@ -35,6 +35,8 @@ pub struct MinMaxQuant {
     rounded: bool,
     per_channel: bool,
     last_scales: Mutex<Vec<f64>>,
+    /// The running range variable and its momentum, in [`RangeMode::Running`].
+    running: Option<(Tensor, f64)>,
 }
 
 impl MinMaxQuant {
@@ -56,7 +58,65 @@ impl MinMaxQuant {
             rounded: config.rounded,
             per_channel: config.per_channel,
             last_scales: Mutex::new(Vec::new()),
+            running: None,
         })
+    }
+
+    /// A MinMax quantizer from a full configuration whose state (the running range of
+    /// [`RangeMode::Running`], a variable `running_max` of shape `[1]`) lives under `path`.
+    pub fn from_config_at<'a, P: std::borrow::Borrow<nn::Path<'a>>>(
+        path: P,
+        config: QuantConfig,
+    ) -> Result<Self> {
+        let mut q = Self::from_config(config)?;
+        if let (RangeMode::Running { momentum }, false) = (config.range, config.per_channel) {
+            if !(0.0..1.0).contains(&momentum) {
+                return Err(Error::Argument {
+                    what: "running range momentum",
+                    value: momentum,
+                    expected: "in [0, 1)",
+                });
+            }
+            q.running = Some((path.borrow().f_zeros_no_train("running_max", &[1])?, momentum));
+        }
+        Ok(q)
+    }
+
+    /// The running range (0 before any training batch), `None` in [`RangeMode::Batch`].
+    pub fn running_range(&self) -> Option<f64> {
+        self.running.as_ref().map(|(r, _)| r.double_value(&[0]))
+    }
+
+    /// Sets the running range (calibration); no effect in [`RangeMode::Batch`].
+    pub fn set_running_range(&self, range: f64) -> Result<()> {
+        if !(range.is_finite() && range > 0.0) {
+            return Err(Error::Argument {
+                what: "running range",
+                value: range,
+                expected: "positive and finite",
+            });
+        }
+        if let Some((r, _)) = &self.running {
+            let _ = tch::no_grad(|| r.shallow_clone().f_fill_(range))?;
+        }
+        Ok(())
+    }
+
+    /// The range to quantize with, given this call's own: the running range where there is
+    /// one (updated first in training), else the call's.
+    fn range_for(&self, batch_range: f64, train: bool) -> Result<f64> {
+        let Some((r, momentum)) = &self.running else { return Ok(batch_range) };
+        let current = r.f_double_value(&[0])?;
+        if train {
+            let next =
+                if current > 0.0 { momentum * current + (1.0 - momentum) * batch_range } else { batch_range };
+            let _ = tch::no_grad(|| r.shallow_clone().f_fill_(next))?;
+            Ok(effective_range(next))
+        } else if current > 0.0 {
+            Ok(effective_range(current))
+        } else {
+            Ok(batch_range)
+        }
     }
 
     /// Whether this quantizer keeps one range per output channel.
@@ -110,11 +170,13 @@ impl MinMaxQuant {
 
     /// Quantizes `x` (integers, or with `dequantize` their values over the scale) and keeps
     /// the scales; with a gradient to compute, as one autograd node.
-    fn run(&self, x: &Tensor, dequantize: bool) -> Result<Quantized> {
+    fn run(&self, x: &Tensor, dequantize: bool, train: bool) -> Result<Quantized> {
         check_defined(x, "input")?;
         let kind = compute_kind(x)?;
         let grad = x.requires_grad() && grad_enabled();
-        if let Some((kind, range, scale)) = self.kernel_plan(x) {
+        if let Some((kind, batch_range, _)) = self.kernel_plan(x) {
+            let range = self.range_for(batch_range, train)?;
+            let scale = scale_for(self.int_max(), range, kind);
             let node = MinMaxNode {
                 kind,
                 dequantize,
@@ -148,8 +210,9 @@ impl MinMaxQuant {
             let node = MinMaxNode { finite, ..base };
             (node.values(&[x, &m, &scale], grad)?, scale, scales)
         } else {
-            let (range, finite) = Self::range_of(&xd)?;
+            let (batch_range, finite) = Self::range_of(&xd)?;
             self.reject_nonfinite(&xd, finite)?;
+            let range = self.range_for(batch_range, train)?;
             let scale = scale_for(self.int_max(), range, kind);
             let node = MinMaxNode { finite, plan: Plan::PerTensor { range, scale }, ..base };
             (node.values(&[x], grad)?, Tensor::f_scalar_tensor(scale, (kind, x.device()))?, vec![scale])
@@ -272,8 +335,13 @@ impl ApproxQuantizer for MinMaxQuant {
         self.scale_factors().into_iter().reduce(f64::min).unwrap_or(0.0)
     }
 
+    /// In [`RangeMode::Running`], evaluation: the running range, frozen.
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
-        self.run(x, false)
+        self.run(x, false, false)
+    }
+
+    fn f_quantize_scaled_t(&self, x: &Tensor, train: bool) -> Result<Quantized> {
+        self.run(x, false, train)
     }
 
     fn f_fake_quantize_out(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -282,7 +350,9 @@ impl ApproxQuantizer for MinMaxQuant {
         // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
         let direct = kernels::fits(out, x) && !memory_overlaps(x, out);
         match direct.then(|| self.kernel_plan(x)).flatten() {
-            Some((kind, range, scale)) => {
+            Some((kind, batch_range, _)) => {
+                let range = self.range_for(batch_range, false)?;
+                let scale = scale_for(self.int_max(), range, kind);
                 kernels::minmax_to(x, kind, out, range, scale, MinMaxOut::Dequantized);
                 self.store_scales(vec![scale]);
                 Ok(())
@@ -292,7 +362,7 @@ impl ApproxQuantizer for MinMaxQuant {
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, true)?.values.f_to_kind(x.kind())?)
+        Ok(self.run(x, true, false)?.values.f_to_kind(x.kind())?)
     }
 }
 

@@ -87,7 +87,7 @@ impl Quantizer {
         config: QuantConfig,
     ) -> Result<Self> {
         Ok(match kind {
-            QuantizerKind::MinMax => Self::MinMax(MinMaxQuant::from_config(config)?),
+            QuantizerKind::MinMax => Self::MinMax(MinMaxQuant::from_config_at(path, config)?),
             QuantizerKind::Pact => Self::Pact(PACTQuant::from_config(path, config)?),
             QuantizerKind::Lsq => Self::Lsq(LSQQuant::from_config(path, config)?),
         })
@@ -138,6 +138,10 @@ impl ApproxQuantizer for Quantizer {
 
     fn f_quantize_scaled(&self, x: &Tensor) -> Result<Quantized> {
         self.inner().f_quantize_scaled(x)
+    }
+
+    fn f_quantize_scaled_t(&self, x: &Tensor, train: bool) -> Result<Quantized> {
+        self.inner().f_quantize_scaled_t(x, train)
     }
 
     fn f_fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
