@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 use torchapprox::approx::Multiplier;
 use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
-use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
+use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
 use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind, RangeMode};
 use torchapprox::torchscript::ScriptModel;
@@ -91,6 +91,14 @@ struct Args {
     /// Digits per evaluation batch (results do not depend on it, except with --x-range batch).
     #[arg(long, default_value_t = 1000)]
     eval_batch_size: i64,
+    /// Set every activation range (PACT alphas, MinMax running ranges, LSQ steps) from this
+    /// many training batches, run in float before training; 0 keeps the initial values.
+    #[arg(long, default_value_t = 0)]
+    calibrate: usize,
+    /// With --calibrate: use this percentile of the input magnitudes (mean over batches)
+    /// instead of their maximum.
+    #[arg(long, value_name = "P")]
+    calibrate_percentile: Option<f64>,
     /// Initial alpha of PACT activation quantizers (PACT weights start at their range).
     #[arg(long, default_value_t = 2.2)]
     init_alpha: f64,
@@ -272,6 +280,21 @@ fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.init_from {
         let n = ScriptModel::load(path, device)?.import_into(&vs)?;
         say(format!("initialised {n} tensors from {}", path.display()));
+    }
+    if args.calibrate > 0 {
+        let n = train_y.size()[0];
+        let batches: Vec<Tensor> = (0..args.calibrate as i64)
+            .map(|b| b * args.batch_size)
+            .take_while(|&start| start < n)
+            .map(|start| train_x.narrow(0, start, args.batch_size.min(n - start)))
+            .collect();
+        let method = match args.calibrate_percentile {
+            Some(p) => Calibration::Percentile(p),
+            None => Calibration::Max,
+        };
+        let ranges = net.calibrate(&batches, &|x| net.f_forward_t(x, false), method)?;
+        let shown: Vec<String> = ranges.iter().map(|(n, r)| format!("{n} {r:.3}")).collect();
+        say(format!("calibrated on {} batches: {}", batches.len(), shown.join(", ")));
     }
     let mut opt = match args.optimizer.as_str() {
         "sgd" => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, args.lr)?,

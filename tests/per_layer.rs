@@ -140,3 +140,50 @@ fn evaluation_does_not_depend_on_the_batch_with_running_ranges() {
     let _net = Architecture::Mlp.build(&vs.root(), |_| spec).unwrap();
     assert!(vs.variables().contains_key("fc1.x_quantizer.running_max"));
 }
+
+#[test]
+fn calibration_beats_alpha_2_2_where_activations_exceed_it() {
+    use tch::nn::OptimizerConfig;
+    use torchapprox::layers::{ApproxModule, Calibration};
+    use torchapprox::models::Architecture;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let m = Mnist::load_dir(&dir).unwrap().subset(3000, 500);
+    // A narrow normalisation: inputs reach about 30, far beyond PACT's initial 2.2.
+    let x = torchapprox::data::normalize(&m.train_images, 0.1307, 0.03, Device::Cpu).unwrap();
+    let test = torchapprox::data::normalize(&m.test_images, 0.1307, 0.03, Device::Cpu).unwrap();
+    let accuracy = |net: &torchapprox::models::Net| {
+        let logits = tch::no_grad(|| net.f_forward_t(&test, false).unwrap());
+        values(
+            &logits
+                .argmax(-1, false)
+                .eq_tensor(&m.test_labels)
+                .to_kind(tch::Kind::Float)
+                .mean(tch::Kind::Float),
+        )[0]
+    };
+    for method in [Calibration::Max, Calibration::Percentile(99.9)] {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net =
+            Architecture::Mlp.build(&vs.root(), |_| QuantSpec { bitwidth: 4, ..Default::default() }).unwrap();
+        let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+        for s in (0..3000).step_by(64) {
+            let len = 64.min(3000 - s);
+            let loss = net
+                .f_forward_t(&x.narrow(0, s, len), true)
+                .unwrap()
+                .cross_entropy_for_logits(&m.train_labels.narrow(0, s, len));
+            opt.backward_step(&loss);
+        }
+        let float = accuracy(&net);
+        net.set_mode(InferenceMode::Quantized);
+        let at_2_2 = accuracy(&net);
+        let batches: Vec<tch::Tensor> = (0..4).map(|b| x.narrow(0, b * 64, 64)).collect();
+        let ranges = net.calibrate(&batches, &|b| net.f_forward_t(b, false), method).unwrap();
+        assert!(ranges.iter().all(|(_, r)| *r > 2.2), "{method:?}: {ranges:?}");
+        assert_eq!(net.approx_layers()[0].1.quant().mode(), InferenceMode::Quantized, "modes are restored");
+        let calibrated = accuracy(&net);
+        eprintln!("{method:?}: float {float:.3}, 4-bit alpha 2.2 {at_2_2:.3}, calibrated {calibrated:.3}");
+        assert!(calibrated > at_2_2 + 0.05, "{method:?}: calibrated {calibrated} vs alpha 2.2 {at_2_2}");
+    }
+}

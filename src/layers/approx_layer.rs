@@ -145,10 +145,68 @@ pub trait ApproxLayer: nn::ModuleT {
     fn opcount(&self) -> i64;
 }
 
+/// How [`ApproxModule::calibrate`] turns each layer's inputs into its range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Calibration {
+    /// The largest input magnitude seen.
+    Max,
+    /// The mean over batches of this percentile (`0 < p <= 100`) of the input magnitudes,
+    /// which ignores rare outliers.
+    Percentile(f64),
+}
+
 /// A network made of Approx layers, so modes can be set for all of them at once.
 pub trait ApproxModule {
     /// Every Approx layer with its name (`conv1`, `fc2`, ...).
     fn approx_layers(&self) -> Vec<(String, &dyn ApproxLayer)>;
+
+    /// Sets every layer's activation range from data before training: runs `forward` on
+    /// each batch in float (Baseline mode, no gradient), records each layer's input
+    /// magnitudes, and sets PACT alphas, MinMax running ranges and LSQ step sizes from them
+    /// (see [`Calibration`]). Modes are restored; returns the ranges by layer.
+    fn calibrate(
+        &self,
+        batches: &[Tensor],
+        forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+        method: Calibration,
+    ) -> Result<Vec<(String, f64)>> {
+        if let Calibration::Percentile(p) = method {
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(Error::Argument {
+                    what: "calibration percentile",
+                    value: p,
+                    expected: "in (0, 100]",
+                });
+            }
+        }
+        if batches.is_empty() {
+            return Err(Error::Argument { what: "calibration batches", value: 0.0, expected: "at least 1" });
+        }
+        let layers = self.approx_layers();
+        let modes: Vec<InferenceMode> = layers.iter().map(|(_, l)| l.quant().mode()).collect();
+        for (_, l) in &layers {
+            l.quant().set_mode(InferenceMode::Baseline);
+            l.quant().set_observing(Some(method));
+        }
+        let run = tch::no_grad(|| batches.iter().try_for_each(|b| forward(b).map(drop)));
+        let mut ranges = Vec::new();
+        for ((name, l), mode) in layers.iter().zip(modes) {
+            let stats = l.quant().set_observing(None);
+            l.quant().set_mode(mode);
+            if run.is_ok() && !stats.is_empty() {
+                let range = match method {
+                    Calibration::Max => stats.iter().cloned().fold(0.0, f64::max),
+                    Calibration::Percentile(_) => stats.iter().sum::<f64>() / stats.len() as f64,
+                };
+                if range > 0.0 {
+                    l.quant().set_input_range(range)?;
+                }
+                ranges.push((name.clone(), range));
+            }
+        }
+        run?;
+        Ok(ranges)
+    }
 
     /// Sets the inference mode of every layer.
     fn set_mode(&self, mode: InferenceMode) {
@@ -182,6 +240,8 @@ pub struct LayerQuant {
     mode: AtomicU8,
     noise_std: AtomicU64,
     multiplier: std::sync::RwLock<Option<Multiplier>>,
+    /// Per-batch statistics of the input while calibrating (see [`ApproxModule::calibrate`]).
+    observed: std::sync::Mutex<Option<(Calibration, Vec<f64>)>>,
 }
 
 impl LayerQuant {
@@ -216,6 +276,7 @@ impl LayerQuant {
             mode: AtomicU8::new(spec.mode.to_u8()),
             noise_std: AtomicU64::new(spec.noise_std.to_bits()),
             multiplier: std::sync::RwLock::new(None),
+            observed: std::sync::Mutex::new(None),
         })
     }
 
@@ -230,6 +291,59 @@ impl LayerQuant {
             let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
             let init = if range > 0.0 && range.is_finite() { range } else { 1.0 };
             let _ = tch::no_grad(|| alpha.shallow_clone().f_fill_(init))?;
+        }
+        Ok(())
+    }
+
+    /// Records the input's statistic while calibrating: `max |x|` or its percentile, over
+    /// the finite elements.
+    fn observe(&self, x: &Tensor) -> Result<()> {
+        let mut guard = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((method, stats)) = guard.as_mut() else { return Ok(()) };
+        let _no_grad = tch::no_grad_guard();
+        let a = x.f_detach()?.f_abs()?.f_flatten(0, -1)?;
+        let a = a.f_masked_select(&a.f_isfinite()?)?;
+        if a.numel() == 0 {
+            return Ok(());
+        }
+        let v = match *method {
+            Calibration::Max => a.f_max()?.f_double_value(&[])?,
+            Calibration::Percentile(p) => {
+                let k = ((p / 100.0) * a.numel() as f64).ceil().clamp(1.0, a.numel() as f64) as i64;
+                a.f_kthvalue(k, 0, false)?.0.f_double_value(&[])?
+            }
+        };
+        stats.push(v);
+        Ok(())
+    }
+
+    /// Starts recording input statistics (`Some`) or stops and returns them (`None`).
+    fn set_observing(&self, method: Option<Calibration>) -> Vec<f64> {
+        let mut guard = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let old = guard.take().map(|(_, v)| v).unwrap_or_default();
+        *guard = method.map(|m| (m, Vec::new()));
+        old
+    }
+
+    /// Sets the activation quantizer's range from a calibrated input magnitude: PACT's
+    /// alpha, MinMax's running range, LSQ's step size (`range / int_max`).
+    pub fn set_input_range(&self, range: f64) -> Result<()> {
+        if !(range.is_finite() && range > 0.0) {
+            return Err(Error::Argument {
+                what: "calibrated range",
+                value: range,
+                expected: "positive and finite",
+            });
+        }
+        let _guard = tch::no_grad_guard();
+        match &self.x_quantizer {
+            Quantizer::Pact(p) => {
+                let _ = p.alpha().shallow_clone().f_fill_(range)?;
+            }
+            Quantizer::MinMax(m) => m.set_running_range(range)?,
+            Quantizer::Lsq(q) => {
+                let _ = q.step_size().shallow_clone().f_fill_(range / self.x_quantizer.int_max() as f64)?;
+            }
         }
         Ok(())
     }
@@ -291,6 +405,7 @@ impl LayerQuant {
         lut_op: impl Fn(&Tensor, &Tensor, &Multiplier) -> Result<Tensor>,
     ) -> Result<Tensor> {
         check_defined(x, "layer input")?;
+        self.observe(x)?;
         let mode = self.mode();
         if mode == InferenceMode::Baseline {
             return op(x, weight, bias);
