@@ -8,7 +8,31 @@
 # The checkout gets a git-ignored link `.libtorch` to the venv's torch folder;
 # `.cargo/config.toml` points LIBTORCH at it, so plain `cargo` works afterwards.
 # Idempotent: a second run checks the install and only refreshes the link.
+#
+#   scripts/setup.sh --project DIR   # also make the Cargo crate at DIR build and run with
+#                                    # plain `cargo build` / `cargo run`, nothing exported
+# writes DIR/.cargo/config.toml: LIBTORCH set to the cached venv's torch folder (absolute,
+# so the crate does not depend on this checkout) and an rpath to its lib folder.
 set -euo pipefail
+
+project=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --project)
+        [ $# -ge 2 ] || { echo "setup: --project needs a folder" >&2; exit 2; }
+        project="$2"
+        shift 2
+        ;;
+    *)
+        echo "setup: unknown argument $1 (usage: scripts/setup.sh [--project DIR])" >&2
+        exit 2
+        ;;
+    esac
+done
+if [ -n "$project" ] && [ ! -f "$project/Cargo.toml" ]; then
+    echo "setup: --project $project: no Cargo.toml there" >&2
+    exit 2
+fi
 
 TORCH_VERSION="2.11.0"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,3 +64,26 @@ ln -sfn "$torch_dir" "$root/.libtorch"
 ln -sfn "$venv" "$root/.venv"
 echo "setup: .libtorch -> $torch_dir"
 echo "setup: .venv -> $venv"
+
+if [ -n "$project" ]; then
+    marker="# Written by torchapprox's scripts/setup.sh --project"
+    config="$project/.cargo/config.toml"
+    if [ -f "$config" ] && ! grep -qF "$marker" "$config"; then
+        echo "setup: $config exists and was not written by this script; add these lines to it:" >&2
+        echo "  [env] LIBTORCH = \"$torch_dir\", LIBTORCH_CXX11_ABI = \"1\"" >&2
+        echo "  [build] rustflags = [\"-C\", \"link-arg=-Wl,-rpath,$torch_dir/lib\"]" >&2
+        exit 1
+    fi
+    mkdir -p "$project/.cargo"
+    cat > "$config" <<TOML
+$marker: libtorch for tch/torch-sys, and an
+# rpath so that binaries run without LD_LIBRARY_PATH. Rerun the script to refresh it.
+[env]
+LIBTORCH = "$torch_dir"
+LIBTORCH_CXX11_ABI = "1"
+
+[build]
+rustflags = ["-C", "link-arg=-Wl,-rpath,$torch_dir/lib"]
+TOML
+    echo "setup: $config -> $torch_dir"
+fi
