@@ -83,7 +83,7 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// libtorch's intra-op threads (0: libtorch's default). On a busy machine 1 is often fastest.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     threads: i32,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]

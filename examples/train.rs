@@ -100,7 +100,7 @@ struct Args {
     #[arg(long, value_name = "P")]
     calibrate_percentile: Option<f64>,
     /// Initial alpha of PACT activation quantizers (PACT weights start at their range).
-    #[arg(long, default_value_t = 2.2)]
+    #[arg(long, default_value_t = 2.2, allow_hyphen_values = true)]
     init_alpha: f64,
     /// Activation quantizer: `minmax`, `pact` or `lsq`.
     #[arg(long, default_value = "pact")]
@@ -129,7 +129,7 @@ struct Args {
     #[arg(long, value_name = "MODEL.pt", conflicts_with = "load")]
     init_from: Option<PathBuf>,
     /// libtorch's intra-op threads (0: libtorch's default). On a busy machine 1 is often fastest.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     threads: i32,
     /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
     #[arg(long)]
@@ -225,6 +225,9 @@ fn run(args: Args) -> Result<()> {
     }
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1, got {}", args.batch_size);
+    }
+    if !(args.init_alpha.is_finite() && args.init_alpha > 0.0) {
+        bail!("--init-alpha must be positive and finite, got {}", args.init_alpha);
     }
     if args.eval_batch_size < 1 {
         bail!("--eval-batch-size must be at least 1, got {}", args.eval_batch_size);

@@ -187,3 +187,30 @@ fn calibration_beats_alpha_2_2_where_activations_exceed_it() {
         assert!(calibrated > at_2_2 + 0.05, "{method:?}: calibrated {calibrated} vs alpha 2.2 {at_2_2}");
     }
 }
+
+#[test]
+fn the_trainers_new_flags_refuse_bad_values_with_one_line() {
+    for (args, needle) in [
+        (vec!["--threads", "-1"], "--threads must be 0 (libtorch's default) or more, got -1"),
+        (vec!["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+        (
+            vec!["--calibrate", "1", "--calibrate-percentile", "0"],
+            "calibration percentile must be in (0, 100], got 0",
+        ),
+        (vec!["--x-bits", "1"], "--x-bits: bitwidth 1 is out of range"),
+        (vec!["--w-bits", "17"], "--w-bits: bitwidth 17 is out of range"),
+        (vec!["--init-alpha", "-1"], "--init-alpha must be positive and finite, got -1"),
+        (vec!["--init-alpha", "NaN"], "--init-alpha must be positive and finite, got NaN"),
+        (vec!["--layer", "fc1=pact:1,minmax"], "bitwidth 1 is out of range"),
+    ] {
+        let o = Command::new(example_bin("train"))
+            .args([&["--model", "mlp", "--epochs", "1", "--device", "cpu"][..], &args[..]].concat())
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("epoch"), "{args:?} trained first");
+    }
+}
