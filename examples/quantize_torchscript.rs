@@ -99,19 +99,9 @@ fn parse_layer(arg: &str) -> Result<(String, u32)> {
 
 /// `NAME=X_KIND[:BITS],W_KIND[:BITS]` over `base`.
 fn parse_rewrite_layer(arg: &str, base: LayerQuantSpec) -> Result<(String, LayerQuantSpec)> {
-    let usage =
-        || format!("--layer {arg:?}: expected NAME=X_KIND[:BITS],W_KIND[:BITS], e.g. fc=minmax:8,minmax:8");
-    let (name, rest) = arg.split_once('=').with_context(usage)?;
-    let (x, w) = rest.split_once(',').with_context(usage)?;
-    let part = |p: &str, bits: u32| -> Result<(QuantizerKind, u32)> {
-        let (kind, b) = match p.split_once(':') {
-            Some((k, b)) => (k, b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?),
-            None => (p, bits),
-        };
-        Ok((kind.parse()?, check_bitwidth(b).with_context(|| format!("--layer {arg:?}"))?))
-    };
-    let ((x_kind, x_bits), (w_kind, w_bits)) = (part(x, base.x_bits)?, part(w, base.w_bits)?);
-    Ok((name.to_string(), LayerQuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
+    let (name, (x_kind, xb), (w_kind, wb)) = common::parse_layer_quantizers(arg, "fc=minmax:8,minmax:8")?;
+    let (x_bits, w_bits) = (xb.unwrap_or(base.x_bits), wb.unwrap_or(base.w_bits));
+    Ok((name, LayerQuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
 }
 
 fn rewrite_json(model: &ScriptModel, report: &RewriteReport) -> Result<Vec<serde_json::Value>> {

@@ -139,28 +139,15 @@ struct Args {
 /// Parses `NAME=X_KIND[:BITS],W_KIND[:BITS]` against the model's layer names; the old form
 /// `NAME=X_KIND,W_KIND:BITS` (no bits on the first) gives both quantizers those bits.
 fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(String, QuantSpec)> {
-    let usage =
-        || format!("--layer {arg:?}: expected NAME=X_KIND[:BITS],W_KIND[:BITS], e.g. conv1=pact:8,minmax:4");
-    let (name, rest) = arg.split_once('=').with_context(usage)?;
-    if !arch.layer_names().contains(&name) {
+    let (name, (x_kind, xb), (w_kind, wb)) = common::parse_layer_quantizers(arg, "conv1=pact:8,minmax:4")?;
+    if !arch.layer_names().contains(&name.as_str()) {
         bail!("--layer {arg:?}: unknown layer {name:?}; {arch} has {}", arch.layer_names().join(", "));
     }
-    let (x, w) = rest.split_once(',').with_context(usage)?;
-    let part = |p: &str| -> Result<(QuantizerKind, Option<u32>)> {
-        match p.split_once(':') {
-            Some((k, b)) => {
-                let b = b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?;
-                Ok((k.parse()?, Some(check_bitwidth(b).with_context(|| format!("--layer {arg:?}"))?)))
-            }
-            None => Ok((p.parse()?, None)),
-        }
-    };
-    let ((x_kind, xb), (w_kind, wb)) = (part(x)?, part(w)?);
     let (x_bits, w_bits) = match (xb, wb) {
         (None, Some(b)) => (Some(b), Some(b)),
         (xb, wb) => (xb.or(Some(base.x_bitwidth())), wb.or(Some(base.w_bitwidth()))),
     };
-    Ok((name.to_string(), QuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
+    Ok((name, QuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
 }
 
 /// Share of correct predictions over a data set, in batches, without gradients.

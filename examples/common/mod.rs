@@ -4,9 +4,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::Device;
 use torchapprox::data::Mnist;
+use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 
 /// The embedded default data set (see examples/data/mnist-10k/README.md for its provenance).
 pub fn embedded_mnist() -> Result<Mnist> {
@@ -42,4 +43,25 @@ pub fn exit(result: Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One quantizer of a `--layer` value: its kind and, where given, its checked bits.
+pub type KindBits = (QuantizerKind, Option<u32>);
+
+/// Splits `--layer NAME=X_KIND[:BITS],W_KIND[:BITS]` into the name and both quantizers;
+/// `example` completes the usage line.
+pub fn parse_layer_quantizers(arg: &str, example: &str) -> Result<(String, KindBits, KindBits)> {
+    let usage = || format!("--layer {arg:?}: expected NAME=X_KIND[:BITS],W_KIND[:BITS], e.g. {example}");
+    let (name, rest) = arg.split_once('=').with_context(usage)?;
+    let (x, w) = rest.split_once(',').with_context(usage)?;
+    let part = |p: &str| -> Result<KindBits> {
+        match p.split_once(':') {
+            Some((k, b)) => {
+                let b = b.parse::<u32>().with_context(|| format!("{}: bits {b:?}", usage()))?;
+                Ok((k.parse()?, Some(check_bitwidth(b).with_context(|| format!("--layer {arg:?}"))?)))
+            }
+            None => Ok((p.parse()?, None)),
+        }
+    };
+    Ok((name.to_string(), part(x)?, part(w)?))
 }

@@ -255,9 +255,6 @@ pub fn lut_conv2d(
             expected: "stride and dilation >= 1, padding >= 0",
         });
     }
-    if x.device() != Device::Cpu {
-        return lut_conv2d_gather(x, w, m, stride, padding, dilation, groups);
-    }
     let [n, c, h, wd] = [xs[0], xs[1], xs[2], xs[3]].map(|v| v as usize);
     let [o, cg, kh, kw] = [ws[0], ws[1], ws[2], ws[3]].map(|v| v as usize);
     let (s, p, d, g) = (stride as usize, padding as usize, dilation as usize, groups as usize);
@@ -270,6 +267,9 @@ pub fn lut_conv2d(
             actual: xs,
         });
     };
+    if x.device() != Device::Cpu {
+        return lut_conv2d_gather(x, w, m, [stride, padding, dilation, groups], [ho as i64, wo as i64]);
+    }
     let (l, og, kg) = (ho * wo, o / g, cg * kh * kw);
     let (xv, wv) = (to_bytes(x, "the input")?, to_bytes(w, "the weight")?);
     let mut out = Tensor::f_empty([n as i64, o as i64, ho as i64, wo as i64], (Kind::Float, Device::Cpu))?;
@@ -305,21 +305,20 @@ pub fn lut_conv2d(
     Ok(out)
 }
 
-/// [`lut_conv2d`] through libtorch's unfold and gathers (any device).
+/// [`lut_conv2d`] through libtorch's unfold and gathers (any device), for the geometry
+/// `[stride, padding, dilation, groups]` and output size `[ho, wo]` that it checked.
 fn lut_conv2d_gather(
     x: &Tensor,
     w: &Tensor,
     m: &Multiplier,
-    stride: i64,
-    padding: i64,
-    dilation: i64,
-    groups: i64,
+    geometry: [i64; 4],
+    out: [i64; 2],
 ) -> Result<Tensor> {
+    let [stride, padding, dilation, groups] = geometry;
+    let [ho, wo] = out;
     let (xs, ws) = (x.size(), w.size());
-    let (n, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (n, c) = (xs[0], xs[1]);
     let (o, kh, kw) = (ws[0], ws[2], ws[3]);
-    let ho = (h + 2 * padding - dilation * (kh - 1) - 1) / stride + 1;
-    let wo = (wd + 2 * padding - dilation * (kw - 1) - 1) / stride + 1;
     let cols = x.f_im2col([kh, kw], [dilation, dilation], [padding, padding], [stride, stride])?; // [N, C*kh*kw, L]
     let l = ho * wo;
     let (cg, og) = (c / groups, o / groups);

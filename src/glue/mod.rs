@@ -39,10 +39,17 @@ pub(crate) fn check(err: *mut c_char) -> std::result::Result<(), String> {
     if err.is_null() {
         return Ok(());
     }
-    // SAFETY: a NUL-terminated string malloc'ed by the glue, freed once here.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    unsafe { ta_free(err) };
-    Err(msg)
+    // SAFETY: a non-null string malloc'ed by the glue.
+    Err(unsafe { take_string(err) })
+}
+
+/// The text of a NUL-terminated string malloc'ed by the glue, which is freed.
+///
+/// SAFETY: `p` is such a string, not null, and not used afterwards.
+pub(crate) unsafe fn take_string(p: *mut c_char) -> String {
+    let text = CStr::from_ptr(p).to_string_lossy().into_owned();
+    ta_free(p);
+    text
 }
 
 /// A message in malloc'ed memory, which the glue frees with `free`.

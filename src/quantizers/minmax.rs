@@ -153,9 +153,9 @@ impl MinMaxQuant {
         Ok((effective_range(range), finite))
     }
 
-    /// Dtype, range and scale for the fused CPU kernels, or `None` where they do not apply
-    /// (per channel, unrounded, CUDA, strided, half precision, empty or non-finite input).
-    fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, f64, f64)> {
+    /// Dtype and the input's own range for the fused CPU kernels, or `None` where they do not
+    /// apply (per channel, unrounded, CUDA, strided, half precision, empty or non-finite input).
+    fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, f64)> {
         if self.per_channel || !self.rounded {
             return None;
         }
@@ -164,8 +164,13 @@ impl MinMaxQuant {
         if !finite {
             return None;
         }
-        let range = effective_range(max_abs);
-        Some((kind, range, scale_for(self.int_max(), range, kind)))
+        Some((kind, effective_range(max_abs)))
+    }
+
+    /// The range to quantize with ([`range_for`](Self::range_for)) and its scale in `kind`.
+    fn range_and_scale(&self, batch_range: f64, kind: Kind, train: bool) -> Result<(f64, f64)> {
+        let range = self.range_for(batch_range, train)?;
+        Ok((range, scale_for(self.int_max(), range, kind)))
     }
 
     /// Quantizes `x` (integers, or with `dequantize` their values over the scale) and keeps
@@ -174,9 +179,8 @@ impl MinMaxQuant {
         check_defined(x, "input")?;
         let kind = compute_kind(x)?;
         let grad = x.requires_grad() && grad_enabled();
-        if let Some((kind, batch_range, _)) = self.kernel_plan(x) {
-            let range = self.range_for(batch_range, train)?;
-            let scale = scale_for(self.int_max(), range, kind);
+        if let Some((kind, batch_range)) = self.kernel_plan(x) {
+            let (range, scale) = self.range_and_scale(batch_range, kind, train)?;
             let node = MinMaxNode {
                 kind,
                 dequantize,
@@ -212,8 +216,7 @@ impl MinMaxQuant {
         } else {
             let (batch_range, finite) = Self::range_of(&xd)?;
             self.reject_nonfinite(&xd, finite)?;
-            let range = self.range_for(batch_range, train)?;
-            let scale = scale_for(self.int_max(), range, kind);
+            let (range, scale) = self.range_and_scale(batch_range, kind, train)?;
             let node = MinMaxNode { finite, plan: Plan::PerTensor { range, scale }, ..base };
             (node.values(&[x], grad)?, Tensor::f_scalar_tensor(scale, (kind, x.device()))?, vec![scale])
         };
@@ -350,9 +353,8 @@ impl ApproxQuantizer for MinMaxQuant {
         // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
         let direct = kernels::fits(out, x) && !memory_overlaps(x, out);
         match direct.then(|| self.kernel_plan(x)).flatten() {
-            Some((kind, batch_range, _)) => {
-                let range = self.range_for(batch_range, false)?;
-                let scale = scale_for(self.int_max(), range, kind);
+            Some((kind, batch_range)) => {
+                let (range, scale) = self.range_and_scale(batch_range, kind, false)?;
                 kernels::minmax_to(x, kind, out, range, scale, MinMaxOut::Dequantized);
                 self.store_scales(vec![scale]);
                 Ok(())

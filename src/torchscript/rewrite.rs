@@ -7,6 +7,7 @@ use tch::{CModule, Kind, Tensor};
 
 use super::ts_error;
 use crate::glue::check;
+
 use crate::quantizers::{check_bitwidth, int_max, QuantizerKind, ALPHA_MAX, ALPHA_MIN, MIN_RANGE};
 use crate::{Error, Result};
 
@@ -36,7 +37,6 @@ extern "C" {
         name: *const c_char,
         out: *mut *mut CTensor,
     ) -> *mut c_char;
-    fn ta_free(p: *mut c_char);
 }
 
 // tch keeps its module pointer private; `CModule` is exactly that one pointer.
@@ -160,8 +160,8 @@ fn describe(m: &CModule) -> Result<Description> {
     let mut out: *mut c_char = std::ptr::null_mut();
     // SAFETY: a valid module pointer; `out` receives a malloc'ed string we free below.
     glue(unsafe { ta_module_describe(module_ptr(m), &mut out) })?;
-    let text = unsafe { std::ffi::CStr::from_ptr(out) }.to_string_lossy().into_owned();
-    unsafe { ta_free(out) };
+    // SAFETY: on success the glue wrote a malloc'ed string to `out`.
+    let text = unsafe { crate::glue::take_string(out) };
     let mut d = Description { modules: Vec::new(), ops: Vec::new(), calls: Vec::new() };
     for line in text.lines() {
         let f: Vec<&str> = line.split('\t').collect();
