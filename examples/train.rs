@@ -268,8 +268,8 @@ fn run(args: Args) -> Result<()> {
         load_checked(&mut vs, path)?;
     }
     if let Some(path) = &args.init_from {
-        let n = ScriptModel::load(path, device)?.import_into(&vs)?;
-        say(format!("initialised {n} tensors from {}", path.display()));
+        let report = ScriptModel::load(path, device)?.import_into(&vs)?;
+        say(format!("initialised {} tensors from {}", report.copied.len(), path.display()));
     }
     if args.calibrate > 0 {
         let n = train_y.size()[0];
@@ -374,12 +374,12 @@ fn run(args: Args) -> Result<()> {
                 json!({
                     "name": name,
                     "mode": q.mode().to_string(),
-                    "bits": q.w_quantizer.bitwidth(),
-                    "x_bits": q.x_quantizer.bitwidth(),
-                    "w_bits": q.w_quantizer.bitwidth(),
-                    "per_channel": matches!(&q.w_quantizer, Quantizer::MinMax(m) if m.per_channel()),
-                    "x_quantizer": quantizer_report(&q.x_quantizer),
-                    "w_quantizer": quantizer_report(&q.w_quantizer),
+                    "bits": q.w_quantizer().bitwidth(),
+                    "x_bits": q.x_quantizer().bitwidth(),
+                    "w_bits": q.w_quantizer().bitwidth(),
+                    "per_channel": matches!(q.w_quantizer(), Quantizer::MinMax(m) if m.per_channel()),
+                    "x_quantizer": quantizer_report(q.x_quantizer()),
+                    "w_quantizer": quantizer_report(q.w_quantizer()),
                     "fan_in": l.fan_in(),
                     "opcount": l.opcount(),
                 })

@@ -54,7 +54,7 @@ pub enum Error {
     },
 
     /// An inference mode name that is not `baseline`, `quant` or `noise`.
-    #[error("unknown inference mode {0:?}: expected `baseline`, `quant` or `noise`")]
+    #[error("unknown inference mode {0:?}: expected `baseline`, `quant`, `noise` or `approx`")]
     UnknownMode(String),
 
     /// Per-channel quantization asked of a quantizer that has none.
@@ -91,6 +91,24 @@ pub enum Error {
     /// A multiplier spec or table file that cannot be used.
     #[error("{0}")]
     Multiplier(String),
+
+    /// Weights and buffers that do not fit a network (see [`import`](crate::import)).
+    #[error("{0}")]
+    Import(String),
+
+    /// A network that cannot be built as described (a repeated or malformed layer name).
+    #[error("{0}")]
+    Network(String),
+
+    /// An error in one named part of a network, such as a layer of an
+    /// [`ApproxSequential`](crate::layers::ApproxSequential).
+    #[error("{name}: {source}")]
+    In {
+        /// The part's name, e.g. `layer1.0.conv2`.
+        name: String,
+        /// What went wrong there.
+        source: Box<Error>,
+    },
 
     /// A quantizer name that is not `minmax`, `pact` or `lsq`.
     #[error("unknown quantizer kind {0:?}: expected `minmax`, `pact` or `lsq`")]

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 mod error;
 mod glue;
+pub mod import;
 pub mod layers;
 pub mod models;
 pub mod quantizers;

@@ -28,8 +28,8 @@ fn quantized_linear_equals_an_explicit_integer_computation() {
         let x = Tensor::rand([5, 6], (Kind::Float, Device::Cpu)) * 4.0 - 2.0;
         let y = layer.forward_t(&x, false);
         // The same integers, multiplied in int64.
-        let qx = layer.quant.x_quantizer.f_quantize_scaled(&x).unwrap();
-        let qw = layer.quant.w_quantizer.f_quantize_scaled(&layer.weight).unwrap();
+        let qx = layer.quant.x_quantizer().f_quantize_scaled(&x).unwrap();
+        let qw = layer.quant.w_quantizer().f_quantize_scaled(&layer.weight).unwrap();
         let acc = qx.values.to_kind(Kind::Int64).matmul(&qw.values.to_kind(Kind::Int64).tr());
         let w_scale = if per_channel { qw.scale.reshape([-1]) } else { qw.scale };
         let expected = acc.to_kind(Kind::Float) / (&qx.scale * &w_scale) + layer.bias.as_ref().unwrap();
@@ -58,8 +58,8 @@ fn quantized_conv_equals_an_explicit_integer_computation() {
     let conv = approx_conv2d(vs.root() / "conv", 3, 5, 3, cfg);
     let x = Tensor::randn([2, 3, 7, 7], (Kind::Float, Device::Cpu));
     let y = conv.forward_t(&x, false);
-    let qx = conv.quant.x_quantizer.f_quantize_scaled(&x).unwrap();
-    let qw = conv.quant.w_quantizer.f_quantize_scaled(&conv.weight).unwrap();
+    let qx = conv.quant.x_quantizer().f_quantize_scaled(&x).unwrap();
+    let qw = conv.quant.w_quantizer().f_quantize_scaled(&conv.weight).unwrap();
     // float64 holds these integer sums exactly (|sum| < 2^53).
     let acc = qx.values.to_kind(Kind::Double).conv2d(
         &qw.values.to_kind(Kind::Double),
@@ -118,8 +118,8 @@ fn gradients_reach_weight_bias_and_every_alpha() {
         // Weights past w_quantizer's alpha, inputs past x_quantizer's alpha.
         tch::no_grad(|| {
             l.weight.shallow_clone().copy_(&Tensor::from_slice2(&[[0.9f64, -3.1, 0.4], [2.7, 0.2, -0.6]]));
-            let _ = l.quant.x_quantizer.alpha().unwrap().shallow_clone().fill_(1.3);
-            let _ = l.quant.w_quantizer.alpha().unwrap().shallow_clone().fill_(2.1);
+            let _ = l.quant.x_quantizer().alpha().unwrap().shallow_clone().fill_(1.3);
+            let _ = l.quant.w_quantizer().alpha().unwrap().shallow_clone().fill_(2.1);
         });
         (vs, l)
     };
@@ -310,10 +310,10 @@ fn first_layer_alpha_gradient_matches_with_and_without_an_input_gradient() {
             ..Default::default()
         };
         let conv = approx_conv2d(vs.root(), cin, 6, 5, cfg);
-        let _ = tch::no_grad(|| conv.quant.x_quantizer.alpha().unwrap().shallow_clone().fill_(0.9));
+        let _ = tch::no_grad(|| conv.quant.x_quantizer().alpha().unwrap().shallow_clone().fill_(0.9));
         let x = Tensor::randn([4, cin, 12, 12], (Kind::Float, Device::Cpu));
         let w = Tensor::randn([4, 6, 12 - 4 + 2 * padding, 12 - 4 + 2 * padding], (Kind::Float, Device::Cpu));
-        let alpha = conv.quant.x_quantizer.alpha().unwrap();
+        let alpha = conv.quant.x_quantizer().alpha().unwrap();
         let run = |x: &Tensor| {
             let y = conv.forward_t(x, true);
             (&y * &w).sum(Kind::Float).backward();

@@ -113,9 +113,9 @@ fn layers_start_lsq_weights_from_data_and_the_trainer_learns_with_lsq() {
     let fc = ApproxLinear::f_new(vs.root() / "fc", 50, 20, ApproxLinearConfig { bias: true, quant: spec })
         .unwrap();
     let mean = values(&fc.weight().abs().mean(Kind::Double))[0];
-    let step = values(fc.quant().w_quantizer.step_size().unwrap())[0];
+    let step = values(fc.quant().w_quantizer().step_size().unwrap())[0];
     assert!((step - 2.0 * mean / 7f64.sqrt()).abs() < 1e-6, "{step} vs {}", 2.0 * mean / 7f64.sqrt());
-    assert!(matches!(fc.quant().x_quantizer, Quantizer::Lsq(_)));
+    assert!(matches!(fc.quant().x_quantizer(), Quantizer::Lsq(_)));
     assert!(vs.variables().contains_key("fc.x_quantizer.step_size"));
 
     let tmp = TempDir::new("lsq");

@@ -28,13 +28,13 @@ fn layers_take_separate_bitwidths_and_pact_alphas_from_their_spec_and_weights() 
     let fc = ApproxLinear::f_new(vs.root() / "fc", 50, 20, ApproxLinearConfig { bias: true, quant: spec })
         .unwrap();
     let q = fc.quant();
-    assert_eq!((q.x_quantizer.bitwidth(), q.w_quantizer.bitwidth()), (8, 3));
-    assert_eq!(values(q.x_quantizer.alpha().unwrap()), [3.5]);
+    assert_eq!((q.x_quantizer().bitwidth(), q.w_quantizer().bitwidth()), (8, 3));
+    assert_eq!(values(q.x_quantizer().alpha().unwrap()), [3.5]);
     // A PACT weight quantizer starts at the weight's range, not at 2.2 (which would round
     // every one of these small weights to zero).
     let range = values(&fc.weight().abs().max())[0];
-    assert_eq!(values(q.w_quantizer.alpha().unwrap())[0], range as f32 as f64);
-    let ints = values(&q.w_quantizer.quantize(fc.weight()));
+    assert_eq!(values(q.w_quantizer().alpha().unwrap())[0], range as f32 as f64);
+    let ints = values(&q.w_quantizer().quantize(fc.weight()));
     let distinct: std::collections::BTreeSet<i64> = ints.iter().map(|v| *v as i64).collect();
     assert!(distinct.len() > 3 && distinct.iter().all(|v| v.abs() <= 3), "3-bit weights: {distinct:?}");
     let conv = ApproxConv2d::f_new(
@@ -46,8 +46,8 @@ fn layers_take_separate_bitwidths_and_pact_alphas_from_their_spec_and_weights() 
     )
     .unwrap();
     let range = values(&conv.weight().abs().max())[0];
-    assert_eq!(values(conv.quant().w_quantizer.alpha().unwrap())[0], range as f32 as f64);
-    assert_eq!(conv.quant().w_quantizer.bitwidth(), 3);
+    assert_eq!(values(conv.quant().w_quantizer().alpha().unwrap())[0], range as f32 as f64);
+    assert_eq!(conv.quant().w_quantizer().bitwidth(), 3);
 }
 
 #[test]

@@ -230,13 +230,30 @@ pub trait ApproxModule {
     }
 }
 
+/// Which of a layer's two quantizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantizerSlot {
+    /// The activation quantizer, `x_quantizer`.
+    Input,
+    /// The weight quantizer, `w_quantizer`.
+    Weight,
+}
+
+impl QuantizerSlot {
+    /// The quantizer's variable prefix, `x_quantizer` or `w_quantizer`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Input => "x_quantizer",
+            Self::Weight => "w_quantizer",
+        }
+    }
+}
+
 /// A layer's two quantizers, its mode and noise level.
 #[derive(Debug)]
 pub struct LayerQuant {
-    /// Quantizes the layer's input; PACT's `alpha` is `x_quantizer.alpha`.
-    pub x_quantizer: Quantizer,
-    /// Quantizes the weight; PACT's `alpha` is `w_quantizer.alpha`.
-    pub w_quantizer: Quantizer,
+    x_quantizer: Quantizer,
+    w_quantizer: Quantizer,
     mode: AtomicU8,
     noise_std: AtomicU64,
     multiplier: std::sync::RwLock<Option<Multiplier>>,
@@ -291,6 +308,71 @@ impl LayerQuant {
             let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
             let init = if range > 0.0 && range.is_finite() { range } else { 1.0 };
             let _ = tch::no_grad(|| alpha.shallow_clone().f_fill_(init))?;
+        }
+        Ok(())
+    }
+
+    /// Quantizes the layer's input; PACT's `alpha` is `x_quantizer.alpha`.
+    pub fn x_quantizer(&self) -> &Quantizer {
+        &self.x_quantizer
+    }
+
+    /// Quantizes the weight; PACT's `alpha` is `w_quantizer.alpha`.
+    pub fn w_quantizer(&self) -> &Quantizer {
+        &self.w_quantizer
+    }
+
+    /// Replaces a quantizer: removes the old one's variables (`{layer}.x_quantizer.*`)
+    /// from `vs` and builds the new one there, so names stay clean (no `alpha__1`).
+    /// `layer` is the layer's full path in `vs` (`fc1`, `model.layer1.0.conv1`); `weight`
+    /// starts a PACT or LSQ weight quantizer. Optimizers built before still hold the old
+    /// variables: build them after.
+    pub(crate) fn f_replace_quantizer(
+        &mut self,
+        vs: &nn::VarStore,
+        layer: &str,
+        slot: QuantizerSlot,
+        kind: QuantizerKind,
+        config: QuantConfig,
+        weight: &Tensor,
+    ) -> Result<()> {
+        let prefix =
+            if layer.is_empty() { slot.name().to_string() } else { format!("{layer}.{}", slot.name()) };
+        if prefix.split('.').any(str::is_empty) {
+            return Err(Error::Network(format!("layer path {layer:?} has an empty component")));
+        }
+        let old = match slot {
+            QuantizerSlot::Input => &self.x_quantizer,
+            QuantizerSlot::Weight => &self.w_quantizer,
+        };
+        let old_state: Vec<_> = old.state_tensors().into_iter().map(Tensor::data_ptr).collect();
+        {
+            let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = vars
+                .named_variables
+                .keys()
+                .filter(|n| n.starts_with(&format!("{prefix}.")))
+                .cloned()
+                .collect();
+            let ptrs: Vec<_> = names.iter().map(|n| vars.named_variables[n].data_ptr()).collect();
+            if old_state.iter().any(|p| !ptrs.contains(p)) {
+                return Err(Error::Network(format!(
+                    "{prefix} in this VarStore is not the layer's quantizer: give the layer's full path in the store the network was built in"
+                )));
+            }
+            for n in &names {
+                vars.named_variables.remove(n);
+            }
+            vars.trainable_variables.retain(|v| !ptrs.contains(&v.tensor.data_ptr()));
+        }
+        let path = prefix.split('.').fold(vs.root(), |p, part| p.sub(part));
+        let new = Quantizer::from_config(kind, &path, config)?;
+        match slot {
+            QuantizerSlot::Input => self.x_quantizer = new,
+            QuantizerSlot::Weight => {
+                self.w_quantizer = new;
+                self.init_weight_alpha(weight)?;
+            }
         }
         Ok(())
     }

@@ -87,6 +87,10 @@ impl MinMaxQuant {
         self.running.as_ref().map(|(r, _)| r.double_value(&[0]))
     }
 
+    pub(crate) fn running_tensor(&self) -> Option<&Tensor> {
+        self.running.as_ref().map(|(r, _)| r)
+    }
+
     /// Sets the running range (calibration); no effect in [`RangeMode::Batch`].
     pub fn set_running_range(&self, range: f64) -> Result<()> {
         if !(range.is_finite() && range > 0.0) {

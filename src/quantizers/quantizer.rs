@@ -110,6 +110,15 @@ impl Quantizer {
         }
     }
 
+    /// The variables the quantizer keeps in its VarStore (alpha, step size, running range).
+    pub(crate) fn state_tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Self::MinMax(m) => m.running_tensor().into_iter().collect(),
+            Self::Pact(p) => vec![p.alpha()],
+            Self::Lsq(q) => vec![q.step_size()],
+        }
+    }
+
     /// LSQ's `step_size` variable, `None` for the others.
     pub fn step_size(&self) -> Option<&Tensor> {
         match self {

@@ -6,6 +6,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::write_atomic;
+use crate::import::{ImportOptions, ImportReport};
 use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig, QuantizerKind};
 use crate::{torch_message, Error, Result};
 
@@ -346,50 +347,29 @@ impl ScriptModel {
         })
     }
 
-    /// Copies parameters into a network's `VarStore` by name (`fc1.weight`, ...), so a
-    /// network of Approx layers starts from this model's weights. Quantizer `alpha`s are
-    /// copied where the model has them (after [`quantize_layers`](Self::quantize_layers))
-    /// and keep their values otherwise. Missing, mis-shaped or unused names are an error
-    /// listing each.
-    pub fn import_into(&self, vs: &nn::VarStore) -> Result<usize> {
-        let params: std::collections::HashMap<String, Tensor> = self.parameters()?.into_iter().collect();
-        let vars = vs.variables();
-        // Quantizer alphas come along where the model has them (a rewritten model) and keep
-        // their values where it has none.
-        let mut wanted: Vec<&String> =
-            vars.keys().filter(|n| !n.ends_with("quantizer.alpha") || params.contains_key(*n)).collect();
-        wanted.sort();
-        let mut problems = Vec::new();
-        for name in &wanted {
-            match params.get(*name) {
-                None => problems.push(format!("missing {name}")),
-                Some(p) if p.size() != vars[*name].size() => problems.push(format!(
-                    "{name} has shape {:?}, the network needs {:?}",
-                    p.size(),
-                    vars[*name].size()
-                )),
-                Some(p) if !p.is_floating_point() => problems
-                    .push(format!("{name} has dtype {:?}, the network needs a float tensor", p.kind())),
-                Some(_) => {}
-            }
-        }
-        let mut unused: Vec<&String> = params.keys().filter(|n| !vars.contains_key(*n)).collect();
-        unused.sort();
-        problems.extend(unused.iter().map(|n| format!("unused {n}")));
-        if !problems.is_empty() {
-            return Err(ts_error(format!(
-                "{} does not fit the network: {}",
-                self.source.display(),
-                problems.join("; ")
-            )));
-        }
-        tch::no_grad(|| -> Result<()> {
-            for name in &wanted {
-                vars[*name].shallow_clone().f_copy_(&params[*name])?;
-            }
-            Ok(())
-        })?;
-        Ok(wanted.len())
+    /// Every parameter and buffer with its name (BatchNorm's `running_mean`, `running_var`
+    /// and `num_batches_tracked` included), as PyTorch's `state_dict()` lists them; the
+    /// tensors share storage with the module.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut entries = self.parameters()?;
+        entries.extend(rewrite::named_buffers(&self.module)?);
+        Ok(entries)
+    }
+
+    /// Copies parameters and buffers into a network's `VarStore` by name (`fc1.weight`,
+    /// `bn1.running_var`, ...), so a network of Approx layers starts from this model.
+    /// Quantizer state (`x_quantizer.alpha`, ...) is copied where the model has it (after
+    /// [`quantize_layers`](Self::quantize_layers)) and kept otherwise. Missing, mis-shaped
+    /// or unused names are an error listing each; see [`import_into_with`](Self::import_into_with)
+    /// for renames and partial imports.
+    pub fn import_into(&self, vs: &nn::VarStore) -> Result<ImportReport> {
+        self.import_into_with(vs, &ImportOptions::default())
+    }
+
+    /// [`import_into`](Self::import_into) with renames and, optionally, a partial import
+    /// that copies what fits and reports the rest.
+    pub fn import_into_with(&self, vs: &nn::VarStore, options: &ImportOptions) -> Result<ImportReport> {
+        crate::import::import_tensors(vs, self.state_dict()?, &self.source.display().to_string(), options)
     }
 
     /// Weight-only quantization-aware fine-tuning of the module itself.

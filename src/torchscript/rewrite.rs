@@ -37,6 +37,11 @@ extern "C" {
         name: *const c_char,
         out: *mut *mut CTensor,
     ) -> *mut c_char;
+    fn ta_module_named_buffers(
+        m: *const c_void,
+        data: *mut c_void,
+        f: extern "C" fn(*mut c_void, *const c_char, *mut CTensor),
+    ) -> *mut c_char;
 }
 
 // tch keeps its module pointer private; `CModule` is exactly that one pointer.
@@ -46,6 +51,23 @@ const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut
 fn module_ptr(m: &CModule) -> *const c_void {
     // SAFETY: CModule is a struct of one raw pointer (checked above), so its bytes are that pointer.
     unsafe { *(m as *const CModule as *const *const c_void) }
+}
+
+/// Every buffer of the module and its submodules, by dotted name (`bn1.running_mean`).
+pub(super) fn named_buffers(m: &CModule) -> Result<Vec<(String, Tensor)>> {
+    extern "C" fn push(data: *mut c_void, name: *const c_char, t: *mut CTensor) {
+        // SAFETY: `data` is the Vec below, `name` a NUL-terminated string and `t` a new
+        // tensor handle whose ownership passes to us, all for the duration of this call.
+        unsafe {
+            let out = &mut *(data as *mut Vec<(String, Tensor)>);
+            let name = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+            out.push((name, Tensor::from_ptr(t)));
+        }
+    }
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    // SAFETY: a valid module pointer; `push` only runs during the call.
+    glue(unsafe { ta_module_named_buffers(module_ptr(m), &mut out as *mut _ as *mut c_void, push) })?;
+    Ok(out)
 }
 
 fn cstr(s: &str) -> Result<CString> {

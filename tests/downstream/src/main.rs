@@ -14,5 +14,5 @@ fn main() {
     let loss = fc.forward_t(&x, true).square().sum(Kind::Float);
     opt.backward_step(&loss);
     let alpha = vs.variables()["fc.x_quantizer.alpha"].double_value(&[0]);
-    println!("downstream ok: loss {:.4}, alpha {alpha:.4}, int_max {}", loss.double_value(&[]), fc.quant().x_quantizer.int_max());
+    println!("downstream ok: loss {:.4}, alpha {alpha:.4}, int_max {}", loss.double_value(&[]), fc.quant().x_quantizer().int_max());
 }

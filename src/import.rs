@@ -1,0 +1,212 @@
+//! Importing PyTorch weights and buffers (a state dict) into a network's `VarStore` by name.
+//!
+//! The source is a list of named tensors: a TorchScript model's parameters and buffers
+//! ([`ScriptModel::state_dict`](crate::torchscript::ScriptModel::state_dict)) or a
+//! safetensors file written by `safetensors.torch.save_file(model.state_dict(), ...)`.
+//! BatchNorm's running statistics are buffers, so they come along; its
+//! `num_batches_tracked` counter is ignored (tch's BatchNorm has none, and PyTorch only
+//! reads it when `momentum=None`).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use tch::{nn, Tensor};
+
+use crate::{Error, Result};
+
+/// How names are matched and what happens to entries that do not fit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// Renames applied to source names before matching, as `(source prefix, network prefix)`
+    /// pairs at `.` boundaries: `("features.0", "conv1")` maps `features.0.weight` to
+    /// `conv1.weight`. The first pair that matches applies.
+    pub rename: Vec<(String, String)>,
+    /// Copy what fits and report the rest (missing, unused and mis-shaped entries) in the
+    /// [`ImportReport`] instead of failing; for example a new classifier head.
+    pub partial: bool,
+}
+
+impl ImportOptions {
+    /// Options that apply `rename` and fail on anything that does not fit.
+    pub fn renamed<S: Into<String>>(rename: impl IntoIterator<Item = (S, S)>) -> Self {
+        Self { rename: rename.into_iter().map(|(a, b)| (a.into(), b.into())).collect(), partial: false }
+    }
+
+    /// The network name of source entry `name`.
+    fn map(&self, name: &str) -> String {
+        for (from, to) in &self.rename {
+            if name == from {
+                return to.clone();
+            }
+            if let Some(rest) = name.strip_prefix(from.as_str()).and_then(|r| r.strip_prefix('.')) {
+                return if to.is_empty() { rest.to_string() } else { format!("{to}.{rest}") };
+            }
+        }
+        name.to_string()
+    }
+}
+
+/// What an import did, entry by entry (names sorted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Network variables that received the source's value.
+    pub copied: Vec<String>,
+    /// Network variables left as they were, with why (not in the source, mis-shaped).
+    pub kept: Vec<(String, String)>,
+    /// Source entries not used, by source name, with why.
+    pub unused: Vec<(String, String)>,
+}
+
+impl fmt::Display for ImportReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "copied {} variable(s)", self.copied.len())?;
+        let list =
+            |v: &[(String, String)]| v.iter().map(|(n, why)| format!("{n} ({why})")).collect::<Vec<_>>();
+        if !self.kept.is_empty() {
+            write!(f, "; kept {}: {}", self.kept.len(), list(&self.kept).join(", "))?;
+        }
+        if !self.unused.is_empty() {
+            write!(f, "; unused {}: {}", self.unused.len(), list(&self.unused).join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Quantizer state (`x_quantizer.alpha`, `w_quantizer.running_max`, ...) is optional on
+/// both sides: a float model has none, and a network keeps its initial values.
+fn is_quantizer_state(name: &str) -> bool {
+    name.split('.').any(|part| part.ends_with("_quantizer"))
+}
+
+/// Source entries that never map onto a tch variable, with why.
+fn ignored(name: &str) -> Option<&'static str> {
+    if name.ends_with(".num_batches_tracked") || name == "num_batches_tracked" {
+        Some("BatchNorm's batch counter: tch's BatchNorm has none")
+    } else if is_quantizer_state(name) && name.ends_with(".observed") {
+        Some("calibration buffer of a rewritten TorchScript layer")
+    } else {
+        None
+    }
+}
+
+/// Copies `source` into `vs` by name; `origin` names the source in errors (a file path).
+///
+/// Without [`ImportOptions::partial`], every network variable must be in the source
+/// (quantizer state excepted) with the same shape and a float dtype, and every source
+/// entry must be used (BatchNorm counters excepted); otherwise nothing is copied and the
+/// error lists each problem.
+pub fn import_tensors(
+    vs: &nn::VarStore,
+    source: Vec<(String, Tensor)>,
+    origin: &str,
+    options: &ImportOptions,
+) -> Result<ImportReport> {
+    let vars = vs.variables();
+    let mut report = ImportReport::default();
+    let mut problems = Vec::new();
+    let mut mapped: HashMap<String, (String, Tensor)> = HashMap::new();
+    for (name, tensor) in source {
+        if let Some(why) = ignored(&name) {
+            report.unused.push((name, why.to_string()));
+            continue;
+        }
+        let target = options.map(&name);
+        if let Some((first, _)) = mapped.get(&target) {
+            problems.push(format!("{first} and {name} both map to {target}"));
+            continue;
+        }
+        mapped.insert(target, (name, tensor));
+    }
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut copies = Vec::new();
+    for name in names {
+        let var = &vars[name];
+        let Some((src_name, t)) = mapped.get(name) else {
+            if !is_quantizer_state(name) && !options.partial {
+                problems.push(format!("missing {name}"));
+            }
+            report.kept.push((name.clone(), "not in the source".into()));
+            continue;
+        };
+        let misfit = if !t.defined() {
+            Some("is an undefined tensor".to_string())
+        } else if t.size() != var.size() {
+            Some(format!("has shape {:?}, the network needs {:?}", t.size(), var.size()))
+        } else if !t.is_floating_point() && var.is_floating_point() {
+            Some(format!(
+                "has dtype {:?}, the network needs {:?} (integer and bool tensors are not cast)",
+                t.kind(),
+                var.kind()
+            ))
+        } else {
+            None
+        };
+        match misfit {
+            Some(why) if options.partial => {
+                report.kept.push((name.clone(), format!("{src_name} {why}")));
+                report.unused.push((src_name.clone(), format!("{why} for {name}")));
+            }
+            Some(why) => problems.push(format!("{src_name} {why}")),
+            None => copies.push((name.clone(), var, t)),
+        }
+    }
+    let used: HashSet<&String> = vars.keys().collect();
+    let mut unused: Vec<(&String, &String)> =
+        mapped.iter().filter(|(target, _)| !used.contains(target)).map(|(t, (s, _))| (s, t)).collect();
+    unused.sort();
+    for (src, target) in unused {
+        let why =
+            if src == target { "no such variable".to_string() } else { format!("no variable {target}") };
+        if !options.partial {
+            problems.push(format!("unused {src} ({why})"));
+        }
+        report.unused.push((src.clone(), why));
+    }
+    if !problems.is_empty() {
+        return Err(Error::Import(format!("{origin} does not fit the network: {}", problems.join("; "))));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, var, t) in &copies {
+            var.shallow_clone().f_copy_(t)?;
+            report.copied.push(name.clone());
+        }
+        Ok(())
+    })?;
+    report.kept.sort();
+    report.unused.sort();
+    Ok(report)
+}
+
+/// Reads a safetensors state dict (as `safetensors.torch.save_file(model.state_dict(), path)`
+/// writes it) into `vs`; see [`import_tensors`].
+///
+/// ```no_run
+/// use tch::{nn, Device};
+/// use torchapprox::import::{import_safetensors, ImportOptions};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// // ... build the network under vs.root() ...
+/// let report = import_safetensors(&vs, "resnet.safetensors", &ImportOptions::default())?;
+/// println!("{report}");
+/// # Ok::<(), torchapprox::Error>(())
+/// ```
+pub fn import_safetensors(
+    vs: &nn::VarStore,
+    path: impl AsRef<Path>,
+    options: &ImportOptions,
+) -> Result<ImportReport> {
+    let path = path.as_ref();
+    if !path.is_file() {
+        return Err(Error::Import(format!("{}: no such file", path.display())));
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|e| {
+        Error::Import(format!(
+            "{}: not a readable .safetensors file ({})",
+            path.display(),
+            crate::torch_message(&e)
+        ))
+    })?;
+    import_tensors(vs, tensors, &path.display().to_string(), options)
+}
