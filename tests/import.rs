@@ -140,11 +140,17 @@ fn renames_and_partial_imports_report_what_they_skipped() {
     let partial = ImportOptions { partial: true, ..stem.clone() };
     let report = import_safetensors(&vs, &path, &partial).unwrap();
     let kept: Vec<&(String, String)> = report.kept.iter().filter(|(n, _)| !n.contains("quantizer")).collect();
-    assert_eq!(kept.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["fc.bias", "fc.weight"], "{report}");
+    assert_eq!(
+        kept.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["fc.bias", "fc.weight"],
+        "{report}"
+    );
     assert!(kept[1].1.contains("has shape [10, 784], the network needs [5, 784]"), "{report}");
     assert_eq!(report.copied.len(), vs.variables().len() - 2 - 9, "{report}");
     assert_exact(&vs.variables()["fc.weight"], &head, "the head keeps its initial weights");
-    assert!(report.to_string().starts_with(&format!("copied {} variable(s); kept 11: ", report.copied.len())));
+    assert!(report
+        .to_string()
+        .starts_with(&format!("copied {} variable(s); kept 11: ", report.copied.len())));
     // The imported trunk computes PyTorch's features: the head's input is the same.
     let probe = load_fixture("import/resnet_logits.safetensors");
     assert_eq!(net.f_forward_t(&probe["inputs"], false).unwrap().size(), [64, 5]);
