@@ -13,7 +13,7 @@ fn custom_net_trains_calibrates_saves_and_reloads_identically() {
     let out = tmp.0.join("net.safetensors");
     let run = |extra: &[&str]| {
         Command::new(example_bin("custom_net"))
-            .args(["--threads", "1", "--epochs", "1", "--qat-epochs", "1", "--train-digits", "2000", "--json"])
+            .args("--threads 1 --epochs 1 --qat-epochs 1 --train-digits 2000 --json".split(' '))
             .arg("--out")
             .arg(&out)
             .args(extra)
