@@ -69,7 +69,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: i64,
     /// libtorch's CPU threads (0: libtorch's default); 1 is steadiest on a busy machine.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     threads: i32,
     /// `auto`, `cpu` or `cuda`.
     #[arg(long, default_value = "auto")]

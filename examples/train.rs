@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 use torchapprox::approx::Multiplier;
 use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
+use torchapprox::import::{import_safetensors, ImportOptions};
 use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
 use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind, RangeMode};
@@ -125,8 +126,9 @@ struct Args {
     /// Start from these weights (to resume, or to evaluate with `--epochs 0`).
     #[arg(long)]
     load: Option<PathBuf>,
-    /// Start from a TorchScript model's weights, matched by name (`conv1.weight`, ...).
-    #[arg(long, value_name = "MODEL.pt", conflicts_with = "load")]
+    /// Start from a TorchScript model's weights and buffers, or a safetensors state dict
+    /// (`safetensors.torch.save_file(model.state_dict(), ...)`), matched by name (`conv1.weight`, ...).
+    #[arg(long, value_name = "MODEL.pt|STATE.safetensors", conflicts_with = "load")]
     init_from: Option<PathBuf>,
     /// libtorch's intra-op threads (0: libtorch's default). On a busy machine 1 is often fastest.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -268,7 +270,11 @@ fn run(args: Args) -> Result<()> {
         load_checked(&mut vs, path)?;
     }
     if let Some(path) = &args.init_from {
-        let report = ScriptModel::load(path, device)?.import_into(&vs)?;
+        let report = if path.extension().is_some_and(|e| e == "safetensors") {
+            import_safetensors(&vs, path, &ImportOptions::default())?
+        } else {
+            ScriptModel::load(path, device)?.import_into(&vs)?
+        };
         say(format!("initialised {} tensors from {}", report.copied.len(), path.display()));
     }
     if args.calibrate > 0 {

@@ -7,7 +7,8 @@
 # `run` executes every test binary (CUDA tests stop saying SKIPPED; the quantizers' autograd
 # nodes take their libtorch path there, with no host sync in PACT), the trainer for two epochs
 # on CUDA, a TorchScript layer rewrite with calibration and one fine-tuning epoch on CUDA, an
-# epoch of approximate mode (the table products' libtorch gather path) on CUDA, and
+# epoch of approximate mode (the table products' libtorch gather path) on CUDA, the
+# custom_net example (BatchNorm and residual blocks of approx_sequential) on CUDA, and
 # the speed benchmark with --device cuda, each under a time box.
 # gpu-bin/ is listed in .git/info/exclude by `build`, so it travels only when carried.
 set -uo pipefail
@@ -23,8 +24,8 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | while read -r exe; do cp "$exe" gpu-bin/tests/; done
-    cargo build --quiet --release --example train --example bench --example quantize_torchscript
-    cp target/release/examples/{train,bench,quantize_torchscript} gpu-bin/
+    cargo build --quiet --release --example train --example bench --example quantize_torchscript --example custom_net
+    cp target/release/examples/{train,bench,quantize_torchscript,custom_net} gpu-bin/
     ls -la gpu-bin gpu-bin/tests
     ;;
 run)
@@ -44,6 +45,8 @@ run)
         --x-quant pact --bits 4 --per-channel --calibrate 4 --finetune-epochs 1 --finetune-lr 1e-3 || status=1
     echo "== approximate mode on CUDA (table products through libtorch gathers), 1 epoch"
     timeout 180 gpu-bin/train --device cuda --epochs 1 --mode approx --multiplier drum:4 || status=1
+    echo "== a network of your own (approx_sequential, BatchNorm, residual blocks) on CUDA: train, calibrate, QAT, reload"
+    timeout 180 gpu-bin/custom_net --device cuda --epochs 1 --out gpu-bin/custom_net.safetensors || status=1
     echo "== benchmark on CUDA"
     timeout 240 gpu-bin/bench --device cuda --threads 1 || status=1
     exit $status

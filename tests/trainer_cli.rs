@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use common::TempDir;
 use torchapprox::data::Mnist;
+use torchapprox::torchscript::ScriptModel;
 
 fn trainer() -> PathBuf {
     // cargo test builds the examples next to the test binaries' folder.
@@ -255,6 +256,13 @@ fn quantize_torchscript_cli_reports_json_writes_atomically_and_refuses_bad_input
         "0",
         "--json",
     ]));
+    assert!((eval["test_accuracy"].as_f64().unwrap() - float).abs() < 1e-3, "{eval}");
+    // The same weights as a safetensors state dict.
+    let state = tmp.0.join("lenet_state.safetensors");
+    let sd = ScriptModel::load(&model, tch::Device::Cpu).unwrap().state_dict().unwrap();
+    tch::Tensor::write_safetensors(&sd, &state).unwrap();
+    let args = "--mode baseline --mean 0 --std 1 --epochs 0 --json --init-from";
+    let eval = json_of(&run(&[args.split(' ').collect::<Vec<_>>(), vec![state.to_str().unwrap()]].concat()));
     assert!((eval["test_accuracy"].as_f64().unwrap() - float).abs() < 1e-3, "{eval}");
 
     let before = std::fs::read(&model).unwrap();
