@@ -324,10 +324,25 @@ impl LayerQuant {
 
     /// Replaces a quantizer: removes the old one's variables (`{layer}.x_quantizer.*`)
     /// from `vs` and builds the new one there, so names stay clean (no `alpha__1`).
-    /// `layer` is the layer's full path in `vs` (`fc1`, `model.layer1.0.conv1`); `weight`
-    /// starts a PACT or LSQ weight quantizer. Optimizers built before still hold the old
-    /// variables: build them after.
-    pub(crate) fn f_replace_quantizer(
+    /// `layer` is the layer's full path in `vs` (`fc1`, `model.layer1.0.conv1`); `weight`,
+    /// the layer's, starts a PACT or LSQ weight quantizer. Optimizers built before still
+    /// hold the old variables: build them after.
+    ///
+    /// ```
+    /// use tch::{nn, Device};
+    /// use torchapprox::layers::{approx_linear, QuantizerSlot};
+    /// use torchapprox::quantizers::{QuantConfig, QuantizerKind};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let mut fc = approx_linear(vs.root() / "fc", 4, 2, Default::default());
+    /// let lsq = QuantConfig { bitwidth: 4, ..Default::default() };
+    /// fc.quant.f_replace_quantizer(&vs, "fc", QuantizerSlot::Input, QuantizerKind::Lsq, lsq, &fc.weight)?;
+    /// let mut names: Vec<String> = vs.variables().into_keys().collect();
+    /// names.sort();
+    /// assert_eq!(names, ["fc.bias", "fc.weight", "fc.x_quantizer.step_size"]);
+    /// # Ok::<(), torchapprox::Error>(())
+    /// ```
+    pub fn f_replace_quantizer(
         &mut self,
         vs: &nn::VarStore,
         layer: &str,

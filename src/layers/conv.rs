@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tch::{nn, Tensor};
 
-use super::{ApproxLayer, ApproxModule, LayerQuant, QuantSpec, QuantizerSlot};
-use crate::quantizers::{QuantConfig, QuantizerKind};
+use super::{ApproxLayer, ApproxModule, LayerQuant, QuantSpec};
 use crate::{Error, Result};
 
 /// Settings of an [`ApproxConv2d`].
@@ -135,20 +134,6 @@ impl ApproxConv2d {
         config: ApproxConvConfig,
     ) -> Result<Self> {
         Self::from_tensors(path, &conv.ws, conv.bs.as_ref(), config)
-    }
-
-    /// Replaces the layer's input or weight quantizer; `layer` is the layer's path in `vs`
-    /// (`fc1`). The old quantizer's variables leave the store, so the new ones get the same
-    /// clean names (`fc1.x_quantizer.alpha`). Build optimizers after this call.
-    pub fn f_replace_quantizer(
-        &mut self,
-        vs: &nn::VarStore,
-        layer: &str,
-        slot: QuantizerSlot,
-        kind: QuantizerKind,
-        config: QuantConfig,
-    ) -> Result<()> {
-        self.quant.f_replace_quantizer(vs, layer, slot, kind, config, &self.weight)
     }
 
     /// The forward pass, returning errors instead of panicking.

@@ -4,8 +4,7 @@ use std::borrow::Borrow;
 
 use tch::{nn, Tensor};
 
-use super::{ApproxLayer, ApproxModule, LayerQuant, QuantSpec, QuantizerSlot};
-use crate::quantizers::{QuantConfig, QuantizerKind};
+use super::{ApproxLayer, ApproxModule, LayerQuant, QuantSpec};
 use crate::{Error, Result};
 
 /// Settings of an [`ApproxLinear`].
@@ -118,20 +117,6 @@ impl ApproxLinear {
         spec: QuantSpec,
     ) -> Result<Self> {
         Self::from_tensors(path, &linear.ws, linear.bs.as_ref(), spec)
-    }
-
-    /// Replaces the layer's input or weight quantizer; `layer` is the layer's path in `vs`
-    /// (`fc1`). The old quantizer's variables leave the store, so the new ones get the same
-    /// clean names (`fc1.x_quantizer.alpha`). Build optimizers after this call.
-    pub fn f_replace_quantizer(
-        &mut self,
-        vs: &nn::VarStore,
-        layer: &str,
-        slot: QuantizerSlot,
-        kind: QuantizerKind,
-        config: QuantConfig,
-    ) -> Result<()> {
-        self.quant.f_replace_quantizer(vs, layer, slot, kind, config, &self.weight)
     }
 
     /// The forward pass, returning errors instead of panicking.

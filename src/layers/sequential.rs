@@ -401,8 +401,12 @@ impl ApproxSequential {
         self.layers_mut(&prefix, &mut layers);
         let full = join(&prefix, layer);
         match layers.into_iter().find(|(n, _)| *n == full) {
-            Some((_, LayerMut::Linear(l))) => l.f_replace_quantizer(vs, &full, slot, kind, config),
-            Some((_, LayerMut::Conv(c))) => c.f_replace_quantizer(vs, &full, slot, kind, config),
+            Some((_, LayerMut::Linear(l))) => {
+                l.quant.f_replace_quantizer(vs, &full, slot, kind, config, &l.weight)
+            }
+            Some((_, LayerMut::Conv(c))) => {
+                c.quant.f_replace_quantizer(vs, &full, slot, kind, config, &c.weight)
+            }
             None => Err(Error::Network(format!("no Approx layer named {layer:?} in this network"))),
         }
     }
