@@ -6,7 +6,8 @@ use std::str::FromStr;
 use tch::{nn, Tensor};
 
 use crate::layers::{
-    ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig, ApproxModule, QuantSpec,
+    approx_sequential, ApproxConvConfig, ApproxLayer, ApproxLinearConfig, ApproxModule, ApproxSequential,
+    QuantSpec,
 };
 use crate::{Error, Result};
 
@@ -53,55 +54,47 @@ impl Architecture {
 
     /// Builds the network under `path`; `spec_for(name)` gives each layer's quantization.
     pub fn build(self, path: &nn::Path, spec_for: impl Fn(&str) -> QuantSpec) -> Result<Net> {
-        let lin = |name: &str, i, o| {
-            let config = ApproxLinearConfig { quant: spec_for(name), ..Default::default() };
-            ApproxLinear::f_new(path / name, i, o, config)
+        let lin = |name: &str| ApproxLinearConfig { quant: spec_for(name), ..Default::default() };
+        let conv =
+            |name: &str, padding| ApproxConvConfig { padding, quant: spec_for(name), ..Default::default() };
+        let seq = approx_sequential(path);
+        let seq = match self {
+            Self::Mlp => {
+                seq.flatten().linear("fc1", 784, 256, lin("fc1")).relu().linear("fc2", 256, 10, lin("fc2"))
+            }
+            Self::LeNet5 => seq
+                .conv2d("conv1", 1, 6, 5, conv("conv1", 2))
+                .relu()
+                .max_pool2d(2)
+                .conv2d("conv2", 6, 16, 5, conv("conv2", 0))
+                .relu()
+                .max_pool2d(2)
+                .flatten()
+                .linear("fc1", 400, 120, lin("fc1"))
+                .relu()
+                .linear("fc2", 120, 84, lin("fc2"))
+                .relu()
+                .linear("fc3", 84, 10, lin("fc3")),
         };
-        let conv = |name: &str, i, o, padding| {
-            let config = ApproxConvConfig { padding, quant: spec_for(name), ..Default::default() };
-            ApproxConv2d::f_new(path / name, i, o, 5, config)
-        };
-        let layers = match self {
-            Self::Mlp => vec![Layer::Linear(lin("fc1", 784, 256)?), Layer::Linear(lin("fc2", 256, 10)?)],
-            Self::LeNet5 => vec![
-                Layer::Conv(conv("conv1", 1, 6, 2)?),
-                Layer::Conv(conv("conv2", 6, 16, 0)?),
-                Layer::Linear(lin("fc1", 400, 120)?),
-                Layer::Linear(lin("fc2", 120, 84)?),
-                Layer::Linear(lin("fc3", 84, 10)?),
-            ],
-        };
-        Ok(Net { arch: self, layers })
+        Ok(Net { arch: self, seq: seq.build().map_err(unnamed)? })
     }
 }
 
-#[derive(Debug)]
-enum Layer {
-    Linear(ApproxLinear),
-    Conv(ApproxConv2d),
-}
-
-impl Layer {
-    fn as_approx(&self) -> &dyn ApproxLayer {
-        match self {
-            Self::Linear(l) => l,
-            Self::Conv(c) => c,
-        }
-    }
-
-    fn f_forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            Self::Linear(l) => l.f_forward_t(x, train),
-            Self::Conv(c) => c.f_forward_t(x, train),
-        }
+/// A construction error without the layer-name wrapper: the reference networks' layer
+/// names are fixed, so the configuration is what went wrong.
+fn unnamed(e: Error) -> Error {
+    match e {
+        Error::In { source, .. } => *source,
+        e => e,
     }
 }
 
-/// A reference network built by [`Architecture::build`].
+/// A reference network built by [`Architecture::build`]: an [`ApproxSequential`] that
+/// checks its input is `[N, 1, 28, 28]`.
 #[derive(Debug)]
 pub struct Net {
     arch: Architecture,
-    layers: Vec<Layer>,
+    seq: ApproxSequential,
 }
 
 impl Net {
@@ -121,21 +114,7 @@ impl Net {
                 actual: size,
             });
         }
-        let l = &self.layers;
-        match self.arch {
-            Architecture::Mlp => {
-                let h = l[0].f_forward_t(&xs.f_flatten(1, -1)?, train)?.f_relu()?;
-                l[1].f_forward_t(&h, train)
-            }
-            Architecture::LeNet5 => {
-                let pool = |t: Tensor| t.f_relu()?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
-                let h = pool(l[0].f_forward_t(xs, train)?)?;
-                let h = pool(l[1].f_forward_t(&h, train)?)?;
-                let h = l[2].f_forward_t(&h.f_flatten(1, -1)?, train)?.f_relu()?;
-                let h = l[3].f_forward_t(&h, train)?.f_relu()?;
-                l[4].f_forward_t(&h, train)
-            }
-        }
+        self.seq.f_forward_t(xs, train)
     }
 }
 
@@ -152,11 +131,6 @@ impl nn::ModuleT for Net {
 
 impl ApproxModule for Net {
     fn approx_layers(&self) -> Vec<(String, &dyn ApproxLayer)> {
-        self.arch
-            .layer_names()
-            .iter()
-            .zip(&self.layers)
-            .map(|(n, l)| (n.to_string(), l.as_approx()))
-            .collect()
+        self.seq.approx_layers()
     }
 }
