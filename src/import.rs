@@ -20,7 +20,8 @@ use crate::{Error, Result};
 pub struct ImportOptions {
     /// Renames applied to source names before matching, as `(source prefix, network prefix)`
     /// pairs at `.` boundaries: `("features.0", "conv1")` maps `features.0.weight` to
-    /// `conv1.weight`. The first pair that matches applies.
+    /// `conv1.weight`; an empty source prefix adds one (`("", "model")`), an empty
+    /// network prefix removes one (`("module", "")`). The first pair that matches applies.
     pub rename: Vec<(String, String)>,
     /// Copy what fits and report the rest (missing, unused and mis-shaped entries) in the
     /// [`ImportReport`] instead of failing; for example a new classifier head.
@@ -39,7 +40,12 @@ impl ImportOptions {
             if name == from {
                 return to.clone();
             }
-            if let Some(rest) = name.strip_prefix(from.as_str()).and_then(|r| r.strip_prefix('.')) {
+            let rest = if from.is_empty() {
+                Some(name)
+            } else {
+                name.strip_prefix(from.as_str()).and_then(|r| r.strip_prefix('.'))
+            };
+            if let Some(rest) = rest {
                 return if to.is_empty() { rest.to_string() } else { format!("{to}.{rest}") };
             }
         }

@@ -9,7 +9,7 @@ use common::{assert_close, assert_exact, fixture_path, load_fixture, values, Tem
 use tch::{nn, Device, Kind, Tensor};
 use torchapprox::checkpoint::{load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
-use torchapprox::import::{import_safetensors, ImportOptions};
+use torchapprox::import::{import_safetensors, import_tensors, ImportOptions};
 use torchapprox::layers::{
     approx_sequential, ApproxConvConfig, ApproxModule, ApproxSequential, Calibration, InferenceMode,
     QuantizerSlot, SequentialBuilder,
@@ -135,6 +135,24 @@ fn renames_and_partial_imports_report_what_they_skipped() {
     assert_eq!(report.copied.len(), vs.variables().len() - 9, "{report}");
     let state = load_fixture("import/resnet_state.safetensors");
     assert_exact(&vs.variables()["stem.bn.running_var"], &state["stem.1.running_var"], "renamed buffer");
+
+    // A network built under a prefix takes the whole state dict with ("", "model"), and
+    // a prefixed state dict (DataParallel's `module.`) loses it with ("module", "").
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net =
+        approx_sequential(vs.root() / "model").linear("fc", 784, 10, Default::default()).build().unwrap();
+    let fc: Vec<(String, Tensor)> =
+        ["fc.weight", "fc.bias"].iter().map(|n| (n.to_string(), state[*n].shallow_clone())).collect();
+    let copy: Vec<(String, Tensor)> = fc.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let report = import_tensors(&vs, copy, "fc", &ImportOptions::renamed([("", "model")])).unwrap();
+    assert_eq!(report.copied, ["model.fc.bias", "model.fc.weight"], "{report}");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = approx_sequential(vs.root()).linear("fc", 784, 10, Default::default()).build().unwrap();
+    let prefixed: Vec<(String, Tensor)> =
+        fc.iter().map(|(n, t)| (format!("module.{n}"), t.shallow_clone())).collect();
+    let report = import_tensors(&vs, prefixed, "module", &ImportOptions::renamed([("module", "")])).unwrap();
+    assert_eq!(report.copied, ["fc.bias", "fc.weight"], "{report}");
+    assert_exact(&vs.variables()["fc.weight"], &state["fc.weight"], "unprefixed");
 
     // A new 5-class head: strict refuses with the shapes, partial copies the rest.
     let vs = nn::VarStore::new(Device::Cpu);
