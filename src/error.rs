@@ -102,17 +102,28 @@ pub enum Error {
 
     /// An error in one named part of a network, such as a layer of an
     /// [`ApproxSequential`](crate::layers::ApproxSequential).
-    #[error("{name}: {source}")]
+    #[error("{name}: {error}")]
     In {
         /// The part's name, e.g. `layer1.0.conv2`.
         name: String,
-        /// What went wrong there.
-        source: Box<Error>,
+        /// What went wrong there (in the message already, so not a `source()`).
+        error: Box<Error>,
     },
 
     /// A quantizer name that is not `minmax`, `pact` or `lsq`.
     #[error("unknown quantizer kind {0:?}: expected `minmax`, `pact` or `lsq`")]
     UnknownKind(String),
+}
+
+impl Error {
+    /// The error itself or, for [`Error::In`], the one it wraps: match on this to tell
+    /// kinds of failure apart whichever layer they came from.
+    pub fn innermost(&self) -> &Error {
+        match self {
+            Self::In { error, .. } => error.innermost(),
+            e => e,
+        }
+    }
 }
 
 impl From<tch::TchError> for Error {

@@ -79,8 +79,8 @@ impl fmt::Display for ImportReport {
     }
 }
 
-/// Quantizer state (`x_quantizer.alpha`, `w_quantizer.running_max`, ...) is optional on
-/// both sides: a float model has none, and a network keeps its initial values.
+/// Quantizer state (`x_quantizer.alpha`, `w_quantizer.running_max`, ...): a network
+/// variable of this kind keeps its value when the source has none (a float model).
 fn is_quantizer_state(name: &str) -> bool {
     name.split('.').any(|part| part.ends_with("_quantizer"))
 }
@@ -140,7 +140,7 @@ pub fn import_tensors(
             Some("is an undefined tensor".to_string())
         } else if t.size() != var.size() {
             Some(format!("has shape {:?}, the network needs {:?}", t.size(), var.size()))
-        } else if !t.is_floating_point() && var.is_floating_point() {
+        } else if t.is_floating_point() != var.is_floating_point() {
             Some(format!(
                 "has dtype {:?}, the network needs {:?} (integer and bool tensors are not cast)",
                 t.kind(),

@@ -84,7 +84,7 @@ impl Architecture {
 /// names are fixed, so the configuration is what went wrong.
 fn unnamed(e: Error) -> Error {
     match e {
-        Error::In { source, .. } => *source,
+        Error::In { error, .. } => *error,
         e => e,
     }
 }

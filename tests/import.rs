@@ -11,8 +11,8 @@ use torchapprox::checkpoint::{load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::import::{import_safetensors, import_tensors, ImportOptions};
 use torchapprox::layers::{
-    approx_sequential, ApproxConvConfig, ApproxModule, ApproxSequential, Calibration, InferenceMode,
-    QuantizerSlot, SequentialBuilder,
+    approx_linear, approx_sequential, ApproxConvConfig, ApproxModule, ApproxSequential, Calibration,
+    InferenceMode, QuantizerSlot, SequentialBuilder,
 };
 use torchapprox::quantizers::{ApproxQuantizer, QuantConfig, QuantizerKind};
 use torchapprox::torchscript::ScriptModel;
@@ -174,7 +174,7 @@ fn renames_and_partial_imports_report_what_they_skipped() {
     assert!(report
         .to_string()
         .starts_with(&format!("copied {} variable(s); kept 11: ", report.copied.len())));
-    // The imported trunk computes PyTorch's features: the head's input is the same.
+    // Everything but the head is PyTorch's; the new head gives 5 logits.
     let probe = load_fixture("import/resnet_logits.safetensors");
     assert_eq!(net.f_forward_t(&probe["inputs"], false).unwrap().size(), [64, 5]);
 
@@ -275,8 +275,40 @@ fn replacing_a_quantizer_keeps_varstore_names_clean_and_checkpoints_round_trip()
         .unwrap_err();
     assert_eq!(e.to_string(), "no Approx layer named \"layer1.0.bn1\" in this network");
     let other = nn::VarStore::new(Device::Cpu);
-    let e = net.f_replace_quantizer(&other, "fc", QuantizerSlot::Input, QuantizerKind::Lsq, lsq).unwrap_err();
-    assert!(e.to_string().starts_with("fc.x_quantizer in this VarStore is not the layer's quantizer"), "{e}");
+    for slot in [QuantizerSlot::Input, QuantizerSlot::Weight] {
+        let e = net.f_replace_quantizer(&other, "fc", slot, QuantizerKind::Lsq, lsq).unwrap_err();
+        assert!(e.to_string().starts_with("\"fc\" in this VarStore is not this layer"), "{slot:?}: {e}");
+    }
+    assert!(other.variables().is_empty());
+
+    // A bad configuration changes nothing.
+    let names = |vs: &nn::VarStore| {
+        let mut n: Vec<String> = vs.variables().into_keys().collect();
+        n.sort();
+        (n, vs.trainable_variables().len())
+    };
+    let before = names(&vs);
+    let bad = QuantConfig { bitwidth: 1, ..Default::default() };
+    let e = net.f_replace_quantizer(&vs, "layer1.0.conv2", QuantizerSlot::Input, QuantizerKind::Pact, bad);
+    assert!(e.unwrap_err().to_string().contains("bitwidth 1 is out of range"));
+    assert_eq!(names(&vs), before);
+
+    // One layer's quantizer cannot be put under another layer's name (MinMax weights have no
+    // variable to tell them apart, the weight does).
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut fc = approx_linear(vs.root() / "fc", 4, 2, Default::default());
+    let _fc2 = approx_linear(vs.root() / "fc2", 4, 2, Default::default());
+    let e =
+        fc.quant.f_replace_quantizer(&vs, "fc2", QuantizerSlot::Weight, QuantizerKind::Pact, lsq, &fc.weight);
+    assert!(e.unwrap_err().to_string().starts_with("\"fc2\" in this VarStore is not this layer"));
+
+    // The new variables stay in the old ones' optimizer group.
+    let mut g = approx_linear(vs.root().set_group(3) / "g", 4, 2, Default::default());
+    g.quant.f_replace_quantizer(&vs, "g", QuantizerSlot::Input, QuantizerKind::Lsq, lsq, &g.weight).unwrap();
+    let step = vs.variables()["g.x_quantizer.step_size"].shallow_clone();
+    let vars = vs.variables_.lock().unwrap();
+    let var = vars.trainable_variables.iter().find(|v| v.tensor.is_set_to(&step)).unwrap();
+    assert_eq!(var.group, 3);
 }
 
 #[test]
@@ -288,15 +320,12 @@ fn sequential_networks_refuse_bad_structure_and_inputs_with_the_layers_name() {
         .linear("fc", 4, 2, Default::default())
         .build()
         .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "net.fc: layer name \"net.fc\": the name is used twice in one sequence: give each layer its own"
-    );
+    assert_eq!(e.to_string(), "net.fc: the name is used twice in one sequence: give each layer its own");
     let e = approx_sequential(vs.root())
         .seq("a", |s| s.linear("b.c", 1, 1, Default::default()))
         .build()
         .unwrap_err();
-    assert!(e.to_string().contains("a layer name must be non-empty and hold no '.'"), "{e}");
+    assert_eq!(e.to_string(), "a.b.c: layer name \"b.c\" must be non-empty and hold no '.'");
     let e = approx_sequential(vs.root()).dropout(1.5).build().unwrap_err();
     assert_eq!(e.to_string(), "dropout probability must be in [0, 1), got 1.5");
     let bad_conv = ApproxConvConfig { groups: 3, ..Default::default() };

@@ -356,31 +356,41 @@ impl LayerQuant {
         if prefix.split('.').any(str::is_empty) {
             return Err(Error::Network(format!("layer path {layer:?} has an empty component")));
         }
+        // The configuration is checked in a scratch store first, so a bad one changes nothing.
+        Quantizer::from_config(kind, nn::VarStore::new(vs.device()).root(), config)?;
         let old = match slot {
             QuantizerSlot::Input => &self.x_quantizer,
             QuantizerSlot::Weight => &self.w_quantizer,
         };
-        let old_state: Vec<_> = old.state_tensors().into_iter().map(Tensor::data_ptr).collect();
-        {
+        let group = {
             let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
+            // The layer's weight under `layer` proves the store and the name are this layer's;
+            // a MinMax quantizer in batch mode has no variable that could.
+            let same_layer = vars
+                .named_variables
+                .get(&format!("{layer}{}weight", if layer.is_empty() { "" } else { "." }))
+                .is_some_and(|w| w.is_set_to(weight));
+            let ours = |t: &Tensor| old.state_tensors().iter().any(|s| t.is_set_to(s));
             let names: Vec<String> = vars
                 .named_variables
                 .keys()
                 .filter(|n| n.starts_with(&format!("{prefix}.")))
                 .cloned()
                 .collect();
-            let ptrs: Vec<_> = names.iter().map(|n| vars.named_variables[n].data_ptr()).collect();
-            if old_state.iter().any(|p| !ptrs.contains(p)) {
+            if !same_layer || names.iter().any(|n| !ours(&vars.named_variables[n])) {
                 return Err(Error::Network(format!(
-                    "{prefix} in this VarStore is not the layer's quantizer: give the layer's full path in the store the network was built in"
+                    "{layer:?} in this VarStore is not this layer: give the layer's full path (its weight is `{layer}.weight`) in the store the network was built in"
                 )));
             }
+            let group = vars.trainable_variables.iter().find(|v| ours(&v.tensor)).map_or(0, |v| v.group);
             for n in &names {
                 vars.named_variables.remove(n);
             }
-            vars.trainable_variables.retain(|v| !ptrs.contains(&v.tensor.data_ptr()));
-        }
-        let path = prefix.split('.').fold(vs.root(), |p, part| p.sub(part));
+            vars.trainable_variables.retain(|v| !ours(&v.tensor));
+            group
+        };
+        // The new variables join the old ones' optimizer group.
+        let path = prefix.split('.').fold(vs.root().set_group(group), |p, part| p.sub(part));
         let new = Quantizer::from_config(kind, &path, config)?;
         match slot {
             QuantizerSlot::Input => self.x_quantizer = new,

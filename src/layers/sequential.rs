@@ -61,7 +61,8 @@ enum LayerMut<'s> {
 /// Starts an [`ApproxSequential`] whose variables live under `path`.
 ///
 /// Each step records the first error (a bad layer configuration, a repeated name) and
-/// [`SequentialBuilder::build`] returns it, so a network is one chain:
+/// [`SequentialBuilder::build`] returns it, so a network is one chain. Layers made before
+/// the error keep their variables in the store: build again in a fresh one.
 ///
 /// ```
 /// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
@@ -115,19 +116,20 @@ impl<'a> SequentialBuilder<'a> {
             return self;
         }
         let problem = if name.is_empty() || name.contains('.') {
-            Some("a layer name must be non-empty and hold no '.'")
+            Some(format!("layer name {name:?} must be non-empty and hold no '.'"))
         } else if self.seq.items.iter().any(|(n, _)| n == name) {
-            Some("the name is used twice in one sequence: give each layer its own")
+            Some("the name is used twice in one sequence: give each layer its own".to_string())
         } else {
             None
         };
         let item = match problem {
-            Some(why) => Err(Error::Network(format!("layer name {:?}: {why}", self.full_name(name)))),
+            Some(why) => Err(Error::Network(why)),
             None => make(self.path.sub(name)),
         };
         match item {
             Ok(item) => self.seq.items.push((name.to_string(), item)),
-            Err(e) => self.error = Some(Error::In { name: self.full_name(name), source: Box::new(e) }),
+            Err(e @ Error::In { .. }) => self.error = Some(e),
+            Err(e) => self.error = Some(Error::In { name: self.full_name(name), error: Box::new(e) }),
         }
         self
     }
@@ -207,15 +209,15 @@ impl<'a> SequentialBuilder<'a> {
         shortcut: impl FnOnce(SequentialBuilder<'a>) -> SequentialBuilder<'a>,
     ) -> Self {
         self.named(name, |p| {
+            if shortcut_name.is_empty() || shortcut_name.contains('.') {
+                return Err(Error::Network(format!(
+                    "shortcut name {shortcut_name:?}: it must be non-empty and hold no '.'"
+                )));
+            }
             let body = body(approx_sequential(&p)).build()?;
             if body.items.iter().any(|(n, _)| n == shortcut_name) {
                 return Err(Error::Network(format!(
                     "the shortcut's name {shortcut_name:?} is a layer of the body"
-                )));
-            }
-            if shortcut_name.is_empty() || shortcut_name.contains('.') {
-                return Err(Error::Network(format!(
-                    "shortcut name {shortcut_name:?}: it must be non-empty and hold no '.'"
                 )));
             }
             let shortcut = shortcut(approx_sequential(p.sub(shortcut_name))).build()?;
@@ -224,7 +226,9 @@ impl<'a> SequentialBuilder<'a> {
     }
 
     /// Adds a module of your own, made from its path (`name.*` variables), for example
-    /// `|p| nn::linear(p, 10, 10, Default::default())`.
+    /// `|p| nn::linear(p, 10, 10, Default::default())`. tch's modules panic on bad input;
+    /// the sequence catches that and returns an error naming the module (the panic hook
+    /// still prints the panic, and nothing is caught under `panic = "abort"`).
     pub fn add<M: nn::ModuleT + 'static>(self, name: &str, make: impl FnOnce(nn::Path<'a>) -> M) -> Self {
         self.named(name, |p| Ok(Item::Module(Box::new(make(p)))))
     }
@@ -322,7 +326,7 @@ impl ApproxSequential {
             };
             let at = |e: Error| match e {
                 e @ Error::In { .. } => e,
-                e => Error::In { name: here(), source: Box::new(e) },
+                e => Error::In { name: here(), error: Box::new(e) },
             };
             x = match item {
                 Item::Linear(l) => l.f_forward_t(&x, train),
@@ -386,8 +390,8 @@ impl ApproxSequential {
     /// Replaces one quantizer of the Approx layer `layer` (a name from
     /// [`approx_layers`](ApproxModule::approx_layers)), removing the old quantizer's
     /// variables from `vs`, so the new ones take the same clean names
-    /// (`layer.x_quantizer.alpha`). `vs` is the store the network was built in, and the
-    /// network must have been built at its root. Build optimizers after this call.
+    /// (`layer.x_quantizer.alpha`) in the same optimizer group. `vs` is the store the
+    /// network was built in. Build optimizers after this call.
     pub fn f_replace_quantizer(
         &mut self,
         vs: &nn::VarStore,
