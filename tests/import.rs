@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{assert_close, assert_exact, fixture_path, load_fixture, values, TempDir};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use torchapprox::checkpoint::{load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::import::{import_safetensors, import_tensors, ImportOptions};
@@ -112,6 +112,46 @@ fn a_resnet_with_batchnorm_imported_from_torchscript_or_safetensors_gives_pytorc
         let moved = vs.variables()["stem.1.running_mean"].to_device(Device::Cpu);
         assert!(!values(&(&moved - &state["stem.1.running_mean"]).abs()).iter().all(|d| *d == 0.0));
     }
+}
+
+#[test]
+fn a_network_trained_in_rust_loads_back_into_pytorchs_own_class() {
+    // Import PyTorch's weights, train a few float steps here (weights and BatchNorm
+    // statistics move), save, and let PyTorch's ResNet class load the file.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = resnet(&vs, ["0", "1"], 10);
+    ScriptModel::load(scripted(), Device::Cpu).unwrap().import_into(&vs).unwrap();
+    let (x, y) = test_set();
+    let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+    for s in 0..3 {
+        let loss = net
+            .f_forward_t(&x.narrow(0, 32 * s, 32), true)
+            .unwrap()
+            .cross_entropy_for_logits(&y.narrow(0, 32 * s, 32));
+        opt.backward_step(&loss);
+    }
+    let state = load_fixture("import/resnet_state.safetensors");
+    let moved =
+        values(&(&vs.variables()["layer1.0.bn1.running_var"] - &state["layer1.0.bn1.running_var"]).abs());
+    assert!(moved.iter().any(|d| *d > 1e-4), "training moved the statistics");
+    let tmp = TempDir::new("to-pytorch");
+    let file = tmp.0.join("resnet.safetensors");
+    save_atomic(&vs, &file).unwrap();
+    let probe = x.narrow(0, 1000, 64);
+    let logits = tch::no_grad(|| net.f_forward_t(&probe, false)).unwrap();
+    let io = tmp.0.join("io.safetensors");
+    Tensor::write_safetensors(&[("x", probe), ("y", logits)], &io).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let o = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/state_dict_reload_check.py"))
+        .arg(&file)
+        .arg(&io)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "PyTorch disagrees: {said} {}", String::from_utf8_lossy(&o.stderr));
+    // PyTorch fills in BatchNorm's missing counters itself; the 9 PACT alphas are ours.
+    assert!(said.contains("0 counters missing, 9 quantizer entries ignored"), "{said}");
 }
 
 #[test]
