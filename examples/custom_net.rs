@@ -19,7 +19,7 @@ use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
-use torchapprox::data::{normalize, Mnist};
+use torchapprox::data::{count_correct, normalize, Mnist};
 use torchapprox::layers::{
     approx_sequential, ApproxConvConfig, ApproxLinearConfig, ApproxModule, ApproxSequential, Calibration,
     InferenceMode, QuantSpec, SequentialBuilder,
@@ -119,14 +119,8 @@ fn block(b: SequentialBuilder<'_>, channels: i64, quant: QuantSpec) -> Sequentia
 }
 
 fn accuracy(net: &ApproxSequential, x: &Tensor, y: &Tensor) -> Result<f64> {
-    let mut correct = 0i64;
-    for start in (0..x.size()[0]).step_by(500) {
-        let n = 500.min(x.size()[0] - start);
-        let logits = tch::no_grad(|| net.f_forward_t(&x.narrow(0, start, n), false))?;
-        correct +=
-            logits.argmax(-1, false).eq_tensor(&y.narrow(0, start, n)).sum(Kind::Int64).int64_value(&[]);
-    }
-    Ok(100.0 * correct as f64 / x.size()[0] as f64)
+    let correct = count_correct(x, y, 500, |b| net.f_forward_t(b, false))?;
+    Ok(100.0 * correct as f64 / y.size()[0] as f64)
 }
 
 fn run(args: Args) -> Result<()> {

@@ -19,10 +19,10 @@ use common::{embedded_mnist, pick_device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 use torchapprox::approx::Multiplier;
 use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
-use torchapprox::data::{normalize, Mnist};
+use torchapprox::data::{count_correct, normalize, Mnist};
 use torchapprox::import::{import_safetensors, ImportOptions};
 use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
@@ -153,17 +153,9 @@ fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(Str
 }
 
 /// Share of correct predictions over a data set, in batches, without gradients.
-fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, device: Device, batch: i64) -> Result<f64> {
-    let _guard = tch::no_grad_guard();
-    let n = labels.size()[0];
-    let mut correct = 0i64;
-    for start in (0..n).step_by(batch as usize) {
-        let len = batch.min(n - start);
-        let logits = net.f_forward_t(&images.narrow(0, start, len), false)?;
-        let hits = logits.argmax(-1, false).eq_tensor(&labels.narrow(0, start, len).to_device(device));
-        correct += hits.sum(Kind::Int64).int64_value(&[]);
-    }
-    Ok(correct as f64 / n.max(1) as f64)
+fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, batch: i64) -> Result<f64> {
+    let correct = count_correct(images, labels, batch, |x| net.f_forward_t(x, false))?;
+    Ok(correct as f64 / labels.size()[0].max(1) as f64)
 }
 
 fn quantizer_report(q: &Quantizer) -> serde_json::Value {
@@ -350,7 +342,7 @@ fn run(args: Args) -> Result<()> {
             bail!("training diverged in epoch {epoch} (loss {final_loss}); try a smaller --lr");
         }
         let train_acc = correct.int64_value(&[]) as f64 / n as f64;
-        let test_acc = accuracy(&net, &test_x, &data.test_labels, device, args.eval_batch_size)?;
+        let test_acc = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size)?;
         let secs = t0.elapsed().as_secs_f64();
         say(format!(
             "epoch {epoch:>2}/{}  loss {final_loss:.4}  train {:.2}%  test {:.2}%  {secs:.1}s",
@@ -360,7 +352,7 @@ fn run(args: Args) -> Result<()> {
         ));
         epochs.push(json!({"epoch": epoch, "loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc, "seconds": secs}));
     }
-    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, device, args.eval_batch_size)?;
+    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size)?;
     if let Some(path) = &args.save {
         save_atomic(&vs, path)?;
         say(format!("saved {}", path.display()));

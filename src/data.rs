@@ -120,6 +120,27 @@ impl Mnist {
     }
 }
 
+/// How many of `images` get their arg-max logit equal to `labels`, running `forward` on
+/// batches of `batch_size` (at least 1) without gradients; the labels follow the logits'
+/// device.
+pub fn count_correct(
+    images: &Tensor,
+    labels: &Tensor,
+    batch_size: i64,
+    mut forward: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<i64> {
+    let _guard = tch::no_grad_guard();
+    let (n, batch) = (labels.size()[0], batch_size.max(1));
+    let mut correct = 0;
+    for start in (0..n).step_by(batch as usize) {
+        let len = batch.min(n - start);
+        let logits = forward(&images.f_narrow(0, start, len)?)?;
+        let labels = labels.f_narrow(0, start, len)?.f_to_device(logits.device())?;
+        correct += logits.f_argmax(-1, false)?.f_eq_tensor(&labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    }
+    Ok(correct)
+}
+
 /// Images as float32 `[N, 1, rows, cols]` on `device`: `(pixel / 255 - mean) / std`.
 pub fn normalize(images: &Tensor, mean: f64, std: f64, device: Device) -> Result<Tensor> {
     if !(std.is_finite() && std > 0.0) {

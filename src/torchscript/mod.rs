@@ -245,20 +245,14 @@ impl ScriptModel {
 
     /// Share of `images` whose arg-max logit equals `labels`, in batches, without gradients.
     pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch_size: i64) -> Result<f64> {
-        let _guard = tch::no_grad_guard();
         let n = labels.size()[0];
         if n == 0 {
             return Err(ts_error("no digits to measure accuracy on".into()));
         }
-        let mut correct = 0;
-        for start in (0..n).step_by(batch_size.max(1) as usize) {
-            let len = batch_size.min(n - start);
-            let logits = self.logits(&images.f_narrow(0, start, len)?.f_to_device(self.device)?)?;
-            let labels = labels.f_narrow(0, start, len)?.f_to_device(self.device)?;
-            correct +=
-                logits.f_argmax(-1, false)?.f_eq_tensor(&labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-        }
-        Ok(correct as f64 / n.max(1) as f64)
+        let correct = crate::data::count_correct(images, labels, batch_size, |x| {
+            self.logits(&x.f_to_device(self.device)?)
+        })?;
+        Ok(correct as f64 / n as f64)
     }
 
     /// Replaces every quantizable weight by its MinMax fake-quantized value, in place;
