@@ -143,9 +143,7 @@ pub fn count_correct(
 
 /// Images as float32 `[N, 1, rows, cols]` on `device`: `(pixel / 255 - mean) / std`.
 pub fn normalize(images: &Tensor, mean: f64, std: f64, device: Device) -> Result<Tensor> {
-    if !(std.is_finite() && std > 0.0) {
-        return Err(Error::Argument { what: "std", value: std, expected: "positive and finite" });
-    }
+    crate::error::check_positive("std", std)?;
     if !mean.is_finite() {
         return Err(Error::Argument { what: "mean", value: mean, expected: "finite" });
     }

@@ -115,6 +115,15 @@ pub enum Error {
     UnknownKind(String),
 }
 
+/// `Ok` for a positive, finite `value`; otherwise the [`Error::Argument`] naming `what`.
+pub(crate) fn check_positive(what: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Argument { what, value, expected: "positive and finite" })
+    }
+}
+
 impl Error {
     /// The error itself or, for [`Error::In`], the one it wraps: match on this to tell
     /// kinds of failure apart whichever layer they came from.

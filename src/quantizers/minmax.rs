@@ -93,13 +93,7 @@ impl MinMaxQuant {
 
     /// Sets the running range (calibration); no effect in [`RangeMode::Batch`].
     pub fn set_running_range(&self, range: f64) -> Result<()> {
-        if !(range.is_finite() && range > 0.0) {
-            return Err(Error::Argument {
-                what: "running range",
-                value: range,
-                expected: "positive and finite",
-            });
-        }
+        crate::error::check_positive("running range", range)?;
         if let Some((r, _)) = &self.running {
             let _ = tch::no_grad(|| r.shallow_clone().f_fill_(range))?;
         }

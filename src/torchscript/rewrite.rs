@@ -227,13 +227,7 @@ pub(super) fn rewrite(
     params: &[(String, Tensor)],
     config: &RewriteConfig,
 ) -> Result<RewriteReport> {
-    if !(config.init_alpha.is_finite() && config.init_alpha > 0.0) {
-        return Err(Error::Argument {
-            what: "init_alpha",
-            value: config.init_alpha,
-            expected: "positive and finite",
-        });
-    }
+    crate::error::check_positive("init_alpha", config.init_alpha)?;
     let d = describe(m)?;
     if let Some((path, _)) = d.modules.iter().find(|(_, c)| c.starts_with(QUANTIZER_CLASS)) {
         return Err(ts_error(format!(
