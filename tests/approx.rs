@@ -268,7 +268,7 @@ fn table_files_load_and_bad_ones_are_refused_with_one_line() {
         assert_eq!(m.table(), drum.table(), "{}", p.display());
     }
     // numpy's own file, where the venv has numpy.
-    let py = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let py = common::python();
     let np_file = tmp.0.join("numpy.npy");
     let code = format!(
         "import numpy as np; v = np.arange(256); s = np.where(v < 128, v, v - 256); np.save('{}', np.outer(s, s).astype(np.int64))",
@@ -321,7 +321,7 @@ fn table_files_load_and_bad_ones_are_refused_with_one_line() {
 fn the_trainer_runs_approximate_mode_and_refuses_bad_settings() {
     let tmp = TempDir::new("approx-cli");
     let data = tmp.0.join("small");
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let dir = common::embedded_dir();
     torchapprox::data::Mnist::load_dir(&dir).unwrap().subset(500, 200).save_dir(&data).unwrap();
     let bin = example_bin("train");
     let run = |args: &[&str]| Command::new(&bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();

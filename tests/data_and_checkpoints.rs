@@ -2,20 +2,14 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use tch::{nn, Device, Kind, Tensor};
 use torchapprox::checkpoint::{load_checked, save_atomic};
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::models::Architecture;
 
-fn vendored() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")
-}
-
 #[test]
 fn vendored_mnist_loads_with_its_documented_counts() {
-    let m = Mnist::load_dir(vendored()).unwrap();
+    let m = Mnist::load_dir(common::embedded_dir()).unwrap();
     assert_eq!(m.train_images.size(), [8000, 28, 28]);
     assert_eq!(m.test_images.size(), [2000, 28, 28]);
     assert_eq!(m.train_images.kind(), Kind::Uint8);

@@ -130,7 +130,7 @@ fn torchscript_mutations_never_crash() {
 
 #[test]
 fn idx_mutations_never_panic() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let dir = common::embedded_dir();
     let small = Mnist::load_dir(&dir).unwrap().subset(50, 20);
     let tmp = TempDir::new("fuzz-idx");
     small.save_dir(&tmp.0).unwrap();

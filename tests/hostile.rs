@@ -24,10 +24,6 @@ fn model(name: &str) -> PathBuf {
     fixture_path("torchscript").join(format!("{name}.pt"))
 }
 
-fn vendored() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")
-}
-
 fn cli(name: &str, args: &[&str]) -> Output {
     Command::new(example_bin(name)).args(args).env_remove("RUST_BACKTRACE").output().unwrap()
 }
@@ -201,7 +197,7 @@ fn pact_scale(alpha: f32) -> Tensor {
 #[test]
 fn finetuning_refuses_bad_learning_rates_and_restores_weights_when_it_diverges() {
     let tmp = TempDir::new("ft");
-    let m = Mnist::load_dir(vendored()).unwrap().subset(512, 100);
+    let m = Mnist::load_dir(common::embedded_dir()).unwrap().subset(512, 100);
     let x = normalize(&m.train_images, 0.0, 1.0, Device::Cpu).unwrap();
     for lr in [f64::NAN, -1e-3, f64::INFINITY] {
         let mut sm = ScriptModel::load(model("mlp_scripted"), Device::Cpu).unwrap();
@@ -242,8 +238,10 @@ fn idx_header(magic: u32, dims: &[u32]) -> Vec<u8> {
 
 /// The four embedded files, with `replace` standing in for the one at `index`.
 fn mnist_with(index: usize, replace: &[u8]) -> torchapprox::Result<Mnist> {
-    let files: Vec<Vec<u8>> =
-        MNIST_FILES.iter().map(|n| std::fs::read(vendored().join(format!("{n}.gz"))).unwrap()).collect();
+    let files: Vec<Vec<u8>> = MNIST_FILES
+        .iter()
+        .map(|n| std::fs::read(common::embedded_dir().join(format!("{n}.gz"))).unwrap())
+        .collect();
     let pick = |i: usize| if i == index { replace } else { &files[i][..] };
     Mnist::from_bytes([
         (MNIST_FILES[0], pick(0)),
@@ -272,7 +270,7 @@ fn payloads_beyond_the_header_are_refused_without_reading_them() {
     assert!(e.contains("header promises [10, 28, 28] = 7840 bytes of image but more follow"), "{e}");
     // A 3 GiB sparse file in a folder, read the way the trainer reads it.
     let dir = tmp.0.join("sparse");
-    Mnist::load_dir(vendored()).unwrap().subset(100, 10).save_dir(&dir).unwrap();
+    Mnist::load_dir(common::embedded_dir()).unwrap().subset(100, 10).save_dir(&dir).unwrap();
     let f = std::fs::File::create(dir.join(MNIST_FILES[0])).unwrap();
     (&f).write_all(&idx_header(0x0803, &[10, 28, 28])).unwrap();
     f.set_len(3 << 30).unwrap();
@@ -343,7 +341,7 @@ fn error_statistics_of_huge_weights_equal_those_of_the_same_weights_unscaled() {
 fn silent_wrong_results_are_refused_or_handled() {
     let tmp = TempDir::new("silent");
     let data = tmp.0.join("small");
-    let full = Mnist::load_dir(vendored()).unwrap();
+    let full = Mnist::load_dir(common::embedded_dir()).unwrap();
     full.subset(300, 100).save_dir(&data).unwrap();
     let data = data.to_str().unwrap();
     let mlp = ["--model", "mlp", "--device", "cpu", "--data", data];

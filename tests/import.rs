@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use common::{assert_close, assert_exact, fixture_path, load_fixture, values, TempDir};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use torchapprox::checkpoint::{load_checked, save_atomic};
-use torchapprox::data::{normalize, Mnist};
 use torchapprox::import::{import_safetensors, import_tensors, ImportOptions};
 use torchapprox::layers::{
     approx_linear, approx_sequential, ApproxConvConfig, ApproxModule, ApproxSequential, Calibration,
@@ -54,12 +53,6 @@ fn resnet(vs: &nn::VarStore, stem: [&str; 2], classes: i64) -> ApproxSequential 
 
 fn scripted() -> PathBuf {
     fixture_path("rewrite/resnet_scripted.pt")
-}
-
-fn test_set() -> (Tensor, Tensor) {
-    let m =
-        Mnist::load_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")).unwrap();
-    (normalize(&m.test_images, 0.0, 1.0, Device::Cpu).unwrap(), m.test_labels)
 }
 
 fn accuracy(net: &ApproxSequential, x: &Tensor, y: &Tensor) -> f64 {
@@ -121,7 +114,7 @@ fn a_network_trained_in_rust_loads_back_into_pytorchs_own_class() {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = resnet(&vs, ["0", "1"], 10);
     ScriptModel::load(scripted(), Device::Cpu).unwrap().import_into(&vs).unwrap();
-    let (x, y) = test_set();
+    let (x, y) = common::embedded_test_set();
     let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
     for s in 0..3 {
         let loss = net
@@ -142,7 +135,7 @@ fn a_network_trained_in_rust_loads_back_into_pytorchs_own_class() {
     let io = tmp.0.join("io.safetensors");
     Tensor::write_safetensors(&[("x", probe), ("y", logits)], &io).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let o = std::process::Command::new(root.join(".venv/bin/python"))
+    let o = std::process::Command::new(common::python())
         .arg(root.join("scripts/state_dict_reload_check.py"))
         .arg(&file)
         .arg(&io)
@@ -244,7 +237,7 @@ fn renames_and_partial_imports_report_what_they_skipped() {
 
 #[test]
 fn the_imported_resnet_keeps_pytorchs_accuracy_and_quantizes_after_calibration() {
-    let (x, y) = test_set();
+    let (x, y) = common::embedded_test_set();
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture_path("rewrite/expected.json")).unwrap())
             .unwrap();

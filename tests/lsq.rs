@@ -120,7 +120,7 @@ fn layers_start_lsq_weights_from_data_and_the_trainer_learns_with_lsq() {
 
     let tmp = TempDir::new("lsq");
     let data = tmp.0.join("small");
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let dir = common::embedded_dir();
     Mnist::load_dir(&dir).unwrap().subset(2000, 500).save_dir(&data).unwrap();
     let o = Command::new(example_bin("train"))
         .args(["--data", data.to_str().unwrap(), "--model", "mlp", "--x-quant", "lsq", "--w-quant", "lsq"])

@@ -54,7 +54,7 @@ fn layers_take_separate_bitwidths_and_pact_alphas_from_their_spec_and_weights() 
 fn the_trainer_takes_x_bits_w_bits_and_per_quantizer_layer_bits() {
     let tmp = TempDir::new("per-layer");
     let data = tmp.0.join("small");
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let dir = common::embedded_dir();
     Mnist::load_dir(&dir).unwrap().subset(2000, 500).save_dir(&data).unwrap();
     let run = |args: &[&str]| {
         let o = Command::new(example_bin("train"))
@@ -99,7 +99,7 @@ fn evaluation_does_not_depend_on_the_batch_with_running_ranges() {
     use tch::nn::OptimizerConfig;
     use torchapprox::models::Architecture;
     use torchapprox::quantizers::RangeMode;
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let dir = common::embedded_dir();
     let m = Mnist::load_dir(&dir).unwrap().subset(640, 1000);
     let x = torchapprox::data::normalize(&m.train_images, 0.1307, 0.3081, Device::Cpu).unwrap();
     let test = torchapprox::data::normalize(&m.test_images, 0.1307, 0.3081, Device::Cpu).unwrap();
@@ -157,7 +157,7 @@ fn calibration_beats_alpha_2_2_where_activations_exceed_it() {
     use tch::nn::OptimizerConfig;
     use torchapprox::layers::{ApproxModule, Calibration};
     use torchapprox::models::Architecture;
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k");
+    let dir = common::embedded_dir();
     let m = Mnist::load_dir(&dir).unwrap().subset(3000, 500);
     // A narrow normalisation: inputs reach about 30, far beyond PACT's initial 2.2.
     let x = torchapprox::data::normalize(&m.train_images, 0.1307, 0.03, Device::Cpu).unwrap();

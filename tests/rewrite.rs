@@ -10,7 +10,7 @@ use std::process::Command;
 use common::{assert_close, fixture_path, load_fixture, TempDir};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
-use torchapprox::data::{normalize, Mnist};
+use torchapprox::data::normalize;
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::Architecture;
 use torchapprox::quantizers::QuantizerKind;
@@ -24,26 +24,16 @@ fn ts_fixture(name: &str) -> PathBuf {
     fixture_path("torchscript").join(format!("{name}.pt"))
 }
 
-fn digits() -> Mnist {
-    Mnist::load_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")).unwrap()
-}
-
 fn float_accuracy(name: &str) -> f64 {
     let e: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture_path("rewrite/expected.json")).unwrap()).unwrap();
     e["float_accuracy"][name].as_f64().unwrap()
 }
 
-fn python() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(p.exists(), "run scripts/setup.sh: {} is missing", p.display());
-    p
-}
-
 #[test]
 fn rewritten_models_reload_in_pytorch_with_the_same_logits() {
     let tmp = TempDir::new("rw-reload");
-    let m = digits();
+    let m = common::embedded_digits();
     let train = normalize(&m.train_images.narrow(0, 0, 512), 0.0, 1.0, Device::Cpu).unwrap();
     let x = load_fixture("torchscript/probe.safetensors")["x"].shallow_clone();
     let spec4 = LayerQuantSpec { x_bits: 4, w_bits: 4, per_channel: true, ..Default::default() };
@@ -85,7 +75,7 @@ fn rewritten_models_reload_in_pytorch_with_the_same_logits() {
         let io = tmp.0.join(format!("{name}-io.safetensors"));
         Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_reload_check.py");
-        let o = Command::new(python()).arg(script).arg(&out).arg(&io).output().unwrap();
+        let o = Command::new(common::python()).arg(script).arg(&out).arg(&io).output().unwrap();
         let said = String::from_utf8_lossy(&o.stdout);
         assert!(
             o.status.success(),
@@ -115,7 +105,7 @@ fn loss_and_alpha_grads(
 
 #[test]
 fn rewritten_layers_equal_the_crates_layers_in_quantized_mode() {
-    let m = digits();
+    let m = common::embedded_digits();
     let x = normalize(&m.test_images.narrow(0, 0, 64), 0.0, 1.0, Device::Cpu).unwrap();
     let y = m.test_labels.narrow(0, 0, 64);
     for (name, arch, per_channel) in [
@@ -163,7 +153,7 @@ fn rewritten_layers_equal_the_crates_layers_in_quantized_mode() {
 
 #[test]
 fn alpha_gradients_match_finite_differences_of_the_unrounded_quantizer() {
-    let m = digits();
+    let m = common::embedded_digits();
     let x = normalize(&m.test_images.narrow(0, 0, 16), 0.0, 1.0, Device::Cpu).unwrap().to_kind(Kind::Double);
     for name in ["resnet_scripted", "resnet_traced"] {
         let mut model = ScriptModel::load(rewrite_fixture(name), Device::Cpu).unwrap();
@@ -207,7 +197,7 @@ fn alpha_gradients_match_finite_differences_of_the_unrounded_quantizer() {
 
 #[test]
 fn calibrated_8_bit_and_finetuned_4_bit_models_keep_their_accuracy() {
-    let m = digits();
+    let m = common::embedded_digits();
     let tx = normalize(&m.train_images, 0.0, 1.0, Device::Cpu).unwrap();
     let vx = normalize(&m.test_images, 0.0, 1.0, Device::Cpu).unwrap();
     let mut q8 = ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
@@ -319,7 +309,7 @@ fn quantize_torchscript_cli_rewrites_calibrates_and_reports_each_layer() {
     assert!(layers[8]["x_alpha"].is_null());
     // PyTorch measures the saved file as Rust did.
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_accuracy.py");
-    let o = Command::new(python()).arg(script).arg(&out).output().unwrap();
+    let o = Command::new(common::python()).arg(script).arg(&out).output().unwrap();
     let said = String::from_utf8_lossy(&o.stdout);
     let torch_acc: f64 = said.split_whitespace().last().unwrap().parse().unwrap();
     assert!((torch_acc - quantized).abs() < 1e-4, "PyTorch {torch_acc} vs Rust {quantized}");

@@ -9,7 +9,7 @@ use std::process::Command;
 use common::{assert_close, load_fixture};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
-use torchapprox::data::{normalize, Mnist};
+use torchapprox::data::normalize;
 use torchapprox::models::Architecture;
 use torchapprox::torchscript::{FinetuneConfig, PtqConfig, ScriptModel};
 
@@ -24,16 +24,9 @@ fn expected() -> serde_json::Value {
         .unwrap()
 }
 
-/// The embedded test digits as the fixtures take them: pixel / 255.
-fn test_set() -> (Tensor, Tensor) {
-    let m =
-        Mnist::load_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")).unwrap();
-    (normalize(&m.test_images, 0.0, 1.0, Device::Cpu).unwrap(), m.test_labels)
-}
-
 #[test]
 fn float_and_quantized_accuracies_equal_pytorchs_within_two_digits() {
-    let (x, y) = test_set();
+    let (x, y) = common::embedded_test_set();
     let exp = expected();
     let digits = exp["test_digits"].as_f64().unwrap();
     for name in MODELS {
@@ -65,7 +58,7 @@ fn float_and_quantized_accuracies_equal_pytorchs_within_two_digits() {
 
 #[test]
 fn per_channel_beats_per_tensor_at_4_bits_on_the_batchnorm_cnn() {
-    let (x, y) = test_set();
+    let (x, y) = common::embedded_test_set();
     let acc = |per_channel| {
         let m = ScriptModel::load(model_path("bn_dw_cnn"), Device::Cpu).unwrap();
         let report = m.quantize_weights(&PtqConfig { bits: 4, per_channel, ..Default::default() }).unwrap();
@@ -115,10 +108,8 @@ fn quantized_model_saved_by_rust_reloads_in_pytorch_with_the_same_outputs() {
         // ...and so does PyTorch.
         let io = dir.join(format!("{name}-io.safetensors"));
         Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
-        let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-        assert!(python.exists(), "run scripts/setup.sh: {} is missing", python.display());
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_reload_check.py");
-        let out = Command::new(python).arg(script).arg(&out).arg(&io).output().unwrap();
+        let out = Command::new(common::python()).arg(script).arg(&out).arg(&io).output().unwrap();
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -163,11 +154,10 @@ fn import_into_the_rust_networks_reproduces_the_torchscript_logits() {
 
 #[test]
 fn weight_only_qat_finetune_beats_post_training_quantization_at_3_bits() {
-    let m =
-        Mnist::load_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")).unwrap();
+    let m = common::embedded_digits();
     let train = m.subset(2000, 0);
     let tx = normalize(&train.train_images, 0.0, 1.0, Device::Cpu).unwrap();
-    let (x, y) = test_set();
+    let (x, y) = common::embedded_test_set();
     let cfg = PtqConfig { bits: 3, ..Default::default() };
     let ptq = ScriptModel::load(model_path("lenet_traced"), Device::Cpu).unwrap();
     ptq.quantize_weights(&cfg).unwrap();

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::TempDir;
-use torchapprox::data::Mnist;
 use torchapprox::torchscript::ScriptModel;
 
 fn trainer() -> PathBuf {
@@ -23,10 +22,6 @@ fn trainer() -> PathBuf {
     bin
 }
 
-fn vendored_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")
-}
-
 fn run(args: &[&str]) -> Output {
     Command::new(trainer()).args(args).env_remove("RUST_BACKTRACE").output().unwrap()
 }
@@ -40,7 +35,7 @@ fn json_of(out: &Output) -> serde_json::Value {
 
 fn small_data(dir: &Path) -> String {
     let data = dir.join("mnist-small");
-    Mnist::load_dir(vendored_data()).unwrap().subset(1000, 200).save_dir(&data).unwrap();
+    common::embedded_digits().subset(1000, 200).save_dir(&data).unwrap();
     data.to_string_lossy().into_owned()
 }
 

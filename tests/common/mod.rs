@@ -22,6 +22,29 @@ pub fn load_fixture(name: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// The embedded MNIST folder, `examples/data/mnist-10k`.
+pub fn embedded_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist-10k")
+}
+
+/// The embedded 10,000 digits.
+pub fn embedded_digits() -> torchapprox::data::Mnist {
+    torchapprox::data::Mnist::load_dir(embedded_dir()).unwrap()
+}
+
+/// The embedded test digits as the PyTorch fixtures take them (pixel / 255), and their labels.
+pub fn embedded_test_set() -> (Tensor, Tensor) {
+    let m = embedded_digits();
+    (torchapprox::data::normalize(&m.test_images, 0.0, 1.0, Device::Cpu).unwrap(), m.test_labels)
+}
+
+/// The venv's Python, which scripts/setup.sh installs.
+pub fn python() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(p.exists(), "run scripts/setup.sh: {} is missing", p.display());
+    p
+}
+
 /// The CUDA device when there is one; otherwise prints that `what` was skipped.
 pub fn cuda_or_skip(what: &str) -> Option<Device> {
     if tch::Cuda::is_available() {
