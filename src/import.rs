@@ -46,7 +46,7 @@ impl ImportOptions {
                 name.strip_prefix(from.as_str()).and_then(|r| r.strip_prefix('.'))
             };
             if let Some(rest) = rest {
-                return if to.is_empty() { rest.to_string() } else { format!("{to}.{rest}") };
+                return crate::layers::join(to, rest);
             }
         }
         name.to_string()

@@ -230,6 +230,15 @@ pub trait ApproxModule {
     }
 }
 
+/// `prefix.name`, or `name` alone under an empty prefix (a VarStore's root).
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
 /// Which of a layer's two quantizers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantizerSlot {
@@ -351,8 +360,7 @@ impl LayerQuant {
         config: QuantConfig,
         weight: &Tensor,
     ) -> Result<()> {
-        let prefix =
-            if layer.is_empty() { slot.name().to_string() } else { format!("{layer}.{}", slot.name()) };
+        let prefix = join(layer, slot.name());
         if prefix.split('.').any(str::is_empty) {
             return Err(Error::Network(format!("layer path {layer:?} has an empty component")));
         }
@@ -366,17 +374,13 @@ impl LayerQuant {
             let mut vars = vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
             // The layer's weight under `layer` proves the store and the name are this layer's;
             // a MinMax quantizer in batch mode has no variable that could.
-            let same_layer = vars
-                .named_variables
-                .get(&format!("{layer}{}weight", if layer.is_empty() { "" } else { "." }))
-                .is_some_and(|w| w.is_set_to(weight));
-            let ours = |t: &Tensor| old.state_tensors().iter().any(|s| t.is_set_to(s));
-            let names: Vec<String> = vars
-                .named_variables
-                .keys()
-                .filter(|n| n.starts_with(&format!("{prefix}.")))
-                .cloned()
-                .collect();
+            let same_layer =
+                vars.named_variables.get(&join(layer, "weight")).is_some_and(|w| w.is_set_to(weight));
+            let state = old.state_tensors();
+            let ours = |t: &Tensor| state.iter().any(|s| t.is_set_to(s));
+            let under = format!("{prefix}.");
+            let names: Vec<String> =
+                vars.named_variables.keys().filter(|n| n.starts_with(&under)).cloned().collect();
             if !same_layer || names.iter().any(|n| !ours(&vars.named_variables[n])) {
                 return Err(Error::Network(format!(
                     "{layer:?} in this VarStore is not this layer: give the layer's full path (its weight is `{layer}.weight`) in the store the network was built in"

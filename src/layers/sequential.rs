@@ -5,6 +5,7 @@ use std::fmt;
 
 use tch::{nn, Tensor};
 
+use super::approx_layer::join;
 use super::{
     ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig, ApproxModule,
     QuantizerSlot,
@@ -295,14 +296,6 @@ impl<'a> SequentialBuilder<'a> {
             Some(e) => Err(e),
             None => Ok(self.seq),
         }
-    }
-}
-
-fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
     }
 }
 
