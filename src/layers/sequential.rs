@@ -105,12 +105,6 @@ pub struct SequentialBuilder<'a> {
 }
 
 impl<'a> SequentialBuilder<'a> {
-    fn full_name(&self, name: &str) -> String {
-        let mut parts: Vec<&str> = self.path.components().collect();
-        parts.push(name);
-        parts.join(".")
-    }
-
     /// Adds a named item made by `make` from the item's path, unless an earlier step failed.
     fn named(mut self, name: &str, make: impl FnOnce(nn::Path<'a>) -> Result<Item>) -> Self {
         if self.error.is_some() {
@@ -130,7 +124,7 @@ impl<'a> SequentialBuilder<'a> {
         match item {
             Ok(item) => self.seq.items.push((name.to_string(), item)),
             Err(e @ Error::In { .. }) => self.error = Some(e),
-            Err(e) => self.error = Some(Error::In { name: self.full_name(name), error: Box::new(e) }),
+            Err(e) => self.error = Some(Error::In { name: join(&self.seq.prefix, name), error: Box::new(e) }),
         }
         self
     }
