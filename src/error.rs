@@ -124,6 +124,14 @@ pub(crate) fn check_positive(what: &'static str, value: f64) -> Result<()> {
     }
 }
 
+/// The message a panic carried (`panic!("...")` gives a `&str` or a `String`), if any.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
 impl Error {
     /// The error itself or, for [`Error::In`], the one it wraps: match on this to tell
     /// kinds of failure apart whichever layer they came from.

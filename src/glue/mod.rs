@@ -106,10 +106,7 @@ fn run_callback(f: impl FnOnce() -> std::result::Result<(), String>) -> *mut c_c
         Ok(Ok(())) => std::ptr::null_mut(),
         Ok(Err(msg)) => c_error(&msg),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            let msg = crate::error::panic_message(&*panic)
                 .unwrap_or_else(|| "panic in a Rust autograd callback".into());
             c_error(&msg)
         }

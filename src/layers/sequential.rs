@@ -340,11 +340,7 @@ impl ApproxSequential {
                 Item::Module(m) => {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.forward_t(&x, train))).map_err(
                         |p| {
-                            let msg = p
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_default();
+                            let msg = crate::error::panic_message(&*p).unwrap_or_default();
                             Error::Network(format!("the module panicked: {}", crate::strip_backtrace(&msg)))
                         },
                     )
