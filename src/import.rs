@@ -7,7 +7,7 @@
 //! `num_batches_tracked` counter is ignored (tch's BatchNorm has none, and PyTorch only
 //! reads it when `momentum=None`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
@@ -158,9 +158,8 @@ pub fn import_tensors(
             None => copies.push((name.clone(), var, t)),
         }
     }
-    let used: HashSet<&String> = vars.keys().collect();
     let mut unused: Vec<(&String, &String)> =
-        mapped.iter().filter(|(target, _)| !used.contains(target)).map(|(t, (s, _))| (s, t)).collect();
+        mapped.iter().filter(|(target, _)| !vars.contains_key(*target)).map(|(t, (s, _))| (s, t)).collect();
     unused.sort();
     for (src, target) in unused {
         let why =
