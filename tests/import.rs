@@ -132,17 +132,8 @@ fn a_network_trained_in_rust_loads_back_into_pytorchs_own_class() {
     save_atomic(&vs, &file).unwrap();
     let probe = x.narrow(0, 1000, 64);
     let logits = tch::no_grad(|| net.f_forward_t(&probe, false)).unwrap();
-    let io = tmp.0.join("io.safetensors");
-    Tensor::write_safetensors(&[("x", probe), ("y", logits)], &io).unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let o = std::process::Command::new(common::python())
-        .arg(root.join("scripts/state_dict_reload_check.py"))
-        .arg(&file)
-        .arg(&io)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "PyTorch disagrees: {said} {}", String::from_utf8_lossy(&o.stderr));
+    let said =
+        common::pytorch_agrees("state_dict_reload_check.py", &file, &probe, logits, "resnet state dict");
     // PyTorch fills in BatchNorm's missing counters itself; the 9 PACT alphas are ours.
     assert!(said.contains("0 counters missing, 9 quantizer entries ignored"), "{said}");
 }

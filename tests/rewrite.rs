@@ -72,16 +72,7 @@ fn rewritten_models_reload_in_pytorch_with_the_same_logits() {
             1e-6,
             &format!("{name}: Rust reload"),
         );
-        let io = tmp.0.join(format!("{name}-io.safetensors"));
-        Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_reload_check.py");
-        let o = Command::new(common::python()).arg(script).arg(&out).arg(&io).output().unwrap();
-        let said = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{name}: PyTorch disagrees: {said} {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        common::pytorch_agrees("torchscript_reload_check.py", &out, &x, y, &name);
     }
 }
 

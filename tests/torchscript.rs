@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{assert_close, load_fixture};
 use tch::nn::{self, ModuleT};
@@ -106,16 +105,7 @@ fn quantized_model_saved_by_rust_reloads_in_pytorch_with_the_same_outputs() {
         let back = ScriptModel::load(&out, Device::Cpu).unwrap();
         assert_close(&tch::no_grad(|| back.forward(x).unwrap()), &y, 0.0, 1e-6, name);
         // ...and so does PyTorch.
-        let io = dir.join(format!("{name}-io.safetensors"));
-        Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_reload_check.py");
-        let out = Command::new(common::python()).arg(script).arg(&out).arg(&io).output().unwrap();
-        let said = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{name}: PyTorch disagrees: {said} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = common::pytorch_agrees("torchscript_reload_check.py", &out, x, y, name);
         assert!(said.starts_with("max_abs_diff"), "{said}");
     }
     let leftovers: Vec<_> = std::fs::read_dir(&dir)

@@ -45,6 +45,20 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs `scripts/{script} MODEL IO` with the venv's Python, where IO holds the input `x`
+/// and Rust's output `y`; panics with what PyTorch said unless it agrees (exit 0), and
+/// returns what it printed.
+pub fn pytorch_agrees(script: &str, model: &std::path::Path, x: &Tensor, y: Tensor, what: &str) -> String {
+    let stem = model.file_stem().unwrap().to_string_lossy();
+    let io = model.with_file_name(format!("{stem}-io.safetensors"));
+    Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script);
+    let o = std::process::Command::new(python()).arg(script).arg(model).arg(&io).output().unwrap();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{what}: PyTorch disagrees: {said} {}", String::from_utf8_lossy(&o.stderr));
+    said
+}
+
 /// The CUDA device when there is one; otherwise prints that `what` was skipped.
 pub fn cuda_or_skip(what: &str) -> Option<Device> {
     if tch::Cuda::is_available() {
