@@ -40,13 +40,13 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     qat_epochs: usize,
     /// Digits per optimisation step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_hyphen_values = true)]
     batch_size: i64,
     /// Learning rate (Adam).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
     /// Use only the first N training digits (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     train_digits: i64,
     /// Bits of the activation quantizers (PACT).
     #[arg(long, default_value_t = 8)]
@@ -127,6 +127,7 @@ fn run(args: Args) -> Result<()> {
     check_bitwidth(args.x_bits).context("--x-bits")?;
     check_bitwidth(args.w_bits).context("--w-bits")?;
     ensure!(args.batch_size > 0, "--batch-size must be at least 1, got {}", args.batch_size);
+    ensure!(args.train_digits >= 0, "--train-digits must be 0 (all) or more, got {}", args.train_digits);
     ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be positive and finite, got {}", args.lr);
     ensure!(args.threads >= 0, "--threads must be 0 (libtorch's default) or more, got {}", args.threads);
     if let Some(p) = args.calibrate_percentile {

@@ -11,16 +11,12 @@ use common::{example_bin, TempDir};
 fn custom_net_trains_calibrates_saves_and_reloads_identically() {
     let tmp = TempDir::new("custom-net");
     let out = tmp.0.join("net.safetensors");
-    let run = |extra: &[&str]| {
-        Command::new(example_bin("custom_net"))
-            .args("--threads 1 --epochs 1 --qat-epochs 1 --train-digits 2000 --json".split(' '))
-            .arg("--out")
-            .arg(&out)
-            .args(extra)
-            .output()
-            .unwrap()
+    let run = |args: &[&str]| {
+        Command::new(example_bin("custom_net")).arg("--out").arg(&out).args(args).output().unwrap()
     };
-    let o = run(&[]);
+    let o = run(&"--threads 1 --epochs 1 --qat-epochs 1 --train-digits 2000 --json"
+        .split(' ')
+        .collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let acc = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
@@ -42,6 +38,10 @@ fn custom_net_trains_calibrates_saves_and_reloads_identically() {
         (&["--calibrate-percentile", "0"][..], "--calibrate-percentile must be in (0, 100], got 0"),
         (&["--x-bits", "1"][..], "--x-bits: bitwidth 1 is out of range"),
         (&["--lr", "nan"][..], "--lr must be positive and finite, got NaN"),
+        (&["--threads", "-1"][..], "--threads must be 0 (libtorch's default) or more, got -1"),
+        (&["--batch-size", "0"][..], "--batch-size must be at least 1, got 0"),
+        (&["--train-digits", "-5"][..], "--train-digits must be 0 (all) or more, got -5"),
+        (&["--data", "/nonexistent/mnist"][..], "/nonexistent/mnist"),
     ] {
         let o = run(args);
         let err = String::from_utf8_lossy(&o.stderr);

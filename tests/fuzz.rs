@@ -68,6 +68,8 @@ fn fuzz_worker() {
         println!("case {}", case.display());
         std::io::stdout().flush().unwrap();
         let result = ScriptModel::load(&case, Device::Cpu).and_then(|m| {
+            // Parameters and buffers through the glue's ta_module_named_buffers.
+            let _ = m.state_dict()?;
             let _ = m.forward(&probe)?;
             m.quantize_weights(&PtqConfig { bits: 4, per_channel: true, ..Default::default() })?;
             let _ = m.forward(&probe)?;

@@ -124,6 +124,20 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
     let data = small_data(&tmp.0);
     let save = tmp.0.join("never.safetensors");
     assert_fails(&["--data", "/nonexistent/mnist"], "MNIST folder /nonexistent/mnist does not exist", &save);
+    // --init-from a safetensors file that is not one, or one for another network.
+    let junk = tmp.0.join("junk.safetensors");
+    std::fs::write(&junk, b"not a state dict").unwrap();
+    assert_fails(
+        &["--data", &data, "--init-from", junk.to_str().unwrap()],
+        "junk.safetensors: not a readable .safetensors file",
+        &save,
+    );
+    let resnet = common::fixture_path("import/resnet_state.safetensors");
+    assert_fails(
+        &["--data", &data, "--init-from", resnet.to_str().unwrap()],
+        "resnet_state.safetensors does not fit the network: missing conv1.bias",
+        &save,
+    );
     assert_fails(
         &["--data", &data, "--layer", "fc9=pact,minmax"],
         "unknown layer \"fc9\"; lenet has conv1, conv2, fc1, fc2, fc3",
