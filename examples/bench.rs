@@ -1,7 +1,10 @@
 //! Speed of the quantizers and of a quantized LeNet-5 training step, as ratios against the
 //! memory-copy bound and a PyTorch reference measured in the same run (see scripts/bench.sh).
 
+mod common;
+
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -18,10 +21,15 @@ use torchapprox::quantizers::{ApproxQuantizer, MinMaxQuant, PACTQuant};
 #[derive(Parser, Debug)]
 struct Args {
     /// Thread counts to measure (libtorch's intra-op threads; our CPU kernels follow them).
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2", allow_hyphen_values = true)]
     threads: Vec<i32>,
     /// Tensor sizes in elements.
-    #[arg(long, value_delimiter = ',', default_value = "1000,65536,1048576,16777216")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000,65536,1048576,16777216",
+        allow_hyphen_values = true
+    )]
     sizes: Vec<i64>,
     /// JSON written by scripts/bench_reference.py in the same run.
     #[arg(long)]
@@ -136,8 +144,21 @@ fn reference_case<'a>(reference: &'a Value, threads: i32, n: i64, quantizer: &st
         .find(|c| c["threads"] == threads && c["n"] == n && c["quantizer"] == quantizer)
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    common::exit(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    // Each count is measured as given, so 0 (libtorch's choice) has no meaning here.
+    if let Some(&t) = args.threads.iter().find(|&&t| t < 1 || t as i64 > torchapprox::args::max_threads()) {
+        anyhow::bail!(
+            "--threads must list counts from 1 to {} (four per core here), got {t}",
+            torchapprox::args::max_threads()
+        );
+    }
+    if let Some(&n) = args.sizes.iter().find(|&&n| n < 1) {
+        anyhow::bail!("--sizes must list element counts of at least 1, got {n}");
+    }
     let device = if args.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
     let reference: Value = match &args.reference {
         Some(p) => serde_json::from_slice(&std::fs::read(p).with_context(|| format!("{}", p.display()))?)?,
@@ -253,7 +274,12 @@ fn main() -> Result<()> {
     }
     let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "approx": approx, "reference_torch": reference["torch"]});
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+        let inputs: Vec<&std::path::Path> = args.reference.iter().map(|p| p.as_path()).collect();
+        torchapprox::files::write_bytes_atomic(
+            out,
+            &inputs,
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
         println!("wrote {}", out.display());
     }
     Ok(())

@@ -18,7 +18,8 @@ use common::{embedded_mnist, pick_device};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
-use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
+use torchapprox::args::{check_learning_rate, check_positive};
+use torchapprox::checkpoint::{check_destination, check_variables, load_checked, save_atomic};
 use torchapprox::data::{count_correct, normalize, Mnist};
 use torchapprox::layers::{
     approx_sequential, ApproxConvConfig, ApproxLinearConfig, ApproxModule, ApproxSequential, Calibration,
@@ -70,7 +71,7 @@ struct Args {
     seed: i64,
     /// libtorch's CPU threads (0: libtorch's default); 1 is steadiest on a busy machine.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    threads: i32,
+    threads: i64,
     /// `auto`, `cpu` or `cuda`.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -128,15 +129,13 @@ fn run(args: Args) -> Result<()> {
     check_bitwidth(args.w_bits).context("--w-bits")?;
     ensure!(args.batch_size > 0, "--batch-size must be at least 1, got {}", args.batch_size);
     ensure!(args.train_digits >= 0, "--train-digits must be 0 (all) or more, got {}", args.train_digits);
-    ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be positive and finite, got {}", args.lr);
-    ensure!(args.threads >= 0, "--threads must be 0 (libtorch's default) or more, got {}", args.threads);
+    check_positive("--lr", args.lr)?;
+    check_learning_rate("--lr", args.lr)?;
     if let Some(p) = args.calibrate_percentile {
         ensure!(p > 0.0 && p <= 100.0, "--calibrate-percentile must be in (0, 100], got {p}");
     }
     check_destination(&args.out)?;
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
-    }
+    common::set_threads(args.threads)?;
     let device = pick_device(&args.device)?;
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
@@ -177,6 +176,8 @@ fn run(args: Args) -> Result<()> {
                 loss.is_finite(),
                 "{what} training diverged in epoch {epoch} (loss {loss}): try a smaller --lr"
             );
+            // The loss predates the epoch's last step: the weights themselves decide.
+            check_variables(&vs, &format!("{what} training diverged in epoch {epoch} (try a smaller --lr)"))?;
             losses.push(loss);
             say(format!("{what} epoch {epoch}: loss {loss:.4}"));
         }

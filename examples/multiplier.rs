@@ -8,14 +8,14 @@
 
 mod common;
 
-use std::io::BufWriter;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
 use torchapprox::approx::Multiplier;
+use torchapprox::files::{check_output, write_bytes_atomic};
 
 /// Print a multiplier's error metrics (EvoApprox's definitions) and draw its error.
 #[derive(Parser, Debug)]
@@ -33,8 +33,8 @@ struct Args {
     #[arg(long, value_name = "FILE.png")]
     heatmap: Option<PathBuf>,
     /// libtorch's intra-op threads (0: libtorch's default; the metrics run in Rust alone).
-    #[arg(long, default_value_t = 0)]
-    threads: i32,
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    threads: i64,
 }
 
 /// A diverging colour for `e` in `[-max, max]`: blue, white, red.
@@ -48,7 +48,7 @@ fn colour(e: f64, max: f64) -> [u8; 3] {
     }
 }
 
-fn heatmap(m: &Multiplier, path: &PathBuf) -> Result<f64> {
+fn heatmap(m: &Multiplier, path: &Path, input: &Path) -> Result<f64> {
     let max = m.metrics().worst_case_error as f64;
     // 256 rows of products, a gap, and a 16-row scale from -max (left) to +max (right).
     let (w, h) = (256u32, 256u32 + 4 + 16);
@@ -67,21 +67,25 @@ fn heatmap(m: &Multiplier, path: &PathBuf) -> Result<f64> {
             pixels[at..at + 3].copy_from_slice(&colour(e, max));
         }
     }
-    let file = std::fs::File::create(path).with_context(|| format!("--heatmap {}", path.display()))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), w, h);
+    let mut bytes = Vec::new();
+    let mut enc = png::Encoder::new(&mut bytes, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()?.write_image_data(&pixels)?;
+    // Through the crate's one atomic writer: never over a special file or the table it drew.
+    write_bytes_atomic(path, &[input], &bytes).context("--heatmap")?;
     Ok(max)
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
+    common::set_threads(args.threads)?;
+    let input = Path::new(&args.multiplier);
+    if let Some(p) = &args.heatmap {
+        check_output(p, &[input]).context("--heatmap")?;
     }
     let m: Multiplier = args.multiplier.parse()?;
     let e = m.metrics();
-    let scale = args.heatmap.as_ref().map(|p| heatmap(&m, p)).transpose()?;
+    let scale = args.heatmap.as_ref().map(|p| heatmap(&m, p, input)).transpose()?;
     if args.json {
         println!(
             "{}",

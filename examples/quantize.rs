@@ -1,5 +1,9 @@
 //! Quantizes one tensor with MinMax and with PACT and prints the integers, the scale and the round trip.
 
+mod common;
+
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::Parser;
 use tch::{nn, Device, Kind, Tensor};
@@ -15,15 +19,16 @@ struct Args {
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     values: Option<Vec<f32>>,
     /// libtorch's intra-op threads (0: libtorch's default).
-    #[arg(long, default_value_t = 0)]
-    threads: i32,
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    threads: i64,
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
-    }
+fn main() -> ExitCode {
+    common::exit(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    common::set_threads(args.threads)?;
     let x = match &args.values {
         Some(v) => Tensor::from_slice(v),
         None => {

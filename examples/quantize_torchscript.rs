@@ -19,8 +19,8 @@ use clap::Parser;
 use common::{embedded_mnist, pick_device};
 use serde_json::json;
 use tch::Device;
-use torchapprox::checkpoint::check_destination;
 use torchapprox::data::{normalize, Mnist};
+use torchapprox::files::check_output;
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 use torchapprox::torchscript::{
     FinetuneConfig, LayerQuantSpec, LayerReport, PtqConfig, RewriteConfig, RewriteReport, ScriptModel,
@@ -84,7 +84,7 @@ struct Args {
     out: Option<PathBuf>,
     /// libtorch's intra-op threads (0: libtorch's default). On a busy machine 1 is often fastest.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    threads: i32,
+    threads: i64,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -137,16 +137,12 @@ fn layer_json(r: &LayerReport) -> serde_json::Value {
         "max_abs_error": r.max_abs_error,
         // JSON has no infinity: an exact grid reports null.
         "sqnr_db": r.sqnr_db.is_finite().then_some(r.sqnr_db),
+        "zeroed": r.zeroed,
     })
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.threads < 0 {
-        bail!("--threads must be 0 (libtorch's default) or more, got {}", args.threads);
-    }
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
-    }
+    common::set_threads(args.threads)?;
     let ft = FinetuneConfig { epochs: args.finetune_epochs, lr: args.finetune_lr, ..Default::default() };
     ft.check().context("--finetune-lr")?;
     let bits = check_bitwidth(args.bits).context("--bits")?;
@@ -181,14 +177,7 @@ fn run(args: Args) -> Result<()> {
         }
     }
     if let Some(out) = &args.out {
-        let same = match (out.canonicalize(), args.model.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => out == &args.model,
-        };
-        if same {
-            bail!("--out {} is the input model: choose another path", out.display());
-        }
-        check_destination(out).context("--out")?;
+        check_output(out, &[&args.model]).context("--out")?;
     }
     let device = pick_device(&args.device)?;
     let data = match &args.data {
@@ -252,6 +241,14 @@ fn run(args: Args) -> Result<()> {
                 r.sqnr_db,
                 r.max_abs_error
             ));
+            if r.collapsed() {
+                // Warnings go to stderr, so that --json keeps one object on stdout.
+                eprintln!(
+                    "warning: {}: {:.1}% of its non-zero weights quantize to 0 (an outlier set the range); its SQNR hides that",
+                    torchapprox::files::shown(&r.name),
+                    100.0 * r.zeroed
+                );
+            }
         }
         (report.iter().map(layer_json).collect(), Vec::new())
     };

@@ -7,7 +7,7 @@
 //! ```
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -21,8 +21,10 @@ use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 use torchapprox::approx::Multiplier;
-use torchapprox::checkpoint::{check_destination, load_checked, save_atomic};
+use torchapprox::args::{check_f32, check_learning_rate, check_positive};
+use torchapprox::checkpoint::{check_variables, load_checked, save_atomic};
 use torchapprox::data::{count_correct, normalize, Mnist};
+use torchapprox::files::check_output;
 use torchapprox::import::{import_safetensors, ImportOptions};
 use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
@@ -132,7 +134,7 @@ struct Args {
     init_from: Option<PathBuf>,
     /// libtorch's intra-op threads (0: libtorch's default). On a busy machine 1 is often fastest.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    threads: i32,
+    threads: i64,
     /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -174,12 +176,7 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.threads < 0 {
-        bail!("--threads must be 0 (libtorch's default) or more, got {}", args.threads);
-    }
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads);
-    }
+    common::set_threads(args.threads)?;
     let base = QuantSpec {
         x_kind: args.x_quant,
         w_kind: args.w_quant,
@@ -207,20 +204,18 @@ fn run(args: Args) -> Result<()> {
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1, got {}", args.batch_size);
     }
-    if !(args.init_alpha.is_finite() && args.init_alpha > 0.0) {
-        bail!("--init-alpha must be positive and finite, got {}", args.init_alpha);
-    }
+    check_positive("--init-alpha", args.init_alpha)?;
+    check_f32("--noise-std", args.noise_std)?;
     if args.eval_batch_size < 1 {
         bail!("--eval-batch-size must be at least 1, got {}", args.eval_batch_size);
     }
-    if !(args.lr.is_finite() && args.lr >= 0.0) {
-        bail!("--lr must be finite and not negative, got {}", args.lr);
-    }
+    check_learning_rate("--lr", args.lr)?;
     if let Some(path) = &args.save {
         if !path.to_string_lossy().ends_with(".safetensors") {
             bail!("--save {}: the checkpoint name must end in .safetensors", path.display());
         }
-        check_destination(path).context("--save")?;
+        let inputs: Vec<&Path> = args.load.iter().chain(&args.init_from).map(|p| p.as_path()).collect();
+        check_output(path, &inputs).context("--save")?;
     }
     let multiplier = match (&args.multiplier, args.mode) {
         (Some(spec), InferenceMode::Approximate) => Some(spec.parse::<Multiplier>()?),
@@ -262,7 +257,7 @@ fn run(args: Args) -> Result<()> {
         load_checked(&mut vs, path)?;
     }
     if let Some(path) = &args.init_from {
-        let report = if path.extension().is_some_and(|e| e == "safetensors") {
+        let report = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
             import_safetensors(&vs, path, &ImportOptions::default())?
         } else {
             ScriptModel::load(path, device)?.import_into(&vs)?
@@ -341,6 +336,8 @@ fn run(args: Args) -> Result<()> {
         if !final_loss.is_finite() {
             bail!("training diverged in epoch {epoch} (loss {final_loss}); try a smaller --lr");
         }
+        // The loss was computed before the epoch's last step: the weights themselves decide.
+        check_variables(&vs, &format!("training diverged in epoch {epoch} (try a smaller --lr)"))?;
         let train_acc = correct.int64_value(&[]) as f64 / n as f64;
         let test_acc = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size)?;
         let secs = t0.elapsed().as_secs_f64();

@@ -43,9 +43,15 @@ impl Mnist {
             )));
         }
         let find = |name: &str| -> Result<PathBuf> {
-            [dir.join(name), dir.join(format!("{name}.gz"))].into_iter().find(|c| c.is_file()).ok_or_else(
-                || Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display())),
-            )
+            let found = [dir.join(name), dir.join(format!("{name}.gz"))]
+                .into_iter()
+                .find(|c| std::fs::symlink_metadata(c).is_ok())
+                .ok_or_else(|| {
+                    Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display()))
+                })?;
+            // A folder or FIFO under the name is refused as such, before anything opens it.
+            crate::files::check_input_file(&found, None)?;
+            Ok(found)
         };
         let [a, b, c, d] = MNIST_FILES.map(find);
         let (a, b, c, d) = (a?, b?, c?, d?);
@@ -71,19 +77,21 @@ impl Mnist {
 
     fn from_readers(files: [(&Path, Box<dyn Read + '_>); 4]) -> Result<Self> {
         let [ti, tl, vi, vl] = files;
-        let (train_images, train_labels) = (parse_images(ti.0, ti.1)?, parse_labels(tl.0, tl.1)?);
-        let (test_images, test_labels) = (parse_images(vi.0, vi.1)?, parse_labels(vl.0, vl.1)?);
-        for (imgs, labels, what) in
-            [(&train_images, &train_labels, "train"), (&test_images, &test_labels, "t10k")]
-        {
-            if imgs.size()[0] != labels.size()[0] {
+        // All four headers first: counts that disagree are refused before any payload is read.
+        let ti = idx_header(ti.0, ti.1, IMAGES_MAGIC, "image")?;
+        let tl = idx_header(tl.0, tl.1, LABELS_MAGIC, "label")?;
+        let vi = idx_header(vi.0, vi.1, IMAGES_MAGIC, "image")?;
+        let vl = idx_header(vl.0, vl.1, LABELS_MAGIC, "label")?;
+        for (imgs, labels, what) in [(&ti, &tl, "train"), (&vi, &vl, "t10k")] {
+            if imgs.dims[0] != labels.dims[0] {
                 return Err(Error::Data(format!(
                     "{what} split: {} images but {} labels",
-                    imgs.size()[0],
-                    labels.size()[0]
+                    imgs.dims[0], labels.dims[0]
                 )));
             }
         }
+        let (train_images, train_labels) = (parse_images(ti)?, parse_labels(tl)?);
+        let (test_images, test_labels) = (parse_images(vi)?, parse_labels(vl)?);
         if train_images.size()[1..] != test_images.size()[1..] {
             return Err(Error::Data(format!(
                 "train images are {:?} but test images are {:?}",
@@ -113,8 +121,7 @@ impl Mnist {
         let tensors = [&self.train_images, &self.train_labels, &self.test_images, &self.test_labels];
         for (name, t) in MNIST_FILES.iter().zip(tensors) {
             let path = dir.join(name);
-            std::fs::write(&path, idx_bytes(t)?)
-                .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+            crate::files::write_bytes_atomic(&path, &[], &idx_bytes(t)?)?;
         }
         Ok(())
     }
@@ -143,10 +150,8 @@ pub fn count_correct(
 
 /// Images as float32 `[N, 1, rows, cols]` on `device`: `(pixel / 255 - mean) / std`.
 pub fn normalize(images: &Tensor, mean: f64, std: f64, device: Device) -> Result<Tensor> {
-    crate::error::check_positive("std", std)?;
-    if !mean.is_finite() {
-        return Err(Error::Argument { what: "mean", value: mean, expected: "finite" });
-    }
+    crate::args::check_positive("std", std)?;
+    crate::args::check_f32("mean", mean)?;
     let x = images.f_to_device(device)?.f_to_kind(Kind::Float)?.f_unsqueeze(1)?;
     Ok(((x / 255.0) - mean) / std)
 }
@@ -171,18 +176,34 @@ fn decompressed<'a>(path: &Path, mut r: Box<dyn Read + 'a>) -> Result<Box<dyn Re
     })
 }
 
-/// Reads an IDX header (magic number, dimensions), then exactly the payload it promises:
-/// memory never exceeds what the header announces, and a longer or shorter payload is refused.
-fn parse_idx(path: &Path, reader: Box<dyn Read + '_>, magic: u32, what: &str) -> Result<(Vec<i64>, Vec<u8>)> {
-    let io = |e: std::io::Error| {
-        let kind =
-            if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData {
-                "corrupt gzip data"
-            } else {
-                "read error"
-            };
-        Error::Data(format!("{}: {kind} ({e})", path.display()))
+/// An IDX file whose header is read and checked, its payload not yet.
+struct Idx<'a> {
+    path: &'a Path,
+    reader: Box<dyn Read + 'a>,
+    dims: Vec<i64>,
+    expected: u64,
+    what: &'static str,
+}
+
+fn idx_io_error(path: &Path, e: std::io::Error) -> Error {
+    let kind = if e.kind() == std::io::ErrorKind::InvalidInput || e.kind() == std::io::ErrorKind::InvalidData
+    {
+        "corrupt gzip data"
+    } else {
+        "read error"
     };
+    Error::Data(format!("{}: {kind} ({e})", path.display()))
+}
+
+/// Reads an IDX header (magic number, dimensions) and nothing more, so that both files of a
+/// split can be compared before either payload is read.
+fn idx_header<'a>(
+    path: &'a Path,
+    reader: Box<dyn Read + 'a>,
+    magic: u32,
+    what: &'static str,
+) -> Result<Idx<'a>> {
+    let io = |e| idx_io_error(path, e);
     let mut r = decompressed(path, reader)?;
     let ndim = (magic & 0xff) as usize;
     let mut header = vec![0u8; 4 + 4 * ndim];
@@ -206,11 +227,20 @@ fn parse_idx(path: &Path, reader: Box<dyn Read + '_>, magic: u32, what: &str) ->
                 path.display()
             ))
         })?;
+    Ok(Idx { path, reader: r, dims, expected, what })
+}
+
+/// Reads exactly the payload `idx`'s header promises: memory never exceeds what the header
+/// announces, and a longer or shorter payload is refused.
+fn idx_payload(idx: Idx<'_>) -> Result<(Vec<i64>, Vec<u8>)> {
+    let Idx { path, mut reader, dims, expected, what } = idx;
+    let r = &mut reader;
+    let io = |e| idx_io_error(path, e);
     // Grows with the data actually present, so a lying header cannot make us allocate.
     let mut data = Vec::with_capacity(expected.min(1 << 26) as usize);
-    r.by_ref().take(expected).read_to_end(&mut data).map_err(io)?;
+    r.take(expected).read_to_end(&mut data).map_err(io)?;
     let mut extra = [0u8; 1];
-    let more = read_full(&mut r, &mut extra).map_err(io)?;
+    let more = read_full(r, &mut extra).map_err(io)?;
     if data.len() as u64 != expected || more > 0 {
         let found = if more > 0 { "more follow".to_string() } else { format!("{} follow", data.len()) };
         return Err(Error::Data(format!(
@@ -235,13 +265,14 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
-fn parse_images(path: &Path, bytes: Box<dyn Read + '_>) -> Result<Tensor> {
-    let (dims, data) = parse_idx(path, bytes, IMAGES_MAGIC, "image")?;
+fn parse_images(idx: Idx<'_>) -> Result<Tensor> {
+    let (dims, data) = idx_payload(idx)?;
     Ok(Tensor::f_from_slice(&data)?.f_reshape(&dims)?)
 }
 
-fn parse_labels(path: &Path, bytes: Box<dyn Read + '_>) -> Result<Tensor> {
-    let (dims, data) = parse_idx(path, bytes, LABELS_MAGIC, "label")?;
+fn parse_labels(idx: Idx<'_>) -> Result<Tensor> {
+    let path = idx.path;
+    let (dims, data) = idx_payload(idx)?;
     if let Some(bad) = data.iter().find(|&&l| l > 9) {
         return Err(Error::Data(format!("{}: label {bad} is not a digit 0..=9", path.display())));
     }

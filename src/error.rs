@@ -53,6 +53,17 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// A thread count outside `0..=max` (0: libtorch's choice).
+    #[error("{what} must be 0 (libtorch's default) up to {max} (four per core here), got {value}")]
+    Threads {
+        /// The argument's name, e.g. `--threads`.
+        what: &'static str,
+        /// The value given.
+        value: i64,
+        /// The largest accepted.
+        max: i64,
+    },
+
     /// An inference mode name that is not `baseline`, `quant` or `noise`.
     #[error("unknown inference mode {0:?}: expected `baseline`, `quant`, `noise` or `approx`")]
     UnknownMode(String),
@@ -110,18 +121,66 @@ pub enum Error {
         error: Box<Error>,
     },
 
+    /// A file given as input that cannot be read: missing, a folder or special file, too large.
+    #[error("{}: {problem}", crate::files::shown(&path.display().to_string()))]
+    InputFile {
+        /// The path as given.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: crate::files::FileProblem,
+    },
+
+    /// A destination that cannot receive a file, or a write that failed (nothing is replaced).
+    #[error("cannot write {}: {problem}", crate::files::shown(&path.display().to_string()))]
+    Output {
+        /// The path as given.
+        path: std::path::PathBuf,
+        /// Why.
+        problem: crate::files::OutputProblem,
+    },
+
+    /// A `.safetensors` file whose header or data is malformed (checked before its payload is read).
+    #[error("{}: not a readable .safetensors file ({problem})", crate::files::shown(&path.display().to_string()))]
+    Safetensors {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, in words.
+        problem: String,
+    },
+
+    /// A tensor holding NaN or ±inf where only finite values are usable (a loaded or
+    /// imported weight, or a variable about to be saved).
+    #[error(
+        "{origin}: {} holds {count} non-finite value(s) (NaN or ±inf) of {numel}",
+        crate::files::shown(name)
+    )]
+    NonFiniteTensor {
+        /// Where the tensor comes from or goes to, e.g. the file.
+        origin: String,
+        /// The tensor's name.
+        name: String,
+        /// How many of its values are not finite.
+        count: i64,
+        /// Its number of values.
+        numel: i64,
+    },
+
+    /// Loaded quantizer state outside its own domain, such as a PACT `alpha` of 0 or less.
+    #[error("{origin}: {} is {value}, but {expected}", crate::files::shown(name))]
+    QuantizerState {
+        /// Where the state comes from.
+        origin: String,
+        /// The variable's name, e.g. `conv1.x_quantizer.alpha`.
+        name: String,
+        /// The offending value.
+        value: f64,
+        /// What the state must be, in words.
+        expected: &'static str,
+    },
+
     /// A quantizer name that is not `minmax`, `pact` or `lsq`.
     #[error("unknown quantizer kind {0:?}: expected `minmax`, `pact` or `lsq`")]
     UnknownKind(String),
-}
-
-/// `Ok` for a positive, finite `value`; otherwise the [`Error::Argument`] naming `what`.
-pub(crate) fn check_positive(what: &'static str, value: f64) -> Result<()> {
-    if value.is_finite() && value > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::Argument { what, value, expected: "positive and finite" })
-    }
 }
 
 /// The message a panic carried (`panic!("...")` gives a `&str` or a `String`), if any.

@@ -98,6 +98,9 @@ fn ignored(name: &str) -> Option<&'static str> {
 
 /// Copies `source` into `vs` by name; `origin` names the source in errors (a file path).
 ///
+/// Every source tensor must hold finite values, and quantizer state its domain (see
+/// [`check_state`](crate::quantizers::check_state)), in either mode.
+///
 /// Without [`ImportOptions::partial`], every network variable must be in the source
 /// (quantizer state excepted) with the same shape and a float dtype, and every source
 /// entry must be used (BatchNorm counters excepted); otherwise nothing is copied and the
@@ -117,6 +120,8 @@ pub fn import_tensors(
             report.unused.push((name, why.to_string()));
             continue;
         }
+        // Poisoned values are refused whatever the mode: a partial import must not copy them either.
+        crate::quantizers::check_state(origin, &name, &tensor)?;
         let target = options.map(&name);
         if let Some((first, _)) = mapped.get(&target) {
             problems.push(format!("{first} and {name} both map to {target}"));
@@ -203,15 +208,6 @@ pub fn import_safetensors(
     options: &ImportOptions,
 ) -> Result<ImportReport> {
     let path = path.as_ref();
-    if !path.is_file() {
-        return Err(Error::Import(format!("{}: no such file", path.display())));
-    }
-    let tensors = Tensor::read_safetensors(path).map_err(|e| {
-        Error::Import(format!(
-            "{}: not a readable .safetensors file ({})",
-            path.display(),
-            crate::torch_message(&e)
-        ))
-    })?;
-    import_tensors(vs, tensors, &path.display().to_string(), options)
+    let tensors = crate::files::read_safetensors(path)?;
+    import_tensors(vs, tensors, &crate::files::shown_path(path), options)
 }

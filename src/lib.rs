@@ -4,9 +4,11 @@
 #![warn(missing_docs)]
 
 pub mod approx;
+pub mod args;
 pub mod checkpoint;
 pub mod data;
 mod error;
+pub mod files;
 mod glue;
 pub mod import;
 pub mod layers;

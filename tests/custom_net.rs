@@ -38,7 +38,7 @@ fn custom_net_trains_calibrates_saves_and_reloads_identically() {
         (&["--calibrate-percentile", "0"][..], "--calibrate-percentile must be in (0, 100], got 0"),
         (&["--x-bits", "1"][..], "--x-bits: bitwidth 1 is out of range"),
         (&["--lr", "nan"][..], "--lr must be positive and finite, got NaN"),
-        (&["--threads", "-1"][..], "--threads must be 0 (libtorch's default) or more, got -1"),
+        (&["--threads", "-1"][..], "--threads must be 0 (libtorch's default) up to"),
         (&["--batch-size", "0"][..], "--batch-size must be at least 1, got 0"),
         (&["--train-digits", "-5"][..], "--train-digits must be 0 (all) or more, got -5"),
         (&["--data", "/nonexistent/mnist"][..], "/nonexistent/mnist"),

@@ -2,6 +2,8 @@
 //! gave a silently wrong result; each must now succeed correctly or fail with one clear line.
 
 mod common;
+#[path = "hostile/round_two.rs"]
+mod round_two;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -257,9 +259,10 @@ fn payloads_beyond_the_header_are_refused_without_reading_them() {
     use std::io::Write;
     let tmp = TempDir::new("bomb");
     let baseline = common::peak_rss();
-    // 1 GiB of zeros behind a header that promises 10 images, in about 1 MB of gzip.
+    // 1 GiB of zeros behind a header that promises 8,000 images (as many as the labels), in
+    // about 1 MB of gzip.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&idx_header(0x0803, &[10, 28, 28])).unwrap();
+    gz.write_all(&idx_header(0x0803, &[8000, 28, 28])).unwrap();
     let zeros = vec![0u8; 1 << 20];
     for _ in 0..1024 {
         gz.write_all(&zeros).unwrap();
@@ -267,10 +270,10 @@ fn payloads_beyond_the_header_are_refused_without_reading_them() {
     let bomb = gz.finish().unwrap();
     assert!(bomb.len() < 8 << 20, "the bomb is {} bytes", bomb.len());
     let e = mnist_with(0, &bomb).unwrap_err().to_string();
-    assert!(e.contains("header promises [10, 28, 28] = 7840 bytes of image but more follow"), "{e}");
+    assert!(e.contains("header promises [8000, 28, 28] = 6272000 bytes of image but more follow"), "{e}");
     // A 3 GiB sparse file in a folder, read the way the trainer reads it.
     let dir = tmp.0.join("sparse");
-    Mnist::load_dir(common::embedded_dir()).unwrap().subset(100, 10).save_dir(&dir).unwrap();
+    Mnist::load_dir(common::embedded_dir()).unwrap().subset(10, 10).save_dir(&dir).unwrap();
     let f = std::fs::File::create(dir.join(MNIST_FILES[0])).unwrap();
     (&f).write_all(&idx_header(0x0803, &[10, 28, 28])).unwrap();
     f.set_len(3 << 30).unwrap();
@@ -291,13 +294,16 @@ fn overflowing_idx_dimensions_are_refused() {
         assert!(!e.contains('\n'));
     }
     // Large but representable: refused as truncated without allocating 2^48 bytes.
+    let e = mnist_with(0, &idx_header(0x0803, &[8000, 65536, 65536])).unwrap_err().to_string();
+    assert!(e.contains("= 34359738368000 bytes of image but 0 follow"), "{e}");
+    // Counts that disagree are refused from the headers alone.
     let e = mnist_with(0, &idx_header(0x0803, &[65536, 65536, 65536])).unwrap_err().to_string();
-    assert!(e.contains("= 281474976710656 bytes of image but 0 follow"), "{e}");
+    assert_eq!(e, "train split: 65536 images but 8000 labels");
     // Small headers still parse, and a short payload is named.
-    let mut ok = idx_header(0x0801, &[3]);
-    ok.extend_from_slice(&[1, 2]);
+    let mut ok = idx_header(0x0801, &[8000]);
+    ok.extend_from_slice(&[1; 7999]);
     let e = mnist_with(1, &ok).unwrap_err().to_string();
-    assert!(e.contains("header promises [3] = 3 bytes of label but 2 follow"), "{e}");
+    assert!(e.contains("header promises [8000] = 8000 bytes of label but 7999 follow"), "{e}");
 }
 
 // 7. Error statistics once overflowed to an "exact grid" for weights above 1.8e19.
@@ -481,12 +487,13 @@ fn errors_are_one_line_and_files_are_checked_and_cleaned() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _ = vs.root().zeros("w", &[3]);
     let path = tmp.0.join("m.safetensors");
-    let dead: Vec<PathBuf> =
-        (0..20).map(|i| tmp.0.join(format!(".m.safetensors.{}.tmp.safetensors", 4_194_400 + i))).collect();
+    let dead: Vec<PathBuf> = (0..20)
+        .map(|i| tmp.0.join(format!(".m.safetensors.torchapprox-{}-0.tmp.safetensors", 4_194_400 + i)))
+        .collect();
     for d in &dead {
         std::fs::write(d, b"partial").unwrap();
     }
-    let live = tmp.0.join(".m.safetensors.1.tmp.safetensors");
+    let live = tmp.0.join(".m.safetensors.torchapprox-1-0.tmp.safetensors");
     std::fs::write(&live, b"partial").unwrap();
     save_atomic(&vs, &path).unwrap();
     assert!(dead.iter().all(|d| !d.exists()), "stale temporary files remain");

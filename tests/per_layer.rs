@@ -202,7 +202,7 @@ fn calibration_beats_alpha_2_2_where_activations_exceed_it() {
 #[test]
 fn the_trainers_new_flags_refuse_bad_values_with_one_line() {
     for (args, needle) in [
-        (vec!["--threads", "-1"], "--threads must be 0 (libtorch's default) or more, got -1"),
+        (vec!["--threads", "-1"], "--threads must be 0 (libtorch's default) up to"),
         (vec!["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
         (
             vec!["--calibrate", "1", "--calibrate-percentile", "0"],

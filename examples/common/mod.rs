@@ -34,15 +34,26 @@ pub fn pick_device(name: &str) -> Result<Device> {
     }
 }
 
-/// The process's exit: success, or the error's chain on one line (C++ frames stripped) and failure.
+/// The process's exit: success, or the error's chain on one line (C++ frames stripped, control
+/// and bidi characters escaped) and failure.
 pub fn exit(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", torchapprox::strip_backtrace(&format!("{e:#}")));
+            let line = torchapprox::strip_backtrace(&format!("{e:#}"));
+            eprintln!("error: {}", torchapprox::files::shown(&line));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--threads N`: 0 keeps libtorch's choice; 1 up to four per core sets its intra-op pool.
+pub fn set_threads(n: i64) -> Result<()> {
+    torchapprox::args::check_threads("--threads", n)?;
+    if n > 0 {
+        tch::set_num_threads(n as i32);
+    }
+    Ok(())
 }
 
 /// One quantizer of a `--layer` value: its kind and, where given, its checked bits.

@@ -31,11 +31,47 @@ fn to_bytes(t: &Tensor, what: &str) -> Result<Vec<u8>> {
             .find(|&&x| !((-128.0..=127.0).contains(&x) && x == x.trunc()))
             .copied()
             .unwrap_or(f32::NAN);
-        return Err(Error::Multiplier(format!(
-            "{what} holds {bad}: approximate products need integers in [-128, 127] (8-bit quantized values)"
-        )));
+        return Err(not_int8(what, bad as f64));
     }
     Ok(out)
+}
+
+/// The error for a value that is not an 8-bit integer, shared by the CPU and gather paths.
+fn not_int8(what: &str, bad: f64) -> Error {
+    Error::Multiplier(format!(
+        "{what} holds {bad}: approximate products need integers in [-128, 127] (8-bit quantized values)"
+    ))
+}
+
+/// Refuses values outside the integers of `[-128, 127]` on any device, naming the first one
+/// (in memory order), as the CPU path's byte conversion does.
+fn check_int8(t: &Tensor, what: &str) -> Result<()> {
+    let v = t.f_detach()?.f_to_kind(Kind::Double)?;
+    let bad = v.f_lt(-128.0)?.f_logical_or(&v.f_gt(127.0)?)?.f_logical_or(&v.f_ne_tensor(&v.f_trunc()?)?)?;
+    if bad.f_any()?.f_int64_value(&[])? != 0 {
+        let first = v.f_masked_select(&bad)?.f_double_value(&[0])?;
+        return Err(not_int8(what, first));
+    }
+    Ok(())
+}
+
+/// The operands of a table GEMM: defined, `x` `[R, K]` and `w` `[O, K]`; both paths check this.
+fn check_matmul(x: &Tensor, w: &Tensor) -> Result<()> {
+    if !x.defined() {
+        return Err(Error::Undefined("lut_matmul input"));
+    }
+    if !w.defined() {
+        return Err(Error::Undefined("lut_matmul weight"));
+    }
+    let (xs, ws) = (x.size(), w.size());
+    if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[1] {
+        return Err(Error::Shape {
+            what: "lut_matmul".into(),
+            expected: "x [R, K] and w [O, K]".into(),
+            actual: [xs, ws].concat(),
+        });
+    }
+    Ok(())
 }
 
 /// `w` `[O, K]` bytes transposed to `[K, O]`.
@@ -65,14 +101,8 @@ struct Layout {
 /// rows of the table that `x` selects, four rows of `x` per weight load). Elsewhere: libtorch
 /// gathers in bounded chunks.
 pub fn lut_matmul(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tensor> {
+    check_matmul(x, w)?;
     let (xs, ws) = (x.size(), w.size());
-    if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[1] {
-        return Err(Error::Shape {
-            what: "lut_matmul".into(),
-            expected: "x [R, K] and w [O, K]".into(),
-            actual: [xs, ws].concat(),
-        });
-    }
     if x.device() != Device::Cpu {
         return lut_matmul_gather(x, w, m);
     }
@@ -188,8 +218,12 @@ fn block_sums<A: Acc>(
 }
 
 /// The same sums through libtorch (any device): the table indexed by both operands' bytes, then
-/// summed, in chunks of rows so that the index tensor stays under 64 MiB.
+/// summed, in chunks of rows so that the index tensor stays under 64 MiB. Refuses what
+/// [`lut_matmul`]'s CPU path refuses, with the same errors.
 pub fn lut_matmul_gather(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tensor> {
+    check_matmul(x, w)?;
+    check_int8(x, "the input")?;
+    check_int8(w, "the weight")?;
     let device = x.device();
     let (r, k, o) = (x.size()[0], x.size()[1], w.size()[0]);
     let table = Tensor::f_from_slice(m.table())?.f_to_kind(Kind::Int64)?.f_to_device(device)?;
@@ -216,6 +250,9 @@ pub fn lut_matmul_gather(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tenso
 
 /// A Linear layer's table products: `x` `[*, K]`, `w` `[O, K]` (integer values) to `[*, O]`.
 pub fn lut_linear(x: &Tensor, w: &Tensor, m: &Multiplier) -> Result<Tensor> {
+    if !x.defined() {
+        return Err(Error::Undefined("lut_linear input"));
+    }
     let size = x.size();
     let k = *size.last().ok_or_else(|| Error::Shape {
         what: "lut_linear input".into(),
@@ -240,7 +277,21 @@ pub fn lut_conv2d(
     dilation: i64,
     groups: i64,
 ) -> Result<Tensor> {
+    if !x.defined() {
+        return Err(Error::Undefined("lut_conv2d input"));
+    }
+    if !w.defined() {
+        return Err(Error::Undefined("lut_conv2d weight"));
+    }
     let (xs, ws) = (x.size(), w.size());
+    if ws.len() == 4 && (ws[1] == 0 || ws[2] == 0 || ws[3] == 0) {
+        return Err(Error::Shape {
+            what: "lut_conv2d weight".into(),
+            expected: "[O, C/groups, kh, kw] with at least one input channel and a kernel of at least 1x1"
+                .into(),
+            actual: ws,
+        });
+    }
     if xs.len() != 4 || ws.len() != 4 || groups < 1 || xs[1] != ws[1] * groups || ws[0] % groups != 0 {
         return Err(Error::Shape {
             what: "lut_conv2d".into(),

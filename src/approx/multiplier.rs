@@ -10,6 +10,9 @@ use crate::{Error, Result};
 /// Operands of a table: signed 8-bit integers, indexed by their two's-complement byte.
 pub const TABLE_SIZE: usize = 256 * 256;
 
+/// The largest table file read: 65,536 int64 values and up to 64 KiB of `.npy` header.
+const MAX_TABLE_FILE: u64 = (TABLE_SIZE as u64) * 8 + (64 << 10);
+
 /// An approximate (or exact) signed 8-bit multiplier: `product(a, b)` for `a, b` in `-128..=127`,
 /// stored as TorchApprox stores it, `lut[a as u8][b as u8]`.
 ///
@@ -139,7 +142,14 @@ impl Multiplier {
     /// any other file as 65,536 little-endian int32 values. Values must fit int32.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let fail = |why: String| bad(format!("multiplier table {}: {why}", path.display()));
+        let fail = |why: String| bad(format!("multiplier table {}: {why}", crate::files::shown_path(path)));
+        // Sized before reading: a table is 65,536 values of at most 8 bytes behind a small header.
+        crate::files::check_input_file(path, Some((MAX_TABLE_FILE, "a multiplier table"))).map_err(|e| {
+            match e {
+                Error::InputFile { problem, .. } => fail(problem.to_string()),
+                e => e,
+            }
+        })?;
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         let name = path.display().to_string();
         let values: Vec<i64> = if bytes.starts_with(b"\x93NUMPY") {
@@ -267,7 +277,8 @@ impl FromStr for Multiplier {
             None if s == "mitchell" => Ok(Self::mitchell()),
             Some(("truncated", v)) => Self::truncated(k(v)?),
             Some(("drum", v)) => Self::drum(k(v)?),
-            _ if Path::new(s).is_file() => Self::load(s),
+            // Anything at the path (a folder or FIFO too) is read as a file, and refused as such.
+            _ if std::fs::symlink_metadata(s).is_ok() => Self::load(s),
             _ => Err(bad(format!(
                 "unknown multiplier {s:?}: expected exact, truncated:K, mitchell, drum:K or a table file"
             ))),

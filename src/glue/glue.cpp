@@ -298,7 +298,15 @@ char* ta_module_add_quantizer(const Module* m, const char* path, const char* nam
     auto slot = sub.type()->findAttributeSlot(name);
     auto obj = sub._ivalue();
     bool filled = slot && *slot < obj->slots().size() && !obj->getSlot(*slot).isNone();
-    TORCH_CHECK(!filled, path, " already has ", name, ": it was rewritten before");
+    if (filled) {
+      // Ours is a module of the crate's quantizer type; anything else is the user's own.
+      auto v = obj->getSlot(*slot);
+      bool ours = v.isObject() && v.toObjectRef().type()->name() &&
+                  v.toObjectRef().type()->name()->qualifiedName().rfind("__torch__.torchapprox.quantizers.", 0) == 0;
+      TORCH_CHECK(!ours, path, " already has ", name, ": it was rewritten before");
+      TORCH_CHECK(false, path, " has an attribute ", name, " of its own (", v.tagKind(),
+                  "): the rewrite needs that name for the layer's PACT quantizer");
+    }
     auto cu = m->type()->compilation_unit();
     c10::QualifiedName qn(std::string("__torch__.torchapprox.quantizers.") + type_name);
     Module q;
@@ -354,6 +362,21 @@ char* ta_module_get_tensor(const Module* m, const char* path, const char* name, 
 char* ta_module_named_buffers(const Module* m, void* data, void (*f)(void*, const char*, at::Tensor*)) {
   return guard([&] {
     for (const auto& b : m->named_buffers(true)) f(data, b.name.c_str(), new at::Tensor(b.value));
+  });
+}
+
+// The module serialized as `torch.jit.save` writes it, into malloc'ed memory (`*out`, `*len`
+// bytes; the caller frees it with ta_free): a private copy, with no file anyone could replace.
+char* ta_module_save_bytes(const Module* m, char** out, int64_t* len) {
+  return guard([&] {
+    std::ostringstream os;
+    m->save(os);
+    const std::string s = os.str();
+    char* p = static_cast<char*>(std::malloc(s.size() == 0 ? 1 : s.size()));
+    TORCH_CHECK(p != nullptr, "out of memory copying a module of ", s.size(), " bytes");
+    std::memcpy(p, s.data(), s.size());
+    *out = p;
+    *len = static_cast<int64_t>(s.size());
   });
 }
 

@@ -439,7 +439,7 @@ impl LayerQuant {
     /// Sets the activation quantizer's range from a calibrated input magnitude: PACT's
     /// alpha, MinMax's running range, LSQ's step size (`range / int_max`).
     pub fn set_input_range(&self, range: f64) -> Result<()> {
-        crate::error::check_positive("calibrated range", range)?;
+        crate::args::check_positive("calibrated range", range)?;
         let _guard = tch::no_grad_guard();
         match &self.x_quantizer {
             Quantizer::Pact(p) => {

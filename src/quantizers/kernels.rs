@@ -20,6 +20,8 @@ pub(crate) trait Real:
     + 'static
 {
     const ZERO: Self;
+    /// The largest finite value.
+    const MAX: Self;
     /// 1.5 * 2^(mantissa bits): adding and subtracting it rounds half to even for |v| < 2^(mantissa - 1).
     const MAGIC: Self;
     const KIND: Kind;
@@ -35,6 +37,7 @@ pub(crate) trait Real:
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
+    const MAX: Self = f32::MAX;
     const MAGIC: Self = 12_582_912.0;
     const KIND: Kind = Kind::Float;
     #[inline(always)]
@@ -69,6 +72,7 @@ impl Real for f32 {
 
 impl Real for f64 {
     const ZERO: Self = 0.0;
+    const MAX: Self = f64::MAX;
     const MAGIC: Self = 6_755_399_441_055_744.0;
     const KIND: Kind = Kind::Double;
     #[inline(always)]
@@ -337,7 +341,28 @@ fn minmax_into<T: Real>(x: &Tensor, ys: &mut [T], m: f64, s: f64, out: MinMaxOut
     let neg = T::ZERO - m;
     // `move`: parameters by value, so the loop keeps them in registers and vectorises.
     let dequantize = out == MinMaxOut::Dequantized;
+    let int_max = (m * s).to_f64();
     for_chunks(xs, [ys], move |xs, [ys]| minmax_slice(xs, ys, neg, m, s, dequantize));
+    if dequantize {
+        saturate(ys, int_max, s);
+    }
+}
+
+/// Whether `int_max / s` may overflow `T` (a range near the dtype's largest value with few bits,
+/// whose scale is subnormal), so that dequantized values must be saturated.
+pub(crate) fn may_overflow(int_max: f64, s: f64, max: f64) -> bool {
+    int_max / s > 0.5 * max
+}
+
+/// Saturates dequantized values to `T`'s finite range where [`may_overflow`] (NaN stays NaN):
+/// a finite input never dequantizes to ±inf.
+fn saturate<T: Real>(ys: &mut [T], int_max: f64, s: T) {
+    if may_overflow(int_max, s.to_f64(), T::MAX.to_f64()) {
+        let neg = T::ZERO - T::MAX;
+        for y in ys {
+            *y = clamp(*y, neg, T::MAX);
+        }
+    }
 }
 
 simd!(fn minmax_slice<T: Real>(xs: &[T], ys: &mut [T], neg: T, m: T, s: T, dequantize: bool) = minmax_body);
@@ -374,6 +399,9 @@ fn pact_into<T: Real>(x: &Tensor, ys: &mut [T], s: f64, int_max: i64, dequantize
     let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
     let neg = T::ZERO - im;
     for_chunks(xs, [ys], move |xs, [ys]| pact_slice(xs, ys, s, neg, im, dequantize));
+    if dequantize {
+        saturate(ys, int_max as f64, s);
+    }
 }
 
 simd!(fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) = pact_body);

@@ -36,7 +36,7 @@ impl LSQQuant {
     /// An LSQ quantizer whose `step_size` lives under `path`, or an error for a bitwidth outside `2..=16`.
     pub fn from_config<'a, P: Borrow<nn::Path<'a>>>(path: P, config: QuantConfig) -> Result<Self> {
         let bitwidth = check_bitwidth(config.bitwidth)?;
-        crate::error::check_positive("init_alpha", config.init_alpha)?;
+        crate::args::check_positive("init_alpha", config.init_alpha)?;
         let init = config.init_alpha / super::int_max(bitwidth) as f64;
         let step_size = path.borrow().f_var("step_size", &[1], nn::Init::Const(init))?;
         Ok(Self { step_size, bitwidth, nonfinite: config.nonfinite, rounded: config.rounded })

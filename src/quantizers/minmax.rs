@@ -21,7 +21,9 @@ pub const MIN_RANGE: f64 = 1e-30;
 ///
 /// `m` is taken without gradient over the finite elements of `x`; an input
 /// with no non-zero finite element uses `m = 1` and ranges below
-/// [`MIN_RANGE`] are raised to it, so the scale is always finite. Each call
+/// [`MIN_RANGE`] are raised to it, so the scale is always finite. Dequantized values
+/// saturate at the dtype's largest finite value: with a range near it and 2 or 3 bits the
+/// scale is subnormal, and a finite input still gives a finite output. Each call
 /// reads `m` to the host once (the one sync), and the scale of the last call
 /// is kept for [`scale_factor`](ApproxQuantizer::scale_factor).
 ///
@@ -93,7 +95,7 @@ impl MinMaxQuant {
 
     /// Sets the running range (calibration); no effect in [`RangeMode::Batch`].
     pub fn set_running_range(&self, range: f64) -> Result<()> {
-        crate::error::check_positive("running range", range)?;
+        crate::args::check_positive("running range", range)?;
         if let Some((r, _)) = &self.running {
             let _ = tch::no_grad(|| r.shallow_clone().f_fill_(range))?;
         }
@@ -276,10 +278,13 @@ fn minmax_forward(n: &MinMaxNode, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tens
         Plan::PerTensor { range, scale } => {
             let mut v = minmax_values(&x.f_to_kind(n.kind)?, range, scale, n.rounded)?;
             if n.dequantize {
-                v.f_div_scalar_(scale)?
-            } else {
-                v
+                v = v.f_div_scalar_(scale)?;
+                let top = kind_max(n.kind);
+                if kernels::may_overflow(range * scale, scale, top) {
+                    v = v.f_clamp_(-top, top)?;
+                }
             }
+            v
         }
         Plan::PerChannel => {
             let (m, scale) = (&t[1], &t[2]);
@@ -291,7 +296,9 @@ fn minmax_forward(n: &MinMaxNode, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tens
                 v = v.f_round_()?;
             }
             if n.dequantize {
-                v = v.f_div_(scale)?;
+                // Saturated: a subnormal channel scale must not turn a finite value into ±inf.
+                let top = kind_max(n.kind);
+                v = v.f_div_(scale)?.f_clamp_(-top, top)?;
             }
             v
         }
@@ -382,6 +389,15 @@ impl nn::Module for MinMaxQuant {
     /// - `xs`: any shape; the output has the same shape.
     fn forward(&self, xs: &Tensor) -> Tensor {
         self.f_fake_quantize(xs).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// The compute dtype's largest finite value.
+pub(crate) fn kind_max(kind: Kind) -> f64 {
+    if kind == Kind::Double {
+        f64::MAX
+    } else {
+        f32::MAX as f64
     }
 }
 

@@ -22,9 +22,11 @@ mod lsq;
 mod minmax;
 mod pact;
 mod quantizer;
+mod state;
 
 pub use approx_quantizer::*;
 pub use lsq::*;
 pub use minmax::*;
 pub use pact::*;
 pub use quantizer::*;
+pub use state::check_state;

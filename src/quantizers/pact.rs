@@ -270,7 +270,9 @@ fn general_values(x: &Tensor, scale: &Tensor, n: PactNode) -> Result<Tensor> {
         v = v.f_round_()?;
     }
     if n.dequantize {
-        v = v.f_div_(scale)?;
+        // Saturated: with alpha near the dtype's largest value the scale is subnormal.
+        let top = super::minmax::kind_max(n.kind);
+        v = v.f_div_(scale)?.f_clamp_(-top, top)?;
     }
     Ok(v)
 }
@@ -342,7 +344,8 @@ fn pact_backward(
 
 /// The original's `PACTQuant.Quant` node: `round(clamp(x * int_max / alpha, -int_max, int_max))`.
 ///
-/// `alpha` is a one-element tensor on `x`'s device; gradients reach both `x`
+/// `alpha` is a one-element tensor on `x`'s device, positive and finite (anything else is an
+/// [`Error::Argument`]; dequantized values saturate at the dtype's largest finite value); gradients reach both `x`
 /// and `alpha` as documented on [`PACTQuant`] (scaled by `int_max / alpha`
 /// for these integer values).
 pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> {
@@ -351,6 +354,14 @@ pub fn f_pact_quant(x: &Tensor, alpha: &Tensor, int_max: i64) -> Result<Tensor> 
     check_int_max(int_max)?;
     if x.device() != alpha.device() {
         return Err(Error::Device { input: x.device(), state: alpha.device(), what: "alpha" });
+    }
+    // Given directly, an alpha that no clipping level can be is refused; PACTQuant's own
+    // learned alpha is floored at ALPHA_MIN instead, as an optimizer step may overshoot.
+    if alpha.numel() == 1 {
+        let a = alpha.f_double_value(&[0])?;
+        if !(a.is_finite() && a > 0.0) {
+            return Err(Error::Argument { what: "alpha", value: a, expected: "positive and finite" });
+        }
     }
     Ok(pact_quant_scaled(x, alpha, int_max, true, false)?.values)
 }

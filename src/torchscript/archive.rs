@@ -28,10 +28,13 @@ pub(crate) struct StorageRef {
 
 /// Refuses `path` unless it is a zip archive whose `data.pkl` (and `constants.pkl`, where
 /// present) reference only storages whose records hold at least the bytes they promise.
-pub(crate) fn check(path: &Path) -> Result<()> {
-    let fail = |why: String| ts_error(format!("{}: not a TorchScript model ({why})", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| fail(format!("not a zip archive: {e}")))?;
+/// `bytes` is the whole file, read once, so what is checked is what libtorch loads.
+pub(crate) fn check(path: &Path, bytes: &[u8]) -> Result<()> {
+    let fail = |why: String| {
+        ts_error(format!("{}: not a TorchScript model ({why})", crate::files::shown_path(path)))
+    };
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| fail(format!("not a zip archive: {e}")))?;
     let mut sizes: HashMap<String, u64> = HashMap::with_capacity(zip.len());
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| fail(format!("zip entry {i}: {e}")))?;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use tch::nn::{self, OptimizerConfig};
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::checkpoint::write_atomic;
 use crate::import::{ImportOptions, ImportReport};
 use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig, QuantizerKind};
 use crate::{torch_message, Error, Result};
@@ -84,7 +83,29 @@ pub struct LayerReport {
     /// `max |w - q(w)|`.
     pub max_abs_error: f64,
     /// Signal-to-quantization-noise ratio, `10 log10(sum w^2 / sum (w - q(w))^2)`, in dB (infinite for an exact grid).
+    /// A few outliers dominate both sums: read it with [`zeroed`](Self::zeroed).
     pub sqnr_db: f64,
+    /// Share of the non-zero weights that quantize to 0, in `[0, 1]`: near 1, one outlier set
+    /// the range and the layer is lost whatever the SQNR says (see [`collapsed`](Self::collapsed)).
+    pub zeroed: f64,
+}
+
+impl LayerReport {
+    /// Whether quantization lost the layer: more than half of its non-zero weights became 0.
+    pub fn collapsed(&self) -> bool {
+        self.zeroed > 0.5
+    }
+}
+
+/// Share of the non-zero values of `w` that are 0 in `q`.
+fn zeroed_share(w: &Tensor, q: &Tensor) -> Result<f64> {
+    let nonzero = w.f_ne(0.0)?;
+    let n = nonzero.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let lost = nonzero.f_logical_and(&q.f_eq(0.0)?)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    Ok(lost as f64 / n as f64)
 }
 
 /// Settings of [`ScriptModel::finetune_qat`].
@@ -103,13 +124,7 @@ pub struct FinetuneConfig {
 impl FinetuneConfig {
     /// Checks the learning rate (finite, not negative) and the batch size (at least 1).
     pub fn check(&self) -> Result<()> {
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return Err(Error::Argument {
-                what: "fine-tuning learning rate",
-                value: self.lr,
-                expected: "finite and not negative",
-            });
-        }
+        crate::args::check_learning_rate("fine-tuning learning rate", self.lr)?;
         if self.batch_size < 1 {
             return Err(Error::Argument {
                 what: "fine-tuning batch size",
@@ -176,12 +191,17 @@ impl ScriptModel {
     /// Loads a TorchScript file onto `device`, in evaluation mode.
     pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
         let path = path.as_ref();
-        if !path.is_file() {
-            return Err(ts_error(format!("{}: no such file", path.display())));
-        }
-        archive::check(path)?;
-        let mut module = CModule::load_on_device(path, device).map_err(|e| {
-            ts_error(format!("{}: not a TorchScript model ({})", path.display(), torch_message(&e)))
+        crate::files::check_input_file(path, None)?;
+        // Read once: the bytes checked are the bytes loaded, whatever happens to the file meanwhile.
+        let bytes =
+            std::fs::read(path).map_err(|e| ts_error(format!("{}: {e}", crate::files::shown_path(path))))?;
+        archive::check(path, &bytes)?;
+        let mut module = CModule::load_data_on_device(&mut &bytes[..], device).map_err(|e| {
+            ts_error(format!(
+                "{}: not a TorchScript model ({})",
+                crate::files::shown_path(path),
+                torch_message(&e)
+            ))
         })?;
         module.f_set_eval()?;
         Ok(Self { module, source: path.to_path_buf(), device, rewritten: Vec::new() })
@@ -276,6 +296,7 @@ impl ScriptModel {
             })?;
             let fq = q.f_fake_quantize(&w)?;
             let (max_abs_error, sqnr_db) = error_stats(&w, &fq)?;
+            let zeroed = zeroed_share(&w, &fq)?;
             w.shallow_clone().f_copy_(&fq)?;
             reports.push(LayerReport {
                 name,
@@ -285,6 +306,7 @@ impl ScriptModel {
                 scales: q.scale_factors(),
                 max_abs_error,
                 sqnr_db,
+                zeroed,
             });
         }
         Ok(reports)
@@ -322,22 +344,19 @@ impl ScriptModel {
         )))
     }
 
-    /// Saves the module as TorchScript (readable by `torch.jit.load`), atomically:
-    /// a temporary file, then a rename. Refuses to overwrite the file it was loaded from.
+    /// Saves the module as TorchScript (readable by `torch.jit.load`) through the crate's
+    /// atomic writer. Refuses the file it was loaded from, special files, and parameters or
+    /// buffers holding NaN or ±inf (writing nothing).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let same = match (path.canonicalize(), self.source.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => path == self.source,
-        };
-        if same {
-            return Err(ts_error(format!(
-                "refusing to overwrite the input model {}: choose another output path",
-                self.source.display()
-            )));
+        let origin = format!("refusing to write {}", crate::files::shown_path(path));
+        for (name, t) in self.state_dict()? {
+            crate::quantizers::check_state(&origin, &name, &t)?;
         }
-        write_atomic(path, "", Error::TorchScript, |tmp| {
-            self.module.save(tmp).map_err(|e| ts_error(format!("{}: {}", path.display(), torch_message(&e))))
+        crate::files::write_atomic(path, &[&self.source], |tmp| {
+            self.module
+                .save(tmp)
+                .map_err(|e| ts_error(format!("{}: {}", crate::files::shown_path(path), torch_message(&e))))
         })
     }
 
@@ -516,15 +535,11 @@ impl ScriptModel {
     /// # Ok::<(), torchapprox::Error>(())
     /// ```
     pub fn quantize_layers(&mut self, config: &RewriteConfig) -> Result<RewriteReport> {
-        // A fresh module: one that already ran would keep calling its old layers.
-        let tmp = std::env::temp_dir().join(format!("torchapprox-rewrite-{}.pt", std::process::id()));
-        let fresh = self
-            .module
-            .save(&tmp)
-            .and_then(|()| CModule::load_on_device(&tmp, self.device))
-            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))));
-        let _ = std::fs::remove_file(&tmp);
-        let mut fresh = fresh?;
+        // A fresh module: one that already ran would keep calling its old layers. The copy
+        // goes through memory, never through a file another thread or user could touch.
+        let bytes = rewrite::module_bytes(&self.module)?;
+        let mut fresh = CModule::load_data_on_device(&mut &bytes[..], self.device)
+            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))))?;
         fresh.f_set_eval()?;
         let params = fresh.named_parameters()?;
         let report = rewrite::rewrite(&fresh, &params, config)?;

@@ -37,6 +37,7 @@ extern "C" {
         name: *const c_char,
         out: *mut *mut CTensor,
     ) -> *mut c_char;
+    fn ta_module_save_bytes(m: *const c_void, out: *mut *mut c_char, len: *mut i64) -> *mut c_char;
     fn ta_module_named_buffers(
         m: *const c_void,
         data: *mut c_void,
@@ -68,6 +69,18 @@ pub(super) fn named_buffers(m: &CModule) -> Result<Vec<(String, Tensor)>> {
     // SAFETY: a valid module pointer; `push` only runs during the call.
     glue(unsafe { ta_module_named_buffers(module_ptr(m), &mut out as *mut _ as *mut c_void, push) })?;
     Ok(out)
+}
+
+/// The module as `torch.jit.save` writes it, in memory.
+pub(super) fn module_bytes(m: &CModule) -> Result<Vec<u8>> {
+    let (mut p, mut len) = (std::ptr::null_mut::<c_char>(), 0i64);
+    // SAFETY: a valid module pointer; on success `p` holds `len` malloc'ed bytes, ours to free.
+    glue(unsafe { ta_module_save_bytes(module_ptr(m), &mut p, &mut len) })?;
+    // SAFETY: as above; copied before the glue's buffer is freed.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len as usize).to_vec() };
+    // SAFETY: the malloc'ed buffer, not used afterwards.
+    unsafe { crate::glue::free(p) };
+    Ok(bytes)
 }
 
 fn cstr(s: &str) -> Result<CString> {
@@ -227,7 +240,7 @@ pub(super) fn rewrite(
     params: &[(String, Tensor)],
     config: &RewriteConfig,
 ) -> Result<RewriteReport> {
-    crate::error::check_positive("init_alpha", config.init_alpha)?;
+    crate::args::check_positive("init_alpha", config.init_alpha)?;
     let d = describe(m)?;
     if let Some((path, _)) = d.modules.iter().find(|(_, c)| c.starts_with(QUANTIZER_CLASS)) {
         return Err(ts_error(format!(
