@@ -1,5 +1,6 @@
 //! Random byte flips and truncations of a TorchScript fixture and of IDX files (fixed seeds):
-//! every case ends in success or one clear line, never a signal, a panic or a hang.
+//! every case ends in success or one clear line, never a signal, a panic or a hang. The same for
+//! safetensors state dicts and `.npy` multiplier tables, within a bounded peak memory.
 
 mod common;
 
@@ -167,4 +168,95 @@ fn idx_mutations_never_panic() {
     }
     assert_eq!(ok + refused, 320);
     eprintln!("IDX mutations: {ok} loaded, {refused} refused with one line");
+}
+
+/// A `.npy` file of int32 `[256, 256]` values, as numpy writes it (format 1.0).
+fn npy_int32(values: &[i32]) -> Vec<u8> {
+    let dict = "{'descr': '<i4', 'fortran_order': False, 'shape': (256, 256), }";
+    let mut header = dict.to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    b.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    b
+}
+
+/// The worker for safetensors state dicts and `.npy` tables in `TA_FUZZ_FILES`: reads each
+/// as the crate reads them, checks every tensor, and ends within a bounded peak memory.
+#[test]
+#[ignore = "run in a child process by safetensors_and_npy_mutations_never_crash"]
+fn files_fuzz_worker() {
+    let Ok(dir) = std::env::var("TA_FUZZ_FILES") else { return };
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    cases.sort();
+    let (mut ok, mut refused) = (0, 0);
+    for case in cases {
+        println!("case {}", case.display());
+        std::io::stdout().flush().unwrap();
+        let result = if case.extension().is_some_and(|e| e == "npy") {
+            torchapprox::approx::Multiplier::load(&case).map(|m| {
+                let _ = m.metrics();
+            })
+        } else {
+            torchapprox::files::read_safetensors(&case).and_then(|tensors| {
+                let origin = case.display().to_string();
+                tensors.iter().try_for_each(|(n, t)| torchapprox::quantizers::check_state(&origin, n, t))
+            })
+        };
+        match result {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!msg.contains('\n') && !msg.is_empty(), "{}: not one line: {msg}", case.display());
+                refused += 1;
+            }
+        }
+    }
+    let peak = common::peak_rss().unwrap_or(0);
+    assert!(peak < 1 << 30, "the worker's peak memory reached {} MiB", peak >> 20);
+    println!("done: {ok} read, {refused} refused with one line, peak {} MiB", peak >> 20);
+}
+
+#[test]
+fn safetensors_and_npy_mutations_never_crash() {
+    let tmp = TempDir::new("fuzz-files");
+    let state = tmp.0.join("state.safetensors");
+    tch::manual_seed(3);
+    let tensors = [
+        ("fc1.weight", Tensor::randn([16, 8], (Kind::Float, Device::Cpu))),
+        ("fc1.x_quantizer.alpha", Tensor::from_slice(&[2.2f32])),
+        ("bn.num_batches_tracked", Tensor::from_slice(&[7i64])),
+        ("fc2.bias", Tensor::randn([4], (Kind::Double, Device::Cpu))),
+    ];
+    Tensor::write_safetensors(&tensors, &state).unwrap();
+    let st = std::fs::read(&state).unwrap();
+    let header_end = 8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let table: Vec<i32> = torchapprox::approx::Multiplier::exact().table().to_vec();
+    let npy = npy_int32(&table);
+    let cases = mutations(&st, 0..header_end, 0xfeed, 300, 60)
+        .into_iter()
+        .map(|c| (c, "safetensors"))
+        .chain(mutations(&npy, 0..128, 0xbeef, 200, 40).into_iter().map(|c| (c, "npy")));
+    for (i, (c, ext)) in cases.enumerate() {
+        std::fs::write(tmp.0.join(format!("case{i:03}.{ext}")), c).unwrap();
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "files_fuzz_worker", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("TA_FUZZ_FILES", &tmp.0)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rfind(|l| l.starts_with("case ")).unwrap_or("");
+    assert!(
+        out.status.success(),
+        "worker ended with {:?} at {last}:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = stdout.lines().find(|l| l.starts_with("done: ")).expect("the worker did not finish");
+    eprintln!("{done}");
 }

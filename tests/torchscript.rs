@@ -201,11 +201,11 @@ fn bad_input_is_a_clear_error_and_never_touches_the_input() {
     let src = model_path("lenet_traced");
     let before = std::fs::read(&src).unwrap();
     let e = lenet.save(&src).unwrap_err().to_string();
-    assert!(e.starts_with("refusing to overwrite the input model"), "{e}");
+    assert!(e.contains("it is the input"), "{e}");
     let e = lenet
         .save(Path::new(&format!("{}/../torchscript/lenet_traced.pt", src.parent().unwrap().display())))
         .unwrap_err();
-    assert!(e.to_string().starts_with("refusing to overwrite"), "another spelling of the same path: {e}");
+    assert!(e.to_string().contains("it is the input"), "another spelling of the same path: {e}");
     assert_eq!(std::fs::read(&src).unwrap(), before);
     let e = lenet.save(dir.join("no/such/dir/out.pt")).unwrap_err().to_string();
     assert!(!e.contains('\n'), "{e}");

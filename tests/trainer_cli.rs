@@ -276,7 +276,7 @@ fn quantize_torchscript_cli_reports_json_writes_atomically_and_refuses_bad_input
 
     let before = std::fs::read(&model).unwrap();
     for (args, needle) in [
-        (vec!["--model", &model, "--out", &model], "is the input model"),
+        (vec!["--model", &model, "--out", &model], "it is the input"),
         (vec!["--model", &model, "--layer", "fc9=4"], "unknown layer(s) fc9"),
         (vec!["--model", &model, "--bits", "1"], "bitwidth 1 is out of range"),
         (vec!["--model", "/nonexistent.pt"], "/nonexistent.pt: no such file"),

@@ -153,8 +153,9 @@ impl Multiplier {
         let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
         let name = path.display().to_string();
         let values: Vec<i64> = if bytes.starts_with(b"\x93NUMPY") {
-            let npy = npyz::NpyFile::new(&bytes[..])
-                .map_err(|e| fail(format!("not a readable .npy file ({e})")))?;
+            let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| {
+                fail(format!("not a readable .npy file ({})", crate::files::one_line(&e.to_string())))
+            })?;
             let shape = npy.shape().to_vec();
             if shape != [256, 256] {
                 return Err(fail(format!("shape {shape:?}, expected [256, 256]")));
@@ -170,13 +171,18 @@ impl Multiplier {
             match descr.as_str() {
                 "<i4" | "|i4" => npy
                     .into_vec::<i32>()
-                    .map_err(|e| fail(format!("truncated or corrupt data ({e})")))?
+                    .map_err(|e| {
+                        fail(format!(
+                            "truncated or corrupt data ({})",
+                            crate::files::one_line(&e.to_string())
+                        ))
+                    })?
                     .into_iter()
                     .map(i64::from)
                     .collect(),
-                "<i8" | "|i8" => {
-                    npy.into_vec::<i64>().map_err(|e| fail(format!("truncated or corrupt data ({e})")))?
-                }
+                "<i8" | "|i8" => npy.into_vec::<i64>().map_err(|e| {
+                    fail(format!("truncated or corrupt data ({})", crate::files::one_line(&e.to_string())))
+                })?,
                 other => return Err(fail(format!("dtype {other}, expected int32 or int64 (<i4, <i8)"))),
             }
         } else {

@@ -24,6 +24,17 @@ pub fn shown(s: &str) -> String {
     out
 }
 
+/// A parser's message, possibly several lines quoting the input, as one [`shown`] line of at
+/// most 300 characters.
+pub fn one_line(s: &str) -> String {
+    let joined: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let line = shown(&joined.join(" "));
+    match line.char_indices().nth(300) {
+        Some((at, _)) => format!("{}...", &line[..at]),
+        None => line,
+    }
+}
+
 /// A path as [`shown`] prints it.
 pub(crate) fn shown_path(p: &std::path::Path) -> String {
     shown(&p.display().to_string())
@@ -40,5 +51,12 @@ mod tests {
         assert_eq!(shown("two\nlines\t"), "two\\u{a}lines\\u{9}");
         assert_eq!(shown("über ünïcode"), "über ünïcode");
         assert_eq!(shown("\u{2066}x\u{2069}"), "\\u{2066}x\\u{2069}");
+    }
+
+    #[test]
+    fn parser_messages_become_one_bounded_line() {
+        assert_eq!(super::one_line("syntax error:\n  --> 1:88\n  |\n"), "syntax error: --> 1:88 |");
+        let long = "x".repeat(400);
+        assert_eq!(super::one_line(&long).len(), 303);
     }
 }

@@ -83,7 +83,7 @@ fn parser_problem(e: &::safetensors::SafeTensorError) -> String {
         E::InvalidHeaderStart => "its header does not start with '{'".into(),
         E::InvalidHeaderDeserialization | E::JsonError(_) => "its header does not describe tensors".into(),
         E::MetadataIncompleteBuffer => "its tensors do not cover its data exactly".into(),
-        other => format!("{other:?}"),
+        other => super::one_line(&format!("{other:?}")),
     }
 }
 
