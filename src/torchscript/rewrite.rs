@@ -282,6 +282,8 @@ pub(super) fn rewrite(
         |name: &str| config.overrides.iter().find(|(n, _)| n == name).map_or(config.default, |(_, s)| *s);
     let param = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
     for (path, class) in &layers {
+        // Messages name the layer; a model that is one layer has the empty path.
+        let label = if path.is_empty() { "the root module (the model itself)" } else { path.as_str() };
         let spec = spec_of(path);
         check_bitwidth(spec.x_bits)?;
         check_bitwidth(spec.w_bits)?;
@@ -290,24 +292,32 @@ pub(super) fn rewrite(
         }
         if spec.x_kind == QuantizerKind::Lsq || spec.w_kind == QuantizerKind::Lsq {
             return Err(ts_error(format!(
-                "{path}: the TorchScript rewrite covers pact and minmax, not lsq (yet)"
+                "{label}: the TorchScript rewrite covers pact and minmax, not lsq (yet)"
             )));
         }
-        let weight = param(&format!("{path}.weight"))
-            .ok_or_else(|| ts_error(format!("{path}: has no parameter weight")))?;
+        let weight = param(&crate::layers::join(path, "weight"))
+            .ok_or_else(|| ts_error(format!("{label}: has no parameter weight")))?;
         let op = if classify(class) == Some(Ok("Linear")) {
             LayerOp::Linear
         } else {
             let mut g = [0i64; 4];
             let p = cstr(path)?;
             // SAFETY: a valid module and path; `g` has the four slots the glue writes.
-            glue(unsafe { ta_module_conv_geometry(module_ptr(m), p.as_ptr(), g.as_mut_ptr()) })?;
+            glue(unsafe { ta_module_conv_geometry(module_ptr(m), p.as_ptr(), g.as_mut_ptr()) }).map_err(
+                |e| {
+                    // The glue names a layer by its path, which is empty for the model's root module.
+                    match e {
+                        Error::TorchScript(msg) if path.is_empty() => ts_error(format!("{label}{msg}")),
+                        e => e,
+                    }
+                },
+            )?;
             LayerOp::Conv2d { stride: g[0], padding: g[1], dilation: g[2], groups: g[3] }
         };
         let want = if op == LayerOp::Linear { 2 } else { 4 };
         if weight.dim() != want || !weight.is_floating_point() {
             return Err(ts_error(format!(
-                "{path}: weight of shape {:?} is not a {want}-d float tensor",
+                "{label}: weight of shape {:?} is not a {want}-d float tensor",
                 weight.size()
             )));
         }
@@ -324,7 +334,7 @@ pub(super) fn rewrite(
             name: path.clone(),
             class: class.clone(),
             op,
-            bias: param(&format!("{path}.bias")).is_some(),
+            bias: param(&crate::layers::join(path, "bias")).is_some(),
             spec,
             calls,
         });

@@ -469,12 +469,14 @@ fn a_collapsed_layer_is_reported_whatever_its_sqnr() {
 }
 
 #[test]
-fn a_users_own_quantizer_attribute_is_named_as_such() {
+fn rewrite_refusals_name_the_layer_and_the_real_reason() {
     let tmp = TempDir::new("own-attr");
     let path = tmp.0.join("own.pt");
     let script = format!(
-        "import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(4, 2)\n        self.fc.register_buffer('x_quantizer', torch.zeros(1))\n    def forward(self, x):\n        return self.fc(x)\ntorch.jit.script(M()).save({:?})\n",
-        s(&path)
+        "import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(4, 2)\n        self.fc.register_buffer('x_quantizer', torch.zeros(1))\n    def forward(self, x):\n        return self.fc(x)\ntorch.jit.script(M()).save({:?})\ntorch.jit.script(torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode='reflect')).save({:?})\ntorch.jit.script(torch.nn.Linear(4, 3)).save({:?})\n",
+        s(&path),
+        s(&tmp.0.join("root_reflect.pt")),
+        s(&tmp.0.join("root_linear.pt"))
     );
     // A file, not `-c`: TorchScript reads the class's source.
     let py = tmp.0.join("make.py");
@@ -485,6 +487,20 @@ fn a_users_own_quantizer_attribute_is_named_as_such() {
     let e = m.quantize_layers(&RewriteConfig::default()).unwrap_err().to_string();
     assert!(e.contains("fc has an attribute x_quantizer of its own"), "{e}");
     assert!(!e.contains("rewritten before"), "{e}");
+    // A layer that is the whole model is named too, not as an empty path.
+    let mut m = ScriptModel::load(tmp.0.join("root_reflect.pt"), Device::Cpu).unwrap();
+    let e = m.quantize_layers(&RewriteConfig::default()).unwrap_err().to_string();
+    assert_eq!(e, "the root module (the model itself): padding modes other than zeros are not supported");
+    // A model that is one Linear is rewritten like any other layer.
+    let mut m = ScriptModel::load(tmp.0.join("root_linear.pt"), Device::Cpu).unwrap();
+    let x = common::randn(&[5, 4], 1, Device::Cpu);
+    let float = m.forward(&x).unwrap();
+    let r = m.quantize_layers(&RewriteConfig::default()).unwrap();
+    assert_eq!(r.layers.len(), 1);
+    let q = m.forward(&x).unwrap();
+    assert_eq!(q.size(), [5, 3]);
+    let diff = (q - float).abs().max().double_value(&[]);
+    assert!(diff > 0.0 && diff < 0.1, "8-bit rewrite of a root Linear differs by {diff}");
 }
 
 // 10. quantize_layers once round-tripped through a predictable file in the temp folder.
