@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/glue/glue.cpp");
+    const SOURCES: [&str; 4] = ["border.cpp", "autograd.cpp", "parallel.cpp", "jit.cpp"];
+    println!("cargo:rerun-if-changed=src/glue");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // torch-sys exports its library folder to crates that depend on it directly.
@@ -25,6 +26,6 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .opt_level(2)
-        .file("src/glue/glue.cpp")
+        .files(SOURCES.iter().map(|f| format!("src/glue/{f}")))
         .compile("torchapprox_glue");
 }

@@ -1,17 +1,6 @@
-// The crate's C++ glue: only what libtorch offers in C++ alone and tch does not expose.
-//
-// - A custom autograd node whose forward and backward are Rust callbacks (`ta_function_apply`),
-//   so the quantizers' straight-through gradients are single native nodes.
-// - libtorch's intra-op thread pool for Rust kernels (`ta_parallel_for`).
-// - TorchScript module surgery (`ta_module_*`): read submodules, methods and graphs, remove and
-//   define methods, register parameters.
-//
-// Conventions: tensors and modules are tch's pointers (`at::Tensor*`, `torch::jit::Module*`);
-// every function returns NULL on success or a malloc'ed error message that the caller frees
-// with `ta_free`; no C++ exception crosses this border.
-
-#include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
+// TorchScript module surgery (`ta_module_*`): read submodules, graphs and tensors, add
+// quantizer submodules, replace a class's forward, and serialize a module to memory.
+#include <ATen/ATen.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/frontend/resolver.h>
 #include <torch/csrc/jit/ir/ir.h>
@@ -21,118 +10,14 @@
 #include <functional>
 #include <map>
 #include <sstream>
-
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <vector>
 
+#include "border.h"
+
+using ta::dup;
+using ta::guard;
+
 namespace {
-
-char* dup(const std::string& s) {
-  char* p = static_cast<char*>(std::malloc(s.size() + 1));
-  if (p != nullptr) {
-    std::memcpy(p, s.c_str(), s.size() + 1);
-  }
-  return p;
-}
-
-// Runs `f`, turning any exception into an error string for the caller.
-template <typename F>
-char* guard(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return dup(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return dup(e.what());
-  } catch (...) {
-    return dup("unknown C++ exception");
-  }
-}
-
-// Throws the message a Rust callback returned, freeing it.
-void rethrow(char* err) {
-  if (err != nullptr) {
-    std::string msg(err);
-    std::free(err);
-    throw std::runtime_error(msg);
-  }
-}
-
-constexpr int64_t kMax = 8;
-
-// Rust callbacks. `params` is the byte blob given to ta_function_apply (kept alive by the node).
-// Forward: fills up to kMax outputs and up to kMax tensors to save (NULL ends each list).
-typedef char* (*forward_fn)(const void* params, at::Tensor** inputs, int64_t n_inputs,
-                            at::Tensor** outputs, at::Tensor** saved);
-// Backward: from the saved tensors and the outputs' gradients, one gradient per input (NULL:
-// none); `needs[i]` says whether input i's gradient is wanted at all.
-typedef char* (*backward_fn)(const void* params, at::Tensor** saved, int64_t n_saved,
-                             at::Tensor** grad_outputs, int64_t n_outputs, const uint8_t* needs,
-                             at::Tensor** grad_inputs);
-
-// Takes ownership of the tensors a Rust callback handed over (each a `new at::Tensor`).
-std::vector<at::Tensor> take(at::Tensor** ptrs) {
-  std::vector<at::Tensor> out;
-  for (int64_t i = 0; i < kMax && ptrs[i] != nullptr; ++i) {
-    out.push_back(std::move(*ptrs[i]));
-    delete ptrs[i];
-    ptrs[i] = nullptr;
-  }
-  return out;
-}
-
-struct RustFunction : public torch::autograd::Function<RustFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                at::TensorList inputs, int64_t fwd, int64_t bwd,
-                                                std::string params) {
-    std::vector<at::Tensor> in(inputs.begin(), inputs.end());
-    std::vector<at::Tensor*> in_ptrs;
-    for (auto& t : in) in_ptrs.push_back(&t);
-    at::Tensor* outs[kMax] = {nullptr};
-    at::Tensor* saved[kMax] = {nullptr};
-    char* err = reinterpret_cast<forward_fn>(fwd)(params.data(), in_ptrs.data(),
-                                                  static_cast<int64_t>(in.size()), outs, saved);
-    // Whatever was handed over is owned here, error or not.
-    auto out_list = take(outs);
-    auto saved_list = take(saved);
-    rethrow(err);
-    ctx->save_for_backward(saved_list);
-    ctx->saved_data["bwd"] = bwd;
-    ctx->saved_data["params"] = params;
-    ctx->saved_data["n_inputs"] = static_cast<int64_t>(in.size());
-    return out_list;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    auto bwd = reinterpret_cast<backward_fn>(ctx->saved_data["bwd"].toInt());
-    const std::string params = ctx->saved_data["params"].toStringRef();
-    const int64_t n_inputs = ctx->saved_data["n_inputs"].toInt();
-    std::vector<at::Tensor*> saved_ptrs, grad_ptrs;
-    for (auto& t : saved) saved_ptrs.push_back(&t);
-    for (auto& g : grads) grad_ptrs.push_back(&g);
-    // kMax slots each, so that a callback can never write or read past them.
-    std::vector<at::Tensor*> grad_in(kMax, nullptr);
-    std::vector<uint8_t> needs(kMax, 0);
-    for (int64_t i = 0; i < n_inputs; ++i) needs[i] = ctx->needs_input_grad(static_cast<size_t>(i)) ? 1 : 0;
-    char* err = bwd(params.data(), saved_ptrs.data(), static_cast<int64_t>(saved.size()),
-                    grad_ptrs.data(), static_cast<int64_t>(grads.size()), needs.data(), grad_in.data());
-    torch::autograd::variable_list result;
-    for (int64_t i = 0; i < kMax; ++i) {
-      at::Tensor* g = grad_in[i];
-      if (i < n_inputs) result.push_back(g == nullptr ? at::Tensor() : std::move(*g));
-      delete g;
-    }
-    rethrow(err);
-    // No gradient for the callbacks and the parameter blob.
-    result.resize(static_cast<size_t>(n_inputs) + 3);
-    return result;
-  }
-};
 
 using torch::jit::Module;
 
@@ -184,32 +69,6 @@ int64_t pair_value(const std::vector<int64_t>& v, const char* what) {
 }  // namespace
 
 extern "C" {
-
-void ta_free(char* p) { std::free(p); }
-
-// Applies a custom autograd node: `fwd` computes the outputs (written to `outputs`, up to 8,
-// count in `n_outputs`), `bwd` their inputs' gradients. `params` (`params_len` bytes) is copied
-// into the node and passed to both.
-char* ta_function_apply(void* fwd, void* bwd, const void* params, size_t params_len,
-                        at::Tensor** inputs, int64_t n_inputs, at::Tensor** outputs,
-                        int64_t* n_outputs) {
-  return guard([&] {
-    std::vector<at::Tensor> in;
-    for (int64_t i = 0; i < n_inputs; ++i) in.push_back(*inputs[i]);
-    auto out = RustFunction::apply(at::TensorList(in), reinterpret_cast<int64_t>(fwd),
-                                   reinterpret_cast<int64_t>(bwd),
-                                   std::string(static_cast<const char*>(params), params_len));
-    TORCH_CHECK(static_cast<int64_t>(out.size()) <= kMax, "too many outputs");
-    *n_outputs = static_cast<int64_t>(out.size());
-    for (size_t i = 0; i < out.size(); ++i) outputs[i] = new at::Tensor(std::move(out[i]));
-  });
-}
-
-// Runs `body(data, begin, end)` over [0, n) on libtorch's intra-op threads, in chunks of at
-// least `grain` elements; `body` must not panic (it reports through `data`).
-char* ta_parallel_for(int64_t n, int64_t grain, void (*body)(void*, int64_t, int64_t), void* data) {
-  return guard([&] { at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { body(data, b, e); }); });
-}
 
 // A text description of `m`: one line per submodule, `M\t<path>\t<type>`; per method graph of
 // each, `O\t<path>\t<op>\t<count>` for linear and convolution ops, and `C\t<path>\t<child>\t<count>`

@@ -1,0 +1,110 @@
+// A custom autograd node whose forward and backward are Rust callbacks (`ta_function_apply`),
+// so the quantizers' straight-through gradients are single native nodes.
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <vector>
+
+#include "border.h"
+
+using ta::dup;
+using ta::guard;
+using ta::rethrow;
+
+namespace {
+
+constexpr int64_t kMax = 8;
+
+// Rust callbacks. `params` is the byte blob given to ta_function_apply (kept alive by the node).
+// Forward: fills up to kMax outputs and up to kMax tensors to save (NULL ends each list).
+typedef char* (*forward_fn)(const void* params, at::Tensor** inputs, int64_t n_inputs,
+                            at::Tensor** outputs, at::Tensor** saved);
+// Backward: from the saved tensors and the outputs' gradients, one gradient per input (NULL:
+// none); `needs[i]` says whether input i's gradient is wanted at all.
+typedef char* (*backward_fn)(const void* params, at::Tensor** saved, int64_t n_saved,
+                             at::Tensor** grad_outputs, int64_t n_outputs, const uint8_t* needs,
+                             at::Tensor** grad_inputs);
+
+// Takes ownership of the tensors a Rust callback handed over (each a `new at::Tensor`).
+std::vector<at::Tensor> take(at::Tensor** ptrs) {
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < kMax && ptrs[i] != nullptr; ++i) {
+    out.push_back(std::move(*ptrs[i]));
+    delete ptrs[i];
+    ptrs[i] = nullptr;
+  }
+  return out;
+}
+
+struct RustFunction : public torch::autograd::Function<RustFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                at::TensorList inputs, int64_t fwd, int64_t bwd,
+                                                std::string params) {
+    std::vector<at::Tensor> in(inputs.begin(), inputs.end());
+    std::vector<at::Tensor*> in_ptrs;
+    for (auto& t : in) in_ptrs.push_back(&t);
+    at::Tensor* outs[kMax] = {nullptr};
+    at::Tensor* saved[kMax] = {nullptr};
+    char* err = reinterpret_cast<forward_fn>(fwd)(params.data(), in_ptrs.data(),
+                                                  static_cast<int64_t>(in.size()), outs, saved);
+    // Whatever was handed over is owned here, error or not.
+    auto out_list = take(outs);
+    auto saved_list = take(saved);
+    rethrow(err);
+    ctx->save_for_backward(saved_list);
+    ctx->saved_data["bwd"] = bwd;
+    ctx->saved_data["params"] = params;
+    ctx->saved_data["n_inputs"] = static_cast<int64_t>(in.size());
+    return out_list;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto bwd = reinterpret_cast<backward_fn>(ctx->saved_data["bwd"].toInt());
+    const std::string params = ctx->saved_data["params"].toStringRef();
+    const int64_t n_inputs = ctx->saved_data["n_inputs"].toInt();
+    std::vector<at::Tensor*> saved_ptrs, grad_ptrs;
+    for (auto& t : saved) saved_ptrs.push_back(&t);
+    for (auto& g : grads) grad_ptrs.push_back(&g);
+    // kMax slots each, so that a callback can never write or read past them.
+    std::vector<at::Tensor*> grad_in(kMax, nullptr);
+    std::vector<uint8_t> needs(kMax, 0);
+    for (int64_t i = 0; i < n_inputs; ++i) needs[i] = ctx->needs_input_grad(static_cast<size_t>(i)) ? 1 : 0;
+    char* err = bwd(params.data(), saved_ptrs.data(), static_cast<int64_t>(saved.size()),
+                    grad_ptrs.data(), static_cast<int64_t>(grads.size()), needs.data(), grad_in.data());
+    torch::autograd::variable_list result;
+    for (int64_t i = 0; i < kMax; ++i) {
+      at::Tensor* g = grad_in[i];
+      if (i < n_inputs) result.push_back(g == nullptr ? at::Tensor() : std::move(*g));
+      delete g;
+    }
+    rethrow(err);
+    // No gradient for the callbacks and the parameter blob.
+    result.resize(static_cast<size_t>(n_inputs) + 3);
+    return result;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Applies a custom autograd node: `fwd` computes the outputs (written to `outputs`, up to 8,
+// count in `n_outputs`), `bwd` their inputs' gradients. `params` (`params_len` bytes) is copied
+// into the node and passed to both.
+char* ta_function_apply(void* fwd, void* bwd, const void* params, size_t params_len,
+                        at::Tensor** inputs, int64_t n_inputs, at::Tensor** outputs,
+                        int64_t* n_outputs) {
+  return guard([&] {
+    std::vector<at::Tensor> in;
+    for (int64_t i = 0; i < n_inputs; ++i) in.push_back(*inputs[i]);
+    auto out = RustFunction::apply(at::TensorList(in), reinterpret_cast<int64_t>(fwd),
+                                   reinterpret_cast<int64_t>(bwd),
+                                   std::string(static_cast<const char*>(params), params_len));
+    TORCH_CHECK(static_cast<int64_t>(out.size()) <= kMax, "too many outputs");
+    *n_outputs = static_cast<int64_t>(out.size());
+    for (size_t i = 0; i < out.size(); ++i) outputs[i] = new at::Tensor(std::move(out[i]));
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,160 @@
+//! Custom autograd nodes whose forward and backward are Rust functions (`autograd.cpp`), so a
+//! quantizer's straight-through gradient is one native node.
+
+use std::ffi::{c_char, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tch::Tensor;
+
+use super::{c_error, check, CTensor};
+use crate::{Error, Result};
+
+extern "C" {
+    fn ta_function_apply(
+        fwd: *mut c_void,
+        bwd: *mut c_void,
+        params: *const c_void,
+        params_len: usize,
+        inputs: *const *const CTensor,
+        n_inputs: i64,
+        outputs: *mut *mut CTensor,
+        n_outputs: *mut i64,
+    ) -> *mut c_char;
+}
+
+/// Most outputs, saved tensors or inputs a node has (the glue's fixed arrays).
+const MAX: usize = 8;
+
+/// A node's forward: its outputs and the tensors its backward needs.
+pub(crate) type Forward<P> = fn(&P, &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)>;
+/// A node's backward: from the saved tensors, the outputs' gradients and which inputs want
+/// one, a gradient per input (`None` for none).
+pub(crate) type Backward<P> = fn(&P, &[Tensor], &[Tensor], &[bool]) -> Result<Vec<Option<Tensor>>>;
+
+/// What the node carries: the two functions and their parameters, copied as bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Packet<P: Copy> {
+    fwd: Forward<P>,
+    bwd: Backward<P>,
+    params: P,
+}
+
+/// Borrowed tensor pointers from the glue as owned handles (shallow clones).
+///
+/// SAFETY: `ptrs` holds `n` valid tensor pointers.
+unsafe fn handles(ptrs: *const *mut CTensor, n: i64) -> Vec<Tensor> {
+    (0..n as usize).map(|i| Tensor::clone_from_ptr(*ptrs.add(i))).collect()
+}
+
+/// Hands `tensors` over to the glue, which takes ownership.
+fn hand_over(tensors: Vec<Tensor>, out: *mut *mut CTensor) -> std::result::Result<(), String> {
+    if tensors.len() > MAX {
+        return Err(format!("a node returned {} tensors, at most {MAX} are supported", tensors.len()));
+    }
+    for (i, mut t) in tensors.into_iter().enumerate() {
+        // SAFETY: `out` has MAX slots; the glue deletes each pointer it receives.
+        unsafe { *out.add(i) = t.as_mut_ptr() };
+        std::mem::forget(t);
+    }
+    Ok(())
+}
+
+fn run_callback(f: impl FnOnce() -> std::result::Result<(), String>) -> *mut c_char {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => std::ptr::null_mut(),
+        Ok(Err(msg)) => c_error(&msg),
+        Err(panic) => {
+            let msg = crate::error::panic_message(&*panic)
+                .unwrap_or_else(|| "panic in a Rust autograd callback".into());
+            c_error(&msg)
+        }
+    }
+}
+
+extern "C" fn forward_trampoline<P: Copy>(
+    params: *const c_void,
+    inputs: *const *mut CTensor,
+    n_inputs: i64,
+    outputs: *mut *mut CTensor,
+    saved: *mut *mut CTensor,
+) -> *mut c_char {
+    run_callback(|| {
+        // SAFETY: the bytes of a Packet<P> written by `apply`; possibly unaligned in the node.
+        let packet = unsafe { std::ptr::read_unaligned(params as *const Packet<P>) };
+        let inputs = unsafe { handles(inputs, n_inputs) };
+        let (outs, keep) = (packet.fwd)(&packet.params, &inputs).map_err(|e| e.to_string())?;
+        hand_over(outs, outputs)?;
+        hand_over(keep, saved)
+    })
+}
+
+extern "C" fn backward_trampoline<P: Copy>(
+    params: *const c_void,
+    saved: *const *mut CTensor,
+    n_saved: i64,
+    grads: *const *mut CTensor,
+    n_grads: i64,
+    needs: *const u8,
+    grad_inputs: *mut *mut CTensor,
+) -> *mut c_char {
+    run_callback(|| {
+        // SAFETY: as in forward_trampoline; the glue passes valid saved and gradient tensors.
+        let packet = unsafe { std::ptr::read_unaligned(params as *const Packet<P>) };
+        let (saved, grads) = unsafe { (handles(saved, n_saved), handles(grads, n_grads)) };
+        // The glue passes one flag per input; the node's functions know how many inputs they have.
+        let needs: Vec<bool> = (0..MAX).map(|i| unsafe { *needs.add(i) } != 0).collect();
+        let result = (packet.bwd)(&packet.params, &saved, &grads, &needs).map_err(|e| e.to_string())?;
+        if result.len() > MAX {
+            return Err(format!("a node returned {} gradients, at most {MAX} are supported", result.len()));
+        }
+        for (i, g) in result.into_iter().enumerate() {
+            if let Some(mut g) = g {
+                // SAFETY: one slot per input, allocated by the glue, which takes ownership.
+                unsafe { *grad_inputs.add(i) = g.as_mut_ptr() };
+                std::mem::forget(g);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `fwd` on `inputs` as one autograd node whose backward is `bwd`.
+///
+/// Where no input requires a gradient (or grad mode is off) no node is recorded and the
+/// outputs are `fwd`'s as they are. `fwd` runs with grad mode off.
+pub(crate) fn apply<P: Copy + 'static>(
+    params: P,
+    inputs: &[&Tensor],
+    fwd: Forward<P>,
+    bwd: Backward<P>,
+) -> Result<Vec<Tensor>> {
+    if inputs.len() > MAX {
+        return Err(Error::Argument {
+            what: "node inputs",
+            value: inputs.len() as f64,
+            expected: "at most 8",
+        });
+    }
+    let packet = Packet { fwd, bwd, params };
+    let ptrs: Vec<*const CTensor> = inputs.iter().map(|t| t.as_ptr()).collect();
+    let mut outs = [std::ptr::null_mut::<CTensor>(); MAX];
+    let mut n_out = 0i64;
+    // SAFETY: the packet is plain data read back with read_unaligned; the tensor pointers
+    // are valid for the call; the glue writes at most MAX outputs, each owned by us after.
+    let err = unsafe {
+        ta_function_apply(
+            forward_trampoline::<P> as *mut c_void,
+            backward_trampoline::<P> as *mut c_void,
+            &packet as *const Packet<P> as *const c_void,
+            std::mem::size_of::<Packet<P>>(),
+            ptrs.as_ptr(),
+            ptrs.len() as i64,
+            outs.as_mut_ptr(),
+            &mut n_out,
+        )
+    };
+    check(err).map_err(|msg| Error::Torch(tch::TchError::Torch(msg)))?;
+    // SAFETY: n_out tensors, each a fresh `new at::Tensor` that we now own.
+    Ok((0..n_out as usize).map(|i| unsafe { Tensor::from_ptr(outs[i]) }).collect())
+}

@@ -1,0 +1,149 @@
+//! TorchScript module surgery through `jit.cpp`: what tch's `CModule` does not expose (buffers,
+//! a module's description, conv geometry, quantizer submodules, new `forward` methods, tensor
+//! attributes, serialization to memory), as safe functions on `&CModule`.
+
+use std::ffi::{c_char, c_void, CString};
+
+use tch::{CModule, Tensor};
+
+use super::{check, take_string, CTensor};
+use crate::{Error, Result};
+
+extern "C" {
+    fn ta_module_describe(m: *const c_void, out: *mut *mut c_char) -> *mut c_char;
+    fn ta_module_conv_geometry(m: *const c_void, path: *const c_char, out: *mut i64) -> *mut c_char;
+    fn ta_module_add_quantizer(
+        m: *const c_void,
+        path: *const c_char,
+        name: *const c_char,
+        type_name: *const c_char,
+        alpha: *const CTensor,
+    ) -> *mut c_char;
+    fn ta_module_replace_forward(m: *const c_void, path: *const c_char, source: *const c_char)
+        -> *mut c_char;
+    fn ta_module_set_bool(
+        m: *const c_void,
+        path: *const c_char,
+        name: *const c_char,
+        value: i32,
+    ) -> *mut c_char;
+    fn ta_module_get_tensor(
+        m: *const c_void,
+        path: *const c_char,
+        name: *const c_char,
+        out: *mut *mut CTensor,
+    ) -> *mut c_char;
+    fn ta_module_save_bytes(m: *const c_void, out: *mut *mut c_char, len: *mut i64) -> *mut c_char;
+    fn ta_module_named_buffers(
+        m: *const c_void,
+        data: *mut c_void,
+        f: extern "C" fn(*mut c_void, *const c_char, *mut CTensor),
+    ) -> *mut c_char;
+}
+
+// tch keeps its module pointer private; `CModule` is exactly that one pointer.
+const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut c_void>());
+
+/// The libtorch module behind a `CModule`.
+fn module_ptr(m: &CModule) -> *const c_void {
+    // SAFETY: CModule is a struct of one raw pointer (checked above), so its bytes are that pointer.
+    unsafe { *(m as *const CModule as *const *const c_void) }
+}
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::TorchScript(format!("{s:?} holds a NUL byte")))
+}
+
+/// The glue's error string as the crate's TorchScript error, C++ frames stripped.
+fn glue(err: *mut c_char) -> Result<()> {
+    check(err).map_err(|msg| Error::TorchScript(crate::strip_backtrace(&msg)))
+}
+
+/// Every buffer of the module and its submodules, by dotted name (`bn1.running_mean`).
+pub(crate) fn named_buffers(m: &CModule) -> Result<Vec<(String, Tensor)>> {
+    extern "C" fn push(data: *mut c_void, name: *const c_char, t: *mut CTensor) {
+        // SAFETY: `data` is the Vec below, `name` a NUL-terminated string and `t` a new
+        // tensor handle whose ownership passes to us, all for the duration of this call.
+        unsafe {
+            let out = &mut *(data as *mut Vec<(String, Tensor)>);
+            let name = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+            out.push((name, Tensor::from_ptr(t)));
+        }
+    }
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    // SAFETY: a valid module pointer; `push` only runs during the call.
+    glue(unsafe { ta_module_named_buffers(module_ptr(m), &mut out as *mut _ as *mut c_void, push) })?;
+    Ok(out)
+}
+
+/// The module as `torch.jit.save` writes it, in memory.
+pub(crate) fn module_bytes(m: &CModule) -> Result<Vec<u8>> {
+    let (mut p, mut len) = (std::ptr::null_mut::<c_char>(), 0i64);
+    // SAFETY: a valid module pointer; on success `p` holds `len` malloc'ed bytes, ours to free.
+    glue(unsafe { ta_module_save_bytes(module_ptr(m), &mut p, &mut len) })?;
+    // SAFETY: as above; copied before the glue's buffer is freed.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len as usize).to_vec() };
+    // SAFETY: the malloc'ed buffer, not used afterwards.
+    unsafe { super::free(p) };
+    Ok(bytes)
+}
+
+/// The module's description: lines `M\tpath\ttype`, `O\tpath\top\tcount` (linear and
+/// convolution ops in its methods) and `C\tpath\tchild\tcount` (calls into children).
+pub(crate) fn describe(m: &CModule) -> Result<String> {
+    let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a valid module pointer; `out` receives a malloc'ed string.
+    glue(unsafe { ta_module_describe(module_ptr(m), &mut out) })?;
+    // SAFETY: on success the glue wrote a malloc'ed string to `out`, which take_string frees.
+    Ok(unsafe { take_string(out) })
+}
+
+/// `[stride, padding, dilation, groups]` of the one 2-d convolution in the forward of the
+/// submodule at `path`.
+pub(crate) fn conv_geometry(m: &CModule, path: &str) -> Result<[i64; 4]> {
+    let mut g = [0i64; 4];
+    let p = cstr(path)?;
+    // SAFETY: a valid module and path; `g` has the four slots the glue writes.
+    glue(unsafe { ta_module_conv_geometry(module_ptr(m), p.as_ptr(), g.as_mut_ptr()) })?;
+    Ok(g)
+}
+
+/// Gives the submodule at `path` a quantizer child `name` of the shared class
+/// `__torch__.torchapprox.quantizers.<type_name>` holding the parameter `alpha`.
+pub(crate) fn add_quantizer(
+    m: &CModule,
+    path: &str,
+    name: &str,
+    type_name: &str,
+    alpha: &Tensor,
+) -> Result<()> {
+    let (p, n, t) = (cstr(path)?, cstr(name)?, cstr(type_name)?);
+    // SAFETY: valid module, strings and tensor for the duration of the call.
+    glue(unsafe {
+        ta_module_add_quantizer(module_ptr(m), p.as_ptr(), n.as_ptr(), t.as_ptr(), alpha.as_ptr())
+    })
+}
+
+/// Replaces the `forward` of the class of the submodule at `path` by `source` (TorchScript).
+pub(crate) fn replace_forward(m: &CModule, path: &str, source: &str) -> Result<()> {
+    let (p, s) = (cstr(path)?, cstr(source)?);
+    // SAFETY: valid module and strings.
+    glue(unsafe { ta_module_replace_forward(module_ptr(m), p.as_ptr(), s.as_ptr()) })
+}
+
+/// Sets the bool attribute `name` of the submodule at `path`.
+pub(crate) fn set_bool(m: &CModule, path: &str, name: &str, value: bool) -> Result<()> {
+    let (p, n) = (cstr(path)?, cstr(name)?);
+    // SAFETY: valid module and strings.
+    glue(unsafe { ta_module_set_bool(module_ptr(m), p.as_ptr(), n.as_ptr(), value as i32) })
+}
+
+/// A tensor attribute (parameter or buffer) of the submodule at `path`, sharing its storage.
+pub(crate) fn get_tensor(m: &CModule, path: &str, name: &str) -> Result<Tensor> {
+    let (p, n) = (cstr(path)?, cstr(name)?);
+    let mut out: *mut CTensor = std::ptr::null_mut();
+    // SAFETY: valid module and strings; `out` receives a fresh tensor handle.
+    glue(unsafe { ta_module_get_tensor(module_ptr(m), p.as_ptr(), n.as_ptr(), &mut out) })?;
+    // SAFETY: on success `out` is a new tensor handle whose ownership passes to us.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}

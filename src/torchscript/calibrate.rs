@@ -1,0 +1,102 @@
+//! Calibration of a rewritten model's PACT alphas from data, and reading them back.
+
+use tch::Tensor;
+
+use tch::CModule;
+
+use super::{ts_error, RewrittenLayer, ScriptModel};
+use crate::glue::jit;
+use crate::quantizers::QuantizerKind;
+use crate::{Error, Result};
+
+/// A rewritten layer's PACT alphas: `(layer, input alpha, weight alpha)`, `None` for MinMax.
+pub type LayerAlphas = (String, Option<f64>, Option<f64>);
+
+/// Sets `calibrating` on each PACT input quantizer of `layers`.
+fn set_calibrating(m: &CModule, layers: &[RewrittenLayer], on: bool) -> Result<()> {
+    for l in layers.iter().filter(|l| l.spec.x_kind == QuantizerKind::Pact) {
+        jit::set_bool(m, &format!("{}.x_quantizer", l.name), "calibrating", on)?;
+    }
+    Ok(())
+}
+
+impl ScriptModel {
+    /// Sets every PACT input alpha of the rewritten layers from data: runs the model in float
+    /// on the first `batches` batches of `images` (no gradient), takes each layer's largest
+    /// input magnitude, and makes it that layer's alpha. Returns the alphas by layer.
+    pub fn calibrate(
+        &mut self,
+        images: &Tensor,
+        batches: usize,
+        batch_size: i64,
+    ) -> Result<Vec<(String, f64)>> {
+        let pact: Vec<RewrittenLayer> =
+            self.rewritten.iter().filter(|l| l.spec.x_kind == QuantizerKind::Pact).cloned().collect();
+        if pact.is_empty() {
+            return Err(ts_error("no PACT input quantizers to calibrate: call quantize_layers first".into()));
+        }
+        if batch_size < 1 || batches == 0 {
+            return Err(Error::Argument {
+                what: "calibration batches",
+                value: batches as f64,
+                expected: "at least 1, of at least 1 sample",
+            });
+        }
+        let n = images.size().first().copied().unwrap_or(0);
+        if n == 0 {
+            return Err(ts_error("calibration needs images, got none".into()));
+        }
+        let _guard = tch::no_grad_guard();
+        for l in &pact {
+            let _ =
+                jit::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "observed")?.f_zero_()?;
+        }
+        set_calibrating(&self.module, &pact, true)?;
+        let run = (|| -> Result<()> {
+            for b in 0..batches as i64 {
+                let start = b * batch_size;
+                if start >= n {
+                    break;
+                }
+                let x = images.f_narrow(0, start, batch_size.min(n - start))?.f_to_device(self.device)?;
+                let _ = self.forward(&x)?;
+            }
+            Ok(())
+        })();
+        set_calibrating(&self.module, &pact, false)?;
+        run?;
+        let mut alphas = Vec::new();
+        for l in &pact {
+            let path = format!("{}.x_quantizer", l.name);
+            let observed = jit::get_tensor(&self.module, &path, "observed")?.f_double_value(&[])?;
+            let mut alpha = jit::get_tensor(&self.module, &path, "alpha")?;
+            if observed > 0.0 && observed.is_finite() {
+                let _ = alpha.f_fill_(observed)?;
+            }
+            alphas.push((l.name.clone(), alpha.f_double_value(&[0])?));
+        }
+        Ok(alphas)
+    }
+
+    /// The current PACT alphas of the rewritten layers: `(layer, x alpha, w alpha)`.
+    pub fn alphas(&self) -> Result<Vec<LayerAlphas>> {
+        let read = |l: &RewrittenLayer, q: &str, kind: QuantizerKind| -> Result<Option<f64>> {
+            if kind != QuantizerKind::Pact {
+                return Ok(None);
+            }
+            Ok(Some(
+                jit::get_tensor(&self.module, &format!("{}.{q}", l.name), "alpha")?.f_double_value(&[0])?,
+            ))
+        };
+        self.rewritten
+            .iter()
+            .map(|l| {
+                Ok((
+                    l.name.clone(),
+                    read(l, "x_quantizer", l.spec.x_kind)?,
+                    read(l, "w_quantizer", l.spec.w_kind)?,
+                ))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,177 @@
+//! Fine-tuning a TorchScript model itself: weight-only QAT, or QAT of its rewritten layers.
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use super::{ts_error, LayerReport, PtqConfig, ScriptModel};
+use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
+use crate::{Error, Result};
+
+/// Settings of [`ScriptModel::finetune_qat`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FinetuneConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Samples per step.
+    pub batch_size: i64,
+    /// Seed of the shuffling.
+    pub seed: i64,
+}
+
+impl FinetuneConfig {
+    /// Checks the learning rate (finite, not negative) and the batch size (at least 1).
+    pub fn check(&self) -> Result<()> {
+        crate::args::check_learning_rate("fine-tuning learning rate", self.lr)?;
+        if self.batch_size < 1 {
+            return Err(Error::Argument {
+                what: "fine-tuning batch size",
+                value: self.batch_size as f64,
+                expected: "at least 1",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self { epochs: 1, lr: 1e-4, batch_size: 64, seed: 0 }
+    }
+}
+
+fn diverged(epoch: usize, what: String) -> Error {
+    ts_error(format!(
+        "fine-tuning diverged in epoch {epoch} ({what}); the weights are restored and nothing is written: try a smaller learning rate"
+    ))
+}
+
+impl ScriptModel {
+    /// Weight-only quantization-aware fine-tuning of the module itself.
+    ///
+    /// The current weights become float shadows; each step runs the module with
+    /// fake-quantized weights, sends the gradients straight through to the
+    /// shadows (Adam on all parameters), then puts the shadows back. At the end
+    /// the weights are quantized once more and the report returned. The module
+    /// runs in training mode meanwhile (BatchNorm statistics update). If training
+    /// diverges the parameters are restored and an error returned.
+    pub fn finetune_qat(
+        &mut self,
+        quant: &PtqConfig,
+        images: &Tensor,
+        labels: &Tensor,
+        config: FinetuneConfig,
+    ) -> Result<Vec<LayerReport>> {
+        let weights = self.quantizable()?;
+        if weights.is_empty() {
+            return Err(ts_error(format!("{}: no quantizable weights to fine-tune", self.source.display())));
+        }
+        self.check_overrides(quant, &weights)?;
+        let mut shadows = Vec::new();
+        for (name, w) in &weights {
+            let bits = check_bitwidth(quant.bits_for(name))?;
+            let q = MinMaxQuant::from_config(QuantConfig {
+                per_channel: quant.per_channel,
+                ..QuantConfig::with_bitwidth(bits)
+            })?;
+            shadows.push((w.shallow_clone(), w.detach().copy(), q));
+        }
+        self.train(images, labels, config, &shadows)?;
+        self.quantize_weights(quant)
+    }
+
+    /// Quantization-aware fine-tuning of a model whose layers [`quantize_layers`](Self::quantize_layers)
+    /// rewrote: Adam on every parameter (weights, biases, BatchNorm, PACT alphas) through the
+    /// layers' own straight-through gradients. If training diverges the parameters are
+    /// restored and an error returned.
+    pub fn finetune(&mut self, images: &Tensor, labels: &Tensor, config: FinetuneConfig) -> Result<()> {
+        if self.rewritten.is_empty() {
+            return Err(ts_error(format!(
+                "{}: no rewritten layers to fine-tune: call quantize_layers first (or finetune_qat for weights only)",
+                self.source.display()
+            )));
+        }
+        self.train(images, labels, config, &[])
+    }
+
+    /// The training loop of both fine-tunings. `shadows` holds, for weight-only QAT, each
+    /// weight with its float shadow and quantizer.
+    fn train(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        config: FinetuneConfig,
+        shadows: &[(Tensor, Tensor, MinMaxQuant)],
+    ) -> Result<()> {
+        config.check()?;
+        let n = labels.size().first().copied().unwrap_or(0);
+        if n == 0 {
+            return Err(ts_error("fine-tuning needs training digits, got none".into()));
+        }
+        if images.size().first() != Some(&n) {
+            return Err(ts_error(format!("{} images but {n} labels", images.size().first().unwrap_or(&0))));
+        }
+        // Restored if training diverges, so a failed run leaves the model as it was.
+        let snapshot: Vec<(Tensor, Tensor)> =
+            self.parameters()?.into_iter().map(|(_, t)| (t.detach().copy(), t)).collect();
+        let vs = nn::VarStore::new(self.device);
+        for (name, t) in self.parameters()? {
+            // VarStore names cannot hold dots.
+            let _ = vs.root().add(&name.replace('.', "_"), t, true);
+        }
+        let copy_all = |pairs: &mut dyn Iterator<Item = (&Tensor, Tensor)>| -> Result<()> {
+            tch::no_grad(|| -> Result<()> {
+                for (dst, src) in pairs {
+                    dst.shallow_clone().f_copy_(&src)?;
+                }
+                Ok(())
+            })
+        };
+        let mut opt = nn::Adam::default().build(&vs, config.lr)?;
+        self.module.f_set_train()?;
+        tch::manual_seed(config.seed);
+        let result = (|| -> Result<()> {
+            for epoch in 1..=config.epochs {
+                let order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
+                for start in (0..n).step_by(config.batch_size.max(1) as usize) {
+                    let idx = order.f_narrow(0, start, config.batch_size.min(n - start))?;
+                    let x = images.f_index_select(0, &idx)?.f_to_device(self.device)?;
+                    let y = labels.f_index_select(0, &idx)?.f_to_device(self.device)?;
+                    let quantized: Vec<Tensor> =
+                        shadows.iter().map(|(_, s, q)| q.f_fake_quantize(s)).collect::<Result<_>>()?;
+                    copy_all(&mut shadows.iter().map(|(w, _, _)| w).zip(quantized))?;
+                    let loss = self.logits(&x)?.f_cross_entropy_loss::<Tensor>(
+                        &y,
+                        None,
+                        tch::Reduction::Mean,
+                        -100,
+                        0.0,
+                    )?;
+                    let value = loss.f_double_value(&[])?;
+                    if !value.is_finite() {
+                        return Err(diverged(epoch, format!("loss {value}")));
+                    }
+                    opt.zero_grad();
+                    loss.f_backward()?;
+                    // The straight-through step: the gradient of the quantized weights updates the shadows.
+                    copy_all(&mut shadows.iter().map(|(w, s, _)| (w, s.shallow_clone())))?;
+                    opt.step();
+                    copy_all(&mut shadows.iter().map(|(w, s, _)| (s, w.shallow_clone())))?;
+                }
+                for (name, t) in self.parameters()? {
+                    if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                        return Err(diverged(epoch, format!("{name} holds non-finite values")));
+                    }
+                }
+            }
+            Ok(())
+        })();
+        opt.zero_grad();
+        self.module.f_set_eval()?;
+        if result.is_err() {
+            copy_all(&mut snapshot.iter().map(|(saved, t)| (t, saved.shallow_clone())))?;
+        }
+        result
+    }
+}

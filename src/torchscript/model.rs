@@ -1,0 +1,175 @@
+//! [`ScriptModel`]: loading a TorchScript file, running it, saving it, and exporting its state.
+
+use std::path::Path;
+
+use tch::{nn, CModule, Device, Kind, Tensor};
+
+use super::{archive, rewrite, ts_error, RewriteConfig, RewriteReport, RewrittenLayer, ScriptModel};
+use crate::import::{ImportOptions, ImportReport};
+use crate::{torch_message, Error, Result};
+
+impl ScriptModel {
+    /// Loads a TorchScript file onto `device`, in evaluation mode.
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let path = path.as_ref();
+        crate::files::check_input_file(path, None)?;
+        // Read once: the bytes checked are the bytes loaded, whatever happens to the file meanwhile.
+        let bytes =
+            std::fs::read(path).map_err(|e| ts_error(format!("{}: {e}", crate::files::shown_path(path))))?;
+        archive::check(path, &bytes)?;
+        let mut module = CModule::load_data_on_device(&mut &bytes[..], device).map_err(|e| {
+            ts_error(format!(
+                "{}: not a TorchScript model ({})",
+                crate::files::shown_path(path),
+                torch_message(&e)
+            ))
+        })?;
+        module.f_set_eval()?;
+        Ok(Self { module, source: path.to_path_buf(), device, rewritten: Vec::new() })
+    }
+
+    /// The file this model was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The device its parameters live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Every parameter with its name; the tensors share storage with the module.
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.module.named_parameters()?)
+    }
+
+    /// Runs the module's `forward` on one tensor; a rejected input is an error naming its shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.module.forward_ts(&[x]).map_err(|e| {
+            ts_error(format!(
+                "{}: the model rejected an input of shape {:?}: {}",
+                self.source.display(),
+                x.size(),
+                torch_message(&e)
+            ))
+        })
+    }
+
+    /// Runs `forward` and checks that the result is `[N, classes]` logits for the `N` inputs.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        let n = x.size().first().copied().unwrap_or(0);
+        if y.dim() != 2 || y.size()[0] != n || !y.is_floating_point() {
+            return Err(ts_error(format!(
+                "{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {:?} of shape {:?}",
+                self.source.display(),
+                y.kind(),
+                y.size()
+            )));
+        }
+        Ok(y)
+    }
+
+    /// Share of `images` whose arg-max logit equals `labels`, in batches, without gradients.
+    pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch_size: i64) -> Result<f64> {
+        let n = labels.size()[0];
+        if n == 0 {
+            return Err(ts_error("no digits to measure accuracy on".into()));
+        }
+        let correct = crate::data::count_correct(images, labels, batch_size, |x| {
+            self.logits(&x.f_to_device(self.device)?)
+        })?;
+        Ok(correct as f64 / n as f64)
+    }
+
+    /// Saves the module as TorchScript (readable by `torch.jit.load`) through the crate's
+    /// atomic writer. Refuses the file it was loaded from, special files, and parameters or
+    /// buffers holding NaN or ±inf (writing nothing).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let origin = format!("refusing to write {}", crate::files::shown_path(path));
+        for (name, t) in self.state_dict()? {
+            crate::quantizers::check_state(&origin, &name, &t)?;
+        }
+        crate::files::write_atomic(path, &[&self.source], |tmp| {
+            self.module
+                .save(tmp)
+                .map_err(|e| ts_error(format!("{}: {}", crate::files::shown_path(path), torch_message(&e))))
+        })
+    }
+
+    /// Every parameter and buffer with its name (BatchNorm's `running_mean`, `running_var`
+    /// and `num_batches_tracked` included), as PyTorch's `state_dict()` lists them; the
+    /// tensors share storage with the module.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut entries = self.parameters()?;
+        entries.extend(crate::glue::jit::named_buffers(&self.module)?);
+        Ok(entries)
+    }
+
+    /// Copies parameters and buffers into a network's `VarStore` by name (`fc1.weight`,
+    /// `bn1.running_var`, ...), so a network of Approx layers starts from this model.
+    /// Quantizer state (`x_quantizer.alpha`, ...) is copied where the model has it (after
+    /// [`quantize_layers`](Self::quantize_layers)) and kept otherwise. Missing, mis-shaped
+    /// or unused names are an error listing each; see [`import_into_with`](Self::import_into_with)
+    /// for renames and partial imports.
+    pub fn import_into(&self, vs: &nn::VarStore) -> Result<ImportReport> {
+        self.import_into_with(vs, &ImportOptions::default())
+    }
+
+    /// [`import_into`](Self::import_into) with renames and, optionally, a partial import
+    /// that copies what fits and reports the rest.
+    pub fn import_into_with(&self, vs: &nn::VarStore, options: &ImportOptions) -> Result<ImportReport> {
+        crate::import::import_tensors(vs, self.state_dict()?, &self.source.display().to_string(), options)
+    }
+
+    /// Turns every `Linear` and `Conv2d` of the model (nested anywhere, scripted or traced)
+    /// into a quantized layer by rewriting its `forward` inside the TorchScript module: an
+    /// input quantizer and a weight quantizer per layer, computed as the crate's
+    /// `ApproxLinear` / `ApproxConv2d` in Quantized mode compute them. PACT alphas become
+    /// parameters `<layer>.x_quantizer.alpha` (and `w_quantizer.alpha`); the saved file is
+    /// plain TorchScript that `torch.jit.load` runs with nothing else installed.
+    ///
+    /// Layers the rewrite does not cover (Conv1d, transposed convolutions, functional
+    /// `F.linear` calls) stay in float and are listed in the report. A model rewritten once
+    /// is refused. The rewrite runs on a fresh copy of the module (libtorch freezes a
+    /// module's calls into its optimized plan on its first run).
+    ///
+    /// ```no_run
+    /// use tch::Device;
+    /// use torchapprox::torchscript::{RewriteConfig, ScriptModel};
+    ///
+    /// let mut model = ScriptModel::load("resnet.pt", Device::Cpu)?;
+    /// let report = model.quantize_layers(&RewriteConfig::default())?; // 8-bit PACT / MinMax
+    /// println!("{} layers quantized, left in float: {:?}", report.layers.len(), report.left_in_float);
+    /// model.save("resnet-q8.pt")?;
+    /// # Ok::<(), torchapprox::Error>(())
+    /// ```
+    pub fn quantize_layers(&mut self, config: &RewriteConfig) -> Result<RewriteReport> {
+        // A fresh module: one that already ran would keep calling its old layers. The copy
+        // goes through memory, never through a file another thread or user could touch.
+        let bytes = crate::glue::jit::module_bytes(&self.module)?;
+        let mut fresh = CModule::load_data_on_device(&mut &bytes[..], self.device)
+            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))))?;
+        fresh.f_set_eval()?;
+        let params = fresh.named_parameters()?;
+        let report = rewrite::rewrite(&fresh, &params, config)?;
+        self.module = fresh;
+        self.rewritten = report.layers.clone();
+        Ok(report)
+    }
+
+    /// Casts every parameter and buffer to `kind` (e.g. `Kind::Double` for gradient checks).
+    pub fn set_kind(&mut self, kind: Kind) -> Result<()> {
+        if !matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
+            return Err(Error::Dtype(kind));
+        }
+        self.module.to(self.device, kind, false);
+        Ok(())
+    }
+
+    /// The layers [`quantize_layers`](Self::quantize_layers) rewrote (empty before).
+    pub fn rewritten_layers(&self) -> &[RewrittenLayer] {
+        &self.rewritten
+    }
+}

@@ -1,0 +1,10 @@
+//! Quantized layers inside a TorchScript model: each Linear and Conv2d gets a new `forward`, in
+//! TorchScript, that quantizes its input and weight as the crate's layers do. The settings and
+//! report (`spec`), the plan (`plan`) and the source generator (`source`) each have a file.
+
+mod plan;
+mod source;
+mod spec;
+
+pub(crate) use plan::rewrite;
+pub use spec::{LayerOp, LayerQuantSpec, RewriteConfig, RewriteReport, RewrittenLayer};

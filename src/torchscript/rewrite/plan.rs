@@ -1,0 +1,196 @@
+//! The rewrite's plan: which submodules are Linear or Conv2d layers (and which stay in float,
+//! and why), each layer's spec and geometry, then the quantizers and `forward`s put in place.
+
+use tch::{CModule, Kind, Tensor};
+
+use super::source::forward_source;
+use super::{LayerOp, RewriteConfig, RewriteReport, RewrittenLayer};
+use crate::glue::jit;
+use crate::quantizers::{check_bitwidth, QuantizerKind};
+use crate::torchscript::ts_error;
+use crate::{Error, Result};
+
+/// The parsed output of `ta_module_describe`.
+struct Description {
+    modules: Vec<(String, String)>,
+    ops: Vec<(String, String, usize)>,
+    calls: Vec<(String, String, usize)>,
+}
+
+fn describe(m: &CModule) -> Result<Description> {
+    let text = jit::describe(m)?;
+    let mut d = Description { modules: Vec::new(), ops: Vec::new(), calls: Vec::new() };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        match f.as_slice() {
+            ["M", path, class] => d.modules.push((path.to_string(), class.to_string())),
+            ["O", path, op, n] => d.ops.push((path.to_string(), op.to_string(), n.parse().unwrap_or(0))),
+            ["C", path, child, n] => {
+                d.calls.push((path.to_string(), child.to_string(), n.parse().unwrap_or(0)))
+            }
+            _ => {}
+        }
+    }
+    Ok(d)
+}
+
+/// A class name without TorchScript's `___torch_mangle_N` parts: `__torch__.torch.nn.modules.linear.Linear`.
+fn demangled(class: &str) -> String {
+    class.split('.').filter(|p| !p.starts_with("___torch_mangle_")).collect::<Vec<_>>().join(".")
+}
+
+/// The layer classes the rewrite covers, and the ones it reports as left in float.
+fn classify(class: &str) -> Option<std::result::Result<&'static str, &'static str>> {
+    match demangled(class).as_str() {
+        "__torch__.torch.nn.modules.linear.Linear" => Some(Ok("Linear")),
+        "__torch__.torch.nn.modules.conv.Conv2d" => Some(Ok("Conv2d")),
+        "__torch__.torch.nn.modules.conv.Conv1d" => Some(Err("Conv1d")),
+        "__torch__.torch.nn.modules.conv.Conv3d" => Some(Err("Conv3d")),
+        "__torch__.torch.nn.modules.conv.ConvTranspose1d" => Some(Err("ConvTranspose1d")),
+        "__torch__.torch.nn.modules.conv.ConvTranspose2d" => Some(Err("ConvTranspose2d")),
+        "__torch__.torch.nn.modules.conv.ConvTranspose3d" => Some(Err("ConvTranspose3d")),
+        "__torch__.torch.nn.modules.linear.Bilinear" => Some(Err("Bilinear")),
+        _ => None,
+    }
+}
+
+const QUANTIZER_CLASS: &str = "__torch__.torchapprox.quantizers.";
+
+/// Plans and applies the rewrite on `m` (not yet run), whose parameters are `params`.
+pub(crate) fn rewrite(
+    m: &CModule,
+    params: &[(String, Tensor)],
+    config: &RewriteConfig,
+) -> Result<RewriteReport> {
+    crate::args::check_positive("init_alpha", config.init_alpha)?;
+    let d = describe(m)?;
+    if let Some((path, _)) = d.modules.iter().find(|(_, c)| c.starts_with(QUANTIZER_CLASS)) {
+        return Err(ts_error(format!(
+            "the model was quantized by this rewrite before ({path} is a quantizer): load the original instead"
+        )));
+    }
+    let mut report = RewriteReport::default();
+    let mut layers: Vec<(String, String)> = Vec::new();
+    for (path, class) in &d.modules {
+        match classify(class) {
+            Some(Ok(_)) => layers.push((path.clone(), class.clone())),
+            Some(Err(kind)) => report.left_in_float.push(format!("{path}: {kind} is not covered")),
+            None => {}
+        }
+    }
+    for (path, op, n) in &d.ops {
+        let covered = layers.iter().any(|(p, _)| p == path);
+        if !covered && !d.modules.iter().any(|(p, c)| p == path && matches!(classify(c), Some(Err(_)))) {
+            let at = if path.is_empty() { "the top module" } else { path.as_str() };
+            report.left_in_float.push(format!("{at}: {n} functional {op} call(s) in its code"));
+        }
+    }
+    if layers.is_empty() {
+        return Err(ts_error("no Linear or Conv2d layer to quantize".into()));
+    }
+    let names: Vec<&str> = layers.iter().map(|(p, _)| p.as_str()).collect();
+    for (i, (name, _)) in config.overrides.iter().enumerate() {
+        if !names.contains(&name.as_str()) {
+            return Err(ts_error(format!(
+                "unknown layer {name:?}: the model's layers are {}",
+                names.join(", ")
+            )));
+        }
+        if config.overrides[..i].iter().any(|(n, _)| n == name) {
+            return Err(ts_error(format!("layer {name} is given twice: give each layer once")));
+        }
+    }
+    let spec_of =
+        |name: &str| config.overrides.iter().find(|(n, _)| n == name).map_or(config.default, |(_, s)| *s);
+    let param = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+    for (path, class) in &layers {
+        // Messages name the layer; a model that is one layer has the empty path.
+        let label = if path.is_empty() { "the root module (the model itself)" } else { path.as_str() };
+        let spec = spec_of(path);
+        check_bitwidth(spec.x_bits)?;
+        check_bitwidth(spec.w_bits)?;
+        if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
+            return Err(Error::PerChannel(spec.w_kind));
+        }
+        if spec.x_kind == QuantizerKind::Lsq || spec.w_kind == QuantizerKind::Lsq {
+            return Err(ts_error(format!(
+                "{label}: the TorchScript rewrite covers pact and minmax, not lsq (yet)"
+            )));
+        }
+        let weight = param(&crate::layers::join(path, "weight"))
+            .ok_or_else(|| ts_error(format!("{label}: has no parameter weight")))?;
+        let op = if classify(class) == Some(Ok("Linear")) {
+            LayerOp::Linear
+        } else {
+            let g = jit::conv_geometry(m, path).map_err(|e| {
+                // The glue names a layer by its path, which is empty for the model's root module.
+                match e {
+                    Error::TorchScript(msg) if path.is_empty() => ts_error(format!("{label}{msg}")),
+                    e => e,
+                }
+            })?;
+            LayerOp::Conv2d { stride: g[0], padding: g[1], dilation: g[2], groups: g[3] }
+        };
+        let want = if op == LayerOp::Linear { 2 } else { 4 };
+        if weight.dim() != want || !weight.is_floating_point() {
+            return Err(ts_error(format!(
+                "{label}: weight of shape {:?} is not a {want}-d float tensor",
+                weight.size()
+            )));
+        }
+        let calls = d
+            .calls
+            .iter()
+            .filter(|(parent, child, _)| {
+                let full = if parent.is_empty() { child.clone() } else { format!("{parent}.{child}") };
+                &full == path
+            })
+            .map(|(_, _, n)| n)
+            .sum();
+        report.layers.push(RewrittenLayer {
+            name: path.clone(),
+            class: class.clone(),
+            op,
+            bias: param(&crate::layers::join(path, "bias")).is_some(),
+            spec,
+            calls,
+        });
+    }
+    // Instances of one class share `forward`: their sources must agree.
+    for (i, a) in report.layers.iter().enumerate() {
+        if let Some(b) = report.layers[..i].iter().find(|b| b.class == a.class) {
+            if forward_source(b) != forward_source(a) {
+                return Err(ts_error(format!(
+                    "layers {} and {} share the TorchScript class {} and so one forward: give them the same quantizers and bits",
+                    b.name, a.name, a.class
+                )));
+            }
+        }
+    }
+    for layer in &report.layers {
+        let weight_name = crate::layers::join(&layer.name, "weight");
+        let device = param(&weight_name).map(|w| w.device()).unwrap_or(tch::Device::Cpu);
+        let mut quantizers = Vec::new();
+        if layer.spec.x_kind == QuantizerKind::Pact {
+            quantizers.push(("x_quantizer", config.init_alpha));
+        }
+        if layer.spec.w_kind == QuantizerKind::Pact {
+            let w = param(&weight_name).expect("checked above");
+            let range = tch::no_grad(|| w.f_abs()?.f_max()?.f_double_value(&[]))?;
+            quantizers.push(("w_quantizer", if range > 0.0 { range } else { 1.0 }));
+        }
+        for (name, init) in quantizers {
+            let alpha = Tensor::f_full([1], init, (Kind::Float, device))?;
+            jit::add_quantizer(m, &layer.name, name, "PACT", &alpha)?;
+        }
+    }
+    let mut done: Vec<&str> = Vec::new();
+    for layer in &report.layers {
+        if done.contains(&layer.class.as_str()) {
+            continue;
+        }
+        done.push(&layer.class);
+        jit::replace_forward(m, &layer.name, &forward_source(layer))?;
+    }
+    Ok(report)
+}
