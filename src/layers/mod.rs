@@ -1,11 +1,26 @@
 //! Quantized layers mirroring TorchApprox's `ApproxLinear` and `ApproxConv2d`, and a container for networks of them.
+//!
+//! One job per file: `mode` (inference modes), `spec` (a layer's settings), `traits` (the
+//! layer and network interfaces), `layer_quant` (the quantizers and the forward pass),
+//! `calibration`, `surgery` (replacing a quantizer in a `VarStore`), then the layers
+//! (`linear`, `conv`) and the container (`sequential`).
 
-mod approx_layer;
+mod calibration;
 mod conv;
+mod layer_quant;
 mod linear;
+mod mode;
 mod sequential;
+mod spec;
+mod surgery;
+mod traits;
 
-pub use approx_layer::*;
+pub use calibration::Calibration;
 pub use conv::*;
+pub(crate) use layer_quant::join;
+pub use layer_quant::{LayerQuant, QuantizerSlot};
 pub use linear::*;
+pub use mode::InferenceMode;
 pub use sequential::*;
+pub use spec::QuantSpec;
+pub use traits::{ApproxLayer, ApproxModule};

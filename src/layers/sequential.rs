@@ -5,7 +5,7 @@ use std::fmt;
 
 use tch::{nn, Tensor};
 
-use super::approx_layer::join;
+use super::join;
 use super::{
     ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig, ApproxModule,
     QuantizerSlot,

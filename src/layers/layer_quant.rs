@@ -1,0 +1,225 @@
+//! [`LayerQuant`]: a layer's two quantizers, its mode, multiplier and noise level, and the
+//! forward pass every Approx layer runs.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use tch::{nn, Tensor};
+
+use super::{Calibration, InferenceMode, QuantSpec};
+use crate::approx::Multiplier;
+use crate::quantizers::{
+    check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind,
+};
+use crate::{Error, Result};
+
+/// `prefix.name`, or `name` alone under an empty prefix (a VarStore's root).
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Which of a layer's two quantizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantizerSlot {
+    /// The activation quantizer, `x_quantizer`.
+    Input,
+    /// The weight quantizer, `w_quantizer`.
+    Weight,
+}
+
+impl QuantizerSlot {
+    /// The quantizer's variable prefix, `x_quantizer` or `w_quantizer`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Input => "x_quantizer",
+            Self::Weight => "w_quantizer",
+        }
+    }
+}
+
+/// A layer's two quantizers, its mode and noise level.
+#[derive(Debug)]
+pub struct LayerQuant {
+    pub(super) x_quantizer: Quantizer,
+    pub(super) w_quantizer: Quantizer,
+    pub(super) mode: AtomicU8,
+    pub(super) noise_std: AtomicU64,
+    pub(super) multiplier: std::sync::RwLock<Option<Multiplier>>,
+    /// Per-batch statistics of the input while calibrating (see [`ApproxModule::calibrate`]).
+    pub(super) observed: std::sync::Mutex<Option<(Calibration, Vec<f64>)>>,
+}
+
+impl LayerQuant {
+    /// Builds the quantizers of `spec` under `path` (`path / "x_quantizer"`, `path / "w_quantizer"`).
+    pub fn new(path: &nn::Path, spec: QuantSpec) -> Result<Self> {
+        if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
+            return Err(Error::PerChannel(spec.w_kind));
+        }
+        if !(spec.noise_std.is_finite() && spec.noise_std >= 0.0) {
+            return Err(Error::Argument {
+                what: "noise_std",
+                value: spec.noise_std,
+                expected: "finite and >= 0",
+            });
+        }
+        let x_cfg = QuantConfig {
+            rounded: spec.rounded,
+            init_alpha: spec.init_alpha,
+            range: spec.x_range,
+            ..QuantConfig::with_bitwidth(spec.x_bitwidth())
+        };
+        let x_quantizer = Quantizer::from_config(spec.x_kind, path / "x_quantizer", x_cfg)?;
+        let w_cfg = QuantConfig {
+            per_channel: spec.per_channel,
+            rounded: spec.rounded,
+            ..QuantConfig::with_bitwidth(spec.w_bitwidth())
+        };
+        let w_quantizer = Quantizer::from_config(spec.w_kind, path / "w_quantizer", w_cfg)?;
+        Ok(Self {
+            x_quantizer,
+            w_quantizer,
+            mode: AtomicU8::new(spec.mode.to_u8()),
+            noise_std: AtomicU64::new(spec.noise_std.to_bits()),
+            multiplier: std::sync::RwLock::new(None),
+            observed: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Starts a PACT weight quantizer's alpha at the weight's range, `max |w|` (1 for an
+    /// all-zero weight), rather than at an activation's 2.2, which can zero every weight;
+    /// an LSQ weight quantizer's step size at `2 mean|w| / sqrt(int_max)`.
+    pub(crate) fn init_weight_alpha(&self, weight: &Tensor) -> Result<()> {
+        if let Quantizer::Lsq(q) = &self.w_quantizer {
+            q.init_from(weight)?;
+        }
+        if let Some(alpha) = self.w_quantizer.alpha() {
+            let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
+            let init = if range > 0.0 && range.is_finite() { range } else { 1.0 };
+            let _ = tch::no_grad(|| alpha.shallow_clone().f_fill_(init))?;
+        }
+        Ok(())
+    }
+
+    /// Quantizes the layer's input; PACT's `alpha` is `x_quantizer.alpha`.
+    pub fn x_quantizer(&self) -> &Quantizer {
+        &self.x_quantizer
+    }
+
+    /// Quantizes the weight; PACT's `alpha` is `w_quantizer.alpha`.
+    pub fn w_quantizer(&self) -> &Quantizer {
+        &self.w_quantizer
+    }
+
+    /// Refuses Approximate mode with quantizers of other than 8 bits (the tables are 8-bit).
+    fn check_approx_bits(&self) -> Result<()> {
+        let (x, w) = (self.x_quantizer.bitwidth(), self.w_quantizer.bitwidth());
+        if (x, w) != (8, 8) {
+            return Err(Error::Multiplier(format!(
+                "approximate mode multiplies 8-bit integers: the layer quantizes inputs to {x} and weights to {w} bits"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The current inference mode.
+    pub fn mode(&self) -> InferenceMode {
+        InferenceMode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    /// Changes the inference mode; takes `&self` so a whole network can switch in place.
+    pub fn set_mode(&self, mode: InferenceMode) {
+        self.mode.store(mode.to_u8(), Ordering::Relaxed);
+    }
+
+    /// Sets (or clears) the multiplier of [`InferenceMode::Approximate`].
+    pub fn set_multiplier(&self, multiplier: Option<Multiplier>) {
+        *self.multiplier.write().unwrap_or_else(|p| p.into_inner()) = multiplier;
+    }
+
+    /// The multiplier of [`InferenceMode::Approximate`], if set.
+    pub fn multiplier(&self) -> Option<Multiplier> {
+        self.multiplier.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The relative noise level of [`InferenceMode::Noise`].
+    pub fn noise_std(&self) -> f64 {
+        f64::from_bits(self.noise_std.load(Ordering::Relaxed))
+    }
+
+    /// Changes the relative noise level.
+    pub fn set_noise_std(&self, std: f64) {
+        self.noise_std.store(std.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Runs `op` (the layer's float operation on input, weight and optional bias) in the current mode;
+    /// `lut_op` is the same operation with a multiplier's table products (Approximate mode).
+    ///
+    /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+        channel_shape: &[i64],
+        op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+        lut_op: impl Fn(&Tensor, &Tensor, &Multiplier) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        check_defined(x, "layer input")?;
+        self.observe(x)?;
+        let mode = self.mode();
+        if mode == InferenceMode::Baseline {
+            return op(x, weight, bias);
+        }
+        let qw = self.w_quantizer.f_quantize_scaled(weight)?;
+        let (qx, acc) = match &self.x_quantizer {
+            // An input without gradient (a first layer's images) whose PACT alpha learns:
+            // alpha's gradient <g, op(dq_x/dalpha, q_w)> comes from one extra forward op,
+            // instead of differentiating op with respect to its input (for a convolution
+            // with one input channel, oneDNN's backward-data costs several forward passes).
+            Quantizer::Pact(p) if !x.requires_grad() && p.alpha().requires_grad() && grad_enabled() => {
+                let qx = tch::no_grad(|| p.f_quantize_scaled(x))?;
+                let acc = op(&qx.values, &qw.values, None)?;
+                let tangent = op(&p.f_alpha_tangent(x)?, &qw.values.f_detach()?, None)?;
+                let alpha = p.alpha().f_reshape([])?;
+                // Exactly zero in value (a non-finite alpha gets none), d/dalpha = tangent.
+                let delta =
+                    alpha.f_sub(&alpha.f_detach()?)?.f_where_scalarother(&alpha.f_isfinite()?, 0.0)?;
+                (qx, acc.f_add(&tangent.f_mul(&delta)?)?)
+            }
+            _ => {
+                let qx = self.x_quantizer.f_quantize_scaled_t(x, train)?;
+                let acc = op(&qx.values, &qw.values, None)?;
+                (qx, acc)
+            }
+        };
+        let acc = if mode == InferenceMode::Approximate {
+            let m = self.multiplier().ok_or_else(|| {
+                Error::Multiplier("approximate mode needs a multiplier: call set_multiplier first".into())
+            })?;
+            self.check_approx_bits()?;
+            // The table's sums in value, the exact products' gradient: acc + (lut - acc), detached.
+            let lut = lut_op(&qx.values.f_detach()?, &qw.values.f_detach()?, &m)?;
+            acc.f_add(&lut.f_sub(&acc.f_detach()?)?)?
+        } else {
+            acc
+        };
+        let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
+        let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;
+        if mode == InferenceMode::Noise && train {
+            let std = self.noise_std();
+            if std > 0.0 && y.numel() > 1 {
+                let spread = y.f_detach()?.f_std(true)?;
+                y = y.f_add(&y.f_randn_like()?.f_mul(&spread)?.f_mul_scalar(std)?)?;
+            }
+        }
+        if let Some(b) = bias {
+            y = y.f_add(&b.f_reshape(channel_shape)?)?;
+        }
+        Ok(y.f_to_kind(x.kind())?)
+    }
+}
