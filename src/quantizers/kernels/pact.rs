@@ -1,0 +1,186 @@
+//! PACT's elementwise pass (`round(clamp(x * s, -int_max, int_max))`, over `s` if
+//! dequantized) and its backward pass with the alpha gradient's sum.
+
+use tch::{Kind, Tensor};
+
+use super::real::{clamp, round_even, Real};
+use super::{fill_new, fits, for_chunks_reduce, run_new, run_to, slice, Grad, Pass, PARALLEL_MIN};
+
+/// One PACT pass: integers `round(clamp(x * s, -im, im))`, or those divided by `s`, into a new tensor.
+pub(crate) fn pact(x: &Tensor, kind: Kind, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+    by_kind!(kind, pact_typed(x, s, int_max, dequantize))
+}
+
+/// Like [`pact`], into `dst`, which must [`fits`] `x`.
+pub(crate) fn pact_to(x: &Tensor, kind: Kind, dst: &mut Tensor, s: f64, int_max: i64, dequantize: bool) {
+    debug_assert!(fits(dst, x));
+    by_kind!(kind, pact_to_typed(x, dst, s, int_max, dequantize))
+}
+
+/// PACT's backward pass (see [`pact_backward_typed`]).
+pub(crate) fn pact_backward(
+    x: &Tensor,
+    kind: Kind,
+    g: Grad,
+    alpha: f64,
+    gx_scale: f64,
+    want_gx: bool,
+) -> (Option<Tensor>, f64) {
+    by_kind!(kind, pact_backward_typed(x, g, alpha, gx_scale, want_gx))
+}
+
+/// PACT's parameters in `T`.
+#[derive(Clone, Copy)]
+struct PactPass<T> {
+    s: T,
+    neg: T,
+    im: T,
+    dequantize: bool,
+}
+
+impl<T: Real> PactPass<T> {
+    fn new(s: f64, int_max: i64, dequantize: bool) -> Self {
+        let (s, im) = (T::from_f64(s), T::from_f64(int_max as f64));
+        Self { s, neg: T::ZERO - im, im, dequantize }
+    }
+}
+
+impl<T: Real> Pass<T> for PactPass<T> {
+    fn run(self, xs: &[T], ys: &mut [T]) {
+        pact_slice(xs, ys, self.s, self.neg, self.im, self.dequantize)
+    }
+
+    fn dequantized(self) -> Option<(f64, T)> {
+        self.dequantize.then(|| (self.im.to_f64(), self.s))
+    }
+}
+
+/// [`pact`] for element type `T`.
+fn pact_typed<T: Real>(x: &Tensor, s: f64, int_max: i64, dequantize: bool) -> Tensor {
+    run_new(x, PactPass::<T>::new(s, int_max, dequantize))
+}
+
+/// [`pact_to`] for element type `T`.
+fn pact_to_typed<T: Real>(x: &Tensor, dst: &mut Tensor, s: f64, int_max: i64, dequantize: bool) {
+    // SAFETY: the caller checked fits(dst, x); by_kind! chose T from x's dtype.
+    unsafe { run_to(x, dst, PactPass::<T>::new(s, int_max, dequantize)) }
+}
+
+simd!(fn pact_slice<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) = pact_body);
+
+#[inline(always)]
+fn pact_body<T: Real>(xs: &[T], ys: &mut [T], s: T, neg: T, im: T, dequantize: bool) {
+    if dequantize {
+        for (y, &v) in ys.iter_mut().zip(xs) {
+            *y = round_even(clamp(v * s, neg, im)) / s;
+        }
+    } else {
+        for (y, &v) in ys.iter_mut().zip(xs) {
+            *y = round_even(clamp(v * s, neg, im));
+        }
+    }
+}
+
+/// PACT's backward over `x` for upstream gradient `g`: `g * gx_scale` where `|x| < alpha` (0
+/// elsewhere and at NaN; only with `want_gx`), and `sum(g where x >= alpha) - sum(g where
+/// x <= -alpha)` accumulated in float64.
+fn pact_backward_typed<T: Real>(
+    x: &Tensor,
+    g: Grad,
+    alpha: f64,
+    gx_scale: f64,
+    want_gx: bool,
+) -> (Option<Tensor>, f64) {
+    // SAFETY: the caller checked eligible(), and by_kind! chose T from that dtype.
+    let xs = unsafe { slice::<T>(x) };
+    let (a, k) = (T::from_f64(alpha), T::from_f64(gx_scale));
+    let nega = T::ZERO - a;
+    let gs: Option<&[T]> = match g {
+        // SAFETY: Grad::of checked a contiguous CPU tensor of x's dtype and shape.
+        Grad::Tensor(t) => Some(unsafe { slice::<T>(t) }),
+        Grad::Scalar(_) => None,
+    };
+    let scalar = match g {
+        Grad::Scalar(v) => Some(T::from_f64(v)),
+        Grad::Tensor(_) => None,
+    };
+    if !want_gx {
+        let sum = std::sync::Mutex::new(0.0f64);
+        let total = &sum;
+        crate::glue::parallel_for(xs.len(), PARALLEL_MIN / 2, move |b, e| {
+            let part = pact_backward_slice(&xs[b..e], gs.map(|g| &g[b..e]), scalar, None, a, nega, k);
+            *total.lock().unwrap_or_else(|p| p.into_inner()) += part;
+        });
+        return (None, sum.into_inner().unwrap_or_else(|p| p.into_inner()));
+    }
+    let mut sum = 0.0;
+    let gx = fill_new::<T>(x, |gxs| {
+        sum = for_chunks_reduce(xs, gxs, move |off, xs, gxs| {
+            pact_backward_slice(xs, gs.map(|g| &g[off..off + xs.len()]), scalar, Some(gxs), a, nega, k)
+        });
+    });
+    (Some(gx), sum)
+}
+
+// One chunk of PACT's backward: `gxs` (where wanted) and the chunk's alpha sum. The gradient
+// is `gs`, or `scalar` everywhere when `gs` is `None`. Every parameter by value and one loop
+// per case, so that each loop vectorises.
+simd!(fn pact_backward_slice<T: Real>(
+    xs: &[T],
+    gs: Option<&[T]>,
+    scalar: Option<T>,
+    gxs: Option<&mut [T]>,
+    a: T,
+    nega: T,
+    k: T
+) -> f64 = pact_backward_body);
+
+#[inline(always)]
+fn pact_backward_body<T: Real>(
+    xs: &[T],
+    gs: Option<&[T]>,
+    scalar: Option<T>,
+    gxs: Option<&mut [T]>,
+    a: T,
+    nega: T,
+    k: T,
+) -> f64 {
+    // Selects rather than products: a NaN x (or inf * 0) never reaches either result.
+    #[inline(always)]
+    fn step<T: Real>(v: T, gi: T, a: T, nega: T, k: T) -> (T, T) {
+        let inside = if v.abs() < a { gi * k } else { T::ZERO };
+        let up = if v >= a { gi } else { T::ZERO };
+        let lo = if v <= nega { gi } else { T::ZERO };
+        (inside, up - lo)
+    }
+    // Four float64 partial sums: exact enough for any size and independent of the chunking.
+    let mut acc = [0.0f64; 4];
+    match (gs, scalar, gxs) {
+        (Some(gs), _, Some(gxs)) => {
+            for (i, ((&v, &gi), o)) in xs.iter().zip(gs).zip(gxs.iter_mut()).enumerate() {
+                let (gx, c) = step(v, gi, a, nega, k);
+                *o = gx;
+                acc[i & 3] += c.to_f64();
+            }
+        }
+        (None, Some(gi), Some(gxs)) => {
+            for (i, (&v, o)) in xs.iter().zip(gxs.iter_mut()).enumerate() {
+                let (gx, c) = step(v, gi, a, nega, k);
+                *o = gx;
+                acc[i & 3] += c.to_f64();
+            }
+        }
+        (Some(gs), _, None) => {
+            for (i, (&v, &gi)) in xs.iter().zip(gs).enumerate() {
+                acc[i & 3] += step(v, gi, a, nega, k).1.to_f64();
+            }
+        }
+        (None, Some(gi), None) => {
+            for (i, &v) in xs.iter().enumerate() {
+                acc[i & 3] += step(v, gi, a, nega, k).1.to_f64();
+            }
+        }
+        (None, None, _) => {}
+    }
+    acc.iter().sum()
+}
