@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's approximate-multiplier table: LeNet-5 trained with 8-bit QAT on the embedded
+# docs/approx.md's approximate-multiplier table: LeNet-5 trained with 8-bit QAT on the embedded
 # digits, then evaluated through each multiplier's table before and after 1 and 2 epochs of
 # approximate-aware retraining (release build, 1 thread). Prints markdown rows.
 #   bash scripts/approx_table.sh [MULTIPLIER ...]

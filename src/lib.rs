@@ -1,5 +1,5 @@
-// The crate's front page is the README: set-up, the Python-to-Rust table with where gradients
-// differ, the trainer, TorchScript, approximate multipliers, speed and semantics.
+// The crate's front page is the README (what it is, the two commands, an example, the module
+// map); each module's guide is a docs/ page included as its documentation.
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 

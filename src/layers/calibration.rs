@@ -7,7 +7,7 @@ use super::{ApproxLayer, InferenceMode, LayerQuant};
 use crate::quantizers::{ApproxQuantizer, Quantizer};
 use crate::{Error, Result};
 
-/// How [`ApproxModule::calibrate`] turns each layer's inputs into its range.
+/// How [`ApproxModule::calibrate`](super::ApproxModule::calibrate) turns each layer's inputs into its range.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Calibration {
     /// The largest input magnitude seen.

@@ -4,6 +4,10 @@
 //! layer and network interfaces), `layer_quant` (the quantizers and the forward pass),
 //! `calibration`, `surgery` (replacing a quantizer in a `VarStore`), then the layers
 //! (`linear`, `conv`) and the container (`sequential`).
+//!
+//! The guide below is `docs/networks.md`, kept as this module's documentation so that its
+//! examples run as doctests.
+#![doc = include_str!("../../docs/networks.md")]
 
 mod calibration;
 mod conv;

@@ -15,9 +15,9 @@ pub enum InferenceMode {
     Quantized,
     /// `Quantized` plus Gaussian noise of standard deviation `noise_std * std(y)`, in training only.
     Noise,
-    /// `Quantized` with every 8-bit product read from the layer's [`Multiplier`] table,
+    /// `Quantized` with every 8-bit product read from the layer's [`Multiplier`](crate::approx::Multiplier) table,
     /// summed exactly; gradients are those of the exact products (straight-through), as in
-    /// TorchApprox. Needs 8-bit quantizers and a multiplier ([`LayerQuant::set_multiplier`]).
+    /// TorchApprox. Needs 8-bit quantizers and a multiplier ([`LayerQuant::set_multiplier`](super::LayerQuant::set_multiplier)).
     Approximate,
 }
 

@@ -15,6 +15,10 @@
 //! assert_eq!(y.size(), [5]);
 //! # Ok::<(), tch::TchError>(())
 //! ```
+//!
+//! The guide below is `docs/quantizers.md`, kept as this module's documentation so that its
+//! examples run as doctests.
+#![doc = include_str!("../../docs/quantizers.md")]
 
 mod approx_quantizer;
 mod kernels;

@@ -5,6 +5,10 @@
 //! place; `finetune` trains the module itself; `rewrite` plans and generates the quantized
 //! layers' TorchScript; `calibrate` sets their alphas from data; `archive` checks a file
 //! before libtorch reads it.
+//!
+//! The guide below is `docs/torchscript.md`, kept as this module's documentation so that its
+//! examples run as doctests.
+#![doc = include_str!("../../docs/torchscript.md")]
 
 use std::path::PathBuf;
 

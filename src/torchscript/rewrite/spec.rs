@@ -35,14 +35,14 @@ impl Default for LayerQuantSpec {
     }
 }
 
-/// Settings of [`ScriptModel::quantize_layers`](super::ScriptModel::quantize_layers).
+/// Settings of [`ScriptModel::quantize_layers`](crate::torchscript::ScriptModel::quantize_layers).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewriteConfig {
     /// The spec of every layer without an override.
     pub default: LayerQuantSpec,
     /// Per-layer specs by module path (`layer1.0.conv1`).
     pub overrides: Vec<(String, LayerQuantSpec)>,
-    /// PACT's initial input clipping level (TorchApprox's 2.2); [`calibrate`](super::ScriptModel::calibrate) replaces it.
+    /// PACT's initial input clipping level (TorchApprox's 2.2); [`calibrate`](crate::torchscript::ScriptModel::calibrate) replaces it.
     pub init_alpha: f64,
 }
 
@@ -87,7 +87,7 @@ pub struct RewrittenLayer {
     pub calls: usize,
 }
 
-/// What [`quantize_layers`](super::ScriptModel::quantize_layers) did.
+/// What [`quantize_layers`](crate::torchscript::ScriptModel::quantize_layers) did.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RewriteReport {
     /// The rewritten layers, in module order.
