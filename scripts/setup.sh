@@ -9,8 +9,9 @@
 # `.cargo/config.toml` points LIBTORCH at it, so plain `cargo` works afterwards.
 # Idempotent: a second run checks the install and only refreshes the link.
 #
-#   scripts/setup.sh --project DIR   # also make the Cargo crate at DIR build and run with
-#                                    # plain `cargo build` / `cargo run`, nothing exported
+#   scripts/setup.sh --project DIR   # instead make the Cargo crate at DIR build and run with
+#                                    # plain `cargo build` / `cargo run`, nothing exported; writes
+#                                    # only into DIR and the cache (the checkout may be read-only)
 # writes DIR/.cargo/config.toml: LIBTORCH set to the cached venv's torch folder (absolute,
 # so the crate does not depend on this checkout) and an rpath to its lib folder.
 set -euo pipefail
@@ -60,10 +61,13 @@ else
 fi
 
 torch_dir="$("$py" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
-ln -sfn "$torch_dir" "$root/.libtorch"
-ln -sfn "$venv" "$root/.venv"
-echo "setup: .libtorch -> $torch_dir"
-echo "setup: .venv -> $venv"
+# With --project only the user's crate and the cache are written: the checkout may be read-only.
+if [ -z "$project" ]; then
+    ln -sfn "$torch_dir" "$root/.libtorch"
+    ln -sfn "$venv" "$root/.venv"
+    echo "setup: .libtorch -> $torch_dir"
+    echo "setup: .venv -> $venv"
+fi
 
 if [ -n "$project" ]; then
     marker="# Written by torchapprox's scripts/setup.sh --project"

@@ -68,6 +68,33 @@ impl Mnist {
         ])
     }
 
+    /// The 10,000 MNIST digits embedded in the crate (1.6 MB of gzip): 8,000 training and
+    /// 2,000 test digits of 28×28 pixels; provenance and licence in
+    /// `examples/data/mnist-10k/README.md`.
+    ///
+    /// ```
+    /// let m = torchapprox::data::Mnist::embedded()?;
+    /// assert_eq!(m.train_images.size(), [8000, 28, 28]);
+    /// assert_eq!(m.test_labels.size(), [2000]);
+    /// # Ok::<(), torchapprox::Error>(())
+    /// ```
+    pub fn embedded() -> Result<Self> {
+        macro_rules! file {
+            ($name:literal) => {
+                (
+                    concat!("embedded ", $name),
+                    &include_bytes!(concat!("../examples/data/mnist-10k/", $name))[..],
+                )
+            };
+        }
+        Self::from_bytes([
+            file!("train-images-idx3-ubyte.gz"),
+            file!("train-labels-idx1-ubyte.gz"),
+            file!("t10k-images-idx3-ubyte.gz"),
+            file!("t10k-labels-idx1-ubyte.gz"),
+        ])
+    }
+
     /// Parses the four files' bytes (plain or gzipped), in [`MNIST_FILES`] order;
     /// the names only label error messages.
     pub fn from_bytes(files: [(&str, &[u8]); 4]) -> Result<Self> {

@@ -116,6 +116,16 @@ impl Net {
         }
         self.seq.f_forward_t(xs, train)
     }
+
+    /// [`ApproxModule::calibrate`] with the network's own forward pass (see
+    /// [`ApproxSequential::calibrate_on`]).
+    pub fn calibrate_on(
+        &self,
+        batches: &[Tensor],
+        method: crate::layers::Calibration,
+    ) -> Result<Vec<(String, f64)>> {
+        self.calibrate(batches, &|x| self.f_forward_t(x, false), method)
+    }
 }
 
 impl nn::ModuleT for Net {

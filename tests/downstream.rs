@@ -70,3 +70,27 @@ fn a_users_crate_builds_and_runs_after_setup_project() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("was not written by this script"));
     assert_eq!(std::fs::read_to_string(dir.join(".cargo/config.toml")).unwrap(), "[build]\njobs = 1\n");
 }
+
+#[test]
+fn setup_project_writes_nothing_into_the_checkout() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = TempDir::new("readonly-checkout");
+    // A checkout of its own (the script finds the root from its own path), and a user's crate.
+    let checkout = tmp.0.join("checkout");
+    std::fs::create_dir_all(checkout.join("scripts")).unwrap();
+    std::fs::copy(root.join("scripts/setup.sh"), checkout.join("scripts/setup.sh")).unwrap();
+    let user = tmp.0.join("user");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("Cargo.toml"), "[package]\nname = \"u\"\nversion = \"0.1.0\"\n").unwrap();
+    let before: Vec<_> = std::fs::read_dir(&checkout).unwrap().flatten().map(|e| e.file_name()).collect();
+    let o = clean(Command::new("bash"))
+        .arg(checkout.join("scripts/setup.sh"))
+        .arg("--project")
+        .arg(&user)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "setup.sh --project: {}", String::from_utf8_lossy(&o.stderr));
+    let after: Vec<_> = std::fs::read_dir(&checkout).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(before, after, "setup.sh --project wrote into the checkout");
+    assert!(user.join(".cargo/config.toml").exists());
+}

@@ -11,17 +11,7 @@ use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 
 /// The embedded default data set (see examples/data/mnist-10k/README.md for its provenance).
 pub fn embedded_mnist() -> Result<Mnist> {
-    macro_rules! file {
-        ($name:literal) => {
-            (concat!("embedded ", $name), &include_bytes!(concat!("../data/mnist-10k/", $name))[..])
-        };
-    }
-    Ok(Mnist::from_bytes([
-        file!("train-images-idx3-ubyte.gz"),
-        file!("train-labels-idx1-ubyte.gz"),
-        file!("t10k-images-idx3-ubyte.gz"),
-        file!("t10k-labels-idx1-ubyte.gz"),
-    ])?)
+    Ok(Mnist::embedded()?)
 }
 
 /// `auto` (CUDA when available), `cpu` or `cuda` (an error without a CUDA device).

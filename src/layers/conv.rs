@@ -11,17 +11,17 @@ use crate::{Error, Result};
 /// Settings of an [`ApproxConv2d`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApproxConvConfig {
-    /// Step of the kernel.
+    /// Step of the kernel; default 1.
     pub stride: i64,
-    /// Zero padding on each side.
+    /// Zero padding on each side; default 0.
     pub padding: i64,
-    /// Spacing of the kernel's taps.
+    /// Spacing of the kernel's taps; default 1.
     pub dilation: i64,
-    /// Channel groups; `groups == in_channels` is a depthwise convolution.
+    /// Channel groups; `groups == in_channels` is a depthwise convolution; default 1.
     pub groups: i64,
-    /// Whether the layer has a bias.
+    /// Whether the layer has a bias; default `true`.
     pub bias: bool,
-    /// Quantizers, bitwidth and mode.
+    /// Quantizers, bitwidth and mode; default [`QuantSpec::default`].
     pub quant: QuantSpec,
 }
 

@@ -10,9 +10,9 @@ use crate::{Error, Result};
 /// Settings of an [`ApproxLinear`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApproxLinearConfig {
-    /// Whether the layer has a bias.
+    /// Whether the layer has a bias; default `true`.
     pub bias: bool,
-    /// Quantizers, bitwidth and mode.
+    /// Quantizers, bitwidth and mode; default [`QuantSpec::default`].
     pub quant: QuantSpec,
 }
 

@@ -3,12 +3,13 @@
 //! One job per file: `mode` (inference modes), `spec` (a layer's settings), `traits` (the
 //! layer and network interfaces), `layer_quant` (the quantizers and the forward pass),
 //! `calibration`, `surgery` (replacing a quantizer in a `VarStore`), then the layers
-//! (`linear`, `conv`) and the container (`sequential`).
+//! (`linear`, `conv`), the container (`sequential`) and its builder (`builder`).
 //!
 //! The guide below is `docs/networks.md`, kept as this module's documentation so that its
 //! examples run as doctests.
 #![doc = include_str!("../../docs/networks.md")]
 
+mod builder;
 mod calibration;
 mod conv;
 mod layer_quant;
@@ -19,6 +20,7 @@ mod spec;
 mod surgery;
 mod traits;
 
+pub use builder::{approx_sequential, SequentialBuilder};
 pub use calibration::Calibration;
 pub use conv::*;
 pub(crate) use layer_quant::join;

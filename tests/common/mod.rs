@@ -29,7 +29,7 @@ pub fn embedded_dir() -> PathBuf {
 
 /// The embedded 10,000 digits.
 pub fn embedded_digits() -> torchapprox::data::Mnist {
-    torchapprox::data::Mnist::load_dir(embedded_dir()).unwrap()
+    torchapprox::data::Mnist::embedded().unwrap()
 }
 
 /// The embedded test digits as the PyTorch fixtures take them (pixel / 255), and their labels.
