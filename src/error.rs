@@ -256,3 +256,20 @@ pub fn strip_backtrace(text: &str) -> String {
 
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::strip_backtrace;
+
+    #[test]
+    fn cpp_frames_are_dropped_and_the_reason_kept() {
+        let msg = "shape '[2]' is invalid for input of size 3\nException raised from computeStride at ../aten/src/ATen/TensorUtils.cpp:1 (most recent call first):\nframe #0: c10::Error::Error() + 0x1 (0x7f in libc10.so)\nframe #1: at::native::view() + 0x2\n\nmore context\n";
+        assert_eq!(strip_backtrace(msg), "shape '[2]' is invalid for input of size 3 more context");
+        let ts = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\n  File \"code/__torch__.py\", line 8\nRuntimeError: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)\n";
+        assert_eq!(
+            strip_backtrace(ts),
+            "TorchScript: RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"
+        );
+        assert_eq!(strip_backtrace("plain"), "plain");
+    }
+}

@@ -211,3 +211,19 @@ pub fn import_safetensors(
     let tensors = crate::files::read_safetensors(path)?;
     import_tensors(vs, tensors, &crate::files::shown_path(path), options)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ImportOptions;
+
+    #[test]
+    fn renames_apply_at_dot_boundaries_first_match_wins() {
+        let o = ImportOptions::renamed([("features.0", "conv1"), ("features", "body"), ("", "model")]);
+        assert_eq!(o.map("features.0.weight"), "conv1.weight");
+        assert_eq!(o.map("features.01.weight"), "body.01.weight", "features.0 is no prefix of features.01");
+        assert_eq!(o.map("fc.bias"), "model.fc.bias");
+        let strip = ImportOptions::renamed([("module", "")]);
+        assert_eq!(strip.map("module.fc.weight"), "fc.weight");
+        assert_eq!(strip.map("modules.fc.weight"), "modules.fc.weight");
+    }
+}

@@ -223,3 +223,14 @@ impl LayerQuant {
         Ok(y.f_to_kind(x.kind())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::join;
+
+    #[test]
+    fn names_join_at_dots_and_the_root_has_no_prefix() {
+        assert_eq!(join("", "weight"), "weight");
+        assert_eq!(join("layer1.0", "conv1"), "layer1.0.conv1");
+    }
+}

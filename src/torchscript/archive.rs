@@ -326,3 +326,45 @@ impl<'a> Reader<'a> {
         Ok(String::from_utf8_lossy(&rest[..n]).into_owned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{item_size, storage_refs, StorageRef};
+
+    /// `BINUNICODE s`.
+    fn text(s: &str) -> Vec<u8> {
+        let mut b = vec![b'X'];
+        b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+        b
+    }
+
+    /// A pickle holding one persistent id `('storage', torch.<dtype>, key, 'cpu', numel)`.
+    fn persistent_id(dtype: &str, key: &str, numel: u8) -> Vec<u8> {
+        let mut b = b"\x80\x02(".to_vec();
+        b.extend(text("storage"));
+        b.extend_from_slice(format!("ctorch\n{dtype}\n").as_bytes());
+        b.extend(text(key));
+        b.extend(text("cpu"));
+        b.extend_from_slice(&[b'K', numel, b't', b'Q', b'.']);
+        b
+    }
+
+    #[test]
+    fn storage_references_are_read_from_the_pickle() {
+        let refs = storage_refs(&persistent_id("FloatStorage", "7", 6)).unwrap();
+        assert_eq!(refs, [StorageRef { dtype: "FloatStorage".into(), key: "7".into(), numel: 6 }]);
+        assert_eq!(item_size("FloatStorage"), Some(4));
+        assert_eq!(item_size("ComplexDouble"), None, "not a storage name");
+        assert_eq!(item_size("BFloat16Storage"), Some(2));
+    }
+
+    #[test]
+    fn malformed_pickles_are_errors_not_panics() {
+        let good = persistent_id("LongStorage", "0", 3);
+        for cut in 0..good.len() - 1 {
+            assert!(storage_refs(&good[..cut]).is_err(), "a pickle cut at {cut} was accepted");
+        }
+        assert!(storage_refs(b"\x80\x02Q.").is_err(), "a persistent id from an empty stack");
+    }
+}

@@ -140,3 +140,27 @@ macro_rules! simd {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{clamp, round_even};
+
+    #[test]
+    fn round_even_is_torch_round_below_two_to_the_22() {
+        for i in -40_000i32..40_000 {
+            let v = i as f32 * 0.25 + 0.125 * (i % 3) as f32;
+            assert_eq!(round_even(v).to_bits(), v.round_ties_even().to_bits(), "{v}");
+            let d = v as f64 * 1.000_001;
+            assert_eq!(round_even(d).to_bits(), d.round_ties_even().to_bits(), "{d}");
+        }
+        assert_eq!(round_even(-0.4f32).to_bits(), (-0.0f32).to_bits(), "the sign of zero is kept");
+        assert_eq!(round_even(4_194_303.5f32), 4_194_304.0);
+    }
+
+    #[test]
+    fn clamp_keeps_nan() {
+        assert!(clamp(f32::NAN, -1.0, 1.0).is_nan());
+        assert_eq!(clamp(5.0f64, -1.0, 1.0), 1.0);
+        assert_eq!(clamp(f32::NEG_INFINITY, -1.0, 1.0), -1.0);
+    }
+}
