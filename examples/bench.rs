@@ -31,7 +31,7 @@ struct Args {
         allow_hyphen_values = true
     )]
     sizes: Vec<i64>,
-    /// JSON written by scripts/bench_reference.py in the same run.
+    /// JSON written by scripts/checks/bench_reference.py in the same run.
     #[arg(long)]
     reference: Option<PathBuf>,
     /// Where to write the results as JSON.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speed benchmark, all in one run on this machine: our quantizers (release build), the
 # memory-copy bound (libtorch copy_ into a preallocated tensor, and clone) and the PyTorch reference
-# (scripts/bench_reference.py), then one table of ratios; JSON in target/bench/.
+# (scripts/checks/bench_reference.py), then one table of ratios; JSON in target/bench/.
 #   scripts/bench.sh                 # 1 and 2 threads, 1,000 to 16Mi elements
 #   BENCH_THREADS=1 scripts/bench.sh
 set -euo pipefail
@@ -11,6 +11,6 @@ threads="${BENCH_THREADS:-1,2}"
 mkdir -p target/bench
 cargo build --quiet --release --example bench
 echo "== PyTorch reference (threads ${threads})"
-.venv/bin/python scripts/bench_reference.py --threads ${threads//,/ } --out target/bench/reference.json
+.venv/bin/python scripts/checks/bench_reference.py --threads ${threads//,/ } --out target/bench/reference.json
 echo "== ours, with the bound and the reference ratios (ratios > 1 mean ours is faster)"
 ./target/release/examples/bench --threads "$threads" --reference target/bench/reference.json --out target/bench/latest.json "$@"

@@ -45,7 +45,7 @@ python3 scripts/bench_markdown.py    # target/bench/latest.json -> BENCHMARKS.md
 ```
 
 `scripts/bench.sh` builds `examples/bench.rs` in release mode, runs
-`scripts/bench_reference.py` (TorchApprox's semantics in PyTorch: `autograd.Function`
+`scripts/checks/bench_reference.py` (TorchApprox's semantics in PyTorch: `autograd.Function`
 nodes, fake quantization as `quantize / scale`) and prints one table of ratios; the
 JSON lands in `target/bench/latest.json`. Every time is a median.
 

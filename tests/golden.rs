@@ -1,4 +1,4 @@
-//! Golden tests: our quantizers against TorchApprox's semantics computed by PyTorch (scripts/gen_fixtures.py).
+//! Golden tests: our quantizers against TorchApprox's semantics computed by PyTorch (scripts/fixtures/gen_fixtures.py).
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Networks built with `approx_sequential`, with PyTorch weights and BatchNorm statistics
-//! imported from TorchScript and safetensors (fixtures: scripts/make_import_fixtures.py).
+//! imported from TorchScript and safetensors (fixtures: scripts/fixtures/make_import_fixtures.py).
 
 mod common;
 

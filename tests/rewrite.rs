@@ -1,4 +1,4 @@
-//! TorchScript layer rewrite (scripts/make_rewrite_fixtures.py): rewritten models run and train in
+//! TorchScript layer rewrite (scripts/fixtures/make_rewrite_fixtures.py): rewritten models run and train in
 //! Rust, reload in PyTorch with the same logits, equal the crate's own layers, learn their alphas
 //! with PACT's gradient, keep their accuracy, and refuse what they cannot do.
 
@@ -299,7 +299,7 @@ fn quantize_torchscript_cli_rewrites_calibrates_and_reports_each_layer() {
     assert_eq!((layers[8]["x_quant"].as_str(), layers[8]["w_bits"].as_u64()), (Some("minmax"), Some(6)));
     assert!(layers[8]["x_alpha"].is_null());
     // PyTorch measures the saved file as Rust did.
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/torchscript_accuracy.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/checks/torchscript_accuracy.py");
     let o = Command::new(common::python()).arg(script).arg(&out).output().unwrap();
     let said = String::from_utf8_lossy(&o.stdout);
     let torch_acc: f64 = said.split_whitespace().last().unwrap().parse().unwrap();

@@ -1,4 +1,4 @@
-//! TorchScript models exported by PyTorch (scripts/make_torchscript_fixtures.py): accuracies equal
+//! TorchScript models exported by PyTorch (scripts/fixtures/make_torchscript_fixtures.py): accuracies equal
 //! PyTorch's, saved models reload in PyTorch, import into the Rust networks, and bad input.
 
 mod common;

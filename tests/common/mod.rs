@@ -16,7 +16,7 @@ pub fn load_fixture(name: &str) -> HashMap<String, Tensor> {
     let path = fixture_path(name);
     Tensor::read_safetensors(&path)
         .unwrap_or_else(|e| {
-            panic!("reading {}: {e} (regenerate with scripts/gen_fixtures.py)", path.display())
+            panic!("reading {}: {e} (regenerate with scripts/fixtures/gen_fixtures.py)", path.display())
         })
         .into_iter()
         .collect()
@@ -45,14 +45,14 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// Runs `scripts/{script} MODEL IO` with the venv's Python, where IO holds the input `x`
+/// Runs `scripts/checks/{script} MODEL IO` with the venv's Python, where IO holds the input `x`
 /// and Rust's output `y`; panics with what PyTorch said unless it agrees (exit 0), and
 /// returns what it printed.
 pub fn pytorch_agrees(script: &str, model: &std::path::Path, x: &Tensor, y: Tensor, what: &str) -> String {
     let stem = model.file_stem().unwrap().to_string_lossy();
     let io = model.with_file_name(format!("{stem}-io.safetensors"));
     Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/checks").join(script);
     let o = std::process::Command::new(python()).arg(script).arg(model).arg(&io).output().unwrap();
     let said = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{what}: PyTorch disagrees: {said} {}", String::from_utf8_lossy(&o.stderr));

@@ -1,7 +1,7 @@
 """Loads a state dict that Rust saved from a network built with `approx_sequential` into
-PyTorch's own ResNet class (scripts/make_rewrite_fixtures.py) and compares the logits.
+PyTorch's own ResNet class (scripts/fixtures/make_rewrite_fixtures.py) and compares the logits.
 
-    .venv/bin/python scripts/state_dict_reload_check.py STATE.safetensors IO.safetensors
+    .venv/bin/python scripts/checks/state_dict_reload_check.py STATE.safetensors IO.safetensors
 IO.safetensors holds `x` (the input) and `y` (Rust's eval-mode logits). PyTorch's
 `load_state_dict(strict=False)` may only miss BatchNorm's `num_batches_tracked` counters
 (tch has none; PyTorch's BatchNorm fills them in itself and does not report them) and only

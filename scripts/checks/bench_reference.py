@@ -1,6 +1,6 @@
 """PyTorch reference timings for scripts/bench.sh: TorchApprox's quantizer semantics in Python.
 
-    .venv/bin/python scripts/bench_reference.py --threads 1 --out ref.json
+    .venv/bin/python scripts/checks/bench_reference.py --threads 1 --out ref.json
 MinMax and PACT are written as TorchApprox writes them (torch.autograd.Function
 nodes, fake quantization as quantize / scale); the LeNet-5 step uses the same
 quantizers on every layer (PACT activations, MinMax weights, integer-valued

@@ -1,6 +1,6 @@
 """Reloads a TorchScript file written by Rust and compares its outputs with Rust's.
 
-    .venv/bin/python scripts/torchscript_reload_check.py MODEL.pt IO.safetensors
+    .venv/bin/python scripts/checks/torchscript_reload_check.py MODEL.pt IO.safetensors
 IO.safetensors holds `x` (the input) and `y` (Rust's output). Prints the max
 absolute difference and exits 1 when it exceeds 1e-5 (or the file does not load).
 """

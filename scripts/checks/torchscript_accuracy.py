@@ -1,14 +1,18 @@
 """PyTorch's test accuracy of TorchScript files on the embedded MNIST digits (pixel / 255).
 
-    .venv/bin/python scripts/torchscript_accuracy.py MODEL.pt [MODEL.pt ...]
+    .venv/bin/python scripts/checks/torchscript_accuracy.py MODEL.pt [MODEL.pt ...]
 Prints `accuracy <file> <share>` per file, loading each with torch.jit.load alone, so a
 file that needs anything but PyTorch fails here.
 """
 
+import os
 import sys
 
 import torch
-from mnist_idx import load
+
+# The embedded digits' reader is shared with the fixture scripts.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+from mnist_idx import load  # noqa: E402
 
 
 def main():
