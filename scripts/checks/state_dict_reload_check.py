@@ -9,11 +9,15 @@ find the crate's quantizer state (`*_quantizer.*`) unexpected.
 Prints the max absolute difference and exits 1 when it exceeds 1e-5 or a key is wrong.
 """
 
+import os
 import sys
 
 import torch
-from make_rewrite_fixtures import ResNet
 from safetensors.torch import load_file
+
+# PyTorch's own class of the network lives with the fixture that trains it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+from make_rewrite_fixtures import ResNet  # noqa: E402
 
 
 def main():

@@ -1,7 +1,7 @@
 //! The `custom_net` example: a network built with `approx_sequential`, trained in float,
 //! calibrated, fine-tuned quantization-aware, saved and reloaded.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! Rust, reload in PyTorch with the same logits, equal the crate's own layers, learn their alphas
 //! with PACT's gradient, keep their accuracy, and refuse what they cannot do.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! Bad input: each case gets a clear error or a documented, finite result.
 
-mod common;
+use crate::common;
 
 use common::{cuda_or_skip, values};
 use tch::{nn, Device, Kind, Tensor};

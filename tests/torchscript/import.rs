@@ -1,7 +1,7 @@
 //! Networks built with `approx_sequential`, with PyTorch weights and BatchNorm statistics
 //! imported from TorchScript and safetensors (fixtures: scripts/fixtures/make_import_fixtures.py).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! The MNIST loader on the vendored digits, and checkpoint writing and checking.
 
-mod common;
+use crate::common;
 
 use tch::{nn, Device, Kind, Tensor};
 use torchapprox::checkpoint::{load_checked, save_atomic};

@@ -3,14 +3,14 @@
 
 use std::process::Command;
 
+use crate::common;
+
 fn test_accuracy(extra: &[&str]) -> f64 {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("examples").join("train");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        assert!(Command::new(cargo).args(["build", "--example", "train"]).status().unwrap().success());
-    }
-    let out = Command::new(&bin).args(["--json", "--device", "cpu"]).args(extra).output().unwrap();
+    let out = Command::new(common::example_bin("train"))
+        .args(["--json", "--device", "cpu"])
+        .args(extra)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     report["test_accuracy"].as_f64().unwrap()

@@ -1,7 +1,7 @@
 //! LSQ (learned step size): values, finite-difference gradients of the unrounded quantizer in
 //! float64, invariants on random inputs, initialisation in layers, training through the trainer.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,6 +1,6 @@
 //! ApproxLinear and ApproxConv2d: exact integer arithmetic, baselines, gradients, noise, PyTorch fixtures.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_exact, load_fixture, values};
 use tch::nn::{self, Module, ModuleT};

@@ -1,7 +1,7 @@
 //! Per-layer controls (issue 9, part): separate activation and weight bitwidths, PACT's initial
 //! alpha, PACT weights that start from the weight's range, and the trainer's flags for them.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

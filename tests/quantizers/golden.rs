@@ -1,6 +1,6 @@
 //! Golden tests: our quantizers against TorchApprox's semantics computed by PyTorch (scripts/fixtures/gen_fixtures.py).
 
-mod common;
+use crate::common;
 
 use common::{assert_exact, load_fixture};
 use tch::{nn, Device, Kind, Tensor};

@@ -1,7 +1,7 @@
 //! The example trainer end to end: a short run on a slice of the embedded digits, its JSON,
 //! the checkpoint round trip, and bad input that must fail cleanly without writing anything.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -10,16 +10,7 @@ use common::TempDir;
 use torchapprox::torchscript::ScriptModel;
 
 fn trainer() -> PathBuf {
-    // cargo test builds the examples next to the test binaries' folder.
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("examples").join("train");
-    if !bin.exists() {
-        // Only a filtered run (`cargo test --test trainer_cli`) skips building examples.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo).args(["build", "--example", "train"]).status().unwrap();
-        assert!(status.success() && bin.exists(), "could not build {}", bin.display());
-    }
-    bin
+    common::example_bin("train")
 }
 
 fn run(args: &[&str]) -> Output {
@@ -199,14 +190,7 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
 }
 
 fn quantize_cli() -> PathBuf {
-    let bin = trainer().with_file_name("quantize_torchscript");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status =
-            Command::new(cargo).args(["build", "--example", "quantize_torchscript"]).status().unwrap();
-        assert!(status.success() && bin.exists(), "could not build {}", bin.display());
-    }
-    bin
+    common::example_bin("quantize_torchscript")
 }
 
 fn fixture_model(name: &str) -> String {

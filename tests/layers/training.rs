@@ -1,6 +1,6 @@
 //! Learning tests: PACT's alpha learns, a mixed MinMax/PACT network trains, and checkpoints round-trip.
 
-mod common;
+use crate::common;
 
 use common::{assert_exact, devices, values};
 use tch::nn::{self, Module, OptimizerConfig};

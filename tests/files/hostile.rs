@@ -1,8 +1,7 @@
 //! Hostile files and faults (issue 8): each case once crashed, hung, took unbounded memory or
 //! gave a silently wrong result; each must now succeed correctly or fail with one clear line.
 
-mod common;
-#[path = "hostile/round_two.rs"]
+use crate::common;
 mod round_two;
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! TorchScript models exported by PyTorch (scripts/fixtures/make_torchscript_fixtures.py): accuracies equal
 //! PyTorch's, saved models reload in PyTorch, import into the Rust networks, and bad input.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! every case ends in success or one clear line, never a signal, a panic or a hang. The same for
 //! safetensors state dicts and `.npy` multiplier tables, within a bounded peak memory.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -109,7 +109,7 @@ fn torchscript_mutations_never_crash() {
         std::fs::write(tmp.0.join(format!("case{i:03}.pt")), c).unwrap();
     }
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "fuzz_worker", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "fuzz::fuzz_worker", "--ignored", "--nocapture", "--test-threads=1"])
         .env("TA_FUZZ_DIR", &tmp.0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -245,7 +245,7 @@ fn safetensors_and_npy_mutations_never_crash() {
         std::fs::write(tmp.0.join(format!("case{i:03}.{ext}")), c).unwrap();
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "files_fuzz_worker", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "fuzz::files_fuzz_worker", "--ignored", "--nocapture", "--test-threads=1"])
         .env("TA_FUZZ_FILES", &tmp.0)
         .output()
         .unwrap();

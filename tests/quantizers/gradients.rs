@@ -1,7 +1,7 @@
 //! Gradient tests: straight-through gradients against central finite differences
 //! of the unrounded quantizer (rounding treated as identity), in float64.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_exact, values};
 use tch::{nn, Device, Kind, Tensor};

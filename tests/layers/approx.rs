@@ -1,7 +1,7 @@
 //! Approximate multipliers: built-in tables against hand-worked products, table GEMMs against an
 //! int64 brute force, Approximate mode against Quantized mode, bad tables, the trainer's flags.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

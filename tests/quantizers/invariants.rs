@@ -1,6 +1,6 @@
 //! Invariants that hold for every input, checked on many seeded random tensors and on every device.
 
-mod common;
+use crate::common;
 
 use common::{assert_exact, devices, randn, values};
 use tch::{nn, Device, Kind, Tensor};
