@@ -165,7 +165,7 @@ fn run(args: Args) -> Result<()> {
         None => Value::Null,
     };
     let vs = nn::VarStore::new(device);
-    let minmax = MinMaxQuant::new(8);
+    let minmax = MinMaxQuant::new(vs.root() / "minmax", 8);
     let pact = PACTQuant::new(vs.root() / "pact", 8);
     let quantizers: [(&str, &dyn ApproxQuantizer); 2] = [("minmax", &minmax), ("pact", &pact)];
     let mut cases = Vec::new();

@@ -82,7 +82,7 @@ impl ApproxConv2d {
     ) -> Result<Self> {
         let path = path.borrow();
         check_geometry(in_channels, out_channels, &config)?;
-        let quant = LayerQuant::new(path, config.quant)?;
+        let quant = LayerQuant::f_new(path, config.quant)?;
         let shape = [out_channels, in_channels / config.groups, kernel_size, kernel_size];
         // PyTorch's default (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         let bound = 1.0 / ((in_channels / config.groups * kernel_size * kernel_size) as f64).sqrt();
@@ -120,7 +120,7 @@ impl ApproxConv2d {
                 });
             }
         }
-        let quant = LayerQuant::new(path, config.quant)?;
+        let quant = LayerQuant::f_new(path, config.quant)?;
         let weight = path.f_var_copy("weight", weight)?;
         quant.init_weight_alpha(&weight)?;
         let bias = bias.map(|b| path.f_var_copy("bias", b)).transpose()?;

@@ -53,8 +53,9 @@ pub struct LayerQuant {
 }
 
 impl LayerQuant {
-    /// Builds the quantizers of `spec` under `path` (`path / "x_quantizer"`, `path / "w_quantizer"`).
-    pub fn new(path: &nn::Path, spec: QuantSpec) -> Result<Self> {
+    /// Builds the quantizers of `spec` under `path` (`path / "x_quantizer"`, `path / "w_quantizer"`),
+    /// or an error for settings they refuse.
+    pub fn f_new(path: &nn::Path, spec: QuantSpec) -> Result<Self> {
         if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
             return Err(Error::PerChannel(spec.w_kind));
         }
@@ -86,6 +87,11 @@ impl LayerQuant {
             multiplier: std::sync::RwLock::new(None),
             observed: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Like [`f_new`](Self::f_new), panicking on settings the quantizers refuse.
+    pub fn new(path: &nn::Path, spec: QuantSpec) -> Self {
+        Self::f_new(path, spec).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts a PACT weight quantizer's alpha at the weight's range, `max |w|` (1 for an

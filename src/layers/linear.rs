@@ -67,7 +67,7 @@ impl ApproxLinear {
         config: ApproxLinearConfig,
     ) -> Result<Self> {
         let path = path.borrow();
-        let quant = LayerQuant::new(path, config.quant)?;
+        let quant = LayerQuant::f_new(path, config.quant)?;
         // PyTorch's default (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         let bound = 1.0 / (in_features as f64).sqrt();
         let init = nn::Init::Uniform { lo: -bound, up: bound };
@@ -103,7 +103,7 @@ impl ApproxLinear {
                 });
             }
         }
-        let quant = LayerQuant::new(path, spec)?;
+        let quant = LayerQuant::f_new(path, spec)?;
         let weight = path.f_var_copy("weight", weight)?;
         quant.init_weight_alpha(&weight)?;
         let bias = bias.map(|b| path.f_var_copy("bias", b)).transpose()?;

@@ -33,6 +33,17 @@ pub struct LSQQuant {
 }
 
 impl LSQQuant {
+    /// An LSQ quantizer of `bitwidth` bits whose `step_size` lives under `path`, or an error
+    /// outside `2..=16`.
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(path: P, bitwidth: u32) -> Result<Self> {
+        Self::from_config(path, QuantConfig::with_bitwidth(bitwidth))
+    }
+
+    /// Like [`f_new`](Self::f_new), panicking on a bad bitwidth.
+    pub fn new<'a, P: Borrow<nn::Path<'a>>>(path: P, bitwidth: u32) -> Self {
+        Self::f_new(path, bitwidth).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// An LSQ quantizer whose `step_size` lives under `path`, or an error for a bitwidth outside `2..=16`.
     pub fn from_config<'a, P: Borrow<nn::Path<'a>>>(path: P, config: QuantConfig) -> Result<Self> {
         let bitwidth = check_bitwidth(config.bitwidth)?;

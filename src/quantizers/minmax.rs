@@ -1,5 +1,6 @@
 //! `MinMaxQuant`: scale from the tensor's own absolute maximum; nothing to learn.
 
+use std::borrow::Borrow;
 use std::sync::Mutex;
 
 use tch::{nn, Device, Kind, Tensor};
@@ -42,35 +43,21 @@ pub struct MinMaxQuant {
 }
 
 impl MinMaxQuant {
-    /// A MinMax quantizer with `bitwidth` bits, or an error outside `2..=16`.
-    pub fn f_new(bitwidth: u32) -> Result<Self> {
-        Self::from_config(QuantConfig::with_bitwidth(bitwidth))
+    /// A MinMax quantizer with `bitwidth` bits whose state (none in the default
+    /// [`RangeMode::Batch`]) lives under `path`, or an error outside `2..=16`.
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(path: P, bitwidth: u32) -> Result<Self> {
+        Self::from_config(path, QuantConfig::with_bitwidth(bitwidth))
     }
 
     /// Like [`f_new`](Self::f_new), panicking on a bad bitwidth.
-    pub fn new(bitwidth: u32) -> Self {
-        Self::f_new(bitwidth).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// A MinMax quantizer from a full configuration.
-    pub fn from_config(config: QuantConfig) -> Result<Self> {
-        Ok(Self {
-            bitwidth: check_bitwidth(config.bitwidth)?,
-            nonfinite: config.nonfinite,
-            rounded: config.rounded,
-            per_channel: config.per_channel,
-            last_scales: Mutex::new(Vec::new()),
-            running: None,
-        })
+    pub fn new<'a, P: Borrow<nn::Path<'a>>>(path: P, bitwidth: u32) -> Self {
+        Self::f_new(path, bitwidth).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A MinMax quantizer from a full configuration whose state (the running range of
     /// [`RangeMode::Running`], a variable `running_max` of shape `[1]`) lives under `path`.
-    pub fn from_config_at<'a, P: std::borrow::Borrow<nn::Path<'a>>>(
-        path: P,
-        config: QuantConfig,
-    ) -> Result<Self> {
-        let mut q = Self::from_config(config)?;
+    pub fn from_config<'a, P: Borrow<nn::Path<'a>>>(path: P, config: QuantConfig) -> Result<Self> {
+        let mut q = Self::stateless(config)?;
         if let (RangeMode::Running { momentum }, false) = (config.range, config.per_channel) {
             if !(0.0..1.0).contains(&momentum) {
                 return Err(Error::Argument {
@@ -82,6 +69,19 @@ impl MinMaxQuant {
             q.running = Some((path.borrow().f_zeros_no_train("running_max", &[1])?, momentum));
         }
         Ok(q)
+    }
+
+    /// A quantizer of `config` that keeps no state (its range is each call's), for the
+    /// crate's own one-off uses such as post-training weight quantization.
+    pub(crate) fn stateless(config: QuantConfig) -> Result<Self> {
+        Ok(Self {
+            bitwidth: check_bitwidth(config.bitwidth)?,
+            nonfinite: config.nonfinite,
+            rounded: config.rounded,
+            per_channel: config.per_channel,
+            last_scales: Mutex::new(Vec::new()),
+            running: None,
+        })
     }
 
     /// The running range (0 before any training batch), `None` in [`RangeMode::Batch`].

@@ -4,12 +4,12 @@
 //! use tch::{nn, nn::Module, Device, Tensor};
 //! use torchapprox::quantizers::{ApproxQuantizer, MinMaxQuant, PACTQuant};
 //!
+//! let vs = nn::VarStore::new(Device::Cpu);
 //! let x = Tensor::from_slice(&[-1.0f32, -0.25, 0.1, 0.5, 3.0]);
-//! let minmax = MinMaxQuant::new(8);
+//! let minmax = MinMaxQuant::new(vs.root() / "minmax", 8); // no variable: its range is each call's
 //! assert_eq!(Vec::<f32>::try_from(minmax.quantize(&x))?, [-42.0, -11.0, 4.0, 21.0, 127.0]);
 //! assert_eq!(minmax.scale_factor(), (127.0f32 / 3.0) as f64);
 //!
-//! let vs = nn::VarStore::new(Device::Cpu);
 //! let pact = PACTQuant::new(vs.root() / "act", 4); // alpha starts at 2.2
 //! let y = pact.forward(&x); // fake-quantized: integers on a grid of 2.2 / 7
 //! assert_eq!(y.size(), [5]);

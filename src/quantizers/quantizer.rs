@@ -87,7 +87,7 @@ impl Quantizer {
         config: QuantConfig,
     ) -> Result<Self> {
         Ok(match kind {
-            QuantizerKind::MinMax => Self::MinMax(MinMaxQuant::from_config_at(path, config)?),
+            QuantizerKind::MinMax => Self::MinMax(MinMaxQuant::from_config(path, config)?),
             QuantizerKind::Pact => Self::Pact(PACTQuant::from_config(path, config)?),
             QuantizerKind::Lsq => Self::Lsq(LSQQuant::from_config(path, config)?),
         })

@@ -71,7 +71,7 @@ impl ScriptModel {
         let mut shadows = Vec::new();
         for (name, w) in &weights {
             let bits = check_bitwidth(quant.bits_for(name))?;
-            let q = MinMaxQuant::from_config(QuantConfig {
+            let q = MinMaxQuant::stateless(QuantConfig {
                 per_channel: quant.per_channel,
                 ..QuantConfig::with_bitwidth(bits)
             })?;

@@ -143,7 +143,7 @@ impl ScriptModel {
         let mut reports = Vec::with_capacity(weights.len());
         for (name, w) in weights {
             let bits = check_bitwidth(config.bits_for(&name))?;
-            let q = MinMaxQuant::from_config(QuantConfig {
+            let q = MinMaxQuant::stateless(QuantConfig {
                 per_channel: config.per_channel,
                 ..QuantConfig::with_bitwidth(bits)
             })?;

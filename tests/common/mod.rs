@@ -168,3 +168,8 @@ pub fn peak_rss() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// A VarStore for quantizers whose variables a test does not keep (MinMax in batch mode).
+pub fn scratch() -> tch::nn::VarStore {
+    tch::nn::VarStore::new(Device::Cpu)
+}

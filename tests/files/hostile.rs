@@ -81,8 +81,10 @@ fn short_tensor_records_are_refused_before_libtorch_reads_them() {
 #[test]
 fn fake_quantize_out_into_memory_overlapping_the_input_equals_a_fresh_result() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let quantizers: Vec<Box<dyn ApproxQuantizer>> =
-        vec![Box::new(MinMaxQuant::new(4)), Box::new(PACTQuant::new(vs.root() / "p", 4))];
+    let quantizers: Vec<Box<dyn ApproxQuantizer>> = vec![
+        Box::new(MinMaxQuant::new(vs.root() / "minmax", 4)),
+        Box::new(PACTQuant::new(vs.root() / "p", 4)),
+    ];
     for n in [1000i64, 1 << 19] {
         for q in &quantizers {
             for shift in [1i64, -1, 0] {
@@ -109,10 +111,16 @@ fn every_fallible_function_refuses_undefined_tensors() {
         other => panic!("{what}: expected Error::Undefined, got {other:?}"),
     };
     let quantizers: Vec<Box<dyn ApproxQuantizer>> = vec![
-        Box::new(MinMaxQuant::new(8)),
+        Box::new(MinMaxQuant::new(vs.root() / "minmax", 8)),
         Box::new(PACTQuant::new(vs.root() / "p", 8)),
         Box::new(Quantizer::new(QuantizerKind::Pact, vs.root() / "q", 8)),
-        Box::new(MinMaxQuant::from_config(QuantConfig { per_channel: true, ..Default::default() }).unwrap()),
+        Box::new(
+            MinMaxQuant::from_config(
+                vs.root() / "minmax",
+                QuantConfig { per_channel: true, ..Default::default() },
+            )
+            .unwrap(),
+        ),
     ];
     for q in &quantizers {
         is_undefined(q.f_quantize(&undefined()).map(drop), "f_quantize");

@@ -14,28 +14,28 @@ use torchapprox::Error;
 fn bitwidth_out_of_range_names_value_and_range() {
     let vs = nn::VarStore::new(Device::Cpu);
     for bits in [0, 1, 17, 64] {
-        let e = MinMaxQuant::f_new(bits).unwrap_err();
+        let e = MinMaxQuant::f_new(vs.root() / "minmax", bits).unwrap_err();
         assert_eq!(e.to_string(), format!("bitwidth {bits} is out of range: quantizers support 2..=16 bits"));
         assert!(matches!(PACTQuant::f_new(vs.root(), bits), Err(Error::Bitwidth(b)) if b == bits));
         assert!(matches!(Quantizer::f_new(QuantizerKind::Pact, vs.root(), bits), Err(Error::Bitwidth(_))));
     }
     assert!(vs.variables().is_empty(), "a failed constructor leaves no variable behind");
     for bits in 2..=16 {
-        assert_eq!(MinMaxQuant::new(bits).int_max(), (1 << (bits - 1)) - 1);
+        assert_eq!(MinMaxQuant::new(vs.root() / "minmax", bits).int_max(), (1 << (bits - 1)) - 1);
     }
 }
 
 #[test]
 #[should_panic(expected = "bitwidth 40 is out of range")]
 fn panicking_constructor_carries_the_message() {
-    MinMaxQuant::new(40);
+    MinMaxQuant::new(common::scratch().root() / "minmax", 40);
 }
 
 #[test]
 fn all_zero_input_gives_zeros_and_a_finite_scale() {
     let vs = nn::VarStore::new(Device::Cpu);
     let x = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
-    let m = MinMaxQuant::new(8);
+    let m = MinMaxQuant::new(vs.root() / "minmax", 8);
     assert!(values(&m.quantize(&x)).iter().all(|v| *v == 0.0));
     assert!(values(&m.f_fake_quantize(&x).unwrap()).iter().all(|v| *v == 0.0));
     assert_eq!(m.scale_factor(), 127.0);
@@ -53,7 +53,7 @@ fn empty_tensor_gives_empty_result() {
     let vs = nn::VarStore::new(Device::Cpu);
     let x = Tensor::zeros([0, 5], (Kind::Float, Device::Cpu));
     let qs: [Box<dyn ApproxQuantizer>; 2] =
-        [Box::new(MinMaxQuant::new(4)), Box::new(PACTQuant::new(vs.root(), 4))];
+        [Box::new(MinMaxQuant::new(vs.root() / "minmax", 4)), Box::new(PACTQuant::new(vs.root(), 4))];
     for q in &qs {
         assert_eq!(q.quantize(&x).size(), [0, 5]);
         assert_eq!(q.f_fake_quantize(&x).unwrap().size(), [0, 5]);
@@ -65,7 +65,7 @@ fn empty_tensor_gives_empty_result() {
 fn non_finite_inputs_saturate_propagate_or_are_reported() {
     let vs = nn::VarStore::new(Device::Cpu);
     let x = Tensor::from_slice(&[f32::NAN, -1.0, 0.5, 2.0, f32::INFINITY, f32::NEG_INFINITY]);
-    let m = MinMaxQuant::new(8);
+    let m = MinMaxQuant::new(vs.root() / "minmax", 8);
     let q = values(&m.quantize(&x));
     assert!(q[0].is_nan());
     // The range comes from the finite elements (2.0): inf saturates, the scale stays finite.
@@ -78,7 +78,7 @@ fn non_finite_inputs_saturate_propagate_or_are_reported() {
 
     // Reject: f_quantize reports the count; state is untouched.
     let strict = QuantConfig { nonfinite: NonFinite::Reject, ..Default::default() };
-    let m = MinMaxQuant::from_config(strict).unwrap();
+    let m = MinMaxQuant::from_config(vs.root() / "minmax", strict).unwrap();
     let e = m.f_quantize(&x).unwrap_err();
     assert_eq!(e.to_string(), "input holds 3 non-finite value(s) (NaN or ±inf) out of 6");
     assert_eq!(m.scale_factor(), 0.0, "a rejected call stores no scale");
@@ -86,7 +86,7 @@ fn non_finite_inputs_saturate_propagate_or_are_reported() {
     assert!(matches!(p.f_quantize(&x), Err(Error::NonFinite { count: 3, numel: 6 })));
     assert!(p.f_quantize(&Tensor::from_slice(&[1.0f32, 2.0])).is_ok());
     // Only NaN and inf: no finite range at all, so the unit range applies.
-    let m = MinMaxQuant::new(8);
+    let m = MinMaxQuant::new(vs.root() / "minmax", 8);
     let q = values(&m.quantize(&Tensor::from_slice(&[f32::NAN, f32::INFINITY])));
     assert!(q[0].is_nan() && q[1] == 127.0);
     assert_eq!(m.scale_factor(), 127.0);
@@ -98,7 +98,7 @@ fn integer_dtypes_are_refused_with_their_name() {
     let p = PACTQuant::new(vs.root(), 8);
     for kind in [Kind::Int64, Kind::Int, Kind::Uint8, Kind::Bool] {
         let x = Tensor::ones([3], (kind, Device::Cpu));
-        let e = MinMaxQuant::new(8).f_quantize(&x).unwrap_err();
+        let e = MinMaxQuant::new(vs.root() / "minmax", 8).f_quantize(&x).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!("cannot quantize a tensor of dtype {kind:?}: expected Float, Double, Half or BFloat16")

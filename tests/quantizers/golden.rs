@@ -47,7 +47,7 @@ fn cases() -> Vec<Case> {
 #[test]
 fn minmax_matches_pytorch_exactly() {
     for c in cases() {
-        let q = MinMaxQuant::new(c.bits);
+        let q = MinMaxQuant::new(common::scratch().root() / "minmax", c.bits);
         assert_exact(&q.quantize(&c.x), &c.minmax_q, &format!("minmax quantize, {}", c.name));
         assert_exact(
             &q.f_fake_quantize(&c.x).unwrap(),
@@ -99,7 +99,7 @@ fn half_precision_inputs_match_float32_on_the_same_values() {
         for kind in [Kind::Half, Kind::BFloat16] {
             let xh = c.x.to_kind(kind);
             let x32 = xh.to_kind(Kind::Float);
-            let q = MinMaxQuant::new(c.bits);
+            let q = MinMaxQuant::new(common::scratch().root() / "minmax", c.bits);
             let (a, b) = (q.quantize(&xh), q.quantize(&x32));
             assert_eq!(a.kind(), Kind::Float, "half inputs quantize to float32 integers");
             assert_exact(&a, &b, &format!("minmax {kind:?} vs float32, {}", c.name));

@@ -73,12 +73,14 @@ fn minmax_gradient_matches_finite_differences_and_is_grad_times_scale() {
     for bits in [2, 4, 8, 16] {
         let x = inputs_away_from(10.0, 16, 100 + bits as i64);
         let w = Tensor::randn([16], (Kind::Double, Device::Cpu));
-        let q = MinMaxQuant::new(bits);
+        let q = MinMaxQuant::new(common::scratch().root() / "minmax", bits);
         let xg = x.detach().set_requires_grad(true);
         objective(&q, &xg, &w).backward();
-        let smooth =
-            MinMaxQuant::from_config(QuantConfig { bitwidth: bits, rounded: false, ..Default::default() })
-                .unwrap();
+        let smooth = MinMaxQuant::from_config(
+            common::scratch().root() / "minmax",
+            QuantConfig { bitwidth: bits, rounded: false, ..Default::default() },
+        )
+        .unwrap();
         let fd: Vec<f64> = (0..16)
             .map(|i| {
                 let e = Tensor::zeros([16], (Kind::Double, Device::Cpu)).index_fill(

@@ -132,7 +132,7 @@ fn cpu_and_cuda_agree() {
 
 #[test]
 fn minmax_scale_tracks_the_last_call() {
-    let q = MinMaxQuant::new(8);
+    let q = MinMaxQuant::new(common::scratch().root() / "minmax", 8);
     assert_eq!(q.scale_factor(), 0.0);
     let _ = q.quantize(&Tensor::from_slice(&[0.5f32, -4.0]));
     assert_eq!(q.scale_factor(), (127.0f32 / 4.0) as f64);

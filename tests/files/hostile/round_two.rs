@@ -442,7 +442,7 @@ fn quantizer_edge_values_are_refused_or_saturated_as_documented() {
     for bits in [2u32, 3] {
         let pact = PACTQuant::new(vs.root() / format!("p{bits}"), bits);
         let _ = tch::no_grad(|| pact.alpha().shallow_clone().fill_(f32::MAX as f64));
-        let quantizers: [&dyn ApproxQuantizer; 2] = [&MinMaxQuant::new(bits), &pact];
+        let quantizers: [&dyn ApproxQuantizer; 2] = [&MinMaxQuant::new(vs.root() / "minmax", bits), &pact];
         for q in quantizers {
             for (x, path) in [(big.copy(), "kernel"), (big.view([2, 2]).t_(), "strided")] {
                 let y = q.f_fake_quantize(&x).unwrap();
