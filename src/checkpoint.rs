@@ -5,7 +5,7 @@ use std::path::Path;
 use tch::{nn, Tensor};
 
 use crate::quantizers::check_state;
-use crate::{Error, Result};
+use crate::{Error, Mismatch, Result};
 
 pub use crate::files::check_destination;
 
@@ -17,10 +17,7 @@ pub fn save_atomic(vs: &nn::VarStore, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if !name.ends_with(".safetensors") {
-        return Err(Error::Checkpoint(format!(
-            "{}: checkpoints are written as .safetensors",
-            crate::files::shown_path(path)
-        )));
+        return Err(Error::CheckpointName { path: path.to_path_buf() });
     }
     check_variables(vs, &format!("refusing to write {}", crate::files::shown_path(path)))?;
     // tch picks the format from the extension, which the temporary name keeps.
@@ -54,30 +51,23 @@ pub fn load_checked(vs: &mut nn::VarStore, path: impl AsRef<Path>) -> Result<()>
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     for name in names {
+        let (source, want) = (name.clone(), &vars[name]);
         match saved.get(name) {
-            None => problems.push(format!("missing {name}")),
-            Some(t) if t.size() != vars[name].size() => problems.push(format!(
-                "{name} has shape {:?}, the model needs {:?}",
-                t.size(),
-                vars[name].size()
-            )),
-            Some(t) if !t.is_floating_point() => problems.push(format!(
-                "{name} has dtype {:?}, the model needs {:?} (integer and bool tensors are not cast)",
-                t.kind(),
-                vars[name].kind()
-            )),
+            None => problems.push(Mismatch::Missing { name: source }),
+            Some(t) if t.size() != want.size() => {
+                problems.push(Mismatch::Shape { source, got: t.size(), want: want.size() })
+            }
+            Some(t) if !t.is_floating_point() => {
+                problems.push(Mismatch::Dtype { source, got: t.kind(), want: want.kind() })
+            }
             Some(_) => {}
         }
     }
     let mut extra: Vec<&String> = saved.keys().filter(|k| !vars.contains_key(*k)).collect();
     extra.sort();
-    problems.extend(extra.into_iter().map(|k| format!("unexpected {k}")));
+    problems.extend(extra.into_iter().map(|k| Mismatch::Unexpected { name: k.clone() }));
     if !problems.is_empty() {
-        return Err(Error::Checkpoint(format!(
-            "{} does not match the model: {}",
-            path.display(),
-            problems.join("; ")
-        )));
+        return Err(Error::CheckpointMismatch { path: path.to_path_buf(), problems });
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in vars {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Error, Result};
+use crate::{Error, MnistProblem, Result};
 
 /// The four IDX files of an MNIST-format folder.
 pub const MNIST_FILES: [&str; 4] = [
@@ -37,18 +37,13 @@ impl Mnist {
     pub fn load_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::Data(format!(
-                "MNIST folder {} does not exist or is not a folder",
-                dir.display()
-            )));
+            return Err(Error::MnistFolder { dir: dir.to_path_buf(), missing: None });
         }
-        let find = |name: &str| -> Result<PathBuf> {
+        let find = |name: &'static str| -> Result<PathBuf> {
             let found = [dir.join(name), dir.join(format!("{name}.gz"))]
                 .into_iter()
                 .find(|c| std::fs::symlink_metadata(c).is_ok())
-                .ok_or_else(|| {
-                    Error::Data(format!("MNIST folder {}: missing {name} (or {name}.gz)", dir.display()))
-                })?;
+                .ok_or_else(|| Error::MnistFolder { dir: dir.to_path_buf(), missing: Some(name) })?;
             // A folder or FIFO under the name is refused as such, before anything opens it.
             crate::files::check_input_file(&found, None)?;
             Ok(found)
@@ -56,7 +51,7 @@ impl Mnist {
         let [a, b, c, d] = MNIST_FILES.map(find);
         let (a, b, c, d) = (a?, b?, c?, d?);
         let open = |p: &PathBuf| -> Result<(PathBuf, std::fs::File)> {
-            let f = std::fs::File::open(p).map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
+            let f = std::fs::File::open(p).map_err(|e| read_error(p, "read error", e))?;
             Ok((p.clone(), f))
         };
         let (ti, tl, vi, vl) = (open(&a)?, open(&b)?, open(&c)?, open(&d)?);
@@ -111,20 +106,16 @@ impl Mnist {
         let vl = idx_header(vl.0, vl.1, LABELS_MAGIC, "label")?;
         for (imgs, labels, what) in [(&ti, &tl, "train"), (&vi, &vl, "t10k")] {
             if imgs.dims[0] != labels.dims[0] {
-                return Err(Error::Data(format!(
-                    "{what} split: {} images but {} labels",
-                    imgs.dims[0], labels.dims[0]
-                )));
+                return Err(Error::MnistSplit { split: what, images: imgs.dims[0], labels: labels.dims[0] });
             }
         }
         let (train_images, train_labels) = (parse_images(ti)?, parse_labels(tl)?);
         let (test_images, test_labels) = (parse_images(vi)?, parse_labels(vl)?);
         if train_images.size()[1..] != test_images.size()[1..] {
-            return Err(Error::Data(format!(
-                "train images are {:?} but test images are {:?}",
-                &train_images.size()[1..],
-                &test_images.size()[1..]
-            )));
+            return Err(Error::MnistShapes {
+                train: train_images.size()[1..].to_vec(),
+                test: test_images.size()[1..].to_vec(),
+            });
         }
         Ok(Self { train_images, train_labels, test_images, test_labels })
     }
@@ -144,7 +135,10 @@ impl Mnist {
     /// Writes the four files to `dir` as plain IDX (created if needed).
     pub fn save_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| Error::Data(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::Output {
+            path: dir.to_path_buf(),
+            problem: crate::files::OutputProblem::Io(e.to_string()),
+        })?;
         let tensors = [&self.train_images, &self.train_labels, &self.test_images, &self.test_labels];
         for (name, t) in MNIST_FILES.iter().zip(tensors) {
             let path = dir.join(name);
@@ -192,7 +186,7 @@ fn decompressed<'a>(path: &Path, mut r: Box<dyn Read + 'a>) -> Result<Box<dyn Re
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Data(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(read_error(path, "read error", e)),
         }
     }
     let whole = std::io::Cursor::new(magic[..got].to_vec()).chain(r);
@@ -219,7 +213,11 @@ fn idx_io_error(path: &Path, e: std::io::Error) -> Error {
     } else {
         "read error"
     };
-    Error::Data(format!("{}: {kind} ({e})", path.display()))
+    read_error(path, kind, e)
+}
+
+fn read_error(path: &Path, kind: &'static str, e: std::io::Error) -> Error {
+    Error::Mnist { path: path.to_path_buf(), problem: MnistProblem::Read { kind, error: e.to_string() } }
 }
 
 /// Reads an IDX header (magic number, dimensions) and nothing more, so that both files of a
@@ -238,21 +236,19 @@ fn idx_header<'a>(
     let be = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     if got < header.len() || be(0) != magic {
         let found = if got >= 4 { format!("{:#010x}", be(0)) } else { format!("{got} bytes") };
-        return Err(Error::Data(format!(
-            "{}: not an IDX {what} file (expected magic {magic:#010x}, found {found})",
-            path.display()
-        )));
+        return Err(Error::Mnist {
+            path: path.to_path_buf(),
+            problem: MnistProblem::Magic { what, expected: magic, found },
+        });
     }
     let dims: Vec<i64> = (0..ndim).map(|d| be(4 + 4 * d) as i64).collect();
     let expected = dims
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .filter(|&n| n <= isize::MAX as u64)
-        .ok_or_else(|| {
-            Error::Data(format!(
-                "{}: header dimensions {dims:?} overflow: no {what} file is that large",
-                path.display()
-            ))
+        .ok_or_else(|| Error::Mnist {
+            path: path.to_path_buf(),
+            problem: MnistProblem::Overflow { what, dims: dims.clone() },
         })?;
     Ok(Idx { path, reader: r, dims, expected, what })
 }
@@ -270,10 +266,10 @@ fn idx_payload(idx: Idx<'_>) -> Result<(Vec<i64>, Vec<u8>)> {
     let more = read_full(r, &mut extra).map_err(io)?;
     if data.len() as u64 != expected || more > 0 {
         let found = if more > 0 { "more follow".to_string() } else { format!("{} follow", data.len()) };
-        return Err(Error::Data(format!(
-            "{}: header promises {dims:?} = {expected} bytes of {what} but {found} (truncated or corrupt)",
-            path.display()
-        )));
+        return Err(Error::Mnist {
+            path: path.to_path_buf(),
+            problem: MnistProblem::Payload { what, dims, expected, found },
+        });
     }
     Ok((dims, data))
 }
@@ -301,7 +297,7 @@ fn parse_labels(idx: Idx<'_>) -> Result<Tensor> {
     let path = idx.path;
     let (dims, data) = idx_payload(idx)?;
     if let Some(bad) = data.iter().find(|&&l| l > 9) {
-        return Err(Error::Data(format!("{}: label {bad} is not a digit 0..=9", path.display())));
+        return Err(Error::Mnist { path: path.to_path_buf(), problem: MnistProblem::Label(*bad) });
     }
     Ok(Tensor::f_from_slice(&data)?.f_reshape(&dims)?.f_to_kind(Kind::Int64)?)
 }

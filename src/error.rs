@@ -64,9 +64,16 @@ pub enum Error {
         max: i64,
     },
 
-    /// An inference mode name that is not `baseline`, `quant` or `noise`.
-    #[error("unknown inference mode {0:?}: expected `baseline`, `quant`, `noise` or `approx`")]
-    UnknownMode(String),
+    /// A name that is none of its kind's: an inference mode, a quantizer kind, a model.
+    #[error("unknown {what} {name:?}: expected {expected}")]
+    Unknown {
+        /// The kind of name, e.g. `inference mode`.
+        what: &'static str,
+        /// The name given.
+        name: String,
+        /// The names accepted, in words.
+        expected: &'static str,
+    },
 
     /// Per-channel quantization asked of a quantizer that has none.
     #[error("per-channel weight quantization needs MinMax, not {0}")]
@@ -83,33 +90,273 @@ pub enum Error {
         actual: Vec<i64>,
     },
 
-    /// A model name that is not `mlp` or `lenet`.
-    #[error("unknown model {0:?}: expected `mlp` or `lenet`")]
-    UnknownModel(String),
+    /// An MNIST folder that does not exist, or lacks one of its four files.
+    #[error("{}", mnist_folder(.dir, .missing.as_deref()))]
+    MnistFolder {
+        /// The folder.
+        dir: std::path::PathBuf,
+        /// The file it lacks (without `.gz`), or `None` when the folder itself is missing.
+        missing: Option<&'static str>,
+    },
 
-    /// A data file or folder that is missing or malformed.
-    #[error("{0}")]
-    Data(String),
+    /// An IDX file that cannot be read as MNIST.
+    #[error("{}: {problem}", crate::files::shown(&path.display().to_string()))]
+    Mnist {
+        /// The file (or the name an embedded file goes by).
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: MnistProblem,
+    },
 
-    /// A TorchScript model that cannot be loaded, run, imported or saved.
+    /// A split whose image and label files disagree on the count.
+    #[error("{split} split: {images} images but {labels} labels")]
+    MnistSplit {
+        /// `train` or `t10k`.
+        split: &'static str,
+        /// Images the image file's header promises.
+        images: i64,
+        /// Labels the label file's header promises.
+        labels: i64,
+    },
+
+    /// Training and test images of different sizes.
+    #[error("train images are {train:?} but test images are {test:?}")]
+    MnistShapes {
+        /// Rows and columns of the training images.
+        train: Vec<i64>,
+        /// Rows and columns of the test images.
+        test: Vec<i64>,
+    },
+
+    /// libtorch's TorchScript API refused an operation on a module (its message, without C++
+    /// frames): a submodule it cannot read, a `forward` it cannot compile.
     #[error("{0}")]
     TorchScript(String),
 
-    /// A checkpoint that cannot be written or does not fit the model.
-    #[error("{0}")]
-    Checkpoint(String),
+    /// A file that is not a TorchScript model (checked before libtorch reads it, or refused by libtorch).
+    #[error("{}: not a TorchScript model ({why})", crate::files::shown(&path.display().to_string()))]
+    NotTorchScript {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why, in words.
+        why: String,
+    },
 
-    /// A multiplier spec or table file that cannot be used.
-    #[error("{0}")]
-    Multiplier(String),
+    /// A TorchScript model's `forward` refused an input.
+    #[error("{}: the model rejected an input of shape {shape:?}: {why}", crate::files::shown(&model.display().to_string()))]
+    InputRejected {
+        /// The model's file.
+        model: std::path::PathBuf,
+        /// The input's shape.
+        shape: Vec<i64>,
+        /// libtorch's reason.
+        why: String,
+    },
 
-    /// Weights and buffers that do not fit a network (see [`import`](crate::import)).
-    #[error("{0}")]
-    Import(String),
+    /// A model whose output is not `[N, classes]` float logits for `N` inputs.
+    #[error("{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {kind:?} of shape {shape:?}", crate::files::shown(&model.display().to_string()))]
+    NotLogits {
+        /// The model's file.
+        model: std::path::PathBuf,
+        /// The number of inputs.
+        n: i64,
+        /// The output's dtype.
+        kind: Kind,
+        /// The output's shape.
+        shape: Vec<i64>,
+    },
 
-    /// A network that cannot be built as described (a repeated or malformed layer name).
-    #[error("{0}")]
-    Network(String),
+    /// A model with nothing for the operation to work on (`what` says what is missing).
+    #[error("{}: {what}", crate::files::shown(&model.display().to_string()))]
+    NothingToDo {
+        /// The model's file.
+        model: std::path::PathBuf,
+        /// What is missing, e.g. `no quantizable weights (...)`.
+        what: &'static str,
+    },
+
+    /// An operation given no data (`what` says which).
+    #[error("{what}")]
+    NoData {
+        /// E.g. `calibration needs images, got none`.
+        what: &'static str,
+    },
+
+    /// Images and labels of different counts.
+    #[error("{images} images but {labels} labels")]
+    CountMismatch {
+        /// How many images.
+        images: i64,
+        /// How many labels.
+        labels: i64,
+    },
+
+    /// Fine-tuning whose loss or weights stopped being finite; the weights were restored.
+    #[error("fine-tuning diverged in epoch {epoch} ({what}); the weights are restored and nothing is written: try a smaller learning rate")]
+    Diverged {
+        /// The epoch (from 1).
+        epoch: usize,
+        /// What was not finite.
+        what: String,
+    },
+
+    /// Per-layer settings that name no layer of the model.
+    #[error("{}", unknown_layers(.unknown, .model.as_deref(), .known))]
+    UnknownLayers {
+        /// The names given that match nothing.
+        unknown: Vec<String>,
+        /// The model's file, where the names are its weights (post-training quantization).
+        model: Option<std::path::PathBuf>,
+        /// The names the model has.
+        known: Vec<String>,
+    },
+
+    /// Per-layer settings that name one layer twice (`same_as`, the earlier name, may be spelled differently).
+    #[error("{}", repeated_layer(.name, .same_as))]
+    RepeatedLayer {
+        /// The later name.
+        name: String,
+        /// The earlier one.
+        same_as: String,
+    },
+
+    /// A layer the TorchScript rewrite cannot quantize, and why.
+    #[error("{}: {problem}", crate::files::shown(layer))]
+    RewriteLayer {
+        /// The layer's path (or `the root module (the model itself)`).
+        layer: String,
+        /// Why, in words.
+        problem: String,
+    },
+
+    /// A model the rewrite already quantized (`quantizer` is one of its quantizer modules).
+    #[error("the model was quantized by this rewrite before ({quantizer} is a quantizer): load the original instead")]
+    AlreadyRewritten {
+        /// The path of a quantizer submodule.
+        quantizer: String,
+    },
+
+    /// Two layers of one TorchScript class (so one `forward`) given different quantizers.
+    #[error("layers {first} and {second} share the TorchScript class {class} and so one forward: give them the same quantizers and bits")]
+    SharedClass {
+        /// The first layer.
+        first: String,
+        /// The second layer.
+        second: String,
+        /// Their class.
+        class: String,
+    },
+
+    /// A checkpoint name that does not end in `.safetensors` (the only format written).
+    #[error("{}: checkpoints are written as .safetensors", crate::files::shown(&path.display().to_string()))]
+    CheckpointName {
+        /// The path given.
+        path: std::path::PathBuf,
+    },
+
+    /// A checkpoint whose tensors do not match the model's variables; nothing was loaded.
+    #[error("{} does not match the model: {}", crate::files::shown(&path.display().to_string()), Mismatch::list(.problems, "model"))]
+    CheckpointMismatch {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// Every problem, by name.
+        problems: Vec<Mismatch>,
+    },
+
+    /// A multiplier spec that names no multiplier.
+    #[error("unknown multiplier {spec:?}: expected exact, truncated:K, mitchell, drum:K or a table file")]
+    UnknownMultiplier {
+        /// The spec given.
+        spec: String,
+    },
+
+    /// A multiplier's parameter outside its range (`drum:9`) or not a number (`drum:x`).
+    #[error("{spec}: K must be {expected}")]
+    MultiplierParameter {
+        /// The spec given.
+        spec: String,
+        /// The accepted values, in words.
+        expected: String,
+    },
+
+    /// A multiplier whose product does not fit a table entry (int32).
+    #[error("multiplier {name}: product({a}, {b}) = {product} does not fit int32")]
+    ProductOverflow {
+        /// The multiplier.
+        name: String,
+        /// The first operand.
+        a: i32,
+        /// The second operand.
+        b: i32,
+        /// The product.
+        product: i64,
+    },
+
+    /// A multiplier table file that cannot be used.
+    #[error("multiplier table {}: {problem}", crate::files::shown(&path.display().to_string()))]
+    MultiplierTable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, in words.
+        problem: String,
+    },
+
+    /// An operand of a table product that is not an integer in `[-128, 127]`.
+    #[error(
+        "{what} holds {value}: approximate products need integers in [-128, 127] (8-bit quantized values)"
+    )]
+    Operand {
+        /// Which operand: `the input` or `the weight`.
+        what: &'static str,
+        /// The first offending value.
+        value: f64,
+    },
+
+    /// Approximate mode asked of a layer whose quantizers are not both 8-bit.
+    #[error("approximate mode multiplies 8-bit integers: the layer quantizes inputs to {x_bits} and weights to {w_bits} bits")]
+    ApproxBits {
+        /// Bits of the input quantizer.
+        x_bits: u32,
+        /// Bits of the weight quantizer.
+        w_bits: u32,
+    },
+
+    /// Approximate mode without a multiplier.
+    #[error("approximate mode needs a multiplier: call set_multiplier first")]
+    NoMultiplier,
+
+    /// Weights and buffers that do not fit a network (see [`import`](crate::import)); nothing
+    /// was copied.
+    #[error("{origin} does not fit the network: {}", Mismatch::list(.problems, "network"))]
+    Import {
+        /// Where the tensors come from (a file, a model).
+        origin: String,
+        /// Every problem, by name.
+        problems: Vec<Mismatch>,
+    },
+
+    /// A layer or path name that a network cannot take: empty, holding a `.`, used twice.
+    #[error("{}", name_problem(.what, .name, .problem))]
+    BadName {
+        /// Which name: `layer name`, `shortcut name`, `layer path`, or `""` (said in `problem`).
+        what: &'static str,
+        /// The name given.
+        name: String,
+        /// What is wrong with it, in words.
+        problem: &'static str,
+    },
+
+    /// A layer path that names no Approx layer of the network.
+    #[error("no Approx layer named {0:?} in this network")]
+    NoSuchLayer(String),
+
+    /// A layer path and store that do not hold the layer a quantizer replacement was asked of.
+    #[error("{0:?} in this VarStore is not this layer: give the layer's full path (its weight is `{0}.weight`) in the store the network was built in")]
+    NotThisLayer(String),
+
+    /// A user's module inside a network panicked; the panic's message, without C++ frames.
+    #[error("the module panicked: {0}")]
+    ModulePanicked(String),
 
     /// An error in one named part of a network, such as a layer of an
     /// [`ApproxSequential`](crate::layers::ApproxSequential).
@@ -177,10 +424,188 @@ pub enum Error {
         /// What the state must be, in words.
         expected: &'static str,
     },
+}
 
-    /// A quantizer name that is not `minmax`, `pact` or `lsq`.
-    #[error("unknown quantizer kind {0:?}: expected `minmax`, `pact` or `lsq`")]
-    UnknownKind(String),
+/// The message of [`Error::BadName`]: `layer name "b.c" must be ...`, or the problem alone
+/// where it names the name itself.
+fn name_problem(what: &str, name: &str, problem: &str) -> String {
+    if what.is_empty() {
+        problem.to_string()
+    } else {
+        format!("{what} {name:?} {problem}")
+    }
+}
+
+fn mnist_folder(dir: &std::path::Path, missing: Option<&str>) -> String {
+    let dir = crate::files::shown(&dir.display().to_string());
+    match missing {
+        None => format!("MNIST folder {dir} does not exist or is not a folder"),
+        Some(name) => format!("MNIST folder {dir}: missing {name} (or {name}.gz)"),
+    }
+}
+
+/// Why an IDX file cannot be read as MNIST; see [`Error::Mnist`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum MnistProblem {
+    /// Reading failed: `read error` or `corrupt gzip data`, with the system's message.
+    Read {
+        /// Which failure, in words.
+        kind: &'static str,
+        /// The system's or decompressor's message.
+        error: String,
+    },
+    /// The header's magic number is not the one of this kind of file.
+    Magic {
+        /// `image` or `label`.
+        what: &'static str,
+        /// The expected magic number.
+        expected: u32,
+        /// What was found (a number, or how few bytes there were).
+        found: String,
+    },
+    /// Header dimensions whose product overflows.
+    Overflow {
+        /// `image` or `label`.
+        what: &'static str,
+        /// The header's dimensions.
+        dims: Vec<i64>,
+    },
+    /// A payload longer or shorter than the header promises.
+    Payload {
+        /// `image` or `label`.
+        what: &'static str,
+        /// The header's dimensions.
+        dims: Vec<i64>,
+        /// The bytes they promise.
+        expected: u64,
+        /// What followed, in words (`more follow`, `12 follow`).
+        found: String,
+    },
+    /// A label that is not a digit.
+    Label(u8),
+}
+
+impl std::fmt::Display for MnistProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Read { kind, error } => write!(f, "{kind} ({error})"),
+            Self::Magic { what, expected, found } => {
+                write!(f, "not an IDX {what} file (expected magic {expected:#010x}, found {found})")
+            }
+            Self::Overflow { what, dims } => {
+                write!(f, "header dimensions {dims:?} overflow: no {what} file is that large")
+            }
+            Self::Payload { what, dims, expected, found } => write!(
+                f,
+                "header promises {dims:?} = {expected} bytes of {what} but {found} (truncated or corrupt)"
+            ),
+            Self::Label(l) => write!(f, "label {l} is not a digit 0..=9"),
+        }
+    }
+}
+
+fn unknown_layers(unknown: &[String], model: Option<&std::path::Path>, known: &[String]) -> String {
+    match model {
+        Some(m) => format!(
+            "unknown layer(s) {}: {} has quantizable weights {}",
+            unknown.join(", "),
+            crate::files::shown(&m.display().to_string()),
+            known.join(", ")
+        ),
+        None => {
+            format!("unknown layer {:?}: the model's layers are {}", unknown.join(", "), known.join(", "))
+        }
+    }
+}
+
+fn repeated_layer(name: &str, same_as: &str) -> String {
+    if name == same_as {
+        format!("layer {name} is given twice: give each layer once")
+    } else {
+        format!("layer override {name:?} repeats {same_as:?}: give each layer once")
+    }
+}
+
+/// One way named tensors do not fit a network's variables, in a checkpoint load or an import.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mismatch {
+    /// A variable the source does not have.
+    Missing {
+        /// The variable's name.
+        name: String,
+    },
+    /// A checkpoint tensor the model has no variable for.
+    Unexpected {
+        /// The tensor's name.
+        name: String,
+    },
+    /// A source entry no variable takes, with why (`no such variable`, `no variable X`).
+    Unused {
+        /// The source entry's name.
+        source: String,
+        /// Why, in words.
+        why: String,
+    },
+    /// A source tensor of another shape than its variable.
+    Shape {
+        /// The source entry's name.
+        source: String,
+        /// Its shape.
+        got: Vec<i64>,
+        /// The variable's shape.
+        want: Vec<i64>,
+    },
+    /// A source tensor whose dtype is not copied (integers and bools into floats, or back).
+    Dtype {
+        /// The source entry's name.
+        source: String,
+        /// Its dtype.
+        got: Kind,
+        /// The variable's dtype.
+        want: Kind,
+    },
+    /// An undefined source tensor.
+    Undefined {
+        /// The source entry's name.
+        source: String,
+    },
+    /// Two source entries renamed onto one variable.
+    Collision {
+        /// The first entry.
+        first: String,
+        /// The second entry.
+        second: String,
+        /// The variable both map to.
+        target: String,
+    },
+}
+
+impl Mismatch {
+    /// The problem in words; `owner` (`model`, `network`) names whose variables are meant.
+    pub fn describe(&self, owner: &str) -> String {
+        use crate::files::shown;
+        match self {
+            Self::Missing { name } => format!("missing {}", shown(name)),
+            Self::Unexpected { name } => format!("unexpected {}", shown(name)),
+            Self::Unused { source, why } => format!("unused {} ({})", shown(source), shown(why)),
+            Self::Shape { source, got, want } => {
+                format!("{} has shape {got:?}, the {owner} needs {want:?}", shown(source))
+            }
+            Self::Dtype { source, got, want } => format!(
+                "{} has dtype {got:?}, the {owner} needs {want:?} (integer and bool tensors are not cast)",
+                shown(source)
+            ),
+            Self::Undefined { source } => format!("{} is an undefined tensor", shown(source)),
+            Self::Collision { first, second, target } => {
+                format!("{} and {} both map to {}", shown(first), shown(second), shown(target))
+            }
+        }
+    }
+
+    /// Every problem in words, separated by `; `.
+    fn list(problems: &[Mismatch], owner: &str) -> String {
+        problems.iter().map(|p| p.describe(owner)).collect::<Vec<_>>().join("; ")
+    }
 }
 
 /// The message a panic carried (`panic!("...")` gives a `&str` or a `String`), if any.

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use tch::{nn, Tensor};
 
-use crate::{Error, Result};
+use crate::{Error, Mismatch, Result};
 
 /// How names are matched and what happens to entries that do not fit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,7 +124,7 @@ pub fn import_tensors(
         crate::quantizers::check_state(origin, &name, &tensor)?;
         let target = options.map(&name);
         if let Some((first, _)) = mapped.get(&target) {
-            problems.push(format!("{first} and {name} both map to {target}"));
+            problems.push(Mismatch::Collision { first: first.clone(), second: name, target });
             continue;
         }
         mapped.insert(target, (name, tensor));
@@ -136,30 +136,30 @@ pub fn import_tensors(
         let var = &vars[name];
         let Some((src_name, t)) = mapped.get(name) else {
             if !is_quantizer_state(name) && !options.partial {
-                problems.push(format!("missing {name}"));
+                problems.push(Mismatch::Missing { name: name.clone() });
             }
             report.kept.push((name.clone(), "not in the source".into()));
             continue;
         };
+        let source = src_name.clone();
         let misfit = if !t.defined() {
-            Some("is an undefined tensor".to_string())
+            Some(Mismatch::Undefined { source })
         } else if t.size() != var.size() {
-            Some(format!("has shape {:?}, the network needs {:?}", t.size(), var.size()))
+            Some(Mismatch::Shape { source, got: t.size(), want: var.size() })
         } else if t.is_floating_point() != var.is_floating_point() {
-            Some(format!(
-                "has dtype {:?}, the network needs {:?} (integer and bool tensors are not cast)",
-                t.kind(),
-                var.kind()
-            ))
+            Some(Mismatch::Dtype { source, got: t.kind(), want: var.kind() })
         } else {
             None
         };
         match misfit {
-            Some(why) if options.partial => {
-                report.kept.push((name.clone(), format!("{src_name} {why}")));
+            Some(m) if options.partial => {
+                // The report says why without the entry's name, which it lists beside it.
+                let full = m.describe("network");
+                let why = full.strip_prefix(src_name.as_str()).unwrap_or(&full).trim_start().to_string();
+                report.kept.push((name.clone(), full));
                 report.unused.push((src_name.clone(), format!("{why} for {name}")));
             }
-            Some(why) => problems.push(format!("{src_name} {why}")),
+            Some(m) => problems.push(m),
             None => copies.push((name.clone(), var, t)),
         }
     }
@@ -170,12 +170,12 @@ pub fn import_tensors(
         let why =
             if src == target { "no such variable".to_string() } else { format!("no variable {target}") };
         if !options.partial {
-            problems.push(format!("unused {src} ({why})"));
+            problems.push(Mismatch::Unused { source: src.clone(), why: why.clone() });
         }
         report.unused.push((src.clone(), why));
     }
     if !problems.is_empty() {
-        return Err(Error::Import(format!("{origin} does not fit the network: {}", problems.join("; "))));
+        return Err(Error::Import { origin: origin.to_string(), problems });
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var, t) in &copies {

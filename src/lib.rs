@@ -16,4 +16,4 @@ pub mod models;
 pub mod quantizers;
 pub mod torchscript;
 
-pub use error::{strip_backtrace, torch_message, Error, Result};
+pub use error::{strip_backtrace, torch_message, Error, Mismatch, MnistProblem, Result};

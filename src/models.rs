@@ -38,7 +38,7 @@ impl FromStr for Architecture {
         match s.to_ascii_lowercase().as_str() {
             "mlp" => Ok(Self::Mlp),
             "lenet" | "lenet5" | "lenet-5" => Ok(Self::LeNet5),
-            _ => Err(Error::UnknownModel(s.to_string())),
+            _ => Err(Error::Unknown { what: "model", name: s.to_string(), expected: "`mlp` or `lenet`" }),
         }
     }
 }

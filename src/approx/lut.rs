@@ -10,7 +10,7 @@ const ROWS: usize = 4;
 
 /// The two's-complement bytes of an integer-valued tensor in `[-128, 127]` (one pass in Rust
 /// over float32 CPU memory, which the quantizers produce; anything else is converted first).
-fn to_bytes(t: &Tensor, what: &str) -> Result<Vec<u8>> {
+fn to_bytes(t: &Tensor, what: &'static str) -> Result<Vec<u8>> {
     let t = t.f_detach()?;
     let t = if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
         t
@@ -37,15 +37,13 @@ fn to_bytes(t: &Tensor, what: &str) -> Result<Vec<u8>> {
 }
 
 /// The error for a value that is not an 8-bit integer, shared by the CPU and gather paths.
-fn not_int8(what: &str, bad: f64) -> Error {
-    Error::Multiplier(format!(
-        "{what} holds {bad}: approximate products need integers in [-128, 127] (8-bit quantized values)"
-    ))
+fn not_int8(what: &'static str, bad: f64) -> Error {
+    Error::Operand { what, value: bad }
 }
 
 /// Refuses values outside the integers of `[-128, 127]` on any device, naming the first one
 /// (in memory order), as the CPU path's byte conversion does.
-fn check_int8(t: &Tensor, what: &str) -> Result<()> {
+fn check_int8(t: &Tensor, what: &'static str) -> Result<()> {
     let v = t.f_detach()?.f_to_kind(Kind::Double)?;
     let bad = v.f_lt(-128.0)?.f_logical_or(&v.f_gt(127.0)?)?.f_logical_or(&v.f_ne_tensor(&v.f_trunc()?)?)?;
     if bad.f_any()?.f_int64_value(&[])? != 0 {

@@ -43,8 +43,8 @@ fn index(a: i32, b: i32) -> usize {
     (a as i8 as u8 as usize) * 256 + (b as i8 as u8 as usize)
 }
 
-fn bad(what: String) -> Error {
-    Error::Multiplier(what)
+fn parameter(spec: String, expected: &str) -> Error {
+    Error::MultiplierParameter { spec, expected: expected.to_string() }
 }
 
 impl Multiplier {
@@ -55,8 +55,11 @@ impl Multiplier {
         for a in -128..=127 {
             for b in -128..=127 {
                 let p = product(a, b);
-                table[index(a, b)] = i32::try_from(p).map_err(|_| {
-                    bad(format!("multiplier {name}: product({a}, {b}) = {p} does not fit int32"))
+                table[index(a, b)] = i32::try_from(p).map_err(|_| Error::ProductOverflow {
+                    name: name.clone(),
+                    a,
+                    b,
+                    product: p,
                 })?;
             }
         }
@@ -76,7 +79,7 @@ impl Multiplier {
     /// The exact product with the `k` lowest bits of its magnitude dropped (`k` in `0..=14`).
     pub fn truncated(k: u32) -> Result<Self> {
         if k > 14 {
-            return Err(bad(format!("truncated:{k}: K must be in 0..=14 (a product has 15 magnitude bits)")));
+            return Err(parameter(format!("truncated:{k}"), "in 0..=14 (a product has 15 magnitude bits)"));
         }
         Self::from_fn(format!("truncated:{k}"), |a, b| {
             let m = ((a * b).unsigned_abs() >> k) << k;
@@ -114,7 +117,7 @@ impl Multiplier {
     /// `k` leading bits, the lowest of them forced to 1 (unbiasing), the rest zero; `k` in `2..=7`.
     pub fn drum(k: u32) -> Result<Self> {
         if !(2..=7).contains(&k) {
-            return Err(bad(format!("drum:{k}: K must be in 2..=7")));
+            return Err(parameter(format!("drum:{k}"), "in 2..=7"));
         }
         let keep = move |v: u32| {
             if v == 0 {
@@ -142,7 +145,7 @@ impl Multiplier {
     /// any other file as 65,536 little-endian int32 values. Values must fit int32.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let fail = |why: String| bad(format!("multiplier table {}: {why}", crate::files::shown_path(path)));
+        let fail = |problem: String| Error::MultiplierTable { path: path.to_path_buf(), problem };
         // Sized before reading: a table is 65,536 values of at most 8 bytes behind a small header.
         crate::files::check_input_file(path, Some((MAX_TABLE_FILE, "a multiplier table"))).map_err(|e| {
             match e {
@@ -275,9 +278,8 @@ impl FromStr for Multiplier {
 
     /// `exact`, `truncated:K`, `mitchell`, `drum:K`, or a path to a table file.
     fn from_str(s: &str) -> Result<Self> {
-        let k = |v: &str| {
-            v.parse::<u32>().map_err(|_| bad(format!("multiplier {s:?}: K must be a number, got {v:?}")))
-        };
+        let k =
+            |v: &str| v.parse::<u32>().map_err(|_| parameter(s.to_string(), &format!("a number, got {v:?}")));
         match s.split_once(':') {
             None if s == "exact" => Ok(Self::exact()),
             None if s == "mitchell" => Ok(Self::mitchell()),
@@ -285,9 +287,7 @@ impl FromStr for Multiplier {
             Some(("drum", v)) => Self::drum(k(v)?),
             // Anything at the path (a folder or FIFO too) is read as a file, and refused as such.
             _ if std::fs::symlink_metadata(s).is_ok() => Self::load(s),
-            _ => Err(bad(format!(
-                "unknown multiplier {s:?}: expected exact, truncated:K, mitchell, drum:K or a table file"
-            ))),
+            _ => Err(Error::UnknownMultiplier { spec: s.to_string() }),
         }
     }
 }

@@ -59,16 +59,13 @@ impl<'a> SequentialBuilder<'a> {
         if self.error.is_some() {
             return self;
         }
-        let problem = if name.is_empty() || name.contains('.') {
-            Some(format!("layer name {name:?} must be non-empty and hold no '.'"))
+        let bad = |what, problem| Error::BadName { what, name: name.to_string(), problem };
+        let item = if name.is_empty() || name.contains('.') {
+            Err(bad("layer name", "must be non-empty and hold no '.'"))
         } else if self.seq.items.iter().any(|(n, _)| n == name) {
-            Some("the name is used twice in one sequence: give each layer its own".to_string())
+            Err(bad("", "the name is used twice in one sequence: give each layer its own"))
         } else {
-            None
-        };
-        let item = match problem {
-            Some(why) => Err(Error::Network(why)),
-            None => make(self.path.sub(name)),
+            make(self.path.sub(name))
         };
         match item {
             Ok(item) => self.seq.items.push((name.to_string(), item)),
@@ -154,15 +151,19 @@ impl<'a> SequentialBuilder<'a> {
     ) -> Self {
         self.named(name, |p| {
             if shortcut_name.is_empty() || shortcut_name.contains('.') {
-                return Err(Error::Network(format!(
-                    "shortcut name {shortcut_name:?}: it must be non-empty and hold no '.'"
-                )));
+                return Err(Error::BadName {
+                    what: "shortcut name",
+                    name: shortcut_name.to_string(),
+                    problem: "must be non-empty and hold no '.'",
+                });
             }
             let body = body(approx_sequential(&p)).build()?;
             if body.items.iter().any(|(n, _)| n == shortcut_name) {
-                return Err(Error::Network(format!(
-                    "the shortcut's name {shortcut_name:?} is a layer of the body"
-                )));
+                return Err(Error::BadName {
+                    what: "shortcut name",
+                    name: shortcut_name.to_string(),
+                    problem: "is a layer of the body",
+                });
             }
             let shortcut = shortcut(approx_sequential(p.sub(shortcut_name))).build()?;
             Ok(Item::Residual { body, shortcut: Some((shortcut_name.to_string(), shortcut)) })

@@ -123,9 +123,7 @@ impl LayerQuant {
     fn check_approx_bits(&self) -> Result<()> {
         let (x, w) = (self.x_quantizer.bitwidth(), self.w_quantizer.bitwidth());
         if (x, w) != (8, 8) {
-            return Err(Error::Multiplier(format!(
-                "approximate mode multiplies 8-bit integers: the layer quantizes inputs to {x} and weights to {w} bits"
-            )));
+            return Err(Error::ApproxBits { x_bits: x, w_bits: w });
         }
         Ok(())
     }
@@ -204,9 +202,7 @@ impl LayerQuant {
             }
         };
         let acc = if mode == InferenceMode::Approximate {
-            let m = self.multiplier().ok_or_else(|| {
-                Error::Multiplier("approximate mode needs a multiplier: call set_multiplier first".into())
-            })?;
+            let m = self.multiplier().ok_or(Error::NoMultiplier)?;
             self.check_approx_bits()?;
             // The table's sums in value, the exact products' gradient: acc + (lut - acc), detached.
             let lut = lut_op(&qx.values.f_detach()?, &qw.values.f_detach()?, &m)?;

@@ -42,7 +42,11 @@ impl FromStr for InferenceMode {
             "quant" | "quantized" => Ok(Self::Quantized),
             "noise" => Ok(Self::Noise),
             "approx" | "approximate" => Ok(Self::Approximate),
-            _ => Err(Error::UnknownMode(s.to_string())),
+            _ => Err(Error::Unknown {
+                what: "inference mode",
+                name: s.to_string(),
+                expected: "`baseline`, `quant`, `noise` or `approx`",
+            }),
         }
     }
 }

@@ -103,7 +103,7 @@ impl ApproxSequential {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.forward_t(&x, train))).map_err(
                         |p| {
                             let msg = crate::error::panic_message(&*p).unwrap_or_default();
-                            Error::Network(format!("the module panicked: {}", crate::strip_backtrace(&msg)))
+                            Error::ModulePanicked(crate::strip_backtrace(&msg))
                         },
                     )
                 }
@@ -156,7 +156,7 @@ impl ApproxSequential {
             Some((_, LayerMut::Conv(c))) => {
                 c.quant.f_replace_quantizer(vs, &full, slot, kind, config, &c.weight)
             }
-            None => Err(Error::Network(format!("no Approx layer named {layer:?} in this network"))),
+            None => Err(Error::NoSuchLayer(layer.to_string())),
         }
     }
 

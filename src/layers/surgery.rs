@@ -39,7 +39,11 @@ impl LayerQuant {
     ) -> Result<()> {
         let prefix = join(layer, slot.name());
         if prefix.split('.').any(str::is_empty) {
-            return Err(Error::Network(format!("layer path {layer:?} has an empty component")));
+            return Err(Error::BadName {
+                what: "layer path",
+                name: layer.to_string(),
+                problem: "has an empty component",
+            });
         }
         // The configuration is checked in a scratch store first, so a bad one changes nothing.
         Quantizer::from_config(kind, nn::VarStore::new(vs.device()).root(), config)?;
@@ -59,9 +63,7 @@ impl LayerQuant {
             let names: Vec<String> =
                 vars.named_variables.keys().filter(|n| n.starts_with(&under)).cloned().collect();
             if !same_layer || names.iter().any(|n| !ours(&vars.named_variables[n])) {
-                return Err(Error::Network(format!(
-                    "{layer:?} in this VarStore is not this layer: give the layer's full path (its weight is `{layer}.weight`) in the store the network was built in"
-                )));
+                return Err(Error::NotThisLayer(layer.to_string()));
             }
             let group = vars.trainable_variables.iter().find(|v| ours(&v.tensor)).map_or(0, |v| v.group);
             for n in &names {

@@ -39,7 +39,11 @@ impl FromStr for QuantizerKind {
             "minmax" => Ok(Self::MinMax),
             "pact" => Ok(Self::Pact),
             "lsq" => Ok(Self::Lsq),
-            _ => Err(Error::UnknownKind(s.to_string())),
+            _ => Err(Error::Unknown {
+                what: "quantizer kind",
+                name: s.to_string(),
+                expected: "`minmax`, `pact` or `lsq`",
+            }),
         }
     }
 }

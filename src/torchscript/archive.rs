@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-use super::ts_error;
 use crate::Result;
 
 /// The largest pickle read (the data pickle of a model with a million tensors is a few tens of MB).
@@ -30,9 +29,7 @@ pub(crate) struct StorageRef {
 /// present) reference only storages whose records hold at least the bytes they promise.
 /// `bytes` is the whole file, read once, so what is checked is what libtorch loads.
 pub(crate) fn check(path: &Path, bytes: &[u8]) -> Result<()> {
-    let fail = |why: String| {
-        ts_error(format!("{}: not a TorchScript model ({why})", crate::files::shown_path(path)))
-    };
+    let fail = |why: String| crate::Error::NotTorchScript { path: path.to_path_buf(), why };
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| fail(format!("not a zip archive: {e}")))?;
     let mut sizes: HashMap<String, u64> = HashMap::with_capacity(zip.len());

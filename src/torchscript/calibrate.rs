@@ -4,7 +4,7 @@ use tch::Tensor;
 
 use tch::CModule;
 
-use super::{ts_error, RewrittenLayer, ScriptModel};
+use super::{RewrittenLayer, ScriptModel};
 use crate::glue::jit;
 use crate::quantizers::QuantizerKind;
 use crate::{Error, Result};
@@ -33,7 +33,10 @@ impl ScriptModel {
         let pact: Vec<RewrittenLayer> =
             self.rewritten.iter().filter(|l| l.spec.x_kind == QuantizerKind::Pact).cloned().collect();
         if pact.is_empty() {
-            return Err(ts_error("no PACT input quantizers to calibrate: call quantize_layers first".into()));
+            return Err(Error::NothingToDo {
+                model: self.source.clone(),
+                what: "no PACT input quantizers to calibrate: call quantize_layers first",
+            });
         }
         if batch_size < 1 || batches == 0 {
             return Err(Error::Argument {
@@ -44,7 +47,7 @@ impl ScriptModel {
         }
         let n = images.size().first().copied().unwrap_or(0);
         if n == 0 {
-            return Err(ts_error("calibration needs images, got none".into()));
+            return Err(Error::NoData { what: "calibration needs images, got none" });
         }
         let _guard = tch::no_grad_guard();
         for l in &pact {

@@ -3,7 +3,7 @@
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::{ts_error, LayerReport, PtqConfig, ScriptModel};
+use super::{LayerReport, PtqConfig, ScriptModel};
 use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
 use crate::{Error, Result};
 
@@ -42,9 +42,7 @@ impl Default for FinetuneConfig {
 }
 
 fn diverged(epoch: usize, what: String) -> Error {
-    ts_error(format!(
-        "fine-tuning diverged in epoch {epoch} ({what}); the weights are restored and nothing is written: try a smaller learning rate"
-    ))
+    Error::Diverged { epoch, what }
 }
 
 impl ScriptModel {
@@ -65,7 +63,10 @@ impl ScriptModel {
     ) -> Result<Vec<LayerReport>> {
         let weights = self.quantizable()?;
         if weights.is_empty() {
-            return Err(ts_error(format!("{}: no quantizable weights to fine-tune", self.source.display())));
+            return Err(Error::NothingToDo {
+                model: self.source.clone(),
+                what: "no quantizable weights to fine-tune",
+            });
         }
         self.check_overrides(quant, &weights)?;
         let mut shadows = Vec::new();
@@ -87,10 +88,10 @@ impl ScriptModel {
     /// restored and an error returned.
     pub fn finetune(&mut self, images: &Tensor, labels: &Tensor, config: FinetuneConfig) -> Result<()> {
         if self.rewritten.is_empty() {
-            return Err(ts_error(format!(
-                "{}: no rewritten layers to fine-tune: call quantize_layers first (or finetune_qat for weights only)",
-                self.source.display()
-            )));
+            return Err(Error::NothingToDo {
+                model: self.source.clone(),
+                what: "no rewritten layers to fine-tune: call quantize_layers first (or finetune_qat for weights only)",
+            });
         }
         self.train(images, labels, config, &[])
     }
@@ -107,10 +108,13 @@ impl ScriptModel {
         config.check()?;
         let n = labels.size().first().copied().unwrap_or(0);
         if n == 0 {
-            return Err(ts_error("fine-tuning needs training digits, got none".into()));
+            return Err(Error::NoData { what: "fine-tuning needs training digits, got none" });
         }
         if images.size().first() != Some(&n) {
-            return Err(ts_error(format!("{} images but {n} labels", images.size().first().unwrap_or(&0))));
+            return Err(Error::CountMismatch {
+                images: images.size().first().copied().unwrap_or(0),
+                labels: n,
+            });
         }
         // Restored if training diverges, so a failed run leaves the model as it was.
         let snapshot: Vec<(Tensor, Tensor)> =

@@ -14,16 +14,13 @@ impl ScriptModel {
         let path = path.as_ref();
         crate::files::check_input_file(path, None)?;
         // Read once: the bytes checked are the bytes loaded, whatever happens to the file meanwhile.
-        let bytes =
-            std::fs::read(path).map_err(|e| ts_error(format!("{}: {e}", crate::files::shown_path(path))))?;
-        archive::check(path, &bytes)?;
-        let mut module = CModule::load_data_on_device(&mut &bytes[..], device).map_err(|e| {
-            ts_error(format!(
-                "{}: not a TorchScript model ({})",
-                crate::files::shown_path(path),
-                torch_message(&e)
-            ))
+        let bytes = std::fs::read(path).map_err(|e| Error::InputFile {
+            path: path.to_path_buf(),
+            problem: crate::files::FileProblem::Io(e.to_string()),
         })?;
+        archive::check(path, &bytes)?;
+        let mut module = CModule::load_data_on_device(&mut &bytes[..], device)
+            .map_err(|e| Error::NotTorchScript { path: path.to_path_buf(), why: torch_message(&e) })?;
         module.f_set_eval()?;
         Ok(Self { module, source: path.to_path_buf(), device, rewritten: Vec::new() })
     }
@@ -45,13 +42,10 @@ impl ScriptModel {
 
     /// Runs the module's `forward` on one tensor; a rejected input is an error naming its shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.module.forward_ts(&[x]).map_err(|e| {
-            ts_error(format!(
-                "{}: the model rejected an input of shape {:?}: {}",
-                self.source.display(),
-                x.size(),
-                torch_message(&e)
-            ))
+        self.module.forward_ts(&[x]).map_err(|e| Error::InputRejected {
+            model: self.source.clone(),
+            shape: x.size(),
+            why: torch_message(&e),
         })
     }
 
@@ -60,12 +54,7 @@ impl ScriptModel {
         let y = self.forward(x)?;
         let n = x.size().first().copied().unwrap_or(0);
         if y.dim() != 2 || y.size()[0] != n || !y.is_floating_point() {
-            return Err(ts_error(format!(
-                "{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {:?} of shape {:?}",
-                self.source.display(),
-                y.kind(),
-                y.size()
-            )));
+            return Err(Error::NotLogits { model: self.source.clone(), n, kind: y.kind(), shape: y.size() });
         }
         Ok(y)
     }
@@ -74,7 +63,7 @@ impl ScriptModel {
     pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch_size: i64) -> Result<f64> {
         let n = labels.size()[0];
         if n == 0 {
-            return Err(ts_error("no digits to measure accuracy on".into()));
+            return Err(Error::NoData { what: "no digits to measure accuracy on" });
         }
         let correct = crate::data::count_correct(images, labels, batch_size, |x| {
             self.logits(&x.f_to_device(self.device)?)

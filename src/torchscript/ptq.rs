@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::{ts_error, ScriptModel};
+use super::ScriptModel;
 use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
 use crate::Result;
 
@@ -102,11 +102,12 @@ fn check_finite_weights(source: &Path, weights: &[(String, Tensor)]) -> Result<(
     for (name, w) in weights {
         let bad = w.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
         if bad > 0 {
-            return Err(ts_error(format!(
-                "{}: weight {name} holds {bad} non-finite value(s) (NaN or ±inf) of {}",
-                source.display(),
-                w.numel()
-            )));
+            return Err(crate::Error::NonFiniteTensor {
+                origin: crate::files::shown_path(source),
+                name: format!("weight {name}"),
+                count: bad,
+                numel: w.numel() as i64,
+            });
         }
     }
     Ok(())
@@ -133,10 +134,10 @@ impl ScriptModel {
     pub fn quantize_weights(&self, config: &PtqConfig) -> Result<Vec<LayerReport>> {
         let weights = self.quantizable()?;
         if weights.is_empty() {
-            return Err(ts_error(format!(
-                "{}: no quantizable weights (float parameters with two or more dimensions)",
-                self.source.display()
-            )));
+            return Err(crate::Error::NothingToDo {
+                model: self.source.clone(),
+                what: "no quantizable weights (float parameters with two or more dimensions)",
+            });
         }
         self.check_overrides(config, &weights)?;
         let _guard = tch::no_grad_guard();
@@ -175,10 +176,7 @@ impl ScriptModel {
             if let Some(other) =
                 config.overrides[..i].iter().find(|(b, _)| target(b).is_some() && target(b) == target(a))
             {
-                return Err(ts_error(format!(
-                    "layer override {a:?} repeats {:?}: give each layer once",
-                    other.0
-                )));
+                return Err(crate::Error::RepeatedLayer { name: a.clone(), same_as: other.0.clone() });
             }
         }
         let known =
@@ -188,12 +186,10 @@ impl ScriptModel {
         if unknown.is_empty() {
             return Ok(());
         }
-        let names: Vec<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
-        Err(ts_error(format!(
-            "unknown layer(s) {}: {} has quantizable weights {}",
-            unknown.join(", "),
-            self.source.display(),
-            names.join(", ")
-        )))
+        Err(crate::Error::UnknownLayers {
+            unknown: unknown.into_iter().map(String::from).collect(),
+            model: Some(self.source.clone()),
+            known: weights.iter().map(|(n, _)| n.clone()).collect(),
+        })
     }
 }

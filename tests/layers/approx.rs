@@ -60,7 +60,7 @@ fn built_in_multipliers_give_the_hand_worked_products() {
     assert!(drum.mean_error.abs() < 0.01 * drum.mean_absolute_error, "{drum:?}");
     assert!(Multiplier::drum(8).is_err() && Multiplier::truncated(15).is_err());
     let e = "drum:x".parse::<Multiplier>().unwrap_err().to_string();
-    assert_eq!(e, "multiplier \"drum:x\": K must be a number, got \"x\"");
+    assert_eq!(e, "drum:x: K must be a number, got \"x\"");
     let e = "wallace".parse::<Multiplier>().unwrap_err().to_string();
     assert!(e.starts_with("unknown multiplier \"wallace\""), "{e}");
 }

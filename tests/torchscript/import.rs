@@ -182,8 +182,24 @@ fn renames_and_partial_imports_report_what_they_skipped() {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = resnet(&vs, ["conv", "bn"], 5);
     let head = vs.variables()["fc.weight"].copy();
-    let e = import_safetensors(&vs, &path, &stem).unwrap_err().to_string();
+    let err = import_safetensors(&vs, &path, &stem).unwrap_err();
+    let e = err.to_string();
     assert!(e.contains("fc.weight has shape [10, 784], the network needs [5, 784]"), "{e}");
+    // The same problem as data a caller can match on.
+    match &err {
+        torchapprox::Error::Import { problems, .. } => assert_eq!(
+            problems,
+            &[
+                torchapprox::Mismatch::Shape { source: "fc.bias".into(), got: vec![10], want: vec![5] },
+                torchapprox::Mismatch::Shape {
+                    source: "fc.weight".into(),
+                    got: vec![10, 784],
+                    want: vec![5, 784]
+                },
+            ]
+        ),
+        other => panic!("expected Error::Import, got {other:?}"),
+    }
     let partial = ImportOptions { partial: true, ..stem.clone() };
     let report = import_safetensors(&vs, &path, &partial).unwrap();
     let kept: Vec<&(String, String)> = report.kept.iter().filter(|(n, _)| !n.contains("quantizer")).collect();

@@ -7,8 +7,11 @@ use super::source::forward_source;
 use super::{LayerOp, RewriteConfig, RewriteReport, RewrittenLayer};
 use crate::glue::jit;
 use crate::quantizers::{check_bitwidth, QuantizerKind};
-use crate::torchscript::ts_error;
 use crate::{Error, Result};
+
+fn rewrite_layer(layer: &str, problem: String) -> Error {
+    Error::RewriteLayer { layer: layer.to_string(), problem }
+}
 
 /// The parsed output of `ta_module_describe`.
 struct Description {
@@ -65,9 +68,7 @@ pub(crate) fn rewrite(
     crate::args::check_positive("init_alpha", config.init_alpha)?;
     let d = describe(m)?;
     if let Some((path, _)) = d.modules.iter().find(|(_, c)| c.starts_with(QUANTIZER_CLASS)) {
-        return Err(ts_error(format!(
-            "the model was quantized by this rewrite before ({path} is a quantizer): load the original instead"
-        )));
+        return Err(Error::AlreadyRewritten { quantizer: path.clone() });
     }
     let mut report = RewriteReport::default();
     let mut layers: Vec<(String, String)> = Vec::new();
@@ -86,18 +87,19 @@ pub(crate) fn rewrite(
         }
     }
     if layers.is_empty() {
-        return Err(ts_error("no Linear or Conv2d layer to quantize".into()));
+        return Err(Error::TorchScript("no Linear or Conv2d layer to quantize".into()));
     }
     let names: Vec<&str> = layers.iter().map(|(p, _)| p.as_str()).collect();
     for (i, (name, _)) in config.overrides.iter().enumerate() {
         if !names.contains(&name.as_str()) {
-            return Err(ts_error(format!(
-                "unknown layer {name:?}: the model's layers are {}",
-                names.join(", ")
-            )));
+            return Err(Error::UnknownLayers {
+                unknown: vec![name.clone()],
+                model: None,
+                known: names.iter().map(|n| n.to_string()).collect(),
+            });
         }
         if config.overrides[..i].iter().any(|(n, _)| n == name) {
-            return Err(ts_error(format!("layer {name} is given twice: give each layer once")));
+            return Err(Error::RepeatedLayer { name: name.clone(), same_as: name.clone() });
         }
     }
     let spec_of =
@@ -113,19 +115,20 @@ pub(crate) fn rewrite(
             return Err(Error::PerChannel(spec.w_kind));
         }
         if spec.x_kind == QuantizerKind::Lsq || spec.w_kind == QuantizerKind::Lsq {
-            return Err(ts_error(format!(
-                "{label}: the TorchScript rewrite covers pact and minmax, not lsq (yet)"
-            )));
+            return Err(rewrite_layer(
+                label,
+                "the TorchScript rewrite covers pact and minmax, not lsq (yet)".into(),
+            ));
         }
         let weight = param(&crate::layers::join(path, "weight"))
-            .ok_or_else(|| ts_error(format!("{label}: has no parameter weight")))?;
+            .ok_or_else(|| rewrite_layer(label, "has no parameter weight".into()))?;
         let op = if classify(class) == Some(Ok("Linear")) {
             LayerOp::Linear
         } else {
             let g = jit::conv_geometry(m, path).map_err(|e| {
                 // The glue names a layer by its path, which is empty for the model's root module.
                 match e {
-                    Error::TorchScript(msg) if path.is_empty() => ts_error(format!("{label}{msg}")),
+                    Error::TorchScript(msg) if path.is_empty() => Error::TorchScript(format!("{label}{msg}")),
                     e => e,
                 }
             })?;
@@ -133,10 +136,10 @@ pub(crate) fn rewrite(
         };
         let want = if op == LayerOp::Linear { 2 } else { 4 };
         if weight.dim() != want || !weight.is_floating_point() {
-            return Err(ts_error(format!(
-                "{label}: weight of shape {:?} is not a {want}-d float tensor",
-                weight.size()
-            )));
+            return Err(rewrite_layer(
+                label,
+                format!("weight of shape {:?} is not a {want}-d float tensor", weight.size()),
+            ));
         }
         let calls = d
             .calls
@@ -160,10 +163,11 @@ pub(crate) fn rewrite(
     for (i, a) in report.layers.iter().enumerate() {
         if let Some(b) = report.layers[..i].iter().find(|b| b.class == a.class) {
             if forward_source(b) != forward_source(a) {
-                return Err(ts_error(format!(
-                    "layers {} and {} share the TorchScript class {} and so one forward: give them the same quantizers and bits",
-                    b.name, a.name, a.class
-                )));
+                return Err(Error::SharedClass {
+                    first: b.name.clone(),
+                    second: a.name.clone(),
+                    class: a.class.clone(),
+                });
             }
         }
     }
