@@ -5,6 +5,7 @@ use std::path::Path;
 use tch::{nn, Tensor};
 
 use crate::quantizers::check_state;
+use crate::weights::WeightSource;
 use crate::{Error, Mismatch, Result};
 
 pub use crate::files::check_destination;
@@ -40,8 +41,9 @@ pub fn check_variables(vs: &nn::VarStore, origin: &str) -> Result<()> {
 /// variables with the same shapes; otherwise lists what is missing, unexpected or mis-shaped.
 pub fn load_checked(vs: &mut nn::VarStore, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
-    let saved = crate::files::read_safetensors(path)?;
-    let origin = crate::files::shown_path(path);
+    let source = crate::weights::SafetensorsFile::new(path);
+    let saved = source.tensors()?;
+    let origin = source.origin();
     for (name, t) in &saved {
         check_state(&origin, name, t)?;
     }

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use tch::{nn, Tensor};
 
+use crate::weights::{SafetensorsFile, WeightSource};
 use crate::{Error, Mismatch, Result};
 
 /// How names are matched and what happens to entries that do not fit.
@@ -207,9 +208,17 @@ pub fn import_safetensors(
     path: impl AsRef<Path>,
     options: &ImportOptions,
 ) -> Result<ImportReport> {
-    let path = path.as_ref();
-    let tensors = crate::files::read_safetensors(path)?;
-    import_tensors(vs, tensors, &crate::files::shown_path(path), options)
+    import_from(vs, &SafetensorsFile::new(path), options)
+}
+
+/// Copies any [`WeightSource`] into `vs` by name: the one import every source goes through
+/// (see [`import_tensors`] for the rules).
+pub fn import_from(
+    vs: &nn::VarStore,
+    source: &dyn WeightSource,
+    options: &ImportOptions,
+) -> Result<ImportReport> {
+    import_tensors(vs, source.tensors()?, &source.origin(), options)
 }
 
 #[cfg(test)]

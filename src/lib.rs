@@ -15,5 +15,6 @@ pub mod layers;
 pub mod models;
 pub mod quantizers;
 pub mod torchscript;
+pub mod weights;
 
 pub use error::{strip_backtrace, torch_message, Error, Mismatch, MnistProblem, Result};

@@ -109,7 +109,7 @@ impl ScriptModel {
     /// [`import_into`](Self::import_into) with renames and, optionally, a partial import
     /// that copies what fits and reports the rest.
     pub fn import_into_with(&self, vs: &nn::VarStore, options: &ImportOptions) -> Result<ImportReport> {
-        crate::import::import_tensors(vs, self.state_dict()?, &self.source.display().to_string(), options)
+        crate::import::import_from(vs, self, options)
     }
 
     /// Turns every `Linear` and `Conv2d` of the model (nested anywhere, scripted or traced)
