@@ -21,9 +21,10 @@ use serde_json::json;
 use tch::Device;
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::files::check_output;
+use torchapprox::layers::QuantSpec;
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 use torchapprox::torchscript::{
-    FinetuneConfig, LayerQuantSpec, LayerReport, PtqConfig, RewriteConfig, RewriteReport, ScriptModel,
+    FinetuneConfig, LayerReport, PtqConfig, RewriteConfig, RewriteReport, ScriptModel,
 };
 
 /// Quantize the weights of a TorchScript model and report test accuracy before and after.
@@ -98,10 +99,10 @@ fn parse_layer(arg: &str) -> Result<(String, u32)> {
 }
 
 /// `NAME=X_KIND[:BITS],W_KIND[:BITS]` over `base`.
-fn parse_rewrite_layer(arg: &str, base: LayerQuantSpec) -> Result<(String, LayerQuantSpec)> {
+fn parse_rewrite_layer(arg: &str, base: QuantSpec) -> Result<(String, QuantSpec)> {
     let (name, (x_kind, xb), (w_kind, wb)) = common::parse_layer_quantizers(arg, "fc=minmax:8,minmax:8")?;
-    let (x_bits, w_bits) = (xb.unwrap_or(base.x_bits), wb.unwrap_or(base.w_bits));
-    Ok((name, LayerQuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
+    let (x_bits, w_bits) = (xb.or(base.x_bits), wb.or(base.w_bits));
+    Ok((name, QuantSpec { x_kind, w_kind, x_bits, w_bits, ..base }))
 }
 
 fn rewrite_json(model: &ScriptModel, report: &RewriteReport) -> Result<Vec<serde_json::Value>> {
@@ -116,8 +117,8 @@ fn rewrite_json(model: &ScriptModel, report: &RewriteReport) -> Result<Vec<serde
                 "op": match l.op { torchapprox::torchscript::LayerOp::Linear => "linear", _ => "conv2d" },
                 "x_quant": l.spec.x_kind.to_string(),
                 "w_quant": l.spec.w_kind.to_string(),
-                "x_bits": l.spec.x_bits,
-                "w_bits": l.spec.w_bits,
+                "x_bits": l.spec.x_bitwidth(),
+                "w_bits": l.spec.w_bitwidth(),
                 "per_channel": l.spec.per_channel,
                 "x_alpha": xa,
                 "w_alpha": wa,
@@ -150,18 +151,19 @@ fn run(args: Args) -> Result<()> {
     if !rewrite && (args.calibrate > 0 || args.x_bits.is_some() || args.w_bits.is_some()) {
         bail!("--calibrate, --x-bits and --w-bits need --x-quant pact or minmax");
     }
-    let base = LayerQuantSpec {
+    let base = QuantSpec {
         x_kind: if args.x_quant == "minmax" { QuantizerKind::MinMax } else { QuantizerKind::Pact },
         w_kind: args.w_quant,
-        x_bits: check_bitwidth(args.x_bits.unwrap_or(bits)).context("--x-bits")?,
-        w_bits: check_bitwidth(args.w_bits.unwrap_or(bits)).context("--w-bits")?,
+        bitwidth: bits,
+        x_bits: Some(check_bitwidth(args.x_bits.unwrap_or(bits)).context("--x-bits")?),
+        w_bits: Some(check_bitwidth(args.w_bits.unwrap_or(bits)).context("--w-bits")?),
         per_channel: args.per_channel,
-        rounded: true,
+        ..QuantSpec::default()
     };
     let (config, rewrite_config) = if rewrite {
         let overrides =
             args.layers.iter().map(|l| parse_rewrite_layer(l, base)).collect::<Result<Vec<_>>>()?;
-        (PtqConfig::default(), RewriteConfig { default: base, overrides, ..Default::default() })
+        (PtqConfig::default(), RewriteConfig { default: base, overrides })
     } else {
         let overrides = args.layers.iter().map(|l| parse_layer(l)).collect::<Result<Vec<_>>>()?;
         (PtqConfig { bits, per_channel: args.per_channel, overrides }, RewriteConfig::default())
@@ -212,9 +214,9 @@ fn run(args: Args) -> Result<()> {
                 "  {:<20} x {}:{} w {}:{}{}{}",
                 l.name,
                 l.spec.x_kind,
-                l.spec.x_bits,
+                l.spec.x_bitwidth(),
                 l.spec.w_kind,
-                l.spec.w_bits,
+                l.spec.w_bitwidth(),
                 if l.spec.per_channel { " per channel" } else { "" },
                 if l.calls > 1 { format!(" (called {} times)", l.calls) } else { String::new() }
             ));

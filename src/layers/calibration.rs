@@ -4,7 +4,7 @@
 use tch::Tensor;
 
 use super::{ApproxLayer, InferenceMode, LayerQuant};
-use crate::quantizers::{ApproxQuantizer, Quantizer};
+use crate::quantizers::{ApproxQuantizer, Quantizer, ALPHA_MIN};
 use crate::{Error, Result};
 
 /// How [`ApproxModule::calibrate`](super::ApproxModule::calibrate) turns each layer's inputs into its range.
@@ -15,6 +15,29 @@ pub enum Calibration {
     /// The mean over batches of this percentile (`0 < p <= 100`) of the input magnitudes,
     /// which ignores rare outliers.
     Percentile(f64),
+}
+
+impl Calibration {
+    /// The range per-batch statistics give: the largest (`Max`) or their mean (`Percentile`),
+    /// over the finite ones; `None` where none is positive. Both network kinds (the crate's
+    /// and rewritten TorchScript models) reduce their statistics here.
+    pub fn range(self, stats: &[f64]) -> Option<f64> {
+        let finite: Vec<f64> = stats.iter().copied().filter(|v| v.is_finite()).collect();
+        if finite.is_empty() {
+            return None;
+        }
+        let range = match self {
+            Calibration::Max => finite.iter().copied().fold(0.0, f64::max),
+            Calibration::Percentile(_) => finite.iter().sum::<f64>() / finite.len() as f64,
+        };
+        (range > 0.0).then_some(range)
+    }
+}
+
+/// The PACT alpha a calibrated range gives: the range raised to [`ALPHA_MIN`], the smallest
+/// clipping level PACT uses, so that the stored alpha is the one in effect.
+pub fn pact_alpha(range: f64) -> f64 {
+    range.max(ALPHA_MIN)
 }
 
 /// [`ApproxModule::calibrate`] over `layers`: the one calibration routine of the crate's networks.
@@ -47,14 +70,11 @@ pub(crate) fn calibrate(
         let stats = l.quant().set_observing(None);
         l.quant().set_mode(mode);
         if run.is_ok() && !stats.is_empty() {
-            let range = match method {
-                Calibration::Max => stats.iter().cloned().fold(0.0, f64::max),
-                Calibration::Percentile(_) => stats.iter().sum::<f64>() / stats.len() as f64,
-            };
-            if range > 0.0 {
-                l.quant().set_input_range(range)?;
+            let range = method.range(&stats);
+            if let Some(r) = range {
+                l.quant().set_input_range(r)?;
             }
-            ranges.push((name.clone(), range));
+            ranges.push((name.clone(), range.unwrap_or(0.0)));
         }
     }
     run?;
@@ -99,7 +119,7 @@ impl LayerQuant {
         let _guard = tch::no_grad_guard();
         match &self.x_quantizer {
             Quantizer::Pact(p) => {
-                let _ = p.alpha().shallow_clone().f_fill_(range)?;
+                let _ = p.alpha().shallow_clone().f_fill_(pact_alpha(range))?;
             }
             Quantizer::MinMax(m) => m.set_running_range(range)?,
             Quantizer::Lsq(q) => {
@@ -107,5 +127,21 @@ impl LayerQuant {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pact_alpha, Calibration};
+
+    #[test]
+    fn statistics_reduce_to_one_range() {
+        assert_eq!(Calibration::Max.range(&[1.0, 3.0, 2.0]), Some(3.0));
+        assert_eq!(Calibration::Percentile(99.0).range(&[1.0, 3.0, 2.0]), Some(2.0));
+        assert_eq!(Calibration::Max.range(&[f64::NAN, 2.0, f64::INFINITY]), Some(2.0));
+        assert_eq!(Calibration::Max.range(&[0.0, 0.0]), None);
+        assert_eq!(Calibration::Max.range(&[]), None);
+        assert_eq!(pact_alpha(1.2e-8), crate::quantizers::ALPHA_MIN);
+        assert_eq!(pact_alpha(3.0), 3.0);
     }
 }

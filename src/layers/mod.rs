@@ -21,7 +21,7 @@ mod surgery;
 mod traits;
 
 pub use builder::{approx_sequential, SequentialBuilder};
-pub use calibration::Calibration;
+pub use calibration::{pact_alpha, Calibration};
 pub use conv::*;
 pub(crate) use layer_quant::join;
 pub use layer_quant::{LayerQuant, QuantizerSlot};

@@ -6,6 +6,7 @@ use tch::CModule;
 
 use super::{RewrittenLayer, ScriptModel};
 use crate::glue::jit;
+use crate::layers::{pact_alpha, Calibration};
 use crate::quantizers::QuantizerKind;
 use crate::{Error, Result};
 
@@ -50,10 +51,12 @@ impl ScriptModel {
             return Err(Error::NoData { what: "calibration needs images, got none" });
         }
         let _guard = tch::no_grad_guard();
-        for l in &pact {
-            let _ =
-                jit::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "observed")?.f_zero_()?;
-        }
+        // The forward assigns a new tensor to `observed`: it is looked up afresh each time.
+        let observed = |l: &RewrittenLayer| {
+            jit::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "observed")
+        };
+        // Each batch's maximum, one statistic per batch as the crate's layers record them.
+        let mut stats = vec![Vec::new(); pact.len()];
         set_calibrating(&self.module, &pact, true)?;
         let run = (|| -> Result<()> {
             for b in 0..batches as i64 {
@@ -61,20 +64,25 @@ impl ScriptModel {
                 if start >= n {
                     break;
                 }
+                for l in &pact {
+                    let _ = observed(l)?.f_zero_()?;
+                }
                 let x = images.f_narrow(0, start, batch_size.min(n - start))?.f_to_device(self.device)?;
                 let _ = self.forward(&x)?;
+                for (s, l) in stats.iter_mut().zip(&pact) {
+                    s.push(observed(l)?.f_double_value(&[])?);
+                }
             }
             Ok(())
         })();
         set_calibrating(&self.module, &pact, false)?;
         run?;
         let mut alphas = Vec::new();
-        for l in &pact {
-            let path = format!("{}.x_quantizer", l.name);
-            let observed = jit::get_tensor(&self.module, &path, "observed")?.f_double_value(&[])?;
-            let mut alpha = jit::get_tensor(&self.module, &path, "alpha")?;
-            if observed > 0.0 && observed.is_finite() {
-                let _ = alpha.f_fill_(observed)?;
+        for (l, s) in pact.iter().zip(&stats) {
+            let mut alpha = jit::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "alpha")?;
+            // The same reduction and alpha floor as the crate's networks.
+            if let Some(range) = Calibration::Max.range(s) {
+                let _ = alpha.f_fill_(pact_alpha(range))?;
             }
             alphas.push((l.name.clone(), alpha.f_double_value(&[0])?));
         }

@@ -18,9 +18,9 @@ pub struct QuantizableWeight {
 }
 
 /// Settings of post-training weight quantization (MinMax).
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PtqConfig {
-    /// Bits of every weight, `2..=16` (0 means the default, 8).
+    /// Bits of every weight, `2..=16`; default 8.
     pub bits: u32,
     /// One scale per output channel instead of one per tensor.
     pub per_channel: bool,
@@ -28,11 +28,17 @@ pub struct PtqConfig {
     pub overrides: Vec<(String, u32)>,
 }
 
+impl Default for PtqConfig {
+    /// 8 bits per tensor, no overrides.
+    fn default() -> Self {
+        Self { bits: 8, per_channel: false, overrides: Vec::new() }
+    }
+}
+
 impl PtqConfig {
     pub(super) fn bits_for(&self, name: &str) -> u32 {
         let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-        let default = if self.bits == 0 { 8 } else { self.bits };
-        self.overrides.iter().rev().find(|(n, _)| n == name || n == module).map_or(default, |(_, b)| *b)
+        self.overrides.iter().rev().find(|(n, _)| n == name || n == module).map_or(self.bits, |(_, b)| *b)
     }
 }
 

@@ -14,7 +14,7 @@ use torchapprox::data::normalize;
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::Architecture;
 use torchapprox::quantizers::QuantizerKind;
-use torchapprox::torchscript::{FinetuneConfig, LayerQuantSpec, RewriteConfig, ScriptModel};
+use torchapprox::torchscript::{FinetuneConfig, RewriteConfig, ScriptModel};
 
 fn rewrite_fixture(name: &str) -> PathBuf {
     fixture_path("rewrite").join(format!("{name}.pt"))
@@ -36,14 +36,14 @@ fn rewritten_models_reload_in_pytorch_with_the_same_logits() {
     let m = common::embedded_digits();
     let train = normalize(&m.train_images.narrow(0, 0, 512), 0.0, 1.0, Device::Cpu).unwrap();
     let x = load_fixture("torchscript/probe.safetensors")["x"].shallow_clone();
-    let spec4 = LayerQuantSpec { x_bits: 4, w_bits: 4, per_channel: true, ..Default::default() };
+    let spec4 = QuantSpec { x_bits: Some(4), w_bits: Some(4), per_channel: true, ..Default::default() };
     let minmax_fc =
-        LayerQuantSpec { x_kind: QuantizerKind::MinMax, w_kind: QuantizerKind::Pact, ..Default::default() };
+        QuantSpec { x_kind: QuantizerKind::MinMax, w_kind: QuantizerKind::Pact, ..Default::default() };
     for (path, config, n_layers) in [
         (rewrite_fixture("resnet_scripted"), RewriteConfig::default(), 9),
         (
             rewrite_fixture("resnet_traced"),
-            RewriteConfig { default: spec4, overrides: vec![("fc".into(), minmax_fc)], ..Default::default() },
+            RewriteConfig { default: spec4, overrides: vec![("fc".into(), minmax_fc)] },
             9,
         ),
         (ts_fixture("mlp_scripted"), RewriteConfig { default: spec4, ..Default::default() }, 2),
@@ -106,11 +106,9 @@ fn rewritten_layers_equal_the_crates_layers_in_quantized_mode() {
     ] {
         let what = format!("{name} per_channel {per_channel}");
         let mut model = ScriptModel::load(ts_fixture(name), Device::Cpu).unwrap();
-        let spec = LayerQuantSpec { per_channel, ..Default::default() };
+        let spec = QuantSpec { per_channel, init_alpha: 1.0, ..Default::default() };
         // alpha = 1.0 clips part of every layer's input, so that every alpha gets a gradient.
-        model
-            .quantize_layers(&RewriteConfig { default: spec, init_alpha: 1.0, ..Default::default() })
-            .unwrap();
+        model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let net = arch
             .build(&vs.root(), |_| QuantSpec {
@@ -148,11 +146,9 @@ fn alpha_gradients_match_finite_differences_of_the_unrounded_quantizer() {
     let x = normalize(&m.test_images.narrow(0, 0, 16), 0.0, 1.0, Device::Cpu).unwrap().to_kind(Kind::Double);
     for name in ["resnet_scripted", "resnet_traced"] {
         let mut model = ScriptModel::load(rewrite_fixture(name), Device::Cpu).unwrap();
-        let spec = LayerQuantSpec { rounded: false, x_bits: 4, ..Default::default() };
+        let spec = QuantSpec { rounded: false, x_bits: Some(4), init_alpha: 0.7123, ..Default::default() };
         // Not a multiple of 1/255: no input pixel sits exactly on the kink at alpha.
-        model
-            .quantize_layers(&RewriteConfig { default: spec, init_alpha: 0.7123, ..Default::default() })
-            .unwrap();
+        model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
         model.set_kind(Kind::Double).unwrap();
         tch::manual_seed(3);
         let w = Tensor::randn([16, 10], (Kind::Double, Device::Cpu));
@@ -202,7 +198,7 @@ fn calibrated_8_bit_and_finetuned_4_bit_models_keep_their_accuracy() {
     assert!(calibrated > uncalibrated, "calibration did not help: {calibrated} vs {uncalibrated}");
 
     let mut q4 = ScriptModel::load(rewrite_fixture("resnet_traced"), Device::Cpu).unwrap();
-    let spec = LayerQuantSpec { x_bits: 4, w_bits: 4, per_channel: true, ..Default::default() };
+    let spec = QuantSpec { x_bits: Some(4), w_bits: Some(4), per_channel: true, ..Default::default() };
     q4.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
     q4.calibrate(&tx, 8, 64).unwrap();
     let before = q4.accuracy(&vx, &m.test_labels, 500).unwrap();
@@ -235,7 +231,7 @@ fn what_the_rewrite_cannot_do_is_reported_or_refused() {
 
     let scripted = rewrite_fixture("resnet_scripted");
     let load = || ScriptModel::load(&scripted, Device::Cpu).unwrap();
-    let minmax = LayerQuantSpec { x_kind: QuantizerKind::MinMax, ..Default::default() };
+    let minmax = QuantSpec { x_kind: QuantizerKind::MinMax, ..Default::default() };
     let e = load()
         .quantize_layers(&RewriteConfig {
             overrides: vec![("layer1.1.conv1".into(), minmax)],
@@ -249,7 +245,14 @@ fn what_the_rewrite_cannot_do_is_reported_or_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("unknown layer \"layer9\": the model's layers are stem.0, layer1.0.conv1"), "{e}");
-    let bad_bits = LayerQuantSpec { w_bits: 17, ..Default::default() };
+    let running = QuantSpec {
+        x_kind: QuantizerKind::MinMax,
+        x_range: torchapprox::quantizers::RangeMode::Running { momentum: 0.9 },
+        ..Default::default()
+    };
+    let e = load().quantize_layers(&RewriteConfig { default: running, ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("take each call's range (RangeMode::Batch), not a running one"), "{e}");
+    let bad_bits = QuantSpec { w_bits: Some(17), ..Default::default() };
     let e = load().quantize_layers(&RewriteConfig { default: bad_bits, ..Default::default() }).unwrap_err();
     assert_eq!(e.to_string(), "bitwidth 17 is out of range: quantizers support 2..=16 bits");
     let e = ScriptModel::load(ts_fixture("no_weights"), Device::Cpu)

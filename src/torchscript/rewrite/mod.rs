@@ -7,4 +7,4 @@ mod source;
 mod spec;
 
 pub(crate) use plan::rewrite;
-pub use spec::{LayerOp, LayerQuantSpec, RewriteConfig, RewriteReport, RewrittenLayer};
+pub use spec::{LayerOp, RewriteConfig, RewriteReport, RewrittenLayer};

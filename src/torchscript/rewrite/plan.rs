@@ -65,7 +65,6 @@ pub(crate) fn rewrite(
     params: &[(String, Tensor)],
     config: &RewriteConfig,
 ) -> Result<RewriteReport> {
-    crate::args::check_positive("init_alpha", config.init_alpha)?;
     let d = describe(m)?;
     if let Some((path, _)) = d.modules.iter().find(|(_, c)| c.starts_with(QUANTIZER_CLASS)) {
         return Err(Error::AlreadyRewritten { quantizer: path.clone() });
@@ -109,8 +108,15 @@ pub(crate) fn rewrite(
         // Messages name the layer; a model that is one layer has the empty path.
         let label = if path.is_empty() { "the root module (the model itself)" } else { path.as_str() };
         let spec = spec_of(path);
-        check_bitwidth(spec.x_bits)?;
-        check_bitwidth(spec.w_bits)?;
+        check_bitwidth(spec.x_bitwidth())?;
+        check_bitwidth(spec.w_bitwidth())?;
+        crate::args::check_positive("init_alpha", spec.init_alpha)?;
+        if spec.x_kind == QuantizerKind::MinMax && spec.x_range != crate::quantizers::RangeMode::Batch {
+            return Err(rewrite_layer(
+                label,
+                "MinMax inputs in the TorchScript rewrite take each call's range (RangeMode::Batch), not a running one (yet)".into(),
+            ));
+        }
         if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
             return Err(Error::PerChannel(spec.w_kind));
         }
@@ -176,7 +182,7 @@ pub(crate) fn rewrite(
         let device = param(&weight_name).map(|w| w.device()).unwrap_or(tch::Device::Cpu);
         let mut quantizers = Vec::new();
         if layer.spec.x_kind == QuantizerKind::Pact {
-            quantizers.push(("x_quantizer", config.init_alpha));
+            quantizers.push(("x_quantizer", layer.spec.init_alpha));
         }
         if layer.spec.w_kind == QuantizerKind::Pact {
             let w = param(&weight_name).expect("checked above");

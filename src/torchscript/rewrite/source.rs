@@ -25,8 +25,8 @@ pub(crate) fn forward_source(l: &RewrittenLayer) -> String {
             "torch.conv2d(x, self.weight, {bias}, [{stride}, {stride}], [{padding}, {padding}], [{dilation}, {dilation}], {groups})"
         ),
     };
-    let im_x = int_max(s.x_bits) as f64;
-    let im_w = int_max(s.w_bits) as f64;
+    let im_x = int_max(s.x_bitwidth()) as f64;
+    let im_w = int_max(s.w_bitwidth()) as f64;
     let (amin, amax) = (lit(ALPHA_MIN), lit(ALPHA_MAX));
     let round = |e: String| if s.rounded { format!("torch.round({e})") } else { e };
     let pact = |q: &str, v: &str, vd: &str, out: &str, scale: &str, im: f64| {

@@ -1,55 +1,22 @@
 //! The settings and the report of the TorchScript rewrite: a layer's quantizers, the model's
 //! defaults and overrides, and what was rewritten.
 
-use crate::quantizers::QuantizerKind;
-
-/// The quantizers and bitwidths of one rewritten layer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LayerQuantSpec {
-    /// Input quantizer: `Pact` (learnable `x_quantizer.alpha`) or `MinMax` (range of each call).
-    pub x_kind: QuantizerKind,
-    /// Weight quantizer: `MinMax` or `Pact` (`w_quantizer.alpha`, starting at `max |w|`).
-    pub w_kind: QuantizerKind,
-    /// Bits of the input, `2..=16`.
-    pub x_bits: u32,
-    /// Bits of the weight, `2..=16`.
-    pub w_bits: u32,
-    /// One MinMax weight range per output channel.
-    pub per_channel: bool,
-    /// Round to integers (`true`); `false` keeps the scaled, clipped values, as the
-    /// quantizers' `rounded` flag (for gradient checks by finite differences).
-    pub rounded: bool,
-}
-
-impl Default for LayerQuantSpec {
-    /// PACT inputs and MinMax weights, 8 bits each, per tensor: the trainer's defaults.
-    fn default() -> Self {
-        Self {
-            x_kind: QuantizerKind::Pact,
-            w_kind: QuantizerKind::MinMax,
-            x_bits: 8,
-            w_bits: 8,
-            per_channel: false,
-            rounded: true,
-        }
-    }
-}
+use crate::layers::QuantSpec;
 
 /// Settings of [`ScriptModel::quantize_layers`](crate::torchscript::ScriptModel::quantize_layers).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Each layer's settings are the crate's own [`QuantSpec`], as for `ApproxLinear` and
+/// `ApproxConv2d`: `x_kind`/`w_kind` (PACT or MinMax; LSQ is refused), `bitwidth` or
+/// `x_bits`/`w_bits`, `per_channel`, `rounded`, and `init_alpha` (PACT's initial input
+/// clipping level, which [`calibrate`](crate::torchscript::ScriptModel::calibrate) replaces).
+/// A rewritten layer always runs quantized, so `mode` and `noise_std` do not apply, and its
+/// MinMax inputs take each call's range (`x_range` must be [`RangeMode::Batch`](crate::quantizers::RangeMode)).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RewriteConfig {
-    /// The spec of every layer without an override.
-    pub default: LayerQuantSpec,
+    /// The spec of every layer without an override (default: 8-bit PACT inputs, MinMax weights).
+    pub default: QuantSpec,
     /// Per-layer specs by module path (`layer1.0.conv1`).
-    pub overrides: Vec<(String, LayerQuantSpec)>,
-    /// PACT's initial input clipping level (TorchApprox's 2.2); [`calibrate`](crate::torchscript::ScriptModel::calibrate) replaces it.
-    pub init_alpha: f64,
-}
-
-impl Default for RewriteConfig {
-    fn default() -> Self {
-        Self { default: LayerQuantSpec::default(), overrides: Vec::new(), init_alpha: 2.2 }
-    }
+    pub overrides: Vec<(String, QuantSpec)>,
 }
 
 /// The operation of a rewritten layer.
@@ -82,7 +49,7 @@ pub struct RewrittenLayer {
     /// Whether the layer has a bias.
     pub bias: bool,
     /// The quantizers and bits.
-    pub spec: LayerQuantSpec,
+    pub spec: QuantSpec,
     /// How many call sites in its parents' code call it (2 or more: called twice in one forward).
     pub calls: usize,
 }
