@@ -44,26 +44,34 @@ void each_node(torch::jit::Block* b, const std::function<void(torch::jit::Node*)
 }
 
 // An int list argument of a graph node: a constant, or a list built from constants.
-std::vector<int64_t> int_list(torch::jit::Value* v) {
+// A graph value as text for Rust to parse: `i:3`, `l:1,2` (ints), `b:1`, `s:same`, `n` (None),
+// `t` (a tensor) or `?` (not a constant). Lists built from constants count as constants.
+std::string render(torch::jit::Value* v) {
   if (auto iv = torch::jit::toIValue(v)) {
-    if (iv->isIntList()) return iv->toIntVector();
-    if (iv->isInt()) return {iv->toInt()};
+    if (iv->isNone()) return "n";
+    if (iv->isBool()) return iv->toBool() ? "b:1" : "b:0";
+    if (iv->isInt()) return "i:" + std::to_string(iv->toInt());
+    if (iv->isString()) return "s:" + iv->toStringRef();
+    if (iv->isIntList()) {
+      std::string out = "l:";
+      auto xs = iv->toIntVector();
+      for (size_t i = 0; i < xs.size(); ++i) out += (i ? "," : "") + std::to_string(xs[i]);
+      return out;
+    }
+    if (iv->isTensor()) return "t";
+    return "?";
   }
   auto* n = v->node();
-  TORCH_CHECK(n->kind() == c10::prim::ListConstruct, "a convolution argument is not a constant");
-  std::vector<int64_t> out;
+  if (n->kind() != c10::prim::ListConstruct) return "?";
+  std::string out = "l:";
+  bool first = true;
   for (auto* in : n->inputs()) {
     auto iv = torch::jit::toIValue(in);
-    TORCH_CHECK(iv && iv->isInt(), "a convolution argument is not a constant");
-    out.push_back(iv->toInt());
+    if (!iv || !iv->isInt()) return "?";
+    out += (first ? "" : ",") + std::to_string(iv->toInt());
+    first = false;
   }
   return out;
-}
-
-int64_t pair_value(const std::vector<int64_t>& v, const char* what) {
-  TORCH_CHECK(!v.empty() && (v.size() == 1 || v[0] == v[1]),
-              "a convolution with different ", what, " per dimension is not supported");
-  return v[0];
 }
 
 }  // namespace
@@ -71,8 +79,8 @@ int64_t pair_value(const std::vector<int64_t>& v, const char* what) {
 extern "C" {
 
 // A text description of `m`: one line per submodule, `M\t<path>\t<type>`; per method graph of
-// each, `O\t<path>\t<op>\t<count>` for linear and convolution ops, and `C\t<path>\t<child>\t<count>`
-// for calls into child modules.
+// each, `O\t<path>\t<op>\t<count>` for every `aten::` op, and `C\t<path>\t<child>\t<count>`
+// for calls into child modules. Which ops matter is Rust's decision.
 char* ta_module_describe(const Module* m, char** out) {
   return guard([&] {
     std::ostringstream os;
@@ -84,10 +92,7 @@ char* ta_module_describe(const Module* m, char** out) {
       for (const auto& method : sub.get_methods()) {
         each_node(method.graph()->block(), [&](torch::jit::Node* n) {
           const std::string kind = n->kind().toQualString();
-          if (kind == "aten::linear" || kind == "aten::matmul" || kind.rfind("aten::conv", 0) == 0 ||
-              kind == "aten::_convolution") {
-            ops[kind] += 1;
-          }
+          if (kind.rfind("aten::", 0) == 0) ops[kind] += 1;
           if (n->kind() == c10::prim::CallMethod) {
             auto* obj = n->input(0)->node();
             if (obj->kind() == c10::prim::GetAttr && obj->input(0) == method.graph()->inputs()[0]) {
@@ -103,46 +108,24 @@ char* ta_module_describe(const Module* m, char** out) {
   });
 }
 
-// Stride, padding, dilation and groups of the one 2-d convolution in the forward of the
-// submodule at `path` (read from its graph, inlined and constant-folded, so that scripted and
-// traced convolutions alike give them): out = [stride, padding, dilation, groups].
-char* ta_module_conv_geometry(const Module* m, const char* path, int64_t* out) {
+// Every `aten::` node of the forward of the submodule at `path`, inlined and constant-folded
+// (so scripted and traced modules alike show their constants), one per line:
+// `<op>\t<arg>\t<arg>...` with each argument as `render` writes it. Rust decides what they mean.
+char* ta_module_forward_ops(const Module* m, const char* path, char** out) {
   return guard([&] {
     Module sub = submodule(*m, path);
     auto graph = sub.get_method("forward").graph()->copy();
     torch::jit::Inline(*graph);
     torch::jit::ConstantPropagation(graph);
-    torch::jit::Node* conv = nullptr;
-    int64_t count = 0;
+    std::ostringstream os;
     each_node(graph->block(), [&](torch::jit::Node* n) {
       const std::string kind = n->kind().toQualString();
-      if (kind == "aten::conv2d" || kind == "aten::_convolution" || kind == "aten::convolution") {
-        conv = n;
-        count += 1;
-      }
-      if (kind == "aten::pad" || kind == "aten::constant_pad_nd" || kind == "aten::reflection_pad2d" ||
-          kind == "aten::replicate_pad2d" || kind == "aten::_pad_circular") {
-        TORCH_CHECK(false, path, ": padding modes other than zeros are not supported");
-      }
+      if (kind.rfind("aten::", 0) != 0) return;
+      os << kind;
+      for (auto* in : n->inputs()) os << "\t" << render(in);
+      os << "\n";
     });
-    TORCH_CHECK(count == 1, path, ": expected one 2-d convolution in forward, found ", count);
-    const std::string kind = conv->kind().toQualString();
-    if (kind == "aten::conv2d") {
-      auto pad = torch::jit::toIValue(conv->input(4));
-      TORCH_CHECK(!(pad && pad->isString()), path, ": padding='", pad ? pad->toStringRef() : "",
-                  "' is not supported");
-      out[0] = pair_value(int_list(conv->input(3)), "strides");
-      out[1] = pair_value(int_list(conv->input(4)), "paddings");
-      out[2] = pair_value(int_list(conv->input(5)), "dilations");
-      out[3] = torch::jit::toIValue(conv->input(6)).value().toInt();
-    } else {
-      auto transposed = torch::jit::toIValue(conv->input(6));
-      TORCH_CHECK(transposed && !transposed->toBool(), path, ": transposed convolutions are not supported");
-      out[0] = pair_value(int_list(conv->input(3)), "strides");
-      out[1] = pair_value(int_list(conv->input(4)), "paddings");
-      out[2] = pair_value(int_list(conv->input(5)), "dilations");
-      out[3] = torch::jit::toIValue(conv->input(8)).value().toInt();
-    }
+    *out = dup(os.str());
   });
 }
 

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 
 extern "C" {
     fn ta_module_describe(m: *const c_void, out: *mut *mut c_char) -> *mut c_char;
-    fn ta_module_conv_geometry(m: *const c_void, path: *const c_char, out: *mut i64) -> *mut c_char;
+    fn ta_module_forward_ops(m: *const c_void, path: *const c_char, out: *mut *mut c_char) -> *mut c_char;
     fn ta_module_add_quantizer(
         m: *const c_void,
         path: *const c_char,
@@ -98,14 +98,15 @@ pub(crate) fn describe(m: &CModule) -> Result<String> {
     Ok(unsafe { take_string(out) })
 }
 
-/// `[stride, padding, dilation, groups]` of the one 2-d convolution in the forward of the
-/// submodule at `path`.
-pub(crate) fn conv_geometry(m: &CModule, path: &str) -> Result<[i64; 4]> {
-    let mut g = [0i64; 4];
+/// Every `aten::` op of the inlined, constant-folded forward of the submodule at `path`, one
+/// line each: the op, then its arguments (`i:3`, `l:1,2`, `b:0`, `s:same`, `n`, `t`, `?`).
+pub(crate) fn forward_ops(m: &CModule, path: &str) -> Result<String> {
     let p = cstr(path)?;
-    // SAFETY: a valid module and path; `g` has the four slots the glue writes.
-    glue(unsafe { ta_module_conv_geometry(module_ptr(m), p.as_ptr(), g.as_mut_ptr()) })?;
-    Ok(g)
+    let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a valid module and path; `out` receives a malloc'ed string.
+    glue(unsafe { ta_module_forward_ops(module_ptr(m), p.as_ptr(), &mut out) })?;
+    // SAFETY: on success the glue wrote a malloc'ed string to `out`, which take_string frees.
+    Ok(unsafe { take_string(out) })
 }
 
 /// Gives the submodule at `path` a quantizer child `name` of the shared class

@@ -27,7 +27,9 @@ fn describe(m: &CModule) -> Result<Description> {
         let f: Vec<&str> = line.split('\t').collect();
         match f.as_slice() {
             ["M", path, class] => d.modules.push((path.to_string(), class.to_string())),
-            ["O", path, op, n] => d.ops.push((path.to_string(), op.to_string(), n.parse().unwrap_or(0))),
+            ["O", path, op, n] if is_weighted_op(op) => {
+                d.ops.push((path.to_string(), op.to_string(), n.parse().unwrap_or(0)))
+            }
             ["C", path, child, n] => {
                 d.calls.push((path.to_string(), child.to_string(), n.parse().unwrap_or(0)))
             }
@@ -35,6 +37,69 @@ fn describe(m: &CModule) -> Result<Description> {
         }
     }
     Ok(d)
+}
+
+/// The ops with a weight that the rewrite reports when they are called outside a covered layer.
+fn is_weighted_op(op: &str) -> bool {
+    op == "aten::linear" || op == "aten::matmul" || op == "aten::_convolution" || op.starts_with("aten::conv")
+}
+
+/// The geometry of the one 2-d convolution in a layer's forward, from the glue's op list
+/// ([`jit::forward_ops`]); `Err` says, in words, why the layer cannot be rewritten.
+pub(super) fn conv_geometry(ops: &str) -> std::result::Result<[i64; 4], String> {
+    const PADS: [&str; 5] = [
+        "aten::pad",
+        "aten::constant_pad_nd",
+        "aten::reflection_pad2d",
+        "aten::replicate_pad2d",
+        "aten::_pad_circular",
+    ];
+    let lines: Vec<Vec<&str>> = ops.lines().map(|l| l.split('\t').collect()).collect();
+    if lines.iter().any(|f| PADS.contains(&f[0])) {
+        return Err("padding modes other than zeros are not supported".into());
+    }
+    let convs: Vec<&Vec<&str>> = lines
+        .iter()
+        .filter(|f| matches!(f[0], "aten::conv2d" | "aten::_convolution" | "aten::convolution"))
+        .collect();
+    let [conv] = convs.as_slice() else {
+        return Err(format!("expected one 2-d convolution in forward, found {}", convs.len()));
+    };
+    let arg = |i: usize| conv.get(i + 1).copied().unwrap_or("?");
+    let ints = |i: usize, what: &str| -> std::result::Result<i64, String> {
+        let v: Vec<i64> = match arg(i).split_once(':') {
+            Some(("l", list)) => list
+                .split(',')
+                .map(|x| x.parse().map_err(|_| ()))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| format!("its {what} are not constants"))?,
+            Some(("i", x)) => vec![x.parse().map_err(|_| format!("its {what} are not constants"))?],
+            _ => return Err(format!("its {what} are not constants")),
+        };
+        match v.as_slice() {
+            [a] => Ok(*a),
+            [a, b] if a == b => Ok(*a),
+            _ => Err(format!("a convolution with different {what} per dimension is not supported")),
+        }
+    };
+    // aten::conv2d(input, weight, bias, stride, padding, dilation, groups); the others have
+    // (..., stride, padding, dilation, transposed, output_padding, groups, ...).
+    let groups_at = if conv[0] == "aten::conv2d" {
+        if let Some(mode) = arg(4).strip_prefix("s:") {
+            return Err(format!("padding='{mode}' is not supported"));
+        }
+        6
+    } else {
+        if arg(6) != "b:0" {
+            return Err("transposed convolutions are not supported".into());
+        }
+        8
+    };
+    let groups = arg(groups_at)
+        .strip_prefix("i:")
+        .and_then(|g| g.parse().ok())
+        .ok_or("its groups are not a constant")?;
+    Ok([ints(3, "strides")?, ints(4, "paddings")?, ints(5, "dilations")?, groups])
 }
 
 /// A class name without TorchScript's `___torch_mangle_N` parts: `__torch__.torch.nn.modules.linear.Linear`.
@@ -131,13 +196,8 @@ pub(crate) fn rewrite(
         let op = if classify(class) == Some(Ok("Linear")) {
             LayerOp::Linear
         } else {
-            let g = jit::conv_geometry(m, path).map_err(|e| {
-                // The glue names a layer by its path, which is empty for the model's root module.
-                match e {
-                    Error::TorchScript(msg) if path.is_empty() => Error::TorchScript(format!("{label}{msg}")),
-                    e => e,
-                }
-            })?;
+            let g = conv_geometry(&jit::forward_ops(m, path)?)
+                .map_err(|problem| rewrite_layer(label, problem))?;
             LayerOp::Conv2d { stride: g[0], padding: g[1], dilation: g[2], groups: g[3] }
         };
         let want = if op == LayerOp::Linear { 2 } else { 4 };
@@ -203,4 +263,30 @@ pub(crate) fn rewrite(
         jit::replace_forward(m, &layer.name, &forward_source(layer))?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conv_geometry;
+
+    #[test]
+    fn convolution_geometry_is_decided_from_the_op_list() {
+        let scripted = "aten::size\t?\ti:0\naten::conv2d\t?\tt\tn\tl:2,2\tl:1,1\tl:1,1\ti:4\n";
+        assert_eq!(conv_geometry(scripted), Ok([2, 1, 1, 4]));
+        let traced =
+            "aten::_convolution\t?\tt\tt\tl:1,1\tl:0,0\tl:2,2\tb:0\tl:0,0\ti:1\tb:0\tb:0\tb:1\tb:1\n";
+        assert_eq!(conv_geometry(traced), Ok([1, 0, 2, 1]));
+        let same = "aten::conv2d\t?\tt\tn\tl:1,1\ts:same\tl:1,1\ti:1\n";
+        assert_eq!(conv_geometry(same), Err("padding='same' is not supported".into()));
+        let reflect = "aten::pad\t?\tl:1,1,1,1\ts:reflect\tn\n".to_string() + scripted;
+        assert_eq!(conv_geometry(&reflect), Err("padding modes other than zeros are not supported".into()));
+        let asym = "aten::conv2d\t?\tt\tn\tl:1,2\tl:0,0\tl:1,1\ti:1\n";
+        assert!(conv_geometry(asym).unwrap_err().contains("different strides per dimension"));
+        let transposed = "aten::_convolution\t?\tt\tt\tl:1,1\tl:0,0\tl:1,1\tb:1\tl:0,0\ti:1\n";
+        assert_eq!(conv_geometry(transposed), Err("transposed convolutions are not supported".into()));
+        assert_eq!(
+            conv_geometry("aten::relu\t?\n"),
+            Err("expected one 2-d convolution in forward, found 0".into())
+        );
+    }
 }
