@@ -30,19 +30,25 @@ passed=0
 failed=0
 failures=()
 
-# step NAME SECONDS COMMAND...: runs COMMAND under a time box and records the outcome.
+# record NAME STATUS: counts a step's outcome and says it.
+record() {
+    if [ "$2" -eq 0 ]; then
+        passed=$((passed + 1))
+        echo "-- ok: $1"
+    else
+        failed=$((failed + 1))
+        failures+=("$1")
+        echo "-- FAILED: $1"
+    fi
+}
+
+# step NAME SECONDS COMMAND...: runs COMMAND under a time box.
 step() {
     local name="$1" seconds="$2"
     shift 2
     echo "== $name"
-    if timeout "$seconds" "$@"; then
-        passed=$((passed + 1))
-        echo "-- ok: $name"
-    else
-        failed=$((failed + 1))
-        failures+=("$name")
-        echo "-- FAILED: $name"
-    fi
+    timeout "$seconds" "$@"
+    record "$name" $?
 }
 
 # test_step BINARY: runs one test binary under a time box, keeping the lines that say what happened.
@@ -50,14 +56,7 @@ test_step() {
     local name="tests: $(basename "$1")"
     echo "== $name"
     timeout 300 "$1" --test-threads=1 2>&1 | grep -E "^test |test result|SKIPPED|panicked"
-    if [ "${PIPESTATUS[0]}" -eq 0 ]; then
-        passed=$((passed + 1))
-        echo "-- ok: $name"
-    else
-        failed=$((failed + 1))
-        failures+=("$name")
-        echo "-- FAILED: $name"
-    fi
+    record "$name" "${PIPESTATUS[0]}"
 }
 
 run() {

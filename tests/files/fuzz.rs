@@ -50,6 +50,18 @@ fn mutations(
     out
 }
 
+/// Counts a case's outcome: success, or a refusal that must be one non-empty line.
+fn tally(result: torchapprox::Result<()>, case: &std::path::Path, ok: &mut usize, refused: &mut usize) {
+    match result {
+        Ok(()) => *ok += 1,
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.contains('\n') && !msg.is_empty(), "{}: not one line: {msg}", case.display());
+            *refused += 1;
+        }
+    }
+}
+
 /// The worker: loads, quantizes, runs and saves every case in `TA_FUZZ_DIR`, printing each
 /// case's name first so that the parent can name the one that killed it.
 #[test]
@@ -76,14 +88,7 @@ fn fuzz_worker() {
             let _ = m.forward(&probe)?;
             m.save(case.with_extension("out"))
         });
-        match result {
-            Ok(()) => ok += 1,
-            Err(e) => {
-                let msg = e.to_string();
-                assert!(!msg.contains('\n') && !msg.is_empty(), "{}: not one line: {msg}", case.display());
-                refused += 1;
-            }
-        }
+        tally(result, &case, &mut ok, &mut refused);
     }
     println!("done: {ok} ran, {refused} refused with one line");
 }
@@ -207,14 +212,7 @@ fn files_fuzz_worker() {
                 tensors.iter().try_for_each(|(n, t)| torchapprox::quantizers::check_state(&origin, n, t))
             })
         };
-        match result {
-            Ok(()) => ok += 1,
-            Err(e) => {
-                let msg = e.to_string();
-                assert!(!msg.contains('\n') && !msg.is_empty(), "{}: not one line: {msg}", case.display());
-                refused += 1;
-            }
-        }
+        tally(result, &case, &mut ok, &mut refused);
     }
     let peak = common::peak_rss().unwrap_or(0);
     assert!(peak < 1 << 30, "the worker's peak memory reached {} MiB", peak >> 20);
