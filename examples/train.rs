@@ -226,10 +226,11 @@ fn run(args: Args) -> Result<()> {
         (None, _) => None,
     };
     if args.mode == InferenceMode::Approximate {
-        let bits: Vec<u32> =
-            std::iter::once(base.bitwidth).chain(overrides.iter().map(|(_, s)| s.bitwidth)).collect();
-        if let Some(b) = bits.iter().find(|&&b| b != 8) {
-            bail!("--mode approx multiplies 8-bit integers: got {b} bits (use --bits 8)");
+        // Checked before the data loads; the network refuses the same when the multiplier is set.
+        let specs = std::iter::once(base).chain(overrides.iter().map(|(_, s)| *s));
+        let bits: Vec<u32> = specs.flat_map(|s| [s.x_bitwidth(), s.w_bitwidth()]).collect();
+        if let Some(b) = bits.iter().find(|&&b| b > 8) {
+            bail!("--mode approx reads 8-bit tables (operands of 2 to 8 bits): got {b} bits");
         }
     }
     let device = pick_device(&args.device)?;
@@ -252,7 +253,7 @@ fn run(args: Args) -> Result<()> {
     let mut vs = nn::VarStore::new(device);
     let spec_for = |name: &str| overrides.iter().find(|(n, _)| n == name).map_or(base, |(_, s)| *s);
     let net = args.model.build(&vs.root(), spec_for)?;
-    net.set_multiplier(multiplier.clone());
+    net.f_set_multiplier(multiplier.clone())?;
     if let Some(path) = &args.load {
         load_checked(&mut vs, path)?;
     }

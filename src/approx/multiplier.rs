@@ -209,6 +209,37 @@ impl Multiplier {
         Ok(Self::new(name, table))
     }
 
+    /// The same multiplier with its operands swapped: the result's `product(a, b)` is this
+    /// one's `product(b, a)`, and its name gains `:wx` (or loses it).
+    ///
+    /// A layer reads its multiplier as `table[activation][weight]`, as TorchApprox's Linear
+    /// does; TorchApprox's Conv2d reads `table[weight][activation]`. For a table that is not
+    /// symmetric, `transposed()` (or the spec suffix `:wx`) reproduces that order.
+    ///
+    /// ```
+    /// use torchapprox::approx::Multiplier;
+    ///
+    /// let m = Multiplier::from_fn("a+ab", |a, b| (a * b + a) as i64)?;
+    /// let t = m.transposed();
+    /// assert_eq!((m.product(3, 5), t.product(5, 3)), (18, 18));
+    /// assert_eq!(t.name(), "a+ab:wx");
+    /// assert_eq!(t.transposed(), m);
+    /// # Ok::<(), torchapprox::Error>(())
+    /// ```
+    pub fn transposed(&self) -> Self {
+        let mut table = vec![0i32; TABLE_SIZE];
+        for i in 0..256 {
+            for j in 0..256 {
+                table[j * 256 + i] = self.table[i * 256 + j];
+            }
+        }
+        let name = match self.name.strip_suffix(":wx") {
+            Some(base) => base.to_string(),
+            None => format!("{}:wx", self.name),
+        };
+        Self::new(name, table)
+    }
+
     /// The spec or file it came from (`exact`, `drum:4`, a path).
     pub fn name(&self) -> &str {
         &self.name
@@ -276,8 +307,16 @@ pub struct MultiplierMetrics {
 impl FromStr for Multiplier {
     type Err = Error;
 
-    /// `exact`, `truncated:K`, `mitchell`, `drum:K`, or a path to a table file.
+    /// `exact`, `truncated:K`, `mitchell`, `drum:K`, or a path to a table file; a suffix
+    /// `:wx` gives the [`transposed`](Multiplier::transposed) multiplier (weight × activation),
+    /// `:xw` the default order.
     fn from_str(s: &str) -> Result<Self> {
+        if let Some(base) = s.strip_suffix(":wx") {
+            return Ok(base.parse::<Self>()?.transposed());
+        }
+        if let Some(base) = s.strip_suffix(":xw") {
+            return base.parse();
+        }
         let k =
             |v: &str| v.parse::<u32>().map_err(|_| parameter(s.to_string(), &format!("a number, got {v:?}")));
         match s.split_once(':') {

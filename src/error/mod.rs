@@ -325,8 +325,8 @@ pub enum Error {
         value: f64,
     },
 
-    /// Approximate mode asked of a layer whose quantizers are not both 8-bit.
-    #[error("approximate mode multiplies 8-bit integers: the layer quantizes inputs to {x_bits} and weights to {w_bits} bits")]
+    /// Approximate mode asked of a layer whose quantizers are wider than 8 bits.
+    #[error("approximate mode reads 8-bit tables (operands of 2 to 8 bits): the layer quantizes inputs to {x_bits} and weights to {w_bits} bits")]
     ApproxBits {
         /// Bits of the input quantizer.
         x_bits: u32,

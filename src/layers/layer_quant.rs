@@ -79,14 +79,18 @@ impl LayerQuant {
             ..QuantConfig::with_bitwidth(spec.w_bitwidth())
         };
         let w_quantizer = Quantizer::from_config(spec.w_kind, path / "w_quantizer", w_cfg)?;
-        Ok(Self {
+        let q = Self {
             x_quantizer,
             w_quantizer,
             mode: AtomicU8::new(spec.mode.to_u8()),
             noise_std: AtomicU64::new(spec.noise_std.to_bits()),
             multiplier: std::sync::RwLock::new(None),
             observed: std::sync::Mutex::new(None),
-        })
+        };
+        if spec.mode == InferenceMode::Approximate {
+            q.check_approx_bits()?;
+        }
+        Ok(q)
     }
 
     /// Like [`f_new`](Self::f_new), panicking on settings the quantizers refuse.
@@ -120,9 +124,10 @@ impl LayerQuant {
     }
 
     /// Refuses Approximate mode with quantizers of other than 8 bits (the tables are 8-bit).
-    fn check_approx_bits(&self) -> Result<()> {
+    pub(crate) fn check_approx_bits(&self) -> Result<()> {
         let (x, w) = (self.x_quantizer.bitwidth(), self.w_quantizer.bitwidth());
-        if (x, w) != (8, 8) {
+        // Narrower integers index the same 256x256 table (TorchApprox: "unused entries are ignored").
+        if x > 8 || w > 8 {
             return Err(Error::ApproxBits { x_bits: x, w_bits: w });
         }
         Ok(())
@@ -134,13 +139,36 @@ impl LayerQuant {
     }
 
     /// Changes the inference mode; takes `&self` so a whole network can switch in place.
+    ///
+    /// Panics where [`f_set_mode`](Self::f_set_mode) returns an error.
     pub fn set_mode(&self, mode: InferenceMode) {
-        self.mode.store(mode.to_u8(), Ordering::Relaxed);
+        self.f_set_mode(mode).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Sets (or clears) the multiplier of [`InferenceMode::Approximate`].
+    /// Changes the inference mode, refusing [`InferenceMode::Approximate`] for quantizers
+    /// wider than 8 bits (the tables are 8-bit; 2 to 8 bits fit).
+    pub fn f_set_mode(&self, mode: InferenceMode) -> Result<()> {
+        if mode == InferenceMode::Approximate {
+            self.check_approx_bits()?;
+        }
+        self.mode.store(mode.to_u8(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sets (or clears) the multiplier of [`InferenceMode::Approximate`]; panics where
+    /// [`f_set_multiplier`](Self::f_set_multiplier) returns an error.
     pub fn set_multiplier(&self, multiplier: Option<Multiplier>) {
+        self.f_set_multiplier(multiplier).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sets (or clears) the multiplier of [`InferenceMode::Approximate`], refusing one for
+    /// quantizers wider than 8 bits.
+    pub fn f_set_multiplier(&self, multiplier: Option<Multiplier>) -> Result<()> {
+        if multiplier.is_some() {
+            self.check_approx_bits()?;
+        }
         *self.multiplier.write().unwrap_or_else(|p| p.into_inner()) = multiplier;
+        Ok(())
     }
 
     /// The multiplier of [`InferenceMode::Approximate`], if set.

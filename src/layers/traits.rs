@@ -39,17 +39,50 @@ pub trait ApproxModule {
     }
 
     /// Sets the inference mode of every layer.
+    ///
+    /// Panics where [`f_set_mode`](Self::f_set_mode) returns an error.
     fn set_mode(&self, mode: InferenceMode) {
-        for (_, l) in self.approx_layers() {
-            l.quant().set_mode(mode);
-        }
+        self.f_set_mode(mode).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Sets (or clears) the multiplier of every layer's Approximate mode.
-    fn set_multiplier(&self, multiplier: Option<crate::approx::Multiplier>) {
-        for (_, l) in self.approx_layers() {
-            l.quant().set_multiplier(multiplier.clone());
+    /// Sets the inference mode of every layer, or none: Approximate mode is refused, naming
+    /// the layer, where a layer quantizes wider than 8 bits.
+    fn f_set_mode(&self, mode: InferenceMode) -> Result<()> {
+        let layers = self.approx_layers();
+        for (name, l) in &layers {
+            if mode == InferenceMode::Approximate {
+                l.quant()
+                    .check_approx_bits()
+                    .map_err(|e| crate::Error::In { name: name.clone(), error: Box::new(e) })?;
+            }
         }
+        for (_, l) in &layers {
+            l.quant().f_set_mode(mode)?;
+        }
+        Ok(())
+    }
+
+    /// Sets (or clears) the multiplier of every layer's Approximate mode; panics where
+    /// [`f_set_multiplier`](Self::f_set_multiplier) returns an error.
+    fn set_multiplier(&self, multiplier: Option<crate::approx::Multiplier>) {
+        self.f_set_multiplier(multiplier).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sets (or clears) the multiplier of every layer, or of none where a layer quantizes
+    /// wider than 8 bits (the error names it).
+    fn f_set_multiplier(&self, multiplier: Option<crate::approx::Multiplier>) -> Result<()> {
+        let layers = self.approx_layers();
+        if multiplier.is_some() {
+            for (name, l) in &layers {
+                l.quant()
+                    .check_approx_bits()
+                    .map_err(|e| crate::Error::In { name: name.clone(), error: Box::new(e) })?;
+            }
+        }
+        for (_, l) in &layers {
+            l.quant().f_set_multiplier(multiplier.clone())?;
+        }
+        Ok(())
     }
 
     /// Sets the noise level of every layer.

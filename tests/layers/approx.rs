@@ -11,8 +11,10 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 use torchapprox::approx::{lut_conv2d, lut_linear, lut_matmul, lut_matmul_gather, Multiplier};
 use torchapprox::layers::{
-    ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig, InferenceMode, QuantSpec,
+    approx_sequential, ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig,
+    ApproxModule, InferenceMode, QuantSpec,
 };
+use torchapprox::quantizers::ApproxQuantizer;
 
 #[test]
 fn built_in_multipliers_give_the_hand_worked_products() {
@@ -301,7 +303,7 @@ fn table_files_load_and_bad_ones_are_refused_with_one_line() {
     let e = Multiplier::load(tmp.0.join("missing.npy")).unwrap_err().to_string();
     assert!(e.starts_with("multiplier table ") && e.contains("missing.npy"), "{e}");
 
-    // Approximate mode wants 8-bit quantizers and a multiplier.
+    // Approximate mode wants quantizers of at most 8 bits and a multiplier.
     let vs = nn::VarStore::new(Device::Cpu);
     let spec = QuantSpec { bitwidth: 4, mode: InferenceMode::Approximate, ..Default::default() };
     let fc =
@@ -310,11 +312,60 @@ fn table_files_load_and_bad_ones_are_refused_with_one_line() {
     let e = fc.f_forward_t(&x, false).unwrap_err().to_string();
     assert_eq!(e, "approximate mode needs a multiplier: call set_multiplier first");
     fc.quant().set_multiplier(Some(Multiplier::exact()));
-    let e = fc.f_forward_t(&x, false).unwrap_err().to_string();
-    assert!(
-        e.starts_with("approximate mode multiplies 8-bit integers: the layer quantizes inputs to 4"),
-        "{e}"
-    );
+    let _ = fc.f_forward_t(&x, false).unwrap();
+    // Wider than 8 bits is refused when the mode or the multiplier is set, naming the layer.
+    let wide = QuantSpec { w_bits: Some(12), ..Default::default() };
+    let net = approx_sequential(vs.root() / "net")
+        .linear("fc", 4, 2, ApproxLinearConfig { bias: true, quant: wide })
+        .build()
+        .unwrap();
+    let e = net.f_set_mode(InferenceMode::Approximate).unwrap_err().to_string();
+    assert_eq!(e, "fc: approximate mode reads 8-bit tables (operands of 2 to 8 bits): the layer quantizes inputs to 8 and weights to 12 bits");
+    assert!(net.f_set_multiplier(Some(Multiplier::exact())).is_err());
+    assert_eq!(net.approx_layers()[0].1.quant().mode(), InferenceMode::Baseline, "nothing changed");
+}
+
+// Issue 17 item 4: a 4-bit-weight layer goes through the 8-bit table like TorchApprox.
+#[test]
+fn narrow_operands_go_through_the_8_bit_table_exactly() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = Multiplier::drum(4).unwrap();
+    let spec = QuantSpec {
+        x_bits: Some(8),
+        w_bits: Some(4),
+        mode: InferenceMode::Approximate,
+        ..Default::default()
+    };
+    let fc =
+        ApproxLinear::f_new(vs.root() / "fc", 6, 3, ApproxLinearConfig { bias: false, quant: spec }).unwrap();
+    fc.quant().set_multiplier(Some(m.clone()));
+    let x = randn(&[5, 6], 11, Device::Cpu) * 0.7;
+    let y = tch::no_grad(|| fc.f_forward_t(&x, false)).unwrap();
+    let (qx, qw) = tch::no_grad(|| {
+        (
+            fc.quant().x_quantizer().f_quantize_scaled(&x).unwrap(),
+            fc.quant().w_quantizer().f_quantize_scaled(&fc.weight).unwrap(),
+        )
+    });
+    let (xv, wv) = (values(&qx.values), values(&qw.values));
+    assert!(wv.iter().all(|v| v.abs() <= 7.0), "4-bit weights are integers in [-7, 7]");
+    let scale = qx.scale.double_value(&[]) * qw.scale.double_value(&[]);
+    let mut expected = Vec::new();
+    for r in 0..5 {
+        for o in 0..3 {
+            let sum: i64 = (0..6).map(|k| m.product(xv[r * 6 + k] as i32, wv[o * 6 + k] as i32) as i64).sum();
+            expected.push(sum as f64 / scale);
+        }
+    }
+    let got = values(&y);
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "element {i}: {g} vs {e}");
+    }
+    // The table actually approximates: drum:4 differs from exact products somewhere here.
+    let exact: Vec<f64> = (0..15)
+        .map(|i| (0..6).map(|k| xv[(i / 3) * 6 + k] * wv[(i % 3) * 6 + k]).sum::<f64>() / scale)
+        .collect();
+    assert!(got.iter().zip(&exact).any(|(g, e)| (g - e).abs() > 1e-3), "no approximation seen");
 }
 
 #[test]
@@ -349,8 +400,8 @@ fn the_trainer_runs_approximate_mode_and_refuses_bad_settings() {
     assert!(r["test_accuracy"].as_f64().unwrap() > 0.5, "{r}");
     for (args, needle) in [
         (
-            vec!["--mode", "approx", "--multiplier", "exact", "--bits", "4"],
-            "--mode approx multiplies 8-bit integers: got 4 bits",
+            vec!["--mode", "approx", "--multiplier", "exact", "--bits", "12"],
+            "--mode approx reads 8-bit tables (operands of 2 to 8 bits): got 12 bits",
         ),
         (vec!["--mode", "approx"], "--mode approx needs --multiplier SPEC"),
         (
@@ -374,4 +425,76 @@ fn the_trainer_runs_approximate_mode_and_refuses_bad_settings() {
     assert_eq!(r["worst_case_error"], Multiplier::mitchell().metrics().worst_case_error);
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 1000);
+}
+
+/// Integer tensors (as float32) of `shape` in `[-128, 127]`, seeded.
+fn int8s(shape: &[i64], seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randint_low(-128, 128, shape, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+}
+
+// Issue 17 item 2: the operand order is explicit, activation x weight by default.
+#[test]
+fn operand_order_is_activation_times_weight_unless_transposed() {
+    // Not symmetric: product(a, b) != product(b, a) for most pairs.
+    let m = Multiplier::from_fn("skew", |a, b| (a * b + ((a * 7 + b * 13).rem_euclid(5) - 2) * a) as i64)
+        .unwrap();
+    assert!(m.product(3, 5) != m.product(5, 3));
+    let wx: Multiplier = "exact:wx".parse::<Multiplier>().unwrap();
+    assert_eq!(wx.name(), "exact:wx");
+    for (order, table) in [("xw", m.clone()), ("wx", m.transposed())] {
+        let pick = |a: i64, w: i64| if order == "xw" { m.product(a as i32, w as i32) } else { m.product(w as i32, a as i32) } as i64;
+        // Linear: y[r][o] = sum_k pick(x[r][k], w[o][k]).
+        let (x, w) = (int8s(&[7, 9], 1), int8s(&[4, 9], 2));
+        let (xv, wv) = (values(&x), values(&w));
+        let expected: Vec<f64> = (0..28)
+            .map(|i| {
+                (0..9).map(|k| pick(xv[(i / 4) * 9 + k] as i64, wv[(i % 4) * 9 + k] as i64)).sum::<i64>()
+                    as f64
+            })
+            .collect();
+        for y in [lut_linear(&x, &w, &table).unwrap(), lut_matmul_gather(&x, &w, &table).unwrap()] {
+            assert_eq!(values(&y), expected, "linear, order {order}");
+        }
+        // Conv2d, stride 2, padding 1, two groups: against loops in int64.
+        let (n, c, h, o, g, k) = (2usize, 4usize, 7usize, 6usize, 2usize, 3usize);
+        let (x, w) = (
+            int8s(&[n as i64, c as i64, h as i64, h as i64], 3),
+            int8s(&[o as i64, (c / g) as i64, k as i64, k as i64], 4),
+        );
+        let (xv, wv) = (values(&x), values(&w));
+        let (s, p) = (2usize, 1usize);
+        let ho = (h + 2 * p - k) / s + 1;
+        let mut expected = vec![0f64; n * o * ho * ho];
+        for b in 0..n {
+            for oc in 0..o {
+                let gi = oc / (o / g);
+                for oy in 0..ho {
+                    for ox in 0..ho {
+                        let mut sum = 0i64;
+                        for ic in 0..c / g {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (iy, ix) = (
+                                        (oy * s + ky) as isize - p as isize,
+                                        (ox * s + kx) as isize - p as isize,
+                                    );
+                                    let a = if iy < 0 || ix < 0 || iy >= h as isize || ix >= h as isize {
+                                        0
+                                    } else {
+                                        xv[((b * c + gi * (c / g) + ic) * h + iy as usize) * h + ix as usize]
+                                            as i64
+                                    };
+                                    sum += pick(a, wv[((oc * (c / g) + ic) * k + ky) * k + kx] as i64);
+                                }
+                            }
+                        }
+                        expected[((b * o + oc) * ho + oy) * ho + ox] = sum as f64;
+                    }
+                }
+            }
+        }
+        let y = lut_conv2d(&x, &w, &table, 2, 1, 1, 2).unwrap();
+        assert_eq!(values(&y), expected, "conv2d, order {order}");
+    }
 }
