@@ -70,11 +70,12 @@ struct Args {
     /// (8-bit products from --multiplier's table, straight-through gradients).
     #[arg(long, default_value = "quant")]
     mode: InferenceMode,
-    /// The multiplier of `--mode approx`: `exact`, `truncated:K`, `mitchell`, `drum:K`, or a
-    /// table file (`.npy` int32/int64 [256, 256], or 65,536 little-endian int32).
+    /// The multiplier of `--mode approx` (its table), or of `--mode noise` (its error's mean and
+    /// std scaled to each layer's fan-in): `exact`, `truncated:K`, `mitchell`, `drum:K`, or a
+    /// table file (`.npy` int32/int64 [256, 256], or 65,536 little-endian int32); `:wx` swaps operands.
     #[arg(long, value_name = "SPEC")]
     multiplier: Option<String>,
-    /// Relative noise level of `--mode noise` (times the std of each layer's output).
+    /// Relative noise level of `--mode noise` without --multiplier (times the std of each layer's output).
     #[arg(long, default_value_t = 0.1)]
     noise_std: f64,
     /// Bits of every quantizer, 2..=16.
@@ -218,11 +219,11 @@ fn run(args: Args) -> Result<()> {
         check_output(path, &inputs).context("--save")?;
     }
     let multiplier = match (&args.multiplier, args.mode) {
-        (Some(spec), InferenceMode::Approximate) => Some(spec.parse::<Multiplier>()?),
+        (Some(spec), InferenceMode::Approximate | InferenceMode::Noise) => Some(spec.parse::<Multiplier>()?),
         (None, InferenceMode::Approximate) => {
             bail!("--mode approx needs --multiplier SPEC (e.g. exact, drum:4)")
         }
-        (Some(_), mode) => bail!("--multiplier applies to --mode approx, not --mode {mode}"),
+        (Some(_), mode) => bail!("--multiplier applies to --mode approx or noise, not --mode {mode}"),
         (None, _) => None,
     };
     if args.mode == InferenceMode::Approximate {
@@ -253,7 +254,12 @@ fn run(args: Args) -> Result<()> {
     let mut vs = nn::VarStore::new(device);
     let spec_for = |name: &str| overrides.iter().find(|(n, _)| n == name).map_or(base, |(_, s)| *s);
     let net = args.model.build(&vs.root(), spec_for)?;
-    net.f_set_multiplier(multiplier.clone())?;
+    if args.mode == InferenceMode::Noise {
+        // The multiplier's error distribution, scaled to each layer's fan-in (TorchApprox's noise model).
+        net.set_error_model_of(multiplier.as_ref())?;
+    } else {
+        net.f_set_multiplier(multiplier.clone())?;
+    }
     if let Some(path) = &args.load {
         load_checked(&mut vs, path)?;
     }
@@ -405,7 +411,7 @@ fn run(args: Args) -> Result<()> {
             "multiplier": multiplier.as_ref().map(|m| {
                 let e = m.metrics();
                 json!({"name": m.name(), "error_rate": e.error_rate, "mean_absolute_error": e.mean_absolute_error,
-                    "mred": e.mred, "worst_case_error": e.worst_case_error, "mean_error": e.mean_error})
+                    "mred": e.mred, "worst_case_error": e.worst_case_error, "mean_error": e.mean_error, "error_std": e.error_std})
             }),
         });
         println!("{report}");

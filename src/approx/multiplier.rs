@@ -262,8 +262,8 @@ impl Multiplier {
 
     /// Error metrics over all 65,536 operand pairs, as EvoApprox defines them.
     pub fn metrics(&self) -> MultiplierMetrics {
-        let (mut wrong, mut abs_sum, mut sum, mut red_sum, mut red_n, mut worst) =
-            (0u64, 0f64, 0f64, 0f64, 0u64, 0i64);
+        let (mut wrong, mut abs_sum, mut sum, mut sq_sum, mut red_sum, mut red_n, mut worst) =
+            (0u64, 0f64, 0f64, 0f64, 0f64, 0u64, 0i64);
         for a in -128..=127i32 {
             for b in -128..=127i32 {
                 let exact = (a * b) as i64;
@@ -271,6 +271,7 @@ impl Multiplier {
                 wrong += u64::from(e != 0);
                 abs_sum += e.abs() as f64;
                 sum += e as f64;
+                sq_sum += (e as f64) * (e as f64);
                 worst = worst.max(e.abs());
                 if exact != 0 {
                     red_sum += e.abs() as f64 / exact.abs() as f64;
@@ -279,7 +280,9 @@ impl Multiplier {
             }
         }
         let n = TABLE_SIZE as f64;
+        let mean = sum / n;
         MultiplierMetrics {
+            error_std: (sq_sum / n - mean * mean).max(0.0).sqrt(),
             error_rate: wrong as f64 / n,
             mean_absolute_error: abs_sum / n,
             mred: red_sum / red_n as f64,
@@ -302,6 +305,17 @@ pub struct MultiplierMetrics {
     pub worst_case_error: i64,
     /// Mean `approx - exact` (the bias).
     pub mean_error: f64,
+    /// Standard deviation of `approx - exact` over all pairs (population), TorchApprox's `stdev`.
+    pub error_std: f64,
+}
+
+impl MultiplierMetrics {
+    /// The error of a sum of `fan_in` products as a Gaussian in integer units: mean
+    /// `mean_error * fan_in` and standard deviation `error_std * sqrt(fan_in)`, as TorchApprox's
+    /// `error_distribution` scales a multiplier's error to a layer (errors taken as independent).
+    pub fn layer_error(&self, fan_in: i64) -> (f64, f64) {
+        (self.mean_error * fan_in as f64, self.error_std * (fan_in as f64).sqrt())
+    }
 }
 
 impl FromStr for Multiplier {

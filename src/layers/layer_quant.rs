@@ -50,6 +50,9 @@ pub struct LayerQuant {
     pub(super) multiplier: std::sync::RwLock<Option<Multiplier>>,
     /// Per-batch statistics of the input while calibrating (see [`ApproxModule::calibrate`]).
     pub(super) observed: std::sync::Mutex<Option<(Calibration, Vec<f64>)>>,
+    /// Noise mode's error model in integer units of the accumulator, `(mean, std)`, which
+    /// replaces the relative noise where set (see [`LayerQuant::set_error_model`]).
+    pub(super) error_model: std::sync::RwLock<Option<(f64, f64)>>,
 }
 
 impl LayerQuant {
@@ -86,6 +89,7 @@ impl LayerQuant {
             noise_std: AtomicU64::new(spec.noise_std.to_bits()),
             multiplier: std::sync::RwLock::new(None),
             observed: std::sync::Mutex::new(None),
+            error_model: std::sync::RwLock::new(None),
         };
         if spec.mode == InferenceMode::Approximate {
             q.check_approx_bits()?;
@@ -186,6 +190,32 @@ impl LayerQuant {
         self.noise_std.store(std.to_bits(), Ordering::Relaxed);
     }
 
+    /// Sets (or clears) Noise mode's error model: Gaussian noise of `mean` and `std` in
+    /// integer units, added to the integer accumulator before it is rescaled, in training and
+    /// evaluation alike (it stands for a multiplier's error, as TorchApprox's noise mode does).
+    /// Without one, Noise mode adds the relative noise of [`noise_std`](Self::noise_std) in
+    /// training only. See [`MultiplierMetrics::layer_error`](crate::approx::MultiplierMetrics::layer_error).
+    pub fn set_error_model(&self, model: Option<(f64, f64)>) -> Result<()> {
+        if let Some((mean, std)) = model {
+            crate::args::check_f32("error model mean", mean)?;
+            crate::args::check_f32("error model std", std)?;
+            if std < 0.0 {
+                return Err(Error::Argument {
+                    what: "error model std",
+                    value: std,
+                    expected: "not negative",
+                });
+            }
+        }
+        *self.error_model.write().unwrap_or_else(|p| p.into_inner()) = model;
+        Ok(())
+    }
+
+    /// Noise mode's error model, `(mean, std)` in integer units, if set.
+    pub fn error_model(&self) -> Option<(f64, f64)> {
+        *self.error_model.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `op` (the layer's float operation on input, weight and optional bias) in the current mode;
     /// `lut_op` is the same operation with a multiplier's table products (Approximate mode).
     ///
@@ -238,9 +268,15 @@ impl LayerQuant {
         } else {
             acc
         };
+        let error_model = if mode == InferenceMode::Noise { self.error_model() } else { None };
+        let acc = match error_model {
+            // The multiplier's error in integer units, before the scales: mean + std * N(0, 1).
+            Some((mean, std)) => acc.f_add(&acc.f_randn_like()?.f_mul_scalar(std)?.f_add_scalar(mean)?)?,
+            None => acc,
+        };
         let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
         let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;
-        if mode == InferenceMode::Noise && train {
+        if mode == InferenceMode::Noise && train && error_model.is_none() {
             let std = self.noise_std();
             if std > 0.0 && y.numel() > 1 {
                 let spread = y.f_detach()?.f_std(true)?;

@@ -85,6 +85,17 @@ pub trait ApproxModule {
         Ok(())
     }
 
+    /// Gives every layer Noise mode's error model of `multiplier`: its error's mean and
+    /// standard deviation over all operand pairs, scaled by the layer's fan-in
+    /// ([`MultiplierMetrics::layer_error`](crate::approx::MultiplierMetrics::layer_error)); `None` clears it.
+    fn set_error_model_of(&self, multiplier: Option<&crate::approx::Multiplier>) -> Result<()> {
+        let metrics = multiplier.map(|m| m.metrics());
+        for (_, l) in self.approx_layers() {
+            l.quant().set_error_model(metrics.map(|e| e.layer_error(l.fan_in())))?;
+        }
+        Ok(())
+    }
+
     /// Sets the noise level of every layer.
     fn set_noise_std(&self, std: f64) {
         for (_, l) in self.approx_layers() {

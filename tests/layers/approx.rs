@@ -406,7 +406,7 @@ fn the_trainer_runs_approximate_mode_and_refuses_bad_settings() {
         (vec!["--mode", "approx"], "--mode approx needs --multiplier SPEC"),
         (
             vec!["--mode", "quant", "--multiplier", "exact"],
-            "--multiplier applies to --mode approx, not --mode quant",
+            "--multiplier applies to --mode approx or noise, not --mode quant",
         ),
         (vec!["--mode", "approx", "--multiplier", "drum:9"], "drum:9: K must be in 2..=7"),
     ] {
@@ -497,4 +497,48 @@ fn operand_order_is_activation_times_weight_unless_transposed() {
         let y = lut_conv2d(&x, &w, &table, 2, 1, 1, 2).unwrap();
         assert_eq!(values(&y), expected, "conv2d, order {order}");
     }
+}
+
+// Issue 17 item 3: Noise mode from a multiplier's error distribution, in integer units.
+#[test]
+fn noise_mode_follows_the_multipliers_error_scaled_by_fan_in() {
+    // Rounds products down to a multiple of 64: biased (mean error -30) and spread.
+    let m = Multiplier::from_fn("floor64", |a, b| (((a * b) >> 6) << 6) as i64).unwrap();
+    let e = m.metrics();
+    assert!(e.mean_error <= -30.0 && e.error_std > 10.0, "{e:?}");
+    // The std from its definition: sqrt(mean((err - mean)^2)) over all pairs.
+    let errs: Vec<f64> = (-128..=127)
+        .flat_map(|a| (-128..=127).map(move |b| (a, b)))
+        .map(|(a, b)| (m.product(a, b) - a * b) as f64)
+        .collect();
+    let var = errs.iter().map(|x| (x - e.mean_error).powi(2)).sum::<f64>() / errs.len() as f64;
+    assert!((e.error_std - var.sqrt()).abs() < 1e-9);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let spec = QuantSpec { mode: InferenceMode::Noise, ..Default::default() };
+    let net = approx_sequential(vs.root())
+        .linear("fc", 64, 1, ApproxLinearConfig { bias: false, quant: spec })
+        .build()
+        .unwrap();
+    net.set_error_model_of(Some(&m)).unwrap();
+    let (fc_mean, fc_std) = e.layer_error(64);
+    assert_eq!(net.approx_layers()[0].1.quant().error_model(), Some((fc_mean, fc_std)));
+    // 4,000 copies of one input: each row is an independent draw of the noise.
+    let x = randn(&[1, 64], 5, Device::Cpu).repeat([4000, 1]);
+    let noisy = tch::no_grad(|| net.f_forward_t(&x, false)).unwrap();
+    net.set_error_model_of(None).unwrap();
+    net.set_mode(InferenceMode::Quantized);
+    let clean = tch::no_grad(|| net.f_forward_t(&x, false)).unwrap();
+    let layer = net.approx_layers()[0].1;
+    let (qx, qw) = tch::no_grad(|| {
+        (
+            layer.quant().x_quantizer().f_quantize_scaled(&x).unwrap(),
+            layer.quant().w_quantizer().f_quantize_scaled(layer.weight()).unwrap(),
+        )
+    });
+    let scale = qx.scale.double_value(&[]) * qw.scale.double_value(&[]);
+    let d: Vec<f64> = values(&(noisy - clean)).iter().map(|v| v * scale).collect();
+    let mean = d.iter().sum::<f64>() / d.len() as f64;
+    let std = (d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d.len() as f64).sqrt();
+    assert!((mean - fc_mean).abs() < 0.1 * fc_std, "mean {mean} vs {fc_mean} (std {fc_std})");
+    assert!((std / fc_std - 1.0).abs() < 0.05, "std {std} vs {fc_std}");
 }
