@@ -145,7 +145,7 @@ fn reference_case<'a>(reference: &'a Value, threads: i32, n: i64, quantizer: &st
 }
 
 fn main() -> ExitCode {
-    common::exit(run(Args::parse()))
+    common::main(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {

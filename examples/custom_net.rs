@@ -244,5 +244,5 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    common::exit(run(Args::parse()))
+    common::main(|| run(Args::parse()))
 }

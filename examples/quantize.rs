@@ -24,7 +24,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    common::exit(run(Args::parse()))
+    common::main(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {

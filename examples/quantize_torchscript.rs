@@ -287,5 +287,5 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    common::exit(run(Args::parse()))
+    common::main(|| run(Args::parse()))
 }

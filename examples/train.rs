@@ -424,5 +424,5 @@ fn data_name(dir: &Option<PathBuf>) -> String {
 }
 
 fn main() -> ExitCode {
-    common::exit(run(Args::parse()))
+    common::main(|| run(Args::parse()))
 }

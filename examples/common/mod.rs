@@ -37,6 +37,17 @@ pub fn exit(result: Result<()>) -> ExitCode {
     }
 }
 
+/// A program's `main`: a closed pipe (`... | head`) ends it quietly, as it does any Unix
+/// tool, instead of a panic in `println!`; then `body` runs and [`exit`] reports its result.
+pub fn main(body: impl FnOnce() -> Result<()>) -> ExitCode {
+    // SAFETY: restores the default action of one signal before any thread starts; Rust's
+    // runtime set SIGPIPE to ignored, which turns a closed stdout into a panic.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    exit(body())
+}
+
 /// `--threads N`: 0 keeps libtorch's choice; 1 up to four per core sets its intra-op pool.
 pub fn set_threads(n: i64) -> Result<()> {
     torchapprox::args::check_threads("--threads", n)?;

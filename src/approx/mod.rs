@@ -5,8 +5,10 @@
 //! examples run as doctests.
 #![doc = include_str!("../../docs/approx.md")]
 
+pub mod evoapprox;
 mod lut;
 mod multiplier;
 
+pub use evoapprox::CatalogueEntry;
 pub use lut::*;
 pub use multiplier::*;

@@ -240,6 +240,45 @@ impl Multiplier {
         Self::new(name, table)
     }
 
+    /// One of EvoApproxLib's 8x8 multipliers by name (`mul8s_1KV8`, `mul8u_2V0`), built in;
+    /// see [`catalogue`](Self::catalogue) for the names and their published figures.
+    ///
+    /// ```
+    /// use torchapprox::approx::Multiplier;
+    ///
+    /// let m = Multiplier::evoapprox("mul8s_1KV6")?; // EvoApprox's exact signed multiplier
+    /// assert_eq!(m.product(-7, 9), -63);
+    /// let cheaper = Multiplier::evoapprox("mul8s_1KV9")?;
+    /// assert!(cheaper.metrics().error_rate > 0.5);
+    /// # Ok::<(), torchapprox::Error>(())
+    /// ```
+    pub fn evoapprox(name: &str) -> Result<Self> {
+        let entry = super::evoapprox::entry(name)?;
+        Ok(Self::new(entry.name.clone(), super::evoapprox::table(entry)))
+    }
+
+    /// EvoApproxLib's built-in multipliers with their published power, area, delay and error
+    /// figures, signed ones first.
+    pub fn catalogue() -> &'static [super::CatalogueEntry] {
+        super::evoapprox::catalogue()
+    }
+
+    /// The table as a `.npy` file of int32 `[256, 256]` in TorchApprox's layout (row = the
+    /// first operand's two's-complement byte), as numpy's `np.save` writes it.
+    pub fn to_npy(&self) -> Vec<u8> {
+        let dict = "{'descr': '<i4', 'fortran_order': False, 'shape': (256, 256), }";
+        let mut header = dict.to_string();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        b.extend_from_slice(header.as_bytes());
+        b.extend(self.table.iter().flat_map(|v| v.to_le_bytes()));
+        b
+    }
+
     /// The spec or file it came from (`exact`, `drum:4`, a path).
     pub fn name(&self) -> &str {
         &self.name
@@ -338,6 +377,8 @@ impl FromStr for Multiplier {
             None if s == "mitchell" => Ok(Self::mitchell()),
             Some(("truncated", v)) => Self::truncated(k(v)?),
             Some(("drum", v)) => Self::drum(k(v)?),
+            Some(("evoapprox", name)) => Self::evoapprox(name),
+            None if super::evoapprox::entry(s).is_ok() => Self::evoapprox(s),
             // Anything at the path (a folder or FIFO too) is read as a file, and refused as such.
             _ if std::fs::symlink_metadata(s).is_ok() => Self::load(s),
             _ => Err(Error::UnknownMultiplier { spec: s.to_string() }),

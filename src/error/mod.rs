@@ -277,7 +277,7 @@ pub enum Error {
     },
 
     /// A multiplier spec that names no multiplier.
-    #[error("unknown multiplier {spec:?}: expected exact, truncated:K, mitchell, drum:K or a table file")]
+    #[error("unknown multiplier {spec:?}: expected exact, truncated:K, mitchell, drum:K, an EvoApprox name (mul8s_1KV8, evoapprox:NAME; `multiplier --list`) or a table file")]
     UnknownMultiplier {
         /// The spec given.
         spec: String,
