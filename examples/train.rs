@@ -120,6 +120,10 @@ struct Args {
     /// both, as before.
     #[arg(long = "layer", value_name = "NAME=X[:B],W[:B]")]
     layers: Vec<String>,
+    /// One layer's multiplier in `--mode approx` (or error model in `--mode noise`), instead
+    /// of --multiplier's, e.g. `conv1=mul8s_1KVB`; repeatable.
+    #[arg(long = "layer-multiplier", value_name = "NAME=SPEC")]
+    layer_multipliers: Vec<String>,
     /// `auto` (CUDA when available), `cpu` or `cuda`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     device: String,
@@ -218,10 +222,33 @@ fn run(args: Args) -> Result<()> {
         let inputs: Vec<&Path> = args.load.iter().chain(&args.init_from).map(|p| p.as_path()).collect();
         check_output(path, &inputs).context("--save")?;
     }
+    let mut layer_multipliers: Vec<(String, Multiplier)> = Vec::new();
+    for arg in &args.layer_multipliers {
+        let (name, spec) = arg.split_once('=').with_context(|| {
+            format!("--layer-multiplier {arg:?}: expected NAME=SPEC, e.g. conv1=mul8s_1KVB")
+        })?;
+        if !args.model.layer_names().contains(&name) {
+            bail!(
+                "--layer-multiplier {arg:?}: unknown layer {name:?}; {} has {}",
+                args.model,
+                args.model.layer_names().join(", ")
+            );
+        }
+        if layer_multipliers.iter().any(|(n, _)| n == name) {
+            bail!("--layer-multiplier {name} is given twice: give each layer once");
+        }
+        let m = spec.parse::<Multiplier>().with_context(|| format!("--layer-multiplier {arg:?}"))?;
+        layer_multipliers.push((name.to_string(), m));
+    }
+    if !layer_multipliers.is_empty()
+        && !matches!(args.mode, InferenceMode::Approximate | InferenceMode::Noise)
+    {
+        bail!("--layer-multiplier applies to --mode approx or noise, not --mode {}", args.mode);
+    }
     let multiplier = match (&args.multiplier, args.mode) {
         (Some(spec), InferenceMode::Approximate | InferenceMode::Noise) => Some(spec.parse::<Multiplier>()?),
-        (None, InferenceMode::Approximate) => {
-            bail!("--mode approx needs --multiplier SPEC (e.g. exact, drum:4)")
+        (None, InferenceMode::Approximate) if layer_multipliers.len() < args.model.layer_names().len() => {
+            bail!("--mode approx needs --multiplier SPEC (e.g. exact, drum:4) for the layers without --layer-multiplier")
         }
         (Some(_), mode) => bail!("--multiplier applies to --mode approx or noise, not --mode {mode}"),
         (None, _) => None,
@@ -259,6 +286,16 @@ fn run(args: Args) -> Result<()> {
         net.set_error_model_of(multiplier.as_ref())?;
     } else {
         net.f_set_multiplier(multiplier.clone())?;
+    }
+    for (name, m) in &layer_multipliers {
+        let layers = net.approx_layers();
+        let (_, layer) = layers.iter().find(|(n, _)| n == name).expect("checked against the layer names");
+        let q = layer.quant();
+        if args.mode == InferenceMode::Noise {
+            q.set_error_model(Some(m.metrics().layer_error(layer.fan_in())))?;
+        } else {
+            q.f_set_multiplier(Some(m.clone())).with_context(|| format!("--layer-multiplier {name}"))?;
+        }
     }
     if let Some(path) = &args.load {
         load_checked(&mut vs, path)?;
@@ -380,6 +417,8 @@ fn run(args: Args) -> Result<()> {
                     "x_bits": q.x_quantizer().bitwidth(),
                     "w_bits": q.w_quantizer().bitwidth(),
                     "per_channel": matches!(q.w_quantizer(), Quantizer::MinMax(m) if m.per_channel()),
+                    "multiplier": q.multiplier().map(|m| m.name().to_string()),
+                    "error_model": q.error_model().map(|(mean, std)| json!({"mean": mean, "std": std})),
                     "x_quantizer": quantizer_report(q.x_quantizer()),
                     "w_quantizer": quantizer_report(q.w_quantizer()),
                     "fan_in": l.fan_in(),

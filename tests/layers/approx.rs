@@ -639,3 +639,53 @@ fn the_multiplier_cli_lists_the_catalogue_and_exports_tables() {
     let back = Multiplier::load(&out).unwrap();
     assert_eq!(back.table(), Multiplier::evoapprox("mul8s_1KV9").unwrap().transposed().table());
 }
+
+// Issue 17 item 5: per-layer multipliers from the command line, in the JSON report.
+#[test]
+fn the_trainer_takes_a_multiplier_per_layer() {
+    let bin = example_bin("train");
+    let run = |args: &[&str]| Command::new(&bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let base = ["--model", "mlp", "--epochs", "0", "--device", "cpu", "--json"];
+    let o = run(&[
+        &base[..],
+        &["--mode", "approx", "--multiplier", "exact", "--layer-multiplier", "fc1=mul8s_1KV9"],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["layers"][0]["multiplier"], "mul8s_1KV9");
+    assert_eq!(r["layers"][1]["multiplier"], "exact");
+    let o = run(&[&base[..], &["--mode", "noise", "--layer-multiplier", "fc2=mul8s_1KV9"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (mean, std) = Multiplier::evoapprox("mul8s_1KV9").unwrap().metrics().layer_error(256);
+    assert_eq!(r["layers"][1]["error_model"]["mean"].as_f64().unwrap(), mean);
+    assert_eq!(r["layers"][1]["error_model"]["std"].as_f64().unwrap(), std);
+    assert!(r["layers"][0]["error_model"].is_null());
+    for (args, needle) in [
+        (
+            vec!["--mode", "approx", "--multiplier", "exact", "--layer-multiplier", "fc9=exact"],
+            "unknown layer \"fc9\"; mlp has fc1, fc2",
+        ),
+        (
+            vec!["--mode", "approx", "--layer-multiplier", "fc1=exact", "--layer-multiplier", "fc1=exact"],
+            "--layer-multiplier fc1 is given twice",
+        ),
+        (
+            vec!["--mode", "approx", "--layer-multiplier", "fc1=exact"],
+            "--mode approx needs --multiplier SPEC",
+        ),
+        (
+            vec!["--mode", "quant", "--layer-multiplier", "fc1=exact"],
+            "--layer-multiplier applies to --mode approx or noise",
+        ),
+        (
+            vec!["--mode", "approx", "--multiplier", "exact", "--layer-multiplier", "fc1=mul8s_NOPE"],
+            "unknown multiplier \"mul8s_NOPE\"",
+        ),
+    ] {
+        let o = run(&[&base[..], &args[..]].concat());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(needle) && e.trim().lines().count() == 1, "{args:?}: {e}");
+    }
+}
