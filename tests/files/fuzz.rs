@@ -175,21 +175,6 @@ fn idx_mutations_never_panic() {
     eprintln!("IDX mutations: {ok} loaded, {refused} refused with one line");
 }
 
-/// A `.npy` file of int32 `[256, 256]` values, as numpy writes it (format 1.0).
-fn npy_int32(values: &[i32]) -> Vec<u8> {
-    let dict = "{'descr': '<i4', 'fortran_order': False, 'shape': (256, 256), }";
-    let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    b.extend_from_slice(header.as_bytes());
-    b.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    b
-}
-
 /// The worker for safetensors state dicts and `.npy` tables in `TA_FUZZ_FILES`: reads each
 /// as the crate reads them, checks every tensor, and ends within a bounded peak memory.
 #[test]
@@ -233,8 +218,7 @@ fn safetensors_and_npy_mutations_never_crash() {
     Tensor::write_safetensors(&tensors, &state).unwrap();
     let st = std::fs::read(&state).unwrap();
     let header_end = 8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
-    let table: Vec<i32> = torchapprox::approx::Multiplier::exact().table().to_vec();
-    let npy = npy_int32(&table);
+    let npy = torchapprox::approx::Multiplier::exact().to_npy();
     let cases = mutations(&st, 0..header_end, 0xfeed, 300, 60)
         .into_iter()
         .map(|c| (c, "safetensors"))
