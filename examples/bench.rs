@@ -99,30 +99,35 @@ fn lenet_steps(device: Device) -> Result<(f64, f64)> {
     Ok((median(tf), median(tq)))
 }
 
-/// The table-GEMM layers of the approximate mode (LeNet-5's at batch 64, and one large Linear):
-/// name, conv?, input shape, weight shape, stride, padding.
-type ApproxLayer = (&'static str, bool, [i64; 4], [i64; 4], i64, i64);
-const APPROX_LAYERS: [ApproxLayer; 6] = [
-    ("lenet.conv1", true, [64, 1, 28, 28], [6, 1, 5, 5], 1, 2),
-    ("lenet.conv2", true, [64, 6, 14, 14], [16, 6, 5, 5], 1, 0),
-    ("lenet.fc1", false, [64, 400, 0, 0], [120, 400, 0, 0], 1, 0),
-    ("lenet.fc2", false, [64, 120, 0, 0], [84, 120, 0, 0], 1, 0),
-    ("lenet.fc3", false, [64, 84, 0, 0], [10, 84, 0, 0], 1, 0),
-    ("linear.512x512x1024", false, [512, 512, 0, 0], [1024, 512, 0, 0], 1, 0),
+/// The table-GEMM layers of the approximate mode (LeNet-5's at batch 64, ResNet-18's 3x3
+/// convolutions, a depthwise 3x3, two Linear layers):
+/// (name, convolution?, input shape, weight shape, stride, padding, groups).
+type ApproxLayer = (&'static str, bool, [i64; 4], [i64; 4], i64, i64, i64);
+const APPROX_LAYERS: [ApproxLayer; 10] = [
+    ("lenet.conv1", true, [64, 1, 28, 28], [6, 1, 5, 5], 1, 2, 1),
+    ("lenet.conv2", true, [64, 6, 14, 14], [16, 6, 5, 5], 1, 0, 1),
+    ("lenet.fc1", false, [64, 400, 0, 0], [120, 400, 0, 0], 1, 0, 1),
+    ("lenet.fc2", false, [64, 120, 0, 0], [84, 120, 0, 0], 1, 0, 1),
+    ("lenet.fc3", false, [64, 84, 0, 0], [10, 84, 0, 0], 1, 0, 1),
+    ("linear.512x512x1024", false, [512, 512, 0, 0], [1024, 512, 0, 0], 1, 0, 1),
+    ("resnet18.conv64.56x56.b1", true, [1, 64, 56, 56], [64, 64, 3, 3], 1, 1, 1),
+    ("resnet18.conv256.14x14.b4", true, [4, 256, 14, 14], [256, 256, 3, 3], 1, 1, 1),
+    ("depthwise32.112x112.b1", true, [1, 32, 112, 112], [32, 1, 3, 3], 1, 1, 32),
+    ("linear.512x1000.b16", false, [16, 512, 0, 0], [1000, 512, 0, 0], 1, 0, 1),
 ];
 
 /// Seconds per call and table lookups per call of each approximate layer (drum:4 table).
 fn approx_cases(device: Device) -> Result<Vec<(&'static str, f64, i64)>> {
     let m: Multiplier = "drum:4".parse()?;
     let mut out = Vec::new();
-    for (name, conv, xs, ws, stride, padding) in APPROX_LAYERS {
+    for (name, conv, xs, ws, stride, padding, groups) in APPROX_LAYERS {
         let (xs, ws) = if conv { (&xs[..], &ws[..]) } else { (&xs[..2], &ws[..2]) };
         tch::manual_seed(0);
         let x = Tensor::randint_low(-127, 128, xs, (Kind::Float, device));
         let w = Tensor::randint_low(-127, 128, ws, (Kind::Float, device));
         let run = || {
             if conv {
-                lut_conv2d(&x, &w, &m, stride, padding, 1, 1).unwrap()
+                lut_conv2d(&x, &w, &m, stride, padding, 1, groups).unwrap()
             } else {
                 lut_linear(&x, &w, &m).unwrap()
             }

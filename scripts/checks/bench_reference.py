@@ -141,12 +141,16 @@ def lenet_step(quantized):
 
 # Table-GEMM layers of the approximate mode: (name, kind, input shape, weight shape, stride, padding).
 APPROX_LAYERS = [
-    ("lenet.conv1", "conv", (64, 1, 28, 28), (6, 1, 5, 5), 1, 2),
-    ("lenet.conv2", "conv", (64, 6, 14, 14), (16, 6, 5, 5), 1, 0),
-    ("lenet.fc1", "linear", (64, 400), (120, 400), 1, 0),
-    ("lenet.fc2", "linear", (64, 120), (84, 120), 1, 0),
-    ("lenet.fc3", "linear", (64, 84), (10, 84), 1, 0),
-    ("linear.512x512x1024", "linear", (512, 512), (1024, 512), 1, 0),
+    ("lenet.conv1", "conv", (64, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1),
+    ("lenet.conv2", "conv", (64, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1),
+    ("lenet.fc1", "linear", (64, 400), (120, 400), 1, 0, 1),
+    ("lenet.fc2", "linear", (64, 120), (84, 120), 1, 0, 1),
+    ("lenet.fc3", "linear", (64, 84), (10, 84), 1, 0, 1),
+    ("linear.512x512x1024", "linear", (512, 512), (1024, 512), 1, 0, 1),
+    ("resnet18.conv64.56x56.b1", "conv", (1, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1),
+    ("resnet18.conv256.14x14.b4", "conv", (4, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1),
+    ("depthwise32.112x112.b1", "conv", (1, 32, 112, 112), (32, 1, 3, 3), 1, 1, 32),
+    ("linear.512x1000.b16", "linear", (16, 512), (1000, 512), 1, 0, 1),
 ]
 
 
@@ -168,14 +172,18 @@ def lut_matmul(table, x, w):
     return torch.cat(out).float()
 
 
-def approx_layer(table, kind, x, w, stride, padding):
+def approx_layer(table, kind, x, w, stride, padding, groups=1):
     if kind == "linear":
         return lut_matmul(table, x, w)
     n, o, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [N, K, L]
-    l = cols.shape[2]
-    y = lut_matmul(table, cols.transpose(1, 2).reshape(n * l, -1), w.reshape(o, -1))
-    return y.reshape(n, l, o).transpose(1, 2)
+    cg, og = x.shape[1] // groups, o // groups
+    outs = []
+    for g in range(groups):
+        cols = F.unfold(x[:, g * cg:(g + 1) * cg], (kh, kw), padding=padding, stride=stride)  # [N, K, L]
+        l = cols.shape[2]
+        y = lut_matmul(table, cols.transpose(1, 2).reshape(n * l, -1), w[g * og:(g + 1) * og].reshape(og, -1))
+        outs.append(y.reshape(n, l, og).transpose(1, 2))
+    return torch.cat(outs, 1)
 
 
 def lookups(kind, xs, ws, stride, padding):
@@ -215,10 +223,10 @@ def main():
         v = torch.arange(256)
         s = torch.where(v < 128, v, v - 256)
         table = torch.outer(s, s).reshape(-1)
-        for name, kind, xs, ws, stride, padding in APPROX_LAYERS:
+        for name, kind, xs, ws, stride, padding, groups in APPROX_LAYERS:
             x, w = approx_inputs(kind, xs, ws)
             n = lookups(kind, xs, ws, stride, padding)
-            t = median_time(lambda: approx_layer(table, kind, x, w, stride, padding), 3 if n > 1e8 else 10, warmup=1)
+            t = median_time(lambda: approx_layer(table, kind, x, w, stride, padding, groups), 3 if n > 1e8 else 10, warmup=1)
             results.setdefault("approx", []).append({"threads": threads, "layer": name, "lookups": n, "seconds": t})
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -322,6 +322,27 @@ pub fn lut_conv2d(
     let (l, og, kg) = (ho * wo, o / g, cg * kh * kw);
     let (xv, wv) = (to_bytes(x, "the input")?, to_bytes(w, "the weight")?);
     let mut out = Tensor::f_empty([n as i64, o as i64, ho as i64, wo as i64], (Kind::Float, Device::Cpu))?;
+    if super::direct::worthwhile(g, og) {
+        let geometry = super::direct::Geometry {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+            dilation: d,
+            groups: g,
+            ho,
+            wo,
+        };
+        // SAFETY: `out` is a fresh contiguous float32 tensor of n * o * ho * wo elements.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, out.numel()) };
+        super::direct::conv(&xv, &wv, m, geometry, dst);
+        return Ok(out);
+    }
     let zero = 0u8; // the byte of 0: padding multiplies through the table like any operand
     let mut rows = vec![0u8; n * l * kg];
     for gi in 0..g {

@@ -5,6 +5,7 @@
 //! examples run as doctests.
 #![doc = include_str!("../../docs/approx.md")]
 
+mod direct;
 pub mod evoapprox;
 mod lut;
 mod multiplier;

@@ -117,7 +117,9 @@ fn table_gemms_equal_an_int64_brute_force() {
             );
         }
         // Conv2d: stride, padding, dilation and groups against a direct loop.
-        for (stride, padding, dilation, groups) in [(1, 0, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 1, 1, 4)] {
+        for (stride, padding, dilation, groups) in
+            [(1, 0, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 1, 1, 4), (2, 2, 2, 4), (1, 0, 1, 2), (1, 2, 2, 4)]
+        {
             let (n, c, h, wd, o, k) = (2i64, 4i64, 7i64, 6i64, 4i64, 3i64);
             let (x, w) = (ints(&[n, c, h, wd], 7), ints(&[o, c / groups, k, k], 8));
             let y = lut_conv2d(&x, &w, &m, stride, padding, dilation, groups).unwrap();
