@@ -325,3 +325,41 @@ fn quantize_torchscript_cli_rewrites_calibrates_and_reports_each_layer() {
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
 }
+
+// Issue 20 item 3 (part): PACT alphas are trainable parameters after the rewrite, after a
+// save and reload in Rust, and in PyTorch's torch.jit.load.
+#[test]
+fn rewritten_alphas_require_grad_everywhere() {
+    let tmp = common::TempDir::new("alpha-grad");
+    let spec = QuantSpec { w_kind: QuantizerKind::Pact, ..Default::default() };
+    let mut model = ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
+    model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
+    let alphas = |m: &ScriptModel| -> Vec<(String, bool)> {
+        m.parameters()
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".alpha"))
+            .map(|(n, t)| (n, t.requires_grad()))
+            .collect()
+    };
+    let before = alphas(&model);
+    assert_eq!(before.len(), 18, "an input and a weight alpha per layer: {before:?}");
+    assert!(before.iter().all(|(_, g)| *g), "{before:?}");
+    let out = tmp.0.join("q.pt");
+    model.save(&out).unwrap();
+    let reloaded = ScriptModel::load(&out, Device::Cpu).unwrap();
+    assert!(alphas(&reloaded).iter().all(|(_, g)| *g), "{:?}", alphas(&reloaded));
+    let script = "import sys, torch\nm = torch.jit.load(sys.argv[1])\nbad = [n for n, p in m.named_parameters() if n.endswith('.alpha') and not p.requires_grad]\nprint(len([n for n, _ in m.named_parameters() if n.endswith('.alpha')]), bad)\nsys.exit(1 if bad else 0)\n";
+    let o = std::process::Command::new(common::python()).args(["-c", script]).arg(&out).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("18 []"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

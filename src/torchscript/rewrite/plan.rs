@@ -250,7 +250,8 @@ pub(crate) fn rewrite(
             quantizers.push(("w_quantizer", if range > 0.0 { range } else { 1.0 }));
         }
         for (name, init) in quantizers {
-            let alpha = Tensor::f_full([1], init, (Kind::Float, device))?;
+            // A parameter that trains: in a Rust loop and in PyTorch after torch.jit.load alike.
+            let alpha = Tensor::f_full([1], init, (Kind::Float, device))?.f_set_requires_grad(true)?;
             jit::add_quantizer(m, &layer.name, name, "PACT", &alpha)?;
         }
     }
