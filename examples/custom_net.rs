@@ -14,7 +14,7 @@ mod common;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use common::{embedded_mnist, pick_device};
+use common::pick_device;
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
@@ -139,7 +139,7 @@ fn run(args: Args) -> Result<()> {
     let device = pick_device(&args.device)?;
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
-        None => embedded_mnist()?,
+        None => Mnist::embedded()?,
     };
     let n_test = data.test_labels.size()[0];
     let data = if args.train_digits > 0 { data.subset(args.train_digits, n_test) } else { data };

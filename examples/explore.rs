@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use common::{embedded_mnist, pick_device};
+use common::pick_device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
@@ -84,13 +84,18 @@ struct Bench {
 }
 
 impl Bench {
-    /// Accuracy (%) of `assignment` (a candidate index per layer) on `(x, y)`.
-    fn accuracy(&self, cands: &[Candidate], assignment: &[usize], on: &(Tensor, Tensor)) -> Result<f64> {
-        for ((name, _), &c) in self.layers.iter().zip(assignment) {
-            let layers = self.net.approx_layers();
-            let (_, l) = layers.iter().find(|(n, _)| n == name).expect("the network's own layer");
+    /// Gives each layer its multiplier of `assignment` (a candidate index per layer, in the
+    /// network's own layer order, which `layers` keeps).
+    fn assign(&self, cands: &[Candidate], assignment: &[usize]) -> Result<()> {
+        for ((_, l), &c) in self.net.approx_layers().iter().zip(assignment) {
             l.quant().f_set_multiplier(Some(cands[c].multiplier.clone()))?;
         }
+        Ok(())
+    }
+
+    /// Accuracy (%) of `assignment` on `(x, y)`.
+    fn accuracy(&self, cands: &[Candidate], assignment: &[usize], on: &(Tensor, Tensor)) -> Result<f64> {
+        self.assign(cands, assignment)?;
         let correct = count_correct(&on.0, &on.1, 500, |x| self.net.f_forward_t(x, false))?;
         Ok(100.0 * correct as f64 / on.1.size()[0] as f64)
     }
@@ -256,7 +261,7 @@ fn run(args: Args) -> Result<()> {
     let device = pick_device("cpu")?;
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
-        None => embedded_mnist()?,
+        None => Mnist::embedded()?,
     };
     let n_train = data.train_labels.size()[0];
     ensure!(
@@ -360,11 +365,7 @@ fn run(args: Args) -> Result<()> {
             }
         }
         if args.retrain_epochs > 0 {
-            for ((name, _), &c) in bench.layers.iter().zip(&a) {
-                let layers = bench.net.approx_layers();
-                let (_, l) = layers.iter().find(|(n, _)| n == name).expect("the network's own layer");
-                l.quant().f_set_multiplier(Some(cands[c].multiplier.clone()))?;
-            }
+            bench.assign(&cands, &a)?;
             retrain(&bench.net, &vs, &train.0, &train.1, args.retrain_epochs)?;
             val = bench.accuracy(&cands, &a, &bench.val)?;
         }

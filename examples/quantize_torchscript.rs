@@ -16,7 +16,7 @@ mod common;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use common::{embedded_mnist, pick_device};
+use common::pick_device;
 use serde_json::json;
 use tch::Device;
 use torchapprox::data::{normalize, Mnist};
@@ -184,7 +184,7 @@ fn run(args: Args) -> Result<()> {
     let device = pick_device(&args.device)?;
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
-        None => embedded_mnist()?,
+        None => Mnist::embedded()?,
     };
     let test_x = normalize(&data.test_images, args.mean, args.std, Device::Cpu)?;
     let mut model = ScriptModel::load(&args.model, device)?;

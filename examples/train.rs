@@ -15,7 +15,7 @@ mod common;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use common::{embedded_mnist, pick_device};
+use common::pick_device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
@@ -265,7 +265,7 @@ fn run(args: Args) -> Result<()> {
     let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
-        None => embedded_mnist()?,
+        None => Mnist::embedded()?,
     };
     let train_x = normalize(&data.train_images, args.mean, args.std, device)?;
     let test_x = normalize(&data.test_images, args.mean, args.std, device)?;

@@ -1,4 +1,4 @@
-//! What the example programs share: the embedded MNIST digits, the `--device` choice, the exit.
+//! What the example programs share: the `--device` choice, threads, `--layer` parsing, the exit.
 // Each example uses part of this module.
 #![allow(dead_code)]
 
@@ -6,13 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use tch::Device;
-use torchapprox::data::Mnist;
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
-
-/// The embedded default data set (see examples/data/mnist-10k/README.md for its provenance).
-pub fn embedded_mnist() -> Result<Mnist> {
-    Ok(Mnist::embedded()?)
-}
 
 /// `auto` (CUDA when available), `cpu` or `cuda` (an error without a CUDA device).
 pub fn pick_device(name: &str) -> Result<Device> {

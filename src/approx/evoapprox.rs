@@ -110,26 +110,16 @@ pub fn raw_products(name: &str) -> Result<Vec<i32>> {
 /// `(mae, wce, mre, ep)` with the output range 2^16 as the normaliser, the mean relative error
 /// over pairs with a non-zero exact product.
 pub fn error_figures(raw: &[i32], signed: bool) -> (f64, f64, f64, f64) {
-    let (mut abs_sum, mut worst, mut wrong, mut rel_sum, mut rel_n) = (0f64, 0i64, 0u64, 0f64, 0u64);
-    for r in 0..256i64 {
-        for c in 0..256i64 {
-            let (a, b) = if signed { (r as u8 as i8 as i64, c as u8 as i8 as i64) } else { (r, c) };
-            let exact = a * b;
-            let e = raw[(r * 256 + c) as usize] as i64 - exact;
-            abs_sum += e.abs() as f64;
-            worst = worst.max(e.abs());
-            wrong += u64::from(e != 0);
-            if exact != 0 {
-                rel_sum += e.abs() as f64 / exact.abs() as f64;
-                rel_n += 1;
-            }
-        }
-    }
-    let n = 65536.0;
+    let operand = |i: i64| if signed { i as u8 as i8 as i64 } else { i };
+    let pairs = (0..256i64).flat_map(|r| (0..256i64).map(move |c| (r, c)));
+    let m = super::multiplier::error_metrics(
+        pairs.map(|(r, c)| (operand(r) * operand(c), raw[(r * 256 + c) as usize] as i64)),
+    );
+    let range = 65536.0; // the output range 2^16 of an 8x8 multiplier
     (
-        100.0 * abs_sum / n / n,
-        100.0 * worst as f64 / n,
-        100.0 * rel_sum / rel_n as f64,
-        100.0 * wrong as f64 / n,
+        100.0 * m.mean_absolute_error / range,
+        100.0 * m.worst_case_error as f64 / range,
+        100.0 * m.mred,
+        100.0 * m.error_rate,
     )
 }

@@ -301,33 +301,37 @@ impl Multiplier {
 
     /// Error metrics over all 65,536 operand pairs, as EvoApprox defines them.
     pub fn metrics(&self) -> MultiplierMetrics {
-        let (mut wrong, mut abs_sum, mut sum, mut sq_sum, mut red_sum, mut red_n, mut worst) =
-            (0u64, 0f64, 0f64, 0f64, 0f64, 0u64, 0i64);
-        for a in -128..=127i32 {
-            for b in -128..=127i32 {
-                let exact = (a * b) as i64;
-                let e = self.product(a, b) as i64 - exact;
-                wrong += u64::from(e != 0);
-                abs_sum += e.abs() as f64;
-                sum += e as f64;
-                sq_sum += (e as f64) * (e as f64);
-                worst = worst.max(e.abs());
-                if exact != 0 {
-                    red_sum += e.abs() as f64 / exact.abs() as f64;
-                    red_n += 1;
-                }
-            }
+        let pairs = (-128..=127i32).flat_map(|a| (-128..=127i32).map(move |b| (a, b)));
+        error_metrics(pairs.map(|(a, b)| ((a * b) as i64, self.product(a, b) as i64)))
+    }
+}
+
+/// EvoApprox's error metrics of `(exact, approximate)` products over an operand domain.
+pub(crate) fn error_metrics(pairs: impl Iterator<Item = (i64, i64)>) -> MultiplierMetrics {
+    let (mut n, mut wrong, mut abs_sum, mut sum, mut sq_sum, mut red_sum, mut red_n, mut worst) =
+        (0u64, 0u64, 0f64, 0f64, 0f64, 0f64, 0u64, 0i64);
+    for (exact, approx) in pairs {
+        let e = approx - exact;
+        n += 1;
+        wrong += u64::from(e != 0);
+        abs_sum += e.abs() as f64;
+        sum += e as f64;
+        sq_sum += (e as f64) * (e as f64);
+        worst = worst.max(e.abs());
+        if exact != 0 {
+            red_sum += e.abs() as f64 / exact.abs() as f64;
+            red_n += 1;
         }
-        let n = TABLE_SIZE as f64;
-        let mean = sum / n;
-        MultiplierMetrics {
-            error_std: (sq_sum / n - mean * mean).max(0.0).sqrt(),
-            error_rate: wrong as f64 / n,
-            mean_absolute_error: abs_sum / n,
-            mred: red_sum / red_n as f64,
-            worst_case_error: worst,
-            mean_error: sum / n,
-        }
+    }
+    let n = n as f64;
+    let mean = sum / n;
+    MultiplierMetrics {
+        error_std: (sq_sum / n - mean * mean).max(0.0).sqrt(),
+        error_rate: wrong as f64 / n,
+        mean_absolute_error: abs_sum / n,
+        mred: red_sum / red_n as f64,
+        worst_case_error: worst,
+        mean_error: mean,
     }
 }
 

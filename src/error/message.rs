@@ -12,7 +12,7 @@ pub(super) fn name_problem(what: &str, name: &str, problem: &str) -> String {
 }
 
 pub(super) fn mnist_folder(dir: &std::path::Path, missing: Option<&str>) -> String {
-    let dir = crate::files::shown(&dir.display().to_string());
+    let dir = crate::files::shown_path(dir);
     match missing {
         None => format!("MNIST folder {dir} does not exist or is not a folder"),
         Some(name) => format!("MNIST folder {dir}: missing {name} (or {name}.gz)"),
@@ -28,7 +28,7 @@ pub(super) fn unknown_layers(
         Some(m) => format!(
             "unknown layer(s) {}: {} has quantizable weights {}",
             unknown.join(", "),
-            crate::files::shown(&m.display().to_string()),
+            crate::files::shown_path(m),
             known.join(", ")
         ),
         None => {

@@ -113,7 +113,7 @@ pub enum Error {
     },
 
     /// An IDX file that cannot be read as MNIST.
-    #[error("{}: {problem}", crate::files::shown(&path.display().to_string()))]
+    #[error("{}: {problem}", crate::files::shown_path(path))]
     Mnist {
         /// The file (or the name an embedded file goes by).
         path: std::path::PathBuf,
@@ -147,7 +147,7 @@ pub enum Error {
     TorchScript(String),
 
     /// A file that is not a TorchScript model (checked before libtorch reads it, or refused by libtorch).
-    #[error("{}: not a TorchScript model ({why})", crate::files::shown(&path.display().to_string()))]
+    #[error("{}: not a TorchScript model ({why})", crate::files::shown_path(path))]
     NotTorchScript {
         /// The file.
         path: std::path::PathBuf,
@@ -156,7 +156,7 @@ pub enum Error {
     },
 
     /// A TorchScript model's `forward` refused an input.
-    #[error("{}: the model rejected an input of shape {shape:?}: {why}", crate::files::shown(&model.display().to_string()))]
+    #[error("{}: the model rejected an input of shape {shape:?}: {why}", crate::files::shown_path(model))]
     InputRejected {
         /// The model's file.
         model: std::path::PathBuf,
@@ -167,7 +167,7 @@ pub enum Error {
     },
 
     /// A model whose output is not `[N, classes]` float logits for `N` inputs.
-    #[error("{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {kind:?} of shape {shape:?}", crate::files::shown(&model.display().to_string()))]
+    #[error("{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {kind:?} of shape {shape:?}", crate::files::shown_path(model))]
     NotLogits {
         /// The model's file.
         model: std::path::PathBuf,
@@ -180,7 +180,7 @@ pub enum Error {
     },
 
     /// A model with nothing for the operation to work on (`what` says what is missing).
-    #[error("{}: {what}", crate::files::shown(&model.display().to_string()))]
+    #[error("{}: {what}", crate::files::shown_path(model))]
     NothingToDo {
         /// The model's file.
         model: std::path::PathBuf,
@@ -261,14 +261,14 @@ pub enum Error {
     },
 
     /// A checkpoint name that does not end in `.safetensors` (the only format written).
-    #[error("{}: checkpoints are written as .safetensors", crate::files::shown(&path.display().to_string()))]
+    #[error("{}: checkpoints are written as .safetensors", crate::files::shown_path(path))]
     CheckpointName {
         /// The path given.
         path: std::path::PathBuf,
     },
 
     /// A checkpoint whose tensors do not match the model's variables; nothing was loaded.
-    #[error("{} does not match the model: {}", crate::files::shown(&path.display().to_string()), Mismatch::list(.problems, "model"))]
+    #[error("{} does not match the model: {}", crate::files::shown_path(path), Mismatch::list(.problems, "model"))]
     CheckpointMismatch {
         /// The checkpoint.
         path: std::path::PathBuf,
@@ -306,7 +306,7 @@ pub enum Error {
     },
 
     /// A multiplier table file that cannot be used.
-    #[error("multiplier table {}: {problem}", crate::files::shown(&path.display().to_string()))]
+    #[error("multiplier table {}: {problem}", crate::files::shown_path(path))]
     MultiplierTable {
         /// The file.
         path: std::path::PathBuf,
@@ -382,7 +382,7 @@ pub enum Error {
     },
 
     /// A file given as input that cannot be read: missing, a folder or special file, too large.
-    #[error("{}: {problem}", crate::files::shown(&path.display().to_string()))]
+    #[error("{}: {problem}", crate::files::shown_path(path))]
     InputFile {
         /// The path as given.
         path: std::path::PathBuf,
@@ -391,7 +391,7 @@ pub enum Error {
     },
 
     /// A destination that cannot receive a file, or a write that failed (nothing is replaced).
-    #[error("cannot write {}: {problem}", crate::files::shown(&path.display().to_string()))]
+    #[error("cannot write {}: {problem}", crate::files::shown_path(path))]
     Output {
         /// The path as given.
         path: std::path::PathBuf,
@@ -400,7 +400,7 @@ pub enum Error {
     },
 
     /// A `.safetensors` file whose header or data is malformed (checked before its payload is read).
-    #[error("{}: not a readable .safetensors file ({problem})", crate::files::shown(&path.display().to_string()))]
+    #[error("{}: not a readable .safetensors file ({problem})", crate::files::shown_path(path))]
     Safetensors {
         /// The file.
         path: std::path::PathBuf,

@@ -49,12 +49,8 @@ pub trait ApproxModule {
     /// the layer, where a layer quantizes wider than 8 bits.
     fn f_set_mode(&self, mode: InferenceMode) -> Result<()> {
         let layers = self.approx_layers();
-        for (name, l) in &layers {
-            if mode == InferenceMode::Approximate {
-                l.quant()
-                    .check_approx_bits()
-                    .map_err(|e| crate::Error::In { name: name.clone(), error: Box::new(e) })?;
-            }
+        if mode == InferenceMode::Approximate {
+            check_approx_bits(&layers)?;
         }
         for (_, l) in &layers {
             l.quant().f_set_mode(mode)?;
@@ -73,11 +69,7 @@ pub trait ApproxModule {
     fn f_set_multiplier(&self, multiplier: Option<crate::approx::Multiplier>) -> Result<()> {
         let layers = self.approx_layers();
         if multiplier.is_some() {
-            for (name, l) in &layers {
-                l.quant()
-                    .check_approx_bits()
-                    .map_err(|e| crate::Error::In { name: name.clone(), error: Box::new(e) })?;
-            }
+            check_approx_bits(&layers)?;
         }
         for (_, l) in &layers {
             l.quant().f_set_multiplier(multiplier.clone())?;
@@ -102,4 +94,14 @@ pub trait ApproxModule {
             l.quant().set_noise_std(std);
         }
     }
+}
+
+/// Every layer's operands fit the 8-bit tables, or the first that does not, named.
+fn check_approx_bits(layers: &[(String, &dyn ApproxLayer)]) -> Result<()> {
+    for (name, l) in layers {
+        l.quant()
+            .check_approx_bits()
+            .map_err(|e| crate::Error::In { name: name.clone(), error: Box::new(e) })?;
+    }
+    Ok(())
 }
