@@ -81,6 +81,10 @@ fn special_files_are_never_replaced() {
     assert_one_line_failure(&o, needle, "quantize_torchscript --out FIFO");
     let o = cli("multiplier", &["--multiplier", "drum:4", "--heatmap", s(&fifo)]);
     assert_one_line_failure(&o, needle, "multiplier --heatmap FIFO");
+    let o = cli("multiplier", &["--multiplier", "drum:4", "--export", s(&fifo)]);
+    assert_one_line_failure(&o, needle, "multiplier --export FIFO");
+    let o = cli("explore", &["--load", s(&ck), "--plot", s(&fifo)]);
+    assert_one_line_failure(&o, needle, "explore --plot FIFO");
     // A symlink to the FIFO is refused as the FIFO.
     let link = tmp.0.join("link.pt");
     std::os::unix::fs::symlink(&fifo, &link).unwrap();
@@ -120,6 +124,8 @@ fn no_output_overwrites_its_input() {
     for out in [&table, &link] {
         let o = cli("multiplier", &["--multiplier", s(&table), "--heatmap", s(out)]);
         assert_one_line_failure(&o, "it is the input", "multiplier --heatmap over its table");
+        let o = cli("multiplier", &["--multiplier", s(&table), "--export", s(out)]);
+        assert_one_line_failure(&o, "it is the input", "multiplier --export over its table");
         assert_eq!(std::fs::read(&table).unwrap(), bytes, "the table changed");
     }
     let m = model("mlp_scripted");
@@ -130,6 +136,8 @@ fn no_output_overwrites_its_input() {
     let ck = mlp_checkpoint(&tmp.0);
     let o = cli("train", &["--model", "mlp", "--epochs", "0", "--load", s(&ck), "--save", s(&ck)]);
     assert_one_line_failure(&o, "it is the input", "train --save over its --load");
+    let o = cli("explore", &["--model", "mlp", "--load", s(&ck), "--plot", s(&ck)]);
+    assert_one_line_failure(&o, "it is the input", "explore --plot over its --load");
 }
 
 // 3. Huge finite learning rates once panicked inside tch's optimizer.
