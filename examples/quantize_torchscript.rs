@@ -22,7 +22,7 @@ use tch::Device;
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::files::check_output;
 use torchapprox::layers::QuantSpec;
-use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
+use torchapprox::quantizers::{check_bitwidth, QuantizerKind, RangeMode};
 use torchapprox::torchscript::{
     FinetuneConfig, LayerReport, PtqConfig, RewriteConfig, RewriteReport, ScriptModel,
 };
@@ -53,11 +53,20 @@ struct Args {
     /// One MinMax scale per output channel instead of one per tensor.
     #[arg(long)]
     per_channel: bool,
+    /// Range of MinMax inputs in the rewrite: `running` (a moving average kept in
+    /// `x_quantizer.running_max`, set by --calibrate and frozen in evaluation) or `batch`
+    /// (each call's own, so a prediction depends on the rest of its batch).
+    #[arg(long, default_value = "running", value_parser = ["running", "batch"])]
+    x_range: String,
+    /// Refuse the model when any layer or functional call would stay in float, instead of
+    /// rewriting the rest and listing it.
+    #[arg(long)]
+    strict: bool,
     /// Override one layer: `NAME=BITS` (weights only; `fc1` or `fc1.weight`), or with --x-quant
     /// `NAME=X_KIND[:BITS],W_KIND[:BITS]` (e.g. `fc=minmax:8,minmax:8`); repeatable.
     #[arg(long = "layer", value_name = "NAME=SPEC")]
     layers: Vec<String>,
-    /// With --x-quant: set every PACT alpha from this many training batches (of 64) before
+    /// With --x-quant: set every PACT alpha and running MinMax range from this many training batches (of 64) before
     /// fine-tuning or evaluation; 0 keeps alpha = 2.2.
     #[arg(long, default_value_t = 0)]
     calibrate: usize,
@@ -148,8 +157,8 @@ fn run(args: Args) -> Result<()> {
     ft.check().context("--finetune-lr")?;
     let bits = check_bitwidth(args.bits).context("--bits")?;
     let rewrite = args.x_quant != "none";
-    if !rewrite && (args.calibrate > 0 || args.x_bits.is_some() || args.w_bits.is_some()) {
-        bail!("--calibrate, --x-bits and --w-bits need --x-quant pact or minmax");
+    if !rewrite && (args.calibrate > 0 || args.x_bits.is_some() || args.w_bits.is_some() || args.strict) {
+        bail!("--calibrate, --x-bits, --w-bits and --strict need --x-quant pact or minmax");
     }
     let base = QuantSpec {
         x_kind: if args.x_quant == "minmax" { QuantizerKind::MinMax } else { QuantizerKind::Pact },
@@ -158,12 +167,17 @@ fn run(args: Args) -> Result<()> {
         x_bits: Some(check_bitwidth(args.x_bits.unwrap_or(bits)).context("--x-bits")?),
         w_bits: Some(check_bitwidth(args.w_bits.unwrap_or(bits)).context("--w-bits")?),
         per_channel: args.per_channel,
+        x_range: if args.x_range == "running" {
+            RangeMode::Running { momentum: 0.9 }
+        } else {
+            RangeMode::Batch
+        },
         ..QuantSpec::default()
     };
     let (config, rewrite_config) = if rewrite {
         let overrides =
             args.layers.iter().map(|l| parse_rewrite_layer(l, base)).collect::<Result<Vec<_>>>()?;
-        (PtqConfig::default(), RewriteConfig { default: base, overrides })
+        (PtqConfig::default(), RewriteConfig { default: base, overrides, strict: args.strict })
     } else {
         let overrides = args.layers.iter().map(|l| parse_layer(l)).collect::<Result<Vec<_>>>()?;
         (PtqConfig { bits, per_channel: args.per_channel, overrides }, RewriteConfig::default())

@@ -36,15 +36,19 @@ if [ -n "$project" ] && [ ! -f "$project/Cargo.toml" ]; then
 fi
 
 TORCH_VERSION="2.11.0"
+# torchvision's release paired with that torch (it pins torch==2.11.0, so pip keeps ours);
+# tests build resnet18, mobilenet and a small ViT from it.
+TORCHVISION_VERSION="0.26.0"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${TORCHAPPROX_CACHE:-$HOME/.cache/torchapprox}"
 venv="$cache/venv-torch-$TORCH_VERSION"
 py="$venv/bin/python"
 
 have_torch() {
-    [ -x "$py" ] && "$py" - "$TORCH_VERSION" <<'PY' >/dev/null 2>&1
-import sys, torch, numpy, safetensors
+    [ -x "$py" ] && "$py" - "$TORCH_VERSION" "$TORCHVISION_VERSION" <<'PY' >/dev/null 2>&1
+import sys, torch, torchvision, numpy, safetensors
 assert torch.__version__.split("+")[0] == sys.argv[1], torch.__version__
+assert torchvision.__version__.split("+")[0] == sys.argv[2], torchvision.__version__
 PY
 }
 
@@ -53,10 +57,10 @@ if have_torch; then
 else
     echo "setup: installing torch==$TORCH_VERSION into $venv (about 4.6 GB, a few minutes)"
     mkdir -p "$cache"
-    python3 -m venv "$venv"
+    [ -x "$py" ] || python3 -m venv "$venv"
     "$py" -m pip install --quiet --upgrade pip
-    "$py" -m pip install --quiet "torch==$TORCH_VERSION" numpy safetensors
-    have_torch || { echo "setup: torch==$TORCH_VERSION did not import from $venv" >&2; exit 1; }
+    "$py" -m pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" numpy safetensors
+    have_torch || { echo "setup: torch==$TORCH_VERSION or torchvision==$TORCHVISION_VERSION did not import from $venv" >&2; exit 1; }
     echo "setup: installed $("$py" -c 'import torch; print(torch.__version__)')"
 fi
 

@@ -242,6 +242,14 @@ pub enum Error {
         problem: String,
     },
 
+    /// A strict rewrite ([`RewriteConfig::strict`](crate::torchscript::RewriteConfig)) of a
+    /// model where something would stay in float: each entry is `layer: reason`.
+    #[error("strict rewrite refused: {} would stay in float: {}", .layers.len(), .layers.join("; "))]
+    LeftInFloat {
+        /// What would stay in float, each as `path: reason`.
+        layers: Vec<String>,
+    },
+
     /// A model the rewrite already quantized (`quantizer` is one of its quantizer modules).
     #[error("the model was quantized by this rewrite before ({quantizer} is a quantizer): load the original instead")]
     AlreadyRewritten {

@@ -43,25 +43,41 @@ void each_node(torch::jit::Block* b, const std::function<void(torch::jit::Node*)
   }
 }
 
-// An int list argument of a graph node: a constant, or a list built from constants.
-// A graph value as text for Rust to parse: `i:3`, `l:1,2` (ints), `b:1`, `s:same`, `n` (None),
-// `t` (a tensor) or `?` (not a constant). Lists built from constants count as constants.
-std::string render(torch::jit::Value* v) {
-  if (auto iv = torch::jit::toIValue(v)) {
-    if (iv->isNone()) return "n";
-    if (iv->isBool()) return iv->toBool() ? "b:1" : "b:0";
-    if (iv->isInt()) return "i:" + std::to_string(iv->toInt());
-    if (iv->isString()) return "s:" + iv->toStringRef();
-    if (iv->isIntList()) {
-      std::string out = "l:";
-      auto xs = iv->toIntVector();
-      for (size_t i = 0; i < xs.size(); ++i) out += (i ? "," : "") + std::to_string(xs[i]);
-      return out;
-    }
-    if (iv->isTensor()) return "t";
-    return "?";
+// A constant value as text for Rust to parse: `i:3`, `f:0.5`, `l:1,2` (ints), `b:1`, `s:same`, `n`
+// (None), `t` (a tensor) or `?` (anything else).
+std::string render_ivalue(const c10::IValue& iv) {
+  if (iv.isNone()) return "n";
+  if (iv.isBool()) return iv.toBool() ? "b:1" : "b:0";
+  if (iv.isInt()) return "i:" + std::to_string(iv.toInt());
+  if (iv.isDouble()) {
+    std::ostringstream os;
+    os.precision(17);
+    os << iv.toDouble();
+    return "f:" + os.str();
   }
+  if (iv.isString()) return "s:" + iv.toStringRef();
+  if (iv.isIntList()) {
+    std::string out = "l:";
+    auto xs = iv.toIntVector();
+    for (size_t i = 0; i < xs.size(); ++i) out += (i ? "," : "") + std::to_string(xs[i]);
+    return out;
+  }
+  if (iv.isTensor()) return "t";
+  return "?";
+}
+
+// A graph value as `render_ivalue` writes it, or `?` when it is not known before running.
+// Constants, lists built from constants, and attributes of the module itself (`self.x`, such
+// as Conv2d's `_reversed_padding_repeated_twice` in scripted code) count as known.
+std::string render(torch::jit::Value* v, const Module& self, torch::jit::Value* self_value) {
+  if (auto iv = torch::jit::toIValue(v)) return render_ivalue(*iv);
   auto* n = v->node();
+  if (n->kind() == c10::prim::GetAttr && n->input(0) == self_value) {
+    const std::string name = n->s(c10::attr::name);
+    if (!self.hasattr(name)) return "?";
+    auto iv = self.attr(name);
+    return iv.isModule() ? "?" : render_ivalue(iv);
+  }
   if (n->kind() != c10::prim::ListConstruct) return "?";
   std::string out = "l:";
   bool first = true;
@@ -110,7 +126,8 @@ char* ta_module_describe(const Module* m, char** out) {
 
 // Every `aten::` node of the forward of the submodule at `path`, inlined and constant-folded
 // (so scripted and traced modules alike show their constants), one per line:
-// `<op>\t<arg>\t<arg>...` with each argument as `render` writes it. Rust decides what they mean.
+// `<op>\t<arg>\t<arg>...` with each argument as `render` writes it (the module's own attributes
+// read from `sub`). Rust decides what they mean.
 char* ta_module_forward_ops(const Module* m, const char* path, char** out) {
   return guard([&] {
     Module sub = submodule(*m, path);
@@ -122,7 +139,7 @@ char* ta_module_forward_ops(const Module* m, const char* path, char** out) {
       const std::string kind = n->kind().toQualString();
       if (kind.rfind("aten::", 0) != 0) return;
       os << kind;
-      for (auto* in : n->inputs()) os << "\t" << render(in);
+      for (auto* in : n->inputs()) os << "\t" << render(in, sub, graph->inputs()[0]);
       os << "\n";
     });
     *out = dup(os.str());
@@ -130,10 +147,11 @@ char* ta_module_forward_ops(const Module* m, const char* path, char** out) {
 }
 
 // Gives the submodule at `path` a child `name` of the shared quantizer module type
-// `__torch__.torchapprox.quantizers.<type_name>`, holding the parameter `alpha`, the buffer
-// `observed` (a 0-dim zero) and the flag `calibrating` (false).
+// `__torch__.torchapprox.quantizers.<type_name>`, holding `state` as the parameter (or, when
+// `is_parameter` is 0, the buffer) `state_name`, the buffer `observed` (a 0-dim zero) and the
+// flag `calibrating` (false).
 char* ta_module_add_quantizer(const Module* m, const char* path, const char* name, const char* type_name,
-                              const at::Tensor* alpha) {
+                              const char* state_name, const at::Tensor* state, int is_parameter) {
   return guard([&] {
     Module sub = submodule(*m, path);
     // Instances of a class share its attributes: only a filled slot means "done before".
@@ -158,8 +176,12 @@ char* ta_module_add_quantizer(const Module* m, const char* path, const char* nam
       q = Module(qn, cu, false);
     }
     q.register_attribute("training", c10::BoolType::get(), sub.is_training());
-    q.register_parameter("alpha", *alpha, false);
-    q.register_buffer("observed", at::zeros({}, alpha->options()));
+    if (is_parameter != 0) {
+      q.register_parameter(state_name, *state, false);
+    } else {
+      q.register_buffer(state_name, *state);
+    }
+    q.register_buffer("observed", at::zeros({}, state->options()));
     q.register_attribute("calibrating", c10::BoolType::get(), false);
     sub.register_module(name, q);
   });

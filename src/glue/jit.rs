@@ -17,7 +17,9 @@ extern "C" {
         path: *const c_char,
         name: *const c_char,
         type_name: *const c_char,
-        alpha: *const CTensor,
+        state_name: *const c_char,
+        state: *const CTensor,
+        is_parameter: i32,
     ) -> *mut c_char;
     fn ta_module_replace_forward(m: *const c_void, path: *const c_char, source: *const c_char)
         -> *mut c_char;
@@ -99,7 +101,8 @@ pub(crate) fn describe(m: &CModule) -> Result<String> {
 }
 
 /// Every `aten::` op of the inlined, constant-folded forward of the submodule at `path`, one
-/// line each: the op, then its arguments (`i:3`, `l:1,2`, `b:0`, `s:same`, `n`, `t`, `?`).
+/// line each: the op, then its arguments (`i:3`, `f:0.5`, `l:1,2`, `b:0`, `s:same`, `n`, `t`, `?`; the
+/// module's own attributes count as constants).
 pub(crate) fn forward_ops(m: &CModule, path: &str) -> Result<String> {
     let p = cstr(path)?;
     let mut out: *mut c_char = std::ptr::null_mut();
@@ -109,19 +112,38 @@ pub(crate) fn forward_ops(m: &CModule, path: &str) -> Result<String> {
     Ok(unsafe { take_string(out) })
 }
 
+/// The one tensor a quantizer submodule holds: a trained parameter (PACT's `alpha`) or a
+/// buffer (MinMax's `running_max`).
+pub(crate) enum QuantizerState<'a> {
+    Parameter(&'a str, &'a Tensor),
+    Buffer(&'a str, &'a Tensor),
+}
+
 /// Gives the submodule at `path` a quantizer child `name` of the shared class
-/// `__torch__.torchapprox.quantizers.<type_name>` holding the parameter `alpha`.
+/// `__torch__.torchapprox.quantizers.<type_name>` holding `state`.
 pub(crate) fn add_quantizer(
     m: &CModule,
     path: &str,
     name: &str,
     type_name: &str,
-    alpha: &Tensor,
+    state: QuantizerState<'_>,
 ) -> Result<()> {
-    let (p, n, t) = (cstr(path)?, cstr(name)?, cstr(type_name)?);
+    let (state_name, tensor, is_parameter) = match state {
+        QuantizerState::Parameter(name, t) => (name, t, 1),
+        QuantizerState::Buffer(name, t) => (name, t, 0),
+    };
+    let (p, n, t, s) = (cstr(path)?, cstr(name)?, cstr(type_name)?, cstr(state_name)?);
     // SAFETY: valid module, strings and tensor for the duration of the call.
     glue(unsafe {
-        ta_module_add_quantizer(module_ptr(m), p.as_ptr(), n.as_ptr(), t.as_ptr(), alpha.as_ptr())
+        ta_module_add_quantizer(
+            module_ptr(m),
+            p.as_ptr(),
+            n.as_ptr(),
+            t.as_ptr(),
+            s.as_ptr(),
+            tensor.as_ptr(),
+            is_parameter,
+        )
     })
 }
 

@@ -4,6 +4,7 @@ use tch::Tensor;
 
 use tch::CModule;
 
+use super::rewrite::observes_inputs;
 use super::{RewrittenLayer, ScriptModel};
 use crate::glue::jit;
 use crate::layers::{pact_alpha, Calibration};
@@ -13,18 +14,20 @@ use crate::{Error, Result};
 /// A rewritten layer's PACT alphas: `(layer, input alpha, weight alpha)`, `None` for MinMax.
 pub type LayerAlphas = (String, Option<f64>, Option<f64>);
 
-/// Sets `calibrating` on each PACT input quantizer of `layers`.
+/// Sets `calibrating` on each observing input quantizer of `layers`.
 fn set_calibrating(m: &CModule, layers: &[RewrittenLayer], on: bool) -> Result<()> {
-    for l in layers.iter().filter(|l| l.spec.x_kind == QuantizerKind::Pact) {
+    for l in layers {
         jit::set_bool(m, &format!("{}.x_quantizer", l.name), "calibrating", on)?;
     }
     Ok(())
 }
 
 impl ScriptModel {
-    /// Sets every PACT input alpha of the rewritten layers from data: runs the model in float
-    /// on the first `batches` batches of `images` (no gradient), takes each layer's largest
-    /// input magnitude, and makes it that layer's alpha. Returns the alphas by layer.
+    /// Sets every PACT input alpha (and running MinMax input range) of the rewritten layers
+    /// from data: runs the model in float on the first `batches` batches of `images` (no
+    /// gradient), takes each layer's largest input magnitude, and makes it that layer's alpha
+    /// (at least the floor the forward applies, so the stored value is the one in effect) or
+    /// running range. Returns the values by layer.
     pub fn calibrate(
         &mut self,
         images: &Tensor,
@@ -32,11 +35,11 @@ impl ScriptModel {
         batch_size: i64,
     ) -> Result<Vec<(String, f64)>> {
         let pact: Vec<RewrittenLayer> =
-            self.rewritten.iter().filter(|l| l.spec.x_kind == QuantizerKind::Pact).cloned().collect();
+            self.rewritten.iter().filter(|l| observes_inputs(&l.spec)).cloned().collect();
         if pact.is_empty() {
             return Err(Error::NothingToDo {
                 model: self.source.clone(),
-                what: "no PACT input quantizers to calibrate: call quantize_layers first",
+                what: "no PACT or running MinMax input quantizers to calibrate: call quantize_layers first",
             });
         }
         if batch_size < 1 || batches == 0 {
@@ -79,12 +82,14 @@ impl ScriptModel {
         run?;
         let mut alphas = Vec::new();
         for (l, s) in pact.iter().zip(&stats) {
-            let mut alpha = jit::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "alpha")?;
+            let q = format!("{}.x_quantizer", l.name);
+            let pact = l.spec.x_kind == QuantizerKind::Pact;
+            let mut value = jit::get_tensor(&self.module, &q, if pact { "alpha" } else { "running_max" })?;
             // The same reduction and alpha floor as the crate's networks.
             if let Some(range) = Calibration::Max.range(s) {
-                let _ = alpha.f_fill_(pact_alpha(range))?;
+                let _ = value.f_fill_(if pact { pact_alpha(range) } else { range })?;
             }
-            alphas.push((l.name.clone(), alpha.f_double_value(&[0])?));
+            alphas.push((l.name.clone(), value.f_double_value(&[0])?));
         }
         Ok(alphas)
     }

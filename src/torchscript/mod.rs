@@ -26,7 +26,7 @@ mod rewrite;
 pub use calibrate::LayerAlphas;
 pub use finetune::FinetuneConfig;
 pub use ptq::{LayerReport, PtqConfig, QuantizableWeight};
-pub use rewrite::{LayerOp, RewriteConfig, RewriteReport, RewrittenLayer};
+pub use rewrite::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
 
 /// A TorchScript module (from `torch.jit.script` or `torch.jit.trace`) loaded with libtorch.
 ///

@@ -8,3 +8,4 @@ mod common;
 mod import;
 mod rewrite;
 mod torchscript;
+mod vision;

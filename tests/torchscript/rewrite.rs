@@ -43,7 +43,7 @@ fn rewritten_models_reload_in_pytorch_with_the_same_logits() {
         (rewrite_fixture("resnet_scripted"), RewriteConfig::default(), 9),
         (
             rewrite_fixture("resnet_traced"),
-            RewriteConfig { default: spec4, overrides: vec![("fc".into(), minmax_fc)] },
+            RewriteConfig { default: spec4, overrides: vec![("fc".into(), minmax_fc)], strict: false },
             9,
         ),
         (ts_fixture("mlp_scripted"), RewriteConfig { default: spec4, ..Default::default() }, 2),
@@ -223,6 +223,14 @@ fn what_the_rewrite_cannot_do_is_reported_or_refused() {
         report.left_in_float,
         ["rows: Conv1d is not covered", "the top module: 1 functional aten::linear call(s) in its code"]
     );
+    let strict = RewriteConfig { strict: true, ..Default::default() };
+    let e = ScriptModel::load(&mixed, Device::Cpu).unwrap().quantize_layers(&strict).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "strict rewrite refused: 2 would stay in float: rows: Conv1d is not covered; \
+         the top module: 1 functional aten::linear call(s) in its code"
+    );
+    assert!(matches!(e, torchapprox::Error::LeftInFloat { layers } if layers.len() == 2));
     let e = model.quantize_layers(&RewriteConfig::default()).unwrap_err().to_string();
     assert!(
         e.starts_with("the model was quantized by this rewrite before (hidden.x_quantizer is a quantizer)"),
@@ -245,13 +253,6 @@ fn what_the_rewrite_cannot_do_is_reported_or_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("unknown layer \"layer9\": the model's layers are stem.0, layer1.0.conv1"), "{e}");
-    let running = QuantSpec {
-        x_kind: QuantizerKind::MinMax,
-        x_range: torchapprox::quantizers::RangeMode::Running { momentum: 0.9 },
-        ..Default::default()
-    };
-    let e = load().quantize_layers(&RewriteConfig { default: running, ..Default::default() }).unwrap_err();
-    assert!(e.to_string().contains("take each call's range (RangeMode::Batch), not a running one"), "{e}");
     let bad_bits = QuantSpec { w_bits: Some(17), ..Default::default() };
     let e = load().quantize_layers(&RewriteConfig { default: bad_bits, ..Default::default() }).unwrap_err();
     assert_eq!(e.to_string(), "bitwidth 17 is out of range: quantizers support 2..=16 bits");
@@ -265,7 +266,7 @@ fn what_the_rewrite_cannot_do_is_reported_or_refused() {
     let e = plain.calibrate(&Tensor::zeros([4, 1, 28, 28], (Kind::Float, Device::Cpu)), 1, 4).unwrap_err();
     assert!(
         e.to_string().ends_with(
-            "resnet_scripted.pt: no PACT input quantizers to calibrate: call quantize_layers first"
+            "resnet_scripted.pt: no PACT or running MinMax input quantizers to calibrate: call quantize_layers first"
         ),
         "{e}"
     );
@@ -316,7 +317,7 @@ fn quantize_torchscript_cli_rewrites_calibrates_and_reports_each_layer() {
     assert!((torch_acc - quantized).abs() < 1e-4, "PyTorch {torch_acc} vs Rust {quantized}");
     for (args, needle) in [
         (vec!["--x-quant", "pact", "--layer", "nope=pact,minmax"], "unknown layer \"nope\""),
-        (vec!["--calibrate", "2"], "--calibrate, --x-bits and --w-bits need --x-quant"),
+        (vec!["--calibrate", "2"], "--calibrate, --x-bits, --w-bits and --strict need --x-quant"),
         (vec!["--x-quant", "pact", "--x-bits", "1"], "bitwidth 1 is out of range"),
     ] {
         let o = run(&[&["--model", model.to_str().unwrap(), "--device", "cpu"][..], &args[..]].concat());
@@ -362,4 +363,56 @@ fn rewritten_alphas_require_grad_everywhere() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+}
+
+#[test]
+fn running_minmax_inputs_calibrate_train_and_make_predictions_independent_of_the_batch() {
+    let tmp = TempDir::new("rw-running");
+    let m = common::embedded_digits();
+    let x = normalize(&m.test_images.narrow(0, 0, 64), 0.0, 1.0, Device::Cpu).unwrap();
+    let spec = |x_range| QuantSpec { x_kind: QuantizerKind::MinMax, x_range, ..Default::default() };
+    let running = torchapprox::quantizers::RangeMode::Running { momentum: 0.9 };
+    let load = || ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
+    let running_max = |model: &ScriptModel, layer: &str| {
+        let state = model.state_dict().unwrap();
+        let name = format!("{layer}.x_quantizer.running_max");
+        state.into_iter().find(|(n, _)| n == &name).unwrap().1.double_value(&[0])
+    };
+    // With each call's own range, a digit's logits depend on the rest of its batch.
+    let mut batch = load();
+    batch
+        .quantize_layers(&RewriteConfig { default: spec(Default::default()), ..Default::default() })
+        .unwrap();
+    let alone = tch::no_grad(|| batch.forward(&x.narrow(0, 0, 1)).unwrap());
+    let together = tch::no_grad(|| batch.forward(&x).unwrap()).narrow(0, 0, 1);
+    assert!((alone - together).abs().max().double_value(&[]) > 1e-3, "batch ranges should differ");
+
+    let mut model = load();
+    model.quantize_layers(&RewriteConfig { default: spec(running), ..Default::default() }).unwrap();
+    assert_eq!(running_max(&model, "stem.0"), 0.0, "0 before calibration");
+    let ranges = model.calibrate(&x, 2, 32).unwrap();
+    assert_eq!(ranges.len(), 9);
+    // The stem's input is the digit itself: its range is the largest pixel.
+    let pixel_max = x.abs().max().double_value(&[]);
+    assert_eq!(ranges[0], ("stem.0".to_string(), pixel_max));
+    assert_eq!(running_max(&model, "stem.0"), pixel_max);
+    let alone = tch::no_grad(|| model.forward(&x.narrow(0, 0, 1)).unwrap());
+    let together = tch::no_grad(|| model.forward(&x).unwrap()).narrow(0, 0, 1);
+    assert_close(&alone, &together, 1e-4, 1e-4, "running ranges: a digit alone and in its batch");
+
+    // Training moves the range by momentum: one step on half-bright digits.
+    let ft = FinetuneConfig { epochs: 1, batch_size: 64, lr: 1e-6, ..Default::default() };
+    let labels = m.test_labels.narrow(0, 0, 64);
+    model.finetune(&(&x * 0.5), &labels, ft).unwrap();
+    let expected = 0.9 * pixel_max + 0.1 * 0.5 * pixel_max;
+    assert!(
+        (running_max(&model, "stem.0") - expected).abs() < 1e-6,
+        "{} vs {expected}",
+        running_max(&model, "stem.0")
+    );
+    // The buffer travels with the file, and PyTorch computes the same logits from it.
+    let y = tch::no_grad(|| model.forward(&x).unwrap());
+    let out = tmp.0.join("running-q.pt");
+    model.save(&out).unwrap();
+    common::pytorch_agrees("torchscript_reload_check.py", &out, &x, y, "running MinMax reload");
 }

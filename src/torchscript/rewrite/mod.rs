@@ -7,4 +7,5 @@ mod source;
 mod spec;
 
 pub(crate) use plan::rewrite;
-pub use spec::{LayerOp, RewriteConfig, RewriteReport, RewrittenLayer};
+pub(crate) use source::observes_inputs;
+pub use spec::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};

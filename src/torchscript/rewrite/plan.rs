@@ -3,10 +3,11 @@
 
 use tch::{CModule, Kind, Tensor};
 
-use super::source::forward_source;
-use super::{LayerOp, RewriteConfig, RewriteReport, RewrittenLayer};
-use crate::glue::jit;
-use crate::quantizers::{check_bitwidth, QuantizerKind};
+use super::source::{forward_source, observes_inputs};
+use super::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
+use crate::glue::jit::{self, QuantizerState};
+use crate::layers::QuantSpec;
+use crate::quantizers::{check_bitwidth, QuantizerKind, RangeMode};
 use crate::{Error, Result};
 
 fn rewrite_layer(layer: &str, problem: String) -> Error {
@@ -44,62 +45,106 @@ fn is_weighted_op(op: &str) -> bool {
     op == "aten::linear" || op == "aten::matmul" || op == "aten::_convolution" || op.starts_with("aten::conv")
 }
 
-/// The geometry of the one 2-d convolution in a layer's forward, from the glue's op list
-/// ([`jit::forward_ops`]); `Err` says, in words, why the layer cannot be rewritten.
-pub(super) fn conv_geometry(ops: &str) -> std::result::Result<[i64; 4], String> {
-    const PADS: [&str; 5] = [
-        "aten::pad",
-        "aten::constant_pad_nd",
-        "aten::reflection_pad2d",
-        "aten::replicate_pad2d",
-        "aten::_pad_circular",
-    ];
+/// The geometry of the one 2-d convolution in a layer's forward (and the pad before it, for a
+/// `padding_mode` other than zeros), from the glue's op list ([`jit::forward_ops`]); `Err`
+/// says, in words, why the layer cannot be rewritten.
+pub(super) fn conv_geometry(ops: &str) -> std::result::Result<LayerOp, String> {
     let lines: Vec<Vec<&str>> = ops.lines().map(|l| l.split('\t').collect()).collect();
-    if lines.iter().any(|f| PADS.contains(&f[0])) {
-        return Err("padding modes other than zeros are not supported".into());
+    let arg = |f: &[&str], i: usize| f.get(i + 1).copied().unwrap_or("?").to_string();
+    let ints = |v: &str, what: &str| -> std::result::Result<Vec<i64>, String> {
+        match v.split_once(':') {
+            Some(("l", list)) => list.split(',').map(|x| x.parse().map_err(|_| ())).collect(),
+            Some(("i", x)) => x.parse().map(|x| vec![x]).map_err(|_| ()),
+            _ => Err(()),
+        }
+        .map_err(|_| format!("its {what} are not constants"))
+    };
+    let pair = |v: &str, what: &str| -> std::result::Result<[i64; 2], String> {
+        match ints(v, what)?.as_slice() {
+            [a] => Ok([*a, *a]),
+            [a, b] => Ok([*a, *b]),
+            other => Err(format!("its {what} {other:?} are not one or two numbers")),
+        }
+    };
+    let mut input_pad = None;
+    for f in lines.iter().filter(|f| {
+        matches!(
+            f[0],
+            "aten::pad"
+                | "aten::constant_pad_nd"
+                | "aten::reflection_pad2d"
+                | "aten::replication_pad2d"
+                | "aten::_pad_circular"
+        )
+    }) {
+        if input_pad.is_some() {
+            return Err("its forward pads its input more than once".into());
+        }
+        let sides: [i64; 4] = ints(&arg(f, 1), "pad sides")?
+            .try_into()
+            .map_err(|s: Vec<i64>| format!("its input pad has {} sides, not 4", s.len()))?;
+        let (mode, value) = match f[0] {
+            "aten::pad" => {
+                let mode = arg(f, 2);
+                let mode = mode.strip_prefix("s:").ok_or("its pad mode is not a constant")?;
+                let mode =
+                    PadMode::from_name(mode).ok_or_else(|| format!("pad mode '{mode}' is not supported"))?;
+                (mode, arg(f, 3))
+            }
+            "aten::constant_pad_nd" => (PadMode::Constant, arg(f, 2)),
+            "aten::reflection_pad2d" => (PadMode::Reflect, "n".into()),
+            "aten::replication_pad2d" => (PadMode::Replicate, "n".into()),
+            _ => (PadMode::Circular, "n".into()),
+        };
+        // A zero pad quantizes to zeros; any other constant would need its own quantization.
+        if mode == PadMode::Constant && !matches!(value.as_str(), "n" | "i:0" | "f:0") {
+            return Err(format!(
+                "a constant pad of value {} is not supported",
+                value.trim_start_matches("f:")
+            ));
+        }
+        input_pad = Some(InputPad { mode, sides });
     }
     let convs: Vec<&Vec<&str>> = lines
         .iter()
-        .filter(|f| matches!(f[0], "aten::conv2d" | "aten::_convolution" | "aten::convolution"))
+        .filter(|f| {
+            matches!(
+                f[0],
+                "aten::conv2d" | "aten::_convolution" | "aten::convolution" | "aten::_convolution_mode"
+            )
+        })
         .collect();
     let [conv] = convs.as_slice() else {
         return Err(format!("expected one 2-d convolution in forward, found {}", convs.len()));
     };
-    let arg = |i: usize| conv.get(i + 1).copied().unwrap_or("?");
-    let ints = |i: usize, what: &str| -> std::result::Result<i64, String> {
-        let v: Vec<i64> = match arg(i).split_once(':') {
-            Some(("l", list)) => list
-                .split(',')
-                .map(|x| x.parse().map_err(|_| ()))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| format!("its {what} are not constants"))?,
-            Some(("i", x)) => vec![x.parse().map_err(|_| format!("its {what} are not constants"))?],
-            _ => return Err(format!("its {what} are not constants")),
-        };
-        match v.as_slice() {
-            [a] => Ok(*a),
-            [a, b] if a == b => Ok(*a),
-            _ => Err(format!("a convolution with different {what} per dimension is not supported")),
-        }
-    };
-    // aten::conv2d(input, weight, bias, stride, padding, dilation, groups); the others have
-    // (..., stride, padding, dilation, transposed, output_padding, groups, ...).
-    let groups_at = if conv[0] == "aten::conv2d" {
-        if let Some(mode) = arg(4).strip_prefix("s:") {
-            return Err(format!("padding='{mode}' is not supported"));
-        }
+    // aten::conv2d and aten::_convolution_mode are (input, weight, bias, stride, padding,
+    // dilation, groups); the others (..., stride, padding, dilation, transposed,
+    // output_padding, groups, ...).
+    let groups_at = if matches!(conv[0], "aten::conv2d" | "aten::_convolution_mode") {
         6
     } else {
-        if arg(6) != "b:0" {
+        if arg(conv, 6) != "b:0" {
             return Err("transposed convolutions are not supported".into());
         }
         8
     };
-    let groups = arg(groups_at)
+    let padding = match arg(conv, 4).strip_prefix("s:") {
+        Some("same") => ConvPadding::Same,
+        Some("valid") => ConvPadding::Zeros([0, 0]),
+        Some(mode) => return Err(format!("padding='{mode}' is not supported")),
+        None => ConvPadding::Zeros(pair(&arg(conv, 4), "paddings")?),
+    };
+    let groups = arg(conv, groups_at)
         .strip_prefix("i:")
         .and_then(|g| g.parse().ok())
         .ok_or("its groups are not a constant")?;
-    Ok([ints(3, "strides")?, ints(4, "paddings")?, ints(5, "dilations")?, groups])
+    Ok(LayerOp::Conv2d {
+        stride: pair(&arg(conv, 3), "strides")?,
+        padding,
+        dilation: pair(&arg(conv, 5), "dilations")?,
+        groups,
+        input_pad,
+    })
 }
 
 /// A class name without TorchScript's `___torch_mangle_N` parts: `__torch__.torch.nn.modules.linear.Linear`.
@@ -107,19 +152,29 @@ fn demangled(class: &str) -> String {
     class.split('.').filter(|p| !p.starts_with("___torch_mangle_")).collect::<Vec<_>>().join(".")
 }
 
-/// The layer classes the rewrite covers, and the ones it reports as left in float.
+/// The layer classes the rewrite covers (`Ok`), and the ones it reports as left in float with
+/// the reason (`Err`).
 fn classify(class: &str) -> Option<std::result::Result<&'static str, &'static str>> {
-    match demangled(class).as_str() {
-        "__torch__.torch.nn.modules.linear.Linear" => Some(Ok("Linear")),
-        "__torch__.torch.nn.modules.conv.Conv2d" => Some(Ok("Conv2d")),
-        "__torch__.torch.nn.modules.conv.Conv1d" => Some(Err("Conv1d")),
-        "__torch__.torch.nn.modules.conv.Conv3d" => Some(Err("Conv3d")),
-        "__torch__.torch.nn.modules.conv.ConvTranspose1d" => Some(Err("ConvTranspose1d")),
-        "__torch__.torch.nn.modules.conv.ConvTranspose2d" => Some(Err("ConvTranspose2d")),
-        "__torch__.torch.nn.modules.conv.ConvTranspose3d" => Some(Err("ConvTranspose3d")),
-        "__torch__.torch.nn.modules.linear.Bilinear" => Some(Err("Bilinear")),
-        _ => None,
-    }
+    let class = demangled(class);
+    let name = class.strip_prefix("__torch__.torch.nn.modules.")?;
+    Some(match name {
+        "linear.Linear" => Ok("Linear"),
+        "conv.Conv2d" => Ok("Conv2d"),
+        "conv.Conv1d" => Err("Conv1d is not covered"),
+        "conv.Conv3d" => Err("Conv3d is not covered"),
+        "conv.ConvTranspose1d" => Err("ConvTranspose1d is not covered"),
+        "conv.ConvTranspose2d" => Err("ConvTranspose2d is not covered"),
+        "conv.ConvTranspose3d" => Err("ConvTranspose3d is not covered"),
+        "linear.Bilinear" => Err("Bilinear is not covered"),
+        "activation.MultiheadAttention" => {
+            Err("MultiheadAttention: its input projection (in_proj_weight) is not covered (yet)")
+        }
+        // MultiheadAttention's `out_proj`: its parent reads the weight, never calls its forward.
+        "linear.NonDynamicallyQuantizableLinear" => Err(
+            "a MultiheadAttention's out_proj (the attention reads its weight directly) is not covered (yet)",
+        ),
+        _ => return None,
+    })
 }
 
 const QUANTIZER_CLASS: &str = "__torch__.torchapprox.quantizers.";
@@ -139,7 +194,7 @@ pub(crate) fn rewrite(
     for (path, class) in &d.modules {
         match classify(class) {
             Some(Ok(_)) => layers.push((path.clone(), class.clone())),
-            Some(Err(kind)) => report.left_in_float.push(format!("{path}: {kind} is not covered")),
+            Some(Err(reason)) => report.left_in_float.push(format!("{path}: {reason}")),
             None => {}
         }
     }
@@ -169,66 +224,67 @@ pub(crate) fn rewrite(
     let spec_of =
         |name: &str| config.overrides.iter().find(|(n, _)| n == name).map_or(config.default, |(_, s)| *s);
     let param = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+    // Layers planned for the rewrite, and those that stay in float with the reason.
+    let mut planned: Vec<RewrittenLayer> = Vec::new();
+    let mut skipped: Vec<(String, String, String)> = Vec::new();
     for (path, class) in &layers {
         // Messages name the layer; a model that is one layer has the empty path.
         let label = if path.is_empty() { "the root module (the model itself)" } else { path.as_str() };
         let spec = spec_of(path);
-        check_bitwidth(spec.x_bitwidth())?;
-        check_bitwidth(spec.w_bitwidth())?;
-        crate::args::check_positive("init_alpha", spec.init_alpha)?;
-        if spec.x_kind == QuantizerKind::MinMax && spec.x_range != crate::quantizers::RangeMode::Batch {
-            return Err(rewrite_layer(
-                label,
-                "MinMax inputs in the TorchScript rewrite take each call's range (RangeMode::Batch), not a running one (yet)".into(),
-            ));
+        check_spec(label, &spec)?;
+        match plan_layer(m, path, class, &param)? {
+            Ok((op, bias)) => {
+                let calls = d
+                    .calls
+                    .iter()
+                    .filter(|(parent, child, _)| &crate::layers::join(parent, child) == path)
+                    .map(|(_, _, n)| n)
+                    .sum();
+                planned.push(RewrittenLayer {
+                    name: path.clone(),
+                    class: class.clone(),
+                    op,
+                    bias,
+                    spec,
+                    calls,
+                })
+            }
+            Err(problem) => skipped.push((path.clone(), class.clone(), problem)),
         }
-        if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
-            return Err(Error::PerChannel(spec.w_kind));
-        }
-        if spec.x_kind == QuantizerKind::Lsq || spec.w_kind == QuantizerKind::Lsq {
-            return Err(rewrite_layer(
-                label,
-                "the TorchScript rewrite covers pact and minmax, not lsq (yet)".into(),
-            ));
-        }
-        let weight = param(&crate::layers::join(path, "weight"))
-            .ok_or_else(|| rewrite_layer(label, "has no parameter weight".into()))?;
-        let op = if classify(class) == Some(Ok("Linear")) {
-            LayerOp::Linear
-        } else {
-            let g = conv_geometry(&jit::forward_ops(m, path)?)
-                .map_err(|problem| rewrite_layer(label, problem))?;
-            LayerOp::Conv2d { stride: g[0], padding: g[1], dilation: g[2], groups: g[3] }
-        };
-        let want = if op == LayerOp::Linear { 2 } else { 4 };
-        if weight.dim() != want || !weight.is_floating_point() {
-            return Err(rewrite_layer(
-                label,
-                format!("weight of shape {:?} is not a {want}-d float tensor", weight.size()),
-            ));
-        }
-        let calls = d
-            .calls
-            .iter()
-            .filter(|(parent, child, _)| {
-                let full = if parent.is_empty() { child.clone() } else { format!("{parent}.{child}") };
-                &full == path
-            })
-            .map(|(_, _, n)| n)
-            .sum();
-        report.layers.push(RewrittenLayer {
-            name: path.clone(),
-            class: class.clone(),
-            op,
-            bias: param(&crate::layers::join(path, "bias")).is_some(),
-            spec,
-            calls,
-        });
     }
-    // Instances of one class share `forward`: their sources must agree.
-    for (i, a) in report.layers.iter().enumerate() {
-        if let Some(b) = report.layers[..i].iter().find(|b| b.class == a.class) {
-            if forward_source(b) != forward_source(a) {
+    // Instances of a class share one `forward`: when one stays in float, all of them do.
+    while let Some(i) = planned.iter().position(|l| skipped.iter().any(|(_, class, _)| class == &l.class)) {
+        let l = planned.remove(i);
+        let (other, _, _) = skipped.iter().find(|(_, class, _)| class == &l.class).expect("found above");
+        let problem = format!("it shares its TorchScript class with {other}, which stays in float");
+        skipped.push((l.name, l.class, problem));
+    }
+    let layer_order = |name: &str| layers.iter().position(|(p, _)| p == name);
+    skipped.sort_by_key(|(path, _, _)| layer_order(path));
+    for (path, _, problem) in &skipped {
+        let at = if path.is_empty() { "the root module" } else { path.as_str() };
+        report.left_in_float.push(format!("{at}: {problem}"));
+    }
+    if config.strict && !report.left_in_float.is_empty() {
+        return Err(Error::LeftInFloat { layers: report.left_in_float });
+    }
+    if planned.is_empty() {
+        return Err(Error::TorchScript(format!(
+            "no Linear or Conv2d layer could be rewritten: {}",
+            report.left_in_float.join("; ")
+        )));
+    }
+    // A class whose instances differ in having a bias (scripted `bias=None` and `bias=True`
+    // layers of one shape share a class) reads its bias as optional.
+    let optional_bias = |class: &str| {
+        let mut of_class = planned.iter().filter(|l| l.class == class);
+        let first = of_class.next().map(|l| l.bias);
+        of_class.any(|l| Some(l.bias) != first)
+    };
+    for (i, a) in planned.iter().enumerate() {
+        if let Some(b) = planned[..i].iter().find(|b| b.class == a.class) {
+            let optional = optional_bias(&a.class);
+            if forward_source(b, optional) != forward_source(a, optional) {
                 return Err(Error::SharedClass {
                     first: b.name.clone(),
                     second: a.name.clone(),
@@ -237,52 +293,147 @@ pub(crate) fn rewrite(
             }
         }
     }
-    for layer in &report.layers {
-        let weight_name = crate::layers::join(&layer.name, "weight");
-        let device = param(&weight_name).map(|w| w.device()).unwrap_or(tch::Device::Cpu);
-        let mut quantizers = Vec::new();
-        if layer.spec.x_kind == QuantizerKind::Pact {
-            quantizers.push(("x_quantizer", layer.spec.init_alpha));
-        }
-        if layer.spec.w_kind == QuantizerKind::Pact {
-            let w = param(&weight_name).expect("checked above");
-            let range = tch::no_grad(|| w.f_abs()?.f_max()?.f_double_value(&[]))?;
-            quantizers.push(("w_quantizer", if range > 0.0 { range } else { 1.0 }));
-        }
-        for (name, init) in quantizers {
-            // A parameter that trains: in a Rust loop and in PyTorch after torch.jit.load alike.
-            let alpha = Tensor::f_full([1], init, (Kind::Float, device))?.f_set_requires_grad(true)?;
-            jit::add_quantizer(m, &layer.name, name, "PACT", &alpha)?;
-        }
+    for layer in &planned {
+        add_quantizers(m, layer, &param)?;
     }
     let mut done: Vec<&str> = Vec::new();
-    for layer in &report.layers {
+    for layer in &planned {
         if done.contains(&layer.class.as_str()) {
             continue;
         }
         done.push(&layer.class);
-        jit::replace_forward(m, &layer.name, &forward_source(layer))?;
+        jit::replace_forward(m, &layer.name, &forward_source(layer, optional_bias(&layer.class)))?;
     }
+    report.layers = planned;
     Ok(report)
+}
+
+/// Refuses settings the rewrite cannot carry out; these are the caller's own, so an error.
+fn check_spec(label: &str, spec: &QuantSpec) -> Result<()> {
+    check_bitwidth(spec.x_bitwidth())?;
+    check_bitwidth(spec.w_bitwidth())?;
+    crate::args::check_positive("init_alpha", spec.init_alpha)?;
+    if let RangeMode::Running { momentum } = spec.x_range {
+        if spec.x_kind == QuantizerKind::MinMax && !(0.0..1.0).contains(&momentum) {
+            return Err(Error::Argument {
+                what: "running range momentum",
+                value: momentum,
+                expected: "in [0, 1)",
+            });
+        }
+    }
+    if spec.per_channel && spec.w_kind != QuantizerKind::MinMax {
+        return Err(Error::PerChannel(spec.w_kind));
+    }
+    if spec.x_kind == QuantizerKind::Lsq || spec.w_kind == QuantizerKind::Lsq {
+        return Err(rewrite_layer(
+            label,
+            "the TorchScript rewrite covers pact and minmax, not lsq (yet)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The op and whether there is a bias, for the layer at `path`; `Err` says why it stays in float.
+fn plan_layer(
+    m: &CModule,
+    path: &str,
+    class: &str,
+    param: &dyn Fn(&str) -> Option<Tensor>,
+) -> Result<std::result::Result<(LayerOp, bool), String>> {
+    let Some(weight) = param(&crate::layers::join(path, "weight")) else {
+        return Ok(Err("it has no parameter weight".into()));
+    };
+    let op = if classify(class) == Some(Ok("Linear")) {
+        LayerOp::Linear
+    } else {
+        match conv_geometry(&jit::forward_ops(m, path)?) {
+            Ok(op) => op,
+            Err(problem) => return Ok(Err(problem)),
+        }
+    };
+    let want = if op == LayerOp::Linear { 2 } else { 4 };
+    if weight.dim() != want || !weight.is_floating_point() {
+        return Ok(Err(format!("its weight of shape {:?} is not a {want}-d float tensor", weight.size())));
+    }
+    Ok(Ok((op, param(&crate::layers::join(path, "bias")).is_some())))
+}
+
+/// The layer's quantizer submodules: a PACT `alpha` parameter per PACT quantizer (trained, in
+/// a Rust loop and in PyTorch after `torch.jit.load` alike), a `running_max` buffer for
+/// running MinMax inputs.
+fn add_quantizers(m: &CModule, layer: &RewrittenLayer, param: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+    let weight = param(&crate::layers::join(&layer.name, "weight")).expect("planned layers have a weight");
+    let device = weight.device();
+    if layer.spec.x_kind == QuantizerKind::Pact {
+        let alpha =
+            Tensor::f_full([1], layer.spec.init_alpha, (Kind::Float, device))?.f_set_requires_grad(true)?;
+        jit::add_quantizer(
+            m,
+            &layer.name,
+            "x_quantizer",
+            "PACT",
+            QuantizerState::Parameter("alpha", &alpha),
+        )?;
+    } else if observes_inputs(&layer.spec) {
+        let running = Tensor::f_zeros([1], (Kind::Float, device))?;
+        jit::add_quantizer(
+            m,
+            &layer.name,
+            "x_quantizer",
+            "MinMax",
+            QuantizerState::Buffer("running_max", &running),
+        )?;
+    }
+    if layer.spec.w_kind == QuantizerKind::Pact {
+        let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
+        let init = if range > 0.0 { range } else { 1.0 };
+        let alpha = Tensor::f_full([1], init, (Kind::Float, device))?.f_set_requires_grad(true)?;
+        jit::add_quantizer(
+            m,
+            &layer.name,
+            "w_quantizer",
+            "PACT",
+            QuantizerState::Parameter("alpha", &alpha),
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::conv_geometry;
+    use super::*;
 
     #[test]
     fn convolution_geometry_is_decided_from_the_op_list() {
+        let conv = |stride, padding, dilation, groups, input_pad| LayerOp::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+            input_pad,
+        };
         let scripted = "aten::size\t?\ti:0\naten::conv2d\t?\tt\tn\tl:2,2\tl:1,1\tl:1,1\ti:4\n";
-        assert_eq!(conv_geometry(scripted), Ok([2, 1, 1, 4]));
+        assert_eq!(conv_geometry(scripted), Ok(conv([2, 2], ConvPadding::Zeros([1, 1]), [1, 1], 4, None)));
         let traced =
-            "aten::_convolution\t?\tt\tt\tl:1,1\tl:0,0\tl:2,2\tb:0\tl:0,0\ti:1\tb:0\tb:0\tb:1\tb:1\n";
-        assert_eq!(conv_geometry(traced), Ok([1, 0, 2, 1]));
-        let same = "aten::conv2d\t?\tt\tn\tl:1,1\ts:same\tl:1,1\ti:1\n";
-        assert_eq!(conv_geometry(same), Err("padding='same' is not supported".into()));
-        let reflect = "aten::pad\t?\tl:1,1,1,1\ts:reflect\tn\n".to_string() + scripted;
-        assert_eq!(conv_geometry(&reflect), Err("padding modes other than zeros are not supported".into()));
-        let asym = "aten::conv2d\t?\tt\tn\tl:1,2\tl:0,0\tl:1,1\ti:1\n";
-        assert!(conv_geometry(asym).unwrap_err().contains("different strides per dimension"));
+            "aten::_convolution\t?\tt\tt\tl:1,2\tl:0,3\tl:2,1\tb:0\tl:0,0\ti:1\tb:0\tb:0\tb:1\tb:1\n";
+        assert_eq!(conv_geometry(traced), Ok(conv([1, 2], ConvPadding::Zeros([0, 3]), [2, 1], 1, None)));
+        let same = "aten::_convolution_mode\t?\tt\tn\tl:1,1\ts:same\tl:1,2\ti:1\n";
+        assert_eq!(conv_geometry(same), Ok(conv([1, 1], ConvPadding::Same, [1, 2], 1, None)));
+        let valid = "aten::conv2d\t?\tt\tn\tl:1,1\ts:valid\tl:1,1\ti:1\n";
+        assert_eq!(conv_geometry(valid), Ok(conv([1, 1], ConvPadding::Zeros([0, 0]), [1, 1], 1, None)));
+        let reflect = "aten::pad\t?\tl:1,1,2,2\ts:reflect\tn\n".to_string() + scripted;
+        let pad = InputPad { mode: PadMode::Reflect, sides: [1, 1, 2, 2] };
+        assert_eq!(
+            conv_geometry(&reflect),
+            Ok(conv([2, 2], ConvPadding::Zeros([1, 1]), [1, 1], 4, Some(pad)))
+        );
+        let seven = "aten::pad\t?\tl:1,1,1,1\ts:constant\tf:7\n".to_string() + scripted;
+        assert_eq!(conv_geometry(&seven), Err("a constant pad of value 7 is not supported".into()));
+        let twice = "aten::pad\t?\tl:1,1,1,1\ts:reflect\tn\n".repeat(2) + scripted;
+        assert_eq!(conv_geometry(&twice), Err("its forward pads its input more than once".into()));
+        let three = "aten::conv2d\t?\tt\tn\tl:1,1,1\tl:0,0\tl:1,1\ti:1\n";
+        assert!(conv_geometry(three).unwrap_err().contains("strides [1, 1, 1] are not one or two numbers"));
         let transposed = "aten::_convolution\t?\tt\tt\tl:1,1\tl:0,0\tl:1,1\tb:1\tl:0,0\ti:1\n";
         assert_eq!(conv_geometry(transposed), Err("transposed convolutions are not supported".into()));
         assert_eq!(

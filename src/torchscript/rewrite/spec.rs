@@ -9,14 +9,69 @@ use crate::layers::QuantSpec;
 /// `ApproxConv2d`: `x_kind`/`w_kind` (PACT or MinMax; LSQ is refused), `bitwidth` or
 /// `x_bits`/`w_bits`, `per_channel`, `rounded`, and `init_alpha` (PACT's initial input
 /// clipping level, which [`calibrate`](crate::torchscript::ScriptModel::calibrate) replaces).
-/// A rewritten layer always runs quantized, so `mode` and `noise_std` do not apply, and its
-/// MinMax inputs take each call's range (`x_range` must be [`RangeMode::Batch`](crate::quantizers::RangeMode)).
+/// A rewritten layer always runs quantized, so `mode` and `noise_std` do not apply. MinMax
+/// inputs take `x_range` as the crate's layers do: each call's range, or a running range kept
+/// in the buffer `<layer>.x_quantizer.running_max`, updated in training and frozen in evaluation.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RewriteConfig {
     /// The spec of every layer without an override (default: 8-bit PACT inputs, MinMax weights).
     pub default: QuantSpec,
     /// Per-layer specs by module path (`layer1.0.conv1`).
     pub overrides: Vec<(String, QuantSpec)>,
+    /// Refuse the model ([`Error::LeftInFloat`](crate::Error::LeftInFloat)) when anything
+    /// would stay in float, instead of rewriting the rest and reporting it.
+    pub strict: bool,
+}
+
+/// How a rewritten convolution pads its input inside the convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvPadding {
+    /// Zeros on both sides, per dimension (height, width); `padding='valid'` is `Zeros([0, 0])`.
+    Zeros([i64; 2]),
+    /// PyTorch's `padding='same'`: the output keeps the input's size (stride 1).
+    Same,
+}
+
+/// A padding mode of `F.pad`, as `nn.Conv2d`'s `padding_mode` applies it before the convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PadMode {
+    /// Zeros (`'constant'` with no value).
+    Constant,
+    /// Mirror without repeating the edge (`'reflect'`).
+    Reflect,
+    /// Repeat the edge (`'replicate'`).
+    Replicate,
+    /// Wrap around (`'circular'`).
+    Circular,
+}
+
+impl PadMode {
+    /// PyTorch's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            PadMode::Constant => "constant",
+            PadMode::Reflect => "reflect",
+            PadMode::Replicate => "replicate",
+            PadMode::Circular => "circular",
+        }
+    }
+
+    /// The mode PyTorch calls `name`, if `F.pad` has it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [PadMode::Constant, PadMode::Reflect, PadMode::Replicate, PadMode::Circular]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+}
+
+/// An explicit pad of a convolution's input, before it is quantized (padding copies values,
+/// so padding and quantizing commute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPad {
+    /// The mode.
+    pub mode: PadMode,
+    /// `[left, right, top, bottom]`, as `F.pad` takes them.
+    pub sides: [i64; 4],
 }
 
 /// The operation of a rewritten layer.
@@ -24,16 +79,18 @@ pub struct RewriteConfig {
 pub enum LayerOp {
     /// `nn.Linear`.
     Linear,
-    /// `nn.Conv2d` with its stride, padding, dilation and groups.
+    /// `nn.Conv2d` with its geometry; pairs are (height, width).
     Conv2d {
         /// Step of the kernel.
-        stride: i64,
-        /// Zero padding on each side.
-        padding: i64,
+        stride: [i64; 2],
+        /// Padding inside the convolution.
+        padding: ConvPadding,
         /// Spacing of the kernel's taps.
-        dilation: i64,
+        dilation: [i64; 2],
         /// Channel groups.
         groups: i64,
+        /// A pad applied first (`padding_mode` other than zeros), if any.
+        input_pad: Option<InputPad>,
     },
 }
 
@@ -55,6 +112,10 @@ pub struct RewrittenLayer {
 }
 
 /// What [`quantize_layers`](crate::torchscript::ScriptModel::quantize_layers) did.
+///
+/// A layer the rewrite cannot turn into a quantized one stays in float, listed in
+/// `left_in_float` with its reason; the others are rewritten all the same (unless
+/// [`RewriteConfig::strict`] makes that an error).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RewriteReport {
     /// The rewritten layers, in module order.

@@ -1,0 +1,83 @@
+//! Real architectures through the TorchScript rewrite (scripts/checks/vision_models.py):
+//! torchvision's resnet18, mobilenet_v2, mobilenet_v3_small and a small ViT, and a network of
+//! every convolution geometry, scripted and traced. Every Conv2d and Linear is rewritten or
+//! reported, the alphas train, and PyTorch agrees twice: reloading the file gives Rust's
+//! logits, and an eager reference computing `op(q_x, q_w) / (s_x s_w) + b` matches them.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::TempDir;
+use tch::{Device, Tensor};
+use torchapprox::torchscript::{RewriteConfig, ScriptModel};
+
+/// Runs the models script with `args`, panicking with what it printed unless it succeeds.
+fn models_script(args: &[&std::ffi::OsStr]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/checks/vision_models.py");
+    let o = Command::new(common::python()).arg(script).args(args).output().unwrap();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "vision_models.py {args:?}: {said} {}", String::from_utf8_lossy(&o.stderr));
+    said
+}
+
+#[test]
+fn torchvision_models_are_rewritten_reported_and_agree_with_pytorch() {
+    let tmp = TempDir::new("vision");
+    models_script(&["build".as_ref(), tmp.0.as_os_str()]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.0.join("models.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for entry in index.as_array().unwrap() {
+        let name = entry["name"].as_str().unwrap();
+        let layers: Vec<&str> =
+            entry["layers"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+        let x = Tensor::read_safetensors(tmp.0.join(format!("{name}-x.safetensors"))).unwrap()[0]
+            .1
+            .shallow_clone();
+        for (variant, file) in entry["files"].as_object().unwrap() {
+            let what = format!("{name} {variant}");
+            let mut model = ScriptModel::load(tmp.0.join(file.as_str().unwrap()), Device::Cpu).unwrap();
+            let report = model.quantize_layers(&RewriteConfig::default()).unwrap();
+            let rewritten: Vec<&str> = report.layers.iter().map(|l| l.name.as_str()).collect();
+            // Every layer is rewritten or reported with its reason; only attention stays in float.
+            for layer in &layers {
+                let owner = layer.strip_suffix(".in_proj").unwrap_or(layer);
+                let reported = report.left_in_float.iter().any(|l| l.starts_with(&format!("{owner}: ")));
+                assert!(
+                    rewritten.contains(layer) || reported,
+                    "{what}: {layer} neither rewritten nor reported"
+                );
+            }
+            for l in &report.left_in_float {
+                assert!(l.contains("MultiheadAttention"), "{what}: left in float: {l}");
+            }
+            let attention = layers.iter().filter(|l| l.contains("self_attention")).count();
+            assert_eq!(rewritten.len(), layers.len() - attention, "{what}: {:?}", report.left_in_float);
+            model.calibrate(&x, 1, x.size()[0]).unwrap();
+            // The alphas train: each gets a gradient from the logits.
+            let y = model.forward(&x).unwrap();
+            y.square().sum(tch::Kind::Float).backward();
+            let alphas: Vec<(String, Tensor)> = model
+                .parameters()
+                .unwrap()
+                .into_iter()
+                .filter(|(n, _)| n.ends_with("quantizer.alpha"))
+                .collect();
+            assert_eq!(alphas.len(), rewritten.len(), "{what}: one input alpha per layer");
+            for (n, a) in &alphas {
+                assert!(a.requires_grad() && a.grad().defined(), "{what}: {n} gets no gradient");
+            }
+            let y = tch::no_grad(|| model.forward(&x).unwrap());
+            let out = tmp.0.join(format!("{name}-{variant}-q.pt"));
+            model.save(&out).unwrap();
+            let io = tmp.0.join(format!("{name}-{variant}-io.safetensors"));
+            Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
+            let said = models_script(&["check".as_ref(), name.as_ref(), out.as_os_str(), io.as_os_str()]);
+            eprintln!("{what}: {} layers rewritten; {}", rewritten.len(), said.trim());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9, "five models, four of them traced as well");
+}
