@@ -211,6 +211,22 @@ char* ta_module_set_bool(const Module* m, const char* path, const char* name, in
   });
 }
 
+// Sets the plain attribute `name` (neither parameter nor buffer) of the submodule at `path` to
+// `tensor` (when `tensor` is not null) or to the int `value`, declaring it on first use.
+char* ta_module_set_attr(const Module* m, const char* path, const char* name, const at::Tensor* tensor,
+                         int64_t value) {
+  return guard([&] {
+    Module sub = submodule(*m, path);
+    c10::IValue v = tensor != nullptr ? c10::IValue(*tensor) : c10::IValue(value);
+    if (sub.type()->hasAttribute(name)) {
+      sub._ivalue()->setAttr(name, v);
+    } else {
+      auto type = tensor != nullptr ? c10::TypePtr(c10::TensorType::get()) : c10::TypePtr(c10::IntType::get());
+      sub.register_attribute(name, type, v, false, false);
+    }
+  });
+}
+
 // The tensor attribute `name` of the submodule at `path` (a parameter, buffer or other tensor).
 char* ta_module_get_tensor(const Module* m, const char* path, const char* name, at::Tensor** out) {
   return guard([&] {

@@ -29,6 +29,13 @@ extern "C" {
         name: *const c_char,
         value: i32,
     ) -> *mut c_char;
+    fn ta_module_set_attr(
+        m: *const c_void,
+        path: *const c_char,
+        name: *const c_char,
+        tensor: *const CTensor,
+        value: i64,
+    ) -> *mut c_char;
     fn ta_module_get_tensor(
         m: *const c_void,
         path: *const c_char,
@@ -159,6 +166,23 @@ pub(crate) fn set_bool(m: &CModule, path: &str, name: &str, value: bool) -> Resu
     let (p, n) = (cstr(path)?, cstr(name)?);
     // SAFETY: valid module and strings.
     glue(unsafe { ta_module_set_bool(module_ptr(m), p.as_ptr(), n.as_ptr(), value as i32) })
+}
+
+/// A plain attribute's value (neither parameter nor buffer: `state_dict` never lists it).
+pub(crate) enum AttrValue<'a> {
+    Tensor(&'a Tensor),
+    Int(i64),
+}
+
+/// Sets the plain attribute `name` of the submodule at `path`, declaring it on first use.
+pub(crate) fn set_attr(m: &CModule, path: &str, name: &str, value: AttrValue<'_>) -> Result<()> {
+    let (p, n) = (cstr(path)?, cstr(name)?);
+    let (tensor, int) = match value {
+        AttrValue::Tensor(t) => (t.as_ptr(), 0),
+        AttrValue::Int(v) => (std::ptr::null(), v),
+    };
+    // SAFETY: valid module and strings; `tensor` is null or a live tensor for the call.
+    glue(unsafe { ta_module_set_attr(module_ptr(m), p.as_ptr(), n.as_ptr(), tensor, int) })
 }
 
 /// A tensor attribute (parameter or buffer) of the submodule at `path`, sharing its storage.

@@ -80,6 +80,8 @@ impl ScriptModel {
         for (name, t) in self.state_dict()? {
             crate::quantizers::check_state(&origin, &name, &t)?;
         }
+        // The quantized weights cached for evaluation are recomputed after loading anyway.
+        rewrite::reset_weight_caches(&self.module, &self.rewritten)?;
         crate::files::write_atomic(path, &[&self.source], |tmp| {
             self.module
                 .save(tmp)

@@ -416,3 +416,53 @@ fn running_minmax_inputs_calibrate_train_and_make_predictions_independent_of_the
     model.save(&out).unwrap();
     common::pytorch_agrees("torchscript_reload_check.py", &out, &x, y, "running MinMax reload");
 }
+
+// Issue 20 item 1: without gradients the rewritten layers take a shorter path and reuse
+// MinMax weights quantized once per weight update; the values are the training path's.
+#[test]
+fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
+    let tmp = TempDir::new("rw-nograd");
+    let m = common::embedded_digits();
+    let x = normalize(&m.test_images.narrow(0, 0, 16), 0.0, 1.0, Device::Cpu).unwrap();
+    let running = torchapprox::quantizers::RangeMode::Running { momentum: 0.9 };
+    for (what, spec) in [
+        ("pact/minmax", QuantSpec::default()),
+        ("per channel", QuantSpec { per_channel: true, ..Default::default() }),
+        (
+            "pact weights, 4 bits",
+            QuantSpec { w_kind: QuantizerKind::Pact, x_bits: Some(4), ..Default::default() },
+        ),
+        ("minmax batch", QuantSpec { x_kind: QuantizerKind::MinMax, ..Default::default() }),
+        (
+            "minmax running",
+            QuantSpec { x_kind: QuantizerKind::MinMax, x_range: running, ..Default::default() },
+        ),
+        ("unrounded", QuantSpec { rounded: false, ..Default::default() }),
+    ] {
+        let mut model = ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
+        model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
+        if spec.x_kind == QuantizerKind::Pact || spec.x_range == running {
+            model.calibrate(&x, 1, 16).unwrap();
+        }
+        let with_grad = || model.forward(&x).unwrap().detach();
+        let without = || tch::no_grad(|| model.forward(&x).unwrap());
+        common::assert_exact(&without(), &with_grad(), what);
+        common::assert_exact(&without(), &with_grad(), &format!("{what}: from the cache"));
+        // An in-place update of a weight (an optimizer step, load_state_dict) refreshes the cache.
+        let before = without();
+        let fc = model.parameters().unwrap().into_iter().find(|(n, _)| n == "fc.weight").unwrap().1;
+        tch::no_grad(|| fc.shallow_clone().f_mul_scalar_(0.5).unwrap());
+        let after = without();
+        assert!((&after - &before).abs().max().double_value(&[]) > 1e-3, "{what}: the update shows");
+        common::assert_exact(&after, &with_grad(), &format!("{what}: after an update"));
+    }
+    // The saved file carries no cached weights: it is as large after evaluation as before.
+    let mut model = ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
+    model.quantize_layers(&RewriteConfig::default()).unwrap();
+    let (fresh, used) = (tmp.0.join("fresh.pt"), tmp.0.join("used.pt"));
+    model.save(&fresh).unwrap();
+    let _ = tch::no_grad(|| model.forward(&x).unwrap());
+    model.save(&used).unwrap();
+    let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len() as i64;
+    assert!((size(&used) - size(&fresh)).abs() < 1024, "{} vs {} bytes", size(&used), size(&fresh));
+}

@@ -3,9 +3,9 @@
 
 use tch::{CModule, Kind, Tensor};
 
-use super::source::{forward_source, observes_inputs};
+use super::source::{caches_weight, forward_source, observes_inputs, WEIGHT_CACHE};
 use super::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
-use crate::glue::jit::{self, QuantizerState};
+use crate::glue::jit::{self, AttrValue, QuantizerState};
 use crate::layers::QuantSpec;
 use crate::quantizers::{check_bitwidth, QuantizerKind, RangeMode};
 use crate::{Error, Result};
@@ -296,6 +296,7 @@ pub(crate) fn rewrite(
     for layer in &planned {
         add_quantizers(m, layer, &param)?;
     }
+    reset_weight_caches(m, &planned)?;
     let mut done: Vec<&str> = Vec::new();
     for layer in &planned {
         if done.contains(&layer.class.as_str()) {
@@ -306,6 +307,20 @@ pub(crate) fn rewrite(
     }
     report.layers = planned;
     Ok(report)
+}
+
+/// Empties the weight cache of the no-grad path of each layer that keeps one (declaring it on
+/// first use): after the rewrite, and before a save, so that files carry no stale copies.
+pub(crate) fn reset_weight_caches(m: &CModule, layers: &[RewrittenLayer]) -> Result<()> {
+    let [cache, scale, weight, version] = WEIGHT_CACHE;
+    for l in layers.iter().filter(|l| caches_weight(&l.spec)) {
+        let empty = Tensor::f_zeros([0], (Kind::Float, tch::Device::Cpu))?;
+        for name in [cache, scale, weight] {
+            jit::set_attr(m, &l.name, name, AttrValue::Tensor(&empty))?;
+        }
+        jit::set_attr(m, &l.name, version, AttrValue::Int(-1))?;
+    }
+    Ok(())
 }
 
 /// Refuses settings the rewrite cannot carry out; these are the caller's own, so an error.

@@ -1,9 +1,15 @@
 //! TorchScript source of a rewritten layer's `forward`, computed as the crate's layers compute
-//! Quantized mode.
+//! Quantized mode: the training path with straight-through gradients, and a no-grad path
+//! with fewer passes and MinMax weights quantized once per weight update.
 
 use super::{ConvPadding, InputPad, LayerOp, RewrittenLayer};
 use crate::layers::QuantSpec;
 use crate::quantizers::{int_max, QuantizerKind, RangeMode, ALPHA_MAX, ALPHA_MIN, MIN_RANGE};
+
+/// The layer attributes of the weight cache of the no-grad path: the quantized weight, its
+/// scale, and the weight tensor and version counter they were computed from. Plain attributes,
+/// neither parameters nor buffers, so `state_dict` never lists them.
+pub(crate) const WEIGHT_CACHE: [&str; 4] = ["w_cache", "w_cache_scale", "w_cache_weight", "w_cache_version"];
 
 /// Whether a layer's input quantizer records input ranges for calibration: PACT (its alpha)
 /// and running MinMax (its `running_max`).
@@ -11,26 +17,9 @@ pub(crate) fn observes_inputs(s: &QuantSpec) -> bool {
     s.x_kind == QuantizerKind::Pact || matches!(s.x_range, RangeMode::Running { .. })
 }
 
-/// A MinMax input quantizer with a running range, as `MinMaxQuant` in `RangeMode::Running`:
-/// in training the range becomes `momentum * running + (1 - momentum) * batch` (the first
-/// batch sets it) and is stored; in evaluation the stored range is used (the batch's while it
-/// is still 0).
-fn running_minmax(momentum: f64, im: f64, rounded: bool) -> String {
-    let (min, mom, rest) = (lit(MIN_RANGE), lit(momentum), lit(1.0 - momentum));
-    format!(
-        "    qx_b = torch.max(torch.where(torch.isfinite(xd), torch.abs(xd), torch.zeros_like(xd)))\n\
-         \x20   qx_r = self.x_quantizer.running_max.reshape([])\n\
-         \x20   if self.training:\n\
-         \x20       qx_r = torch.where(qx_r > 0.0, qx_r * {mom} + qx_b * {rest}, qx_b)\n\
-         \x20       self.x_quantizer.running_max = qx_r.reshape([1])\n\
-         \x20   qx_m = torch.where(qx_r > 0.0, qx_r, qx_b)\n\
-         \x20   qx_m = torch.where(qx_m == 0.0, torch.ones_like(qx_m), torch.clamp_min(qx_m, {min}))\n\
-         \x20   sx = torch.full_like(qx_m, {im}) / qx_m\n\
-         \x20   qx = {round}(torch.clamp(xd, -qx_m, qx_m) * sx)\n\
-         \x20   qx = qx + torch.where(torch.isfinite(xd), x - xd, torch.zeros_like(xd)) * sx\n",
-        im = lit(im),
-        round = if rounded { "torch.round" } else { "" },
-    )
+/// Whether the layer keeps the weight cache: MinMax weights depend on nothing but the weight.
+pub(crate) fn caches_weight(s: &QuantSpec) -> bool {
+    s.w_kind == QuantizerKind::MinMax
 }
 
 /// A float literal TorchScript parses back to the same double.
@@ -38,22 +27,173 @@ fn lit(v: f64) -> String {
     format!("{v:?}")
 }
 
+/// `lines` (each ending in a newline) indented by `by` spaces.
+fn indent(lines: &str, by: usize) -> String {
+    lines.lines().map(|l| format!("{:by$}{l}\n", "")).collect()
+}
+
+/// `if cond:` with `then` and `otherwise` (blocks at indentation 0) under it.
+fn branch(cond: &str, then: &str, otherwise: &str) -> String {
+    format!("if {cond}:\n{}else:\n{}", indent(then, 4), indent(otherwise, 4))
+}
+
+/// Rounds `e` to integers when the spec rounds.
+fn rounded(s: &QuantSpec, e: String) -> String {
+    if s.rounded {
+        format!("torch.round({e})")
+    } else {
+        e
+    }
+}
+
+/// PACT quantization of `v` (detached: `vd`) by the alpha of submodule `q`, into `out` and
+/// `scale`; with `grad`, PACT's straight-through gradient to `v` and alpha.
+fn pact(s: &QuantSpec, q: &str, v: &str, vd: &str, out: &str, scale: &str, im: f64, grad: bool) -> String {
+    let (amin, amax, im) = (lit(ALPHA_MIN), lit(ALPHA_MAX), lit(im));
+    let int = rounded(s, format!("torch.clamp({vd} * {scale}, -{im}, {im})"));
+    let mut src = format!(
+        "{q}_raw = self.{q}.alpha.reshape([])\n\
+         {q}_a = torch.clamp(torch.nan_to_num({q}_raw.detach(), {amin}, {amax}, {amin}), {amin}, {amax})\n\
+         {scale} = torch.full_like({q}_a, {im}) / {q}_a\n"
+    );
+    if !grad {
+        return src + &format!("{out} = {int}\n");
+    }
+    src += &format!(
+        "{q}_int = {int}\n\
+         {q}_in = torch.abs({vd}) < {q}_a\n\
+         {q}_up = {vd} >= {q}_a\n\
+         {q}_lo = {vd} <= -{q}_a\n\
+         {q}_g = torch.where(torch.isfinite({q}_raw), {q}_raw, torch.zeros_like({q}_raw))\n\
+         {q}_zero = torch.zeros_like({q}_g)\n\
+         {q}_sur = torch.where({q}_in, {v}, torch.zeros_like({v})) + torch.where({q}_up, {q}_g, {q}_zero) - torch.where({q}_lo, {q}_g, {q}_zero)\n\
+         {out} = {q}_int + ({q}_sur - {q}_sur.detach()) * {scale}\n"
+    );
+    src
+}
+
+/// The largest finite `|vd|`, per output channel over `dims` or of the whole tensor.
+fn abs_max(vd: &str, dims: Option<&str>) -> String {
+    let absd = format!("torch.where(torch.isfinite({vd}), torch.abs({vd}), torch.zeros_like({vd}))");
+    match dims {
+        Some(dims) => format!("torch.amax({absd}, {dims}, True)"),
+        None => format!("torch.max({absd})"),
+    }
+}
+
+/// [`abs_max`] made a usable range as `MinMaxQuant` makes it: 0 becomes 1, tiny ranges `MIN_RANGE`.
+fn minmax_range(vd: &str, m: &str, dims: Option<&str>) -> String {
+    format!("{m} = {}\n{}", abs_max(vd, dims), effective_range(m))
+}
+
+fn effective_range(m: &str) -> String {
+    format!("{m} = torch.where({m} == 0.0, torch.ones_like({m}), torch.clamp_min({m}, {}))\n", lit(MIN_RANGE))
+}
+
+/// MinMax quantization of `vd` within the range `m`, into `out` and `scale`; with `grad`, the
+/// straight-through gradient to `v` (kept out where `v` is not finite).
+fn minmax_quant(
+    s: &QuantSpec,
+    v: &str,
+    vd: &str,
+    m: &str,
+    out: &str,
+    scale: &str,
+    im: f64,
+    grad: bool,
+) -> String {
+    let mut src = format!(
+        "{scale} = torch.full_like({m}, {im}) / {m}\n{out} = {}\n",
+        rounded(s, format!("torch.clamp({vd}, -{m}, {m}) * {scale}")),
+        im = lit(im),
+    );
+    if grad {
+        src += &format!(
+            "{out} = {out} + torch.where(torch.isfinite({vd}), {v} - {vd}, torch.zeros_like({vd})) * {scale}\n"
+        );
+    }
+    src
+}
+
+/// The input quantizer: `qx` and `sx` from `x` (`xd` detached).
+fn input_quantizer(s: &QuantSpec, im: f64) -> String {
+    let quant = |m: &str, grad| minmax_quant(s, "x", "xd", m, "qx", "sx", im, grad);
+    match (s.x_kind, s.x_range) {
+        (QuantizerKind::Pact, _) => branch(
+            "torch.is_grad_enabled()",
+            &pact(s, "x_quantizer", "x", "xd", "qx", "sx", im, true),
+            &pact(s, "x_quantizer", "x", "xd", "qx", "sx", im, false),
+        ),
+        // As `MinMaxQuant` in `RangeMode::Running`: in training the range becomes
+        // `momentum * running + (1 - momentum) * batch` (the first batch sets it) and is
+        // stored; in evaluation the stored range is used (the batch's while it is still 0).
+        (_, RangeMode::Running { momentum }) => {
+            let update = format!(
+                "qx_r = torch.where(qx_r > 0.0, qx_r * {} + qx_b * {}, qx_b)\n\
+                 self.x_quantizer.running_max = qx_r.reshape([1])\n",
+                lit(momentum),
+                lit(1.0 - momentum)
+            );
+            let batch = format!("qx_b = {}\n", abs_max("xd", None));
+            format!(
+                "qx_r = self.x_quantizer.running_max.reshape([])\n\
+                 if self.training or not bool(qx_r > 0.0):\n{}\
+                 qx_m = qx_r\n{}{}",
+                indent(&(batch + &branch("self.training", &update, "qx_r = qx_b\n")), 4),
+                effective_range("qx_m"),
+                branch("torch.is_grad_enabled()", &quant("qx_m", true), &quant("qx_m", false)),
+            )
+        }
+        _ => {
+            minmax_range("xd", "qx_m", None)
+                + &branch("torch.is_grad_enabled()", &quant("qx_m", true), &quant("qx_m", false))
+        }
+    }
+}
+
+/// The weight quantizer: `qw` and `sw` from `w`. Without gradients a MinMax weight is
+/// quantized once per weight update: the cache is keyed on the weight tensor itself, its
+/// version counter (every in-place update, such as an optimizer step or `load_state_dict`,
+/// bumps it), dtype and device.
+fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
+    if s.w_kind == QuantizerKind::Pact {
+        return branch(
+            "torch.is_grad_enabled()",
+            &pact(s, "w_quantizer", "w", "wd", "qw", "sw", im, true),
+            &pact(s, "w_quantizer", "w", "wd", "qw", "sw", im, false),
+        );
+    }
+    let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[1]" } else { "[1, 2, 3]" });
+    let fresh =
+        |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, "w", "wd", "qw_m", "qw", "sw", im, grad);
+    let [cache, scale, weight, version] = WEIGHT_CACHE;
+    let refresh = format!(
+        "{}self.{cache} = qw\nself.{scale} = sw\nself.{weight} = w\nself.{version} = w._version()\n",
+        fresh(false)
+    );
+    let stale = format!(
+        "self.{version} != w._version() or not (self.{weight} is w) or self.{cache}.dtype != w.dtype or self.{cache}.device != w.device"
+    );
+    let cached = format!("if {stale}:\n{}qw = self.{cache}\nsw = self.{scale}\n", indent(&refresh, 4));
+    branch("torch.is_grad_enabled()", &fresh(true), &cached)
+}
+
 /// The TorchScript `forward` of a rewritten layer. It computes what the crate's
 /// `ApproxLinear` / `ApproxConv2d` compute in Quantized mode, op for op: integer inputs and
 /// weights with straight-through gradients (`detach`), the float op on them, division by
-/// both scales, then the bias. `optional_bias` reads the bias as `Optional[Tensor]`: for a
-/// class whose instances differ in having one (scripted layers keep `bias = None`; traced
-/// layers without bias have no `bias` attribute at all, but never share a class).
+/// both scales, then the bias; without gradients the same values with fewer passes.
+/// `optional_bias` reads the bias as `Optional[Tensor]`: for a class whose instances differ
+/// in having one (scripted layers keep `bias = None`; traced layers without bias have no
+/// `bias` attribute at all, but never share a class).
 pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool) -> String {
     let s = l.spec;
-    let mut src = String::from("def forward(self, input: Tensor) -> Tensor:\n");
-    src += &match l.op {
+    let mut body = match l.op {
         LayerOp::Conv2d { input_pad: Some(InputPad { mode, sides: [a, b, c, d] }), .. } => {
-            format!("    x = torch.pad(input, [{a}, {b}, {c}, {d}], \"{}\")\n", mode.name())
+            format!("x = torch.pad(input, [{a}, {b}, {c}, {d}], \"{}\")\n", mode.name())
         }
-        _ => "    x = input\n".to_string(),
+        _ => "x = input\n".to_string(),
     };
-    src += "    xd = x.detach()\n";
+    body += "xd = x.detach()\n";
     let bias = if optional_bias || l.bias { "self.bias" } else { "None" };
     let op = |x: &str, w: &str, b: &str| match l.op {
         LayerOp::Linear => format!("torch.linear({x}, {w}, {b})"),
@@ -65,87 +205,32 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool) -> String 
             format!("torch.conv2d({x}, {w}, {b}, [{s0}, {s1}], {padding}, [{d0}, {d1}], {groups})")
         }
     };
-    let float_op = op("x", "self.weight", bias);
-    let im_x = int_max(s.x_bitwidth()) as f64;
-    let im_w = int_max(s.w_bitwidth()) as f64;
-    let (amin, amax) = (lit(ALPHA_MIN), lit(ALPHA_MAX));
-    let round = |e: String| if s.rounded { format!("torch.round({e})") } else { e };
-    let pact = |q: &str, v: &str, vd: &str, out: &str, scale: &str, im: f64| {
-        format!(
-            "    {q}_raw = self.{q}.alpha.reshape([])\n\
-             \x20   {q}_a = torch.clamp(torch.nan_to_num({q}_raw.detach(), {amin}, {amax}, {amin}), {amin}, {amax})\n\
-             \x20   {scale} = torch.full_like({q}_a, {im}) / {q}_a\n\
-             \x20   {q}_int = {rounded}\n\
-             \x20   {q}_in = torch.abs({vd}) < {q}_a\n\
-             \x20   {q}_up = {vd} >= {q}_a\n\
-             \x20   {q}_lo = {vd} <= -{q}_a\n\
-             \x20   {q}_g = torch.where(torch.isfinite({q}_raw), {q}_raw, torch.zeros_like({q}_raw))\n\
-             \x20   {q}_zero = torch.zeros_like({q}_g)\n\
-             \x20   {q}_sur = torch.where({q}_in, {v}, torch.zeros_like({v})) + torch.where({q}_up, {q}_g, {q}_zero) - torch.where({q}_lo, {q}_g, {q}_zero)\n\
-             \x20   {out} = {q}_int + ({q}_sur - {q}_sur.detach()) * {scale}\n",
-            im = lit(im),
-            rounded = round(format!("torch.clamp({vd} * {scale}, {}, {})", lit(-im), lit(im))),
-        )
-    };
-    let minmax = |v: &str, vd: &str, out: &str, scale: &str, im: f64, per_channel: bool| {
-        let m = format!("{out}_m");
-        let absd = format!("torch.where(torch.isfinite({vd}), torch.abs({vd}), torch.zeros_like({vd}))");
-        let range = if per_channel {
-            format!(
-                "    {m} = torch.amax({absd}, {dims}, True)\n\
-                 \x20   {m} = torch.where({m} != 0.0, torch.clamp_min({m}, {min}), torch.ones_like({m}))\n",
-                min = lit(MIN_RANGE),
-                dims = if l.op == LayerOp::Linear { "[1]" } else { "[1, 2, 3]" }
-            )
-        } else {
-            format!(
-                "    {m} = torch.max({absd})\n\
-                 \x20   {m} = torch.where({m} == 0.0, torch.ones_like({m}), torch.clamp_min({m}, {min}))\n",
-                min = lit(MIN_RANGE)
-            )
-        };
-        format!(
-            "{range}\
-             \x20   {scale} = torch.full_like({m}, {im}) / {m}\n\
-             \x20   {out} = {rounded}\n\
-             \x20   {out} = {out} + torch.where(torch.isfinite({vd}), {v} - {vd}, torch.zeros_like({vd})) * {scale}\n",
-            im = lit(im),
-            rounded = round(format!("torch.clamp({vd}, -{m}, {m}) * {scale}")),
-        )
-    };
     if observes_inputs(&s) {
-        src += &format!(
-            "    if self.x_quantizer.calibrating:\n\
-             \x20       self.x_quantizer.observed = torch.maximum(self.x_quantizer.observed, torch.max(torch.where(torch.isfinite(xd), torch.abs(xd), torch.zeros_like(xd))))\n\
-             \x20       return {float_op}\n"
+        body += &format!(
+            "if self.x_quantizer.calibrating:\n\
+             \x20   self.x_quantizer.observed = torch.maximum(self.x_quantizer.observed, torch.max(torch.where(torch.isfinite(xd), torch.abs(xd), torch.zeros_like(xd))))\n\
+             \x20   return {}\n",
+            op("x", "self.weight", bias)
         );
     }
-    match (s.x_kind, s.x_range) {
-        (QuantizerKind::Pact, _) => src += &pact("x_quantizer", "x", "xd", "qx", "sx", im_x),
-        (_, RangeMode::Running { momentum }) => src += &running_minmax(momentum, im_x, s.rounded),
-        _ => src += &minmax("x", "xd", "qx", "sx", im_x, false),
-    }
-    src += "    w = self.weight\n    wd = w.detach()\n";
-    if s.w_kind == QuantizerKind::Pact {
-        src += &pact("w_quantizer", "w", "wd", "qw", "sw", im_w);
-    } else {
-        src += &minmax("w", "wd", "qw", "sw", im_w, s.per_channel);
-    }
+    body += &input_quantizer(&s, int_max(s.x_bitwidth()) as f64);
+    body += "w = self.weight\nwd = w.detach()\n";
+    body += &weight_quantizer(&s, l.op, int_max(s.w_bitwidth()) as f64);
     let shape = match l.op {
         LayerOp::Linear => "[-1]",
         LayerOp::Conv2d { .. } => "[-1, 1, 1]",
     };
-    src += &format!("    acc = {}\n", op("qx", "qw", "None"));
+    body += &format!("acc = {}\n", op("qx", "qw", "None"));
     if s.per_channel {
-        src += &format!("    y = acc / (sx * sw.reshape({shape}))\n");
+        body += &format!("y = acc / (sx * sw.reshape({shape}))\n");
     } else {
-        src += "    y = acc / (sx * sw)\n";
+        body += "y = acc / (sx * sw)\n";
     }
     if optional_bias {
-        src += &format!("    b = self.bias\n    if b is not None:\n        y = y + b.reshape({shape})\n");
+        body += &format!("b = self.bias\nif b is not None:\n    y = y + b.reshape({shape})\n");
     } else if l.bias {
-        src += &format!("    b = self.bias\n    assert b is not None\n    y = y + b.reshape({shape})\n");
+        body += &format!("b = self.bias\nassert b is not None\ny = y + b.reshape({shape})\n");
     }
-    src += "    return y\n";
-    src
+    body += "return y\n";
+    format!("def forward(self, input: Tensor) -> Tensor:\n{}", indent(&body, 4))
 }
