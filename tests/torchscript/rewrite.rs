@@ -451,7 +451,7 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
         // An in-place update of a weight (an optimizer step, load_state_dict) refreshes the cache.
         let before = without();
         let fc = model.parameters().unwrap().into_iter().find(|(n, _)| n == "fc.weight").unwrap().1;
-        tch::no_grad(|| fc.shallow_clone().f_mul_scalar_(0.5).unwrap());
+        let _ = tch::no_grad(|| fc.shallow_clone().f_mul_scalar_(0.5).unwrap());
         let after = without();
         assert!((&after - &before).abs().max().double_value(&[]) > 1e-3, "{what}: the update shows");
         common::assert_exact(&after, &with_grad(), &format!("{what}: after an update"));

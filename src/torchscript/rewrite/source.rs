@@ -46,9 +46,25 @@ fn rounded(s: &QuantSpec, e: String) -> String {
     }
 }
 
-/// PACT quantization of `v` (detached: `vd`) by the alpha of submodule `q`, into `out` and
-/// `scale`; with `grad`, PACT's straight-through gradient to `v` and alpha.
-fn pact(s: &QuantSpec, q: &str, v: &str, vd: &str, out: &str, scale: &str, im: f64, grad: bool) -> String {
+/// The TorchScript variable names of one quantized operand.
+struct Operand {
+    /// The float value.
+    v: &'static str,
+    /// It, detached.
+    vd: &'static str,
+    /// The quantized integers (as floats).
+    out: &'static str,
+    /// The scale: `out = v * scale`, rounded and clipped.
+    scale: &'static str,
+}
+
+const X: Operand = Operand { v: "x", vd: "xd", out: "qx", scale: "sx" };
+const W: Operand = Operand { v: "w", vd: "wd", out: "qw", scale: "sw" };
+
+/// PACT quantization of an operand by the alpha of submodule `q`; with `grad`, PACT's
+/// straight-through gradient to the operand and alpha.
+fn pact(s: &QuantSpec, q: &str, o: &Operand, im: f64, grad: bool) -> String {
+    let Operand { v, vd, out, scale } = o;
     let (amin, amax, im) = (lit(ALPHA_MIN), lit(ALPHA_MAX), lit(im));
     let int = rounded(s, format!("torch.clamp({vd} * {scale}, -{im}, {im})"));
     let mut src = format!(
@@ -90,18 +106,10 @@ fn effective_range(m: &str) -> String {
     format!("{m} = torch.where({m} == 0.0, torch.ones_like({m}), torch.clamp_min({m}, {}))\n", lit(MIN_RANGE))
 }
 
-/// MinMax quantization of `vd` within the range `m`, into `out` and `scale`; with `grad`, the
-/// straight-through gradient to `v` (kept out where `v` is not finite).
-fn minmax_quant(
-    s: &QuantSpec,
-    v: &str,
-    vd: &str,
-    m: &str,
-    out: &str,
-    scale: &str,
-    im: f64,
-    grad: bool,
-) -> String {
+/// MinMax quantization of an operand within the range `m`; with `grad`, the straight-through
+/// gradient to it (kept out where it is not finite).
+fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool) -> String {
+    let Operand { v, vd, out, scale } = o;
     let mut src = format!(
         "{scale} = torch.full_like({m}, {im}) / {m}\n{out} = {}\n",
         rounded(s, format!("torch.clamp({vd}, -{m}, {m}) * {scale}")),
@@ -117,12 +125,12 @@ fn minmax_quant(
 
 /// The input quantizer: `qx` and `sx` from `x` (`xd` detached).
 fn input_quantizer(s: &QuantSpec, im: f64) -> String {
-    let quant = |m: &str, grad| minmax_quant(s, "x", "xd", m, "qx", "sx", im, grad);
+    let quant = |m: &str, grad| minmax_quant(s, &X, m, im, grad);
     match (s.x_kind, s.x_range) {
         (QuantizerKind::Pact, _) => branch(
             "torch.is_grad_enabled()",
-            &pact(s, "x_quantizer", "x", "xd", "qx", "sx", im, true),
-            &pact(s, "x_quantizer", "x", "xd", "qx", "sx", im, false),
+            &pact(s, "x_quantizer", &X, im, true),
+            &pact(s, "x_quantizer", &X, im, false),
         ),
         // As `MinMaxQuant` in `RangeMode::Running`: in training the range becomes
         // `momentum * running + (1 - momentum) * batch` (the first batch sets it) and is
@@ -159,13 +167,12 @@ fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
     if s.w_kind == QuantizerKind::Pact {
         return branch(
             "torch.is_grad_enabled()",
-            &pact(s, "w_quantizer", "w", "wd", "qw", "sw", im, true),
-            &pact(s, "w_quantizer", "w", "wd", "qw", "sw", im, false),
+            &pact(s, "w_quantizer", &W, im, true),
+            &pact(s, "w_quantizer", &W, im, false),
         );
     }
     let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[1]" } else { "[1, 2, 3]" });
-    let fresh =
-        |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, "w", "wd", "qw_m", "qw", "sw", im, grad);
+    let fresh = |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad);
     let [cache, scale, weight, version] = WEIGHT_CACHE;
     let refresh = format!(
         "{}self.{cache} = qw\nself.{scale} = sw\nself.{weight} = w\nself.{version} = w._version()\n",
