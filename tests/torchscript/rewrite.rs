@@ -448,6 +448,23 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
         let without = || tch::no_grad(|| model.forward(&x).unwrap());
         common::assert_exact(&without(), &with_grad(), what);
         common::assert_exact(&without(), &with_grad(), &format!("{what}: from the cache"));
+        // Non-finite inputs take the long forms: equal values, and no NaN in any gradient.
+        let bad = x.copy();
+        let _ = bad.get(0).get(0).get(5).get(5).fill_(f64::INFINITY);
+        let _ = bad.get(1).get(0).get(5).get(5).fill_(f64::NEG_INFINITY);
+        let bad = bad.set_requires_grad(true);
+        let y = model.forward(&bad).unwrap();
+        common::assert_exact(
+            &tch::no_grad(|| model.forward(&bad).unwrap()),
+            &y.detach(),
+            &format!("{what}: ±inf"),
+        );
+        y.sum(Kind::Float).backward();
+        assert!(bool::try_from(bad.grad().isfinite().all()).unwrap(), "{what}: input gradient");
+        for (n, p) in model.parameters().unwrap() {
+            let g = p.grad();
+            assert!(!g.defined() || bool::try_from(g.isfinite().all()).unwrap(), "{what}: {n} gradient");
+        }
         // An in-place update of a weight (an optimizer step, load_state_dict) refreshes the cache.
         let before = without();
         let fc = model.parameters().unwrap().into_iter().find(|(n, _)| n == "fc.weight").unwrap().1;

@@ -61,8 +61,21 @@ struct Operand {
 const X: Operand = Operand { v: "x", vd: "xd", out: "qx", scale: "sx" };
 const W: Operand = Operand { v: "w", vd: "wd", out: "qw", scale: "sw" };
 
+/// `{ok}`: whether every value of `vd` is finite, in one reduction pass (`aminmax`, which
+/// propagates NaN, is much faster than `abs().max()` or an infinity norm).
+fn all_finite(vd: &str, ok: &str) -> String {
+    format!("{ok}_lo, {ok}_hi = torch.aminmax({vd})\n{ok} = bool(torch.isfinite({ok}_lo) & torch.isfinite({ok}_hi))\n")
+}
+
+/// The straight-through output: the value `{out}` (integers), the gradient of `{t}`. Exact:
+/// `|out - t| <= 1/2` makes `out - t` exact (Sterbenz), so `t + (out - t)` is `out` again.
+fn straight_through(out: &str, t: &str) -> String {
+    format!("{out} = {t} + ({out} - {t}.detach())\n")
+}
+
 /// PACT quantization of an operand by the alpha of submodule `q`; with `grad`, PACT's
-/// straight-through gradient to the operand and alpha.
+/// straight-through gradient: to the operand where `|v| < alpha`, to alpha (+1 above it,
+/// -1 below minus it), both times the scale.
 fn pact(s: &QuantSpec, q: &str, o: &Operand, im: f64, grad: bool) -> String {
     let Operand { v, vd, out, scale } = o;
     let (amin, amax, im) = (lit(ALPHA_MIN), lit(ALPHA_MAX), lit(im));
@@ -70,36 +83,56 @@ fn pact(s: &QuantSpec, q: &str, o: &Operand, im: f64, grad: bool) -> String {
     let mut src = format!(
         "{q}_raw = self.{q}.alpha.reshape([])\n\
          {q}_a = torch.clamp(torch.nan_to_num({q}_raw.detach(), {amin}, {amax}, {amin}), {amin}, {amax})\n\
-         {scale} = torch.full_like({q}_a, {im}) / {q}_a\n"
+         {scale} = torch.full_like({q}_a, {im}) / {q}_a\n\
+         {out} = {int}\n"
     );
     if !grad {
-        return src + &format!("{out} = {int}\n");
+        return src;
     }
-    src += &format!(
-        "{q}_int = {int}\n\
-         {q}_in = torch.abs({vd}) < {q}_a\n\
+    src += &format!("{q}_g = torch.where(torch.isfinite({q}_raw), {q}_raw, torch.zeros_like({q}_raw))\n");
+    src += &all_finite(vd, &format!("{q}_ok"));
+    // Finite values take the short form; NaN or ±inf ones the long form that keeps them out
+    // of every gradient.
+    let short = format!(
+        "{q}_sur = torch.where({vd} >= {q}_a, {q}_g, torch.where({vd} <= -{q}_a, -{q}_g, {v}))\n\
+         {q}_t = {q}_sur * {scale}\n{}",
+        straight_through(out, &format!("{q}_t"))
+    );
+    let long = format!(
+        "{q}_in = torch.abs({vd}) < {q}_a\n\
          {q}_up = {vd} >= {q}_a\n\
          {q}_lo = {vd} <= -{q}_a\n\
-         {q}_g = torch.where(torch.isfinite({q}_raw), {q}_raw, torch.zeros_like({q}_raw))\n\
          {q}_zero = torch.zeros_like({q}_g)\n\
          {q}_sur = torch.where({q}_in, {v}, torch.zeros_like({v})) + torch.where({q}_up, {q}_g, {q}_zero) - torch.where({q}_lo, {q}_g, {q}_zero)\n\
-         {out} = {q}_int + ({q}_sur - {q}_sur.detach()) * {scale}\n"
+         {out} = {out} + ({q}_sur - {q}_sur.detach()) * {scale}\n"
     );
-    src
+    src + &branch(&format!("{q}_ok"), &short, &long)
 }
 
-/// The largest finite `|vd|`, per output channel over `dims` or of the whole tensor.
-fn abs_max(vd: &str, dims: Option<&str>) -> String {
+/// The largest finite `|vd|`, per output channel (`per_channel`: the shape of the channels'
+/// ranges) or of the whole tensor, into `{m}`, and `{m}_ok`, whether every value is finite:
+/// one `aminmax` pass when they are.
+fn abs_max(vd: &str, m: &str, per_channel: Option<&str>) -> String {
     let absd = format!("torch.where(torch.isfinite({vd}), torch.abs({vd}), torch.zeros_like({vd}))");
-    match dims {
-        Some(dims) => format!("torch.amax({absd}, {dims}, True)"),
-        None => format!("torch.max({absd})"),
-    }
+    let (fast, slow) = match per_channel {
+        Some(shape) => (
+            format!(
+                "{m}_lo, {m}_hi = torch.aminmax({vd}.reshape([{vd}.size(0), -1]), dim=1, keepdim=True)\n\
+                 {m} = torch.maximum(-{m}_lo, {m}_hi).reshape({shape})\n"
+            ),
+            format!("torch.amax({absd}.reshape([{vd}.size(0), -1]), [1], True).reshape({shape})"),
+        ),
+        None => (
+            format!("{m}_lo, {m}_hi = torch.aminmax({vd})\n{m} = torch.maximum(-{m}_lo, {m}_hi)\n"),
+            format!("torch.max({absd})"),
+        ),
+    };
+    format!("{fast}{m}_ok = bool(torch.isfinite({m}).all())\nif not {m}_ok:\n    {m} = {slow}\n")
 }
 
 /// [`abs_max`] made a usable range as `MinMaxQuant` makes it: 0 becomes 1, tiny ranges `MIN_RANGE`.
 fn minmax_range(vd: &str, m: &str, dims: Option<&str>) -> String {
-    format!("{m} = {}\n{}", abs_max(vd, dims), effective_range(m))
+    abs_max(vd, m, dims) + &effective_range(m)
 }
 
 fn effective_range(m: &str) -> String {
@@ -107,25 +140,34 @@ fn effective_range(m: &str) -> String {
 }
 
 /// MinMax quantization of an operand within the range `m`; with `grad`, the straight-through
-/// gradient to it (kept out where it is not finite).
-fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool) -> String {
+/// gradient to it (kept out where it is not finite). `ok` names a bool that holds when every
+/// value is finite; `covers` says the range is at least the largest of them (its own range,
+/// not a running one), so that clipping can be skipped.
+fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool, ok: &str, covers: bool) -> String {
     let Operand { v, vd, out, scale } = o;
-    let mut src = format!(
-        "{scale} = torch.full_like({m}, {im}) / {m}\n{out} = {}\n",
-        rounded(s, format!("torch.clamp({vd}, -{m}, {m}) * {scale}")),
-        im = lit(im),
-    );
+    let clipped = rounded(s, format!("torch.clamp({vd}, -{m}, {m}) * {scale}"));
+    let mut src = format!("{scale} = torch.full_like({m}, {im}) / {m}\n", im = lit(im));
+    let mut short = if covers {
+        format!("{out} = {}\n", rounded(s, format!("{vd} * {scale}")))
+    } else {
+        format!("{out} = {clipped}\n")
+    };
+    let mut long = format!("{out} = {clipped}\n");
+    if !grad && !covers {
+        return src + &long;
+    }
     if grad {
-        src += &format!(
+        short += &format!("{out}_t = {v} * {scale}\n{}", straight_through(out, &format!("{out}_t")));
+        long += &format!(
             "{out} = {out} + torch.where(torch.isfinite({vd}), {v} - {vd}, torch.zeros_like({vd})) * {scale}\n"
         );
     }
+    src += &branch(ok, &short, &long);
     src
 }
 
 /// The input quantizer: `qx` and `sx` from `x` (`xd` detached).
 fn input_quantizer(s: &QuantSpec, im: f64) -> String {
-    let quant = |m: &str, grad| minmax_quant(s, &X, m, im, grad);
     match (s.x_kind, s.x_range) {
         (QuantizerKind::Pact, _) => branch(
             "torch.is_grad_enabled()",
@@ -142,19 +184,22 @@ fn input_quantizer(s: &QuantSpec, im: f64) -> String {
                 lit(momentum),
                 lit(1.0 - momentum)
             );
-            let batch = format!("qx_b = {}\n", abs_max("xd", None));
+            let quant = |grad| minmax_quant(s, &X, "qx_m", im, grad, "qx_ok", false);
             format!(
                 "qx_r = self.x_quantizer.running_max.reshape([])\n\
                  if self.training or not bool(qx_r > 0.0):\n{}\
                  qx_m = qx_r\n{}{}",
-                indent(&(batch + &branch("self.training", &update, "qx_r = qx_b\n")), 4),
+                indent(
+                    &(abs_max("xd", "qx_b", None) + &branch("self.training", &update, "qx_r = qx_b\n")),
+                    4
+                ),
                 effective_range("qx_m"),
-                branch("torch.is_grad_enabled()", &quant("qx_m", true), &quant("qx_m", false)),
+                branch("torch.is_grad_enabled()", &(all_finite("xd", "qx_ok") + &quant(true)), &quant(false)),
             )
         }
         _ => {
-            minmax_range("xd", "qx_m", None)
-                + &branch("torch.is_grad_enabled()", &quant("qx_m", true), &quant("qx_m", false))
+            let quant = |grad| minmax_quant(s, &X, "qx_m", im, grad, "qx_m_ok", true);
+            minmax_range("xd", "qx_m", None) + &branch("torch.is_grad_enabled()", &quant(true), &quant(false))
         }
     }
 }
@@ -171,8 +216,9 @@ fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
             &pact(s, "w_quantizer", &W, im, false),
         );
     }
-    let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[1]" } else { "[1, 2, 3]" });
-    let fresh = |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad);
+    let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[-1, 1]" } else { "[-1, 1, 1, 1]" });
+    let fresh =
+        |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad, "qw_m_ok", true);
     let [cache, scale, weight, version] = WEIGHT_CACHE;
     let refresh = format!(
         "{}self.{cache} = qw\nself.{scale} = sw\nself.{weight} = w\nself.{version} = w._version()\n",
