@@ -46,6 +46,16 @@ fn rounded(s: &QuantSpec, e: String) -> String {
     }
 }
 
+/// Rounds the fresh temporary `e` in place when the spec rounds: without gradients nothing
+/// else holds it, and large fresh allocations cost as much as the pass itself.
+fn rounded_in_place(s: &QuantSpec, e: String) -> String {
+    if s.rounded {
+        format!("{e}.round_()")
+    } else {
+        e
+    }
+}
+
 /// The TorchScript variable names of one quantized operand.
 struct Operand {
     /// The float value.
@@ -79,16 +89,16 @@ fn straight_through(out: &str, t: &str) -> String {
 fn pact(s: &QuantSpec, q: &str, o: &Operand, im: f64, grad: bool) -> String {
     let Operand { v, vd, out, scale } = o;
     let (amin, amax, im) = (lit(ALPHA_MIN), lit(ALPHA_MAX), lit(im));
-    let int = rounded(s, format!("torch.clamp({vd} * {scale}, -{im}, {im})"));
     let mut src = format!(
         "{q}_raw = self.{q}.alpha.reshape([])\n\
          {q}_a = torch.clamp(torch.nan_to_num({q}_raw.detach(), {amin}, {amax}, {amin}), {amin}, {amax})\n\
-         {scale} = torch.full_like({q}_a, {im}) / {q}_a\n\
-         {out} = {int}\n"
+         {scale} = torch.full_like({q}_a, {im}) / {q}_a\n"
     );
     if !grad {
-        return src;
+        let int = rounded_in_place(s, format!("torch.mul({vd}, {scale}).clamp_(-{im}, {im})"));
+        return src + &format!("{out} = {int}\n");
     }
+    src += &format!("{out} = {}\n", rounded(s, format!("torch.clamp({vd} * {scale}, -{im}, {im})")));
     src += &format!("{q}_g = torch.where(torch.isfinite({q}_raw), {q}_raw, torch.zeros_like({q}_raw))\n");
     src += &all_finite(vd, &format!("{q}_ok"));
     // Finite values take the short form; NaN or ±inf ones the long form that keeps them out
@@ -145,12 +155,16 @@ fn effective_range(m: &str) -> String {
 /// not a running one), so that clipping can be skipped.
 fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool, ok: &str, covers: bool) -> String {
     let Operand { v, vd, out, scale } = o;
-    let clipped = rounded(s, format!("torch.clamp({vd}, -{m}, {m}) * {scale}"));
-    let mut src = format!("{scale} = torch.full_like({m}, {im}) / {m}\n", im = lit(im));
-    let mut short = if covers {
-        format!("{out} = {}\n", rounded(s, format!("{vd} * {scale}")))
+    let clipped = if grad {
+        rounded(s, format!("torch.clamp({vd}, -{m}, {m}) * {scale}"))
     } else {
-        format!("{out} = {clipped}\n")
+        rounded_in_place(s, format!("torch.clamp({vd}, -{m}, {m}).mul_({scale})"))
+    };
+    let mut src = format!("{scale} = torch.full_like({m}, {im}) / {m}\n", im = lit(im));
+    let mut short = match (covers, grad) {
+        (true, true) => format!("{out} = {}\n", rounded(s, format!("{vd} * {scale}"))),
+        (true, false) => format!("{out} = {}\n", rounded_in_place(s, format!("torch.mul({vd}, {scale})"))),
+        (false, _) => format!("{out} = {clipped}\n"),
     };
     let mut long = format!("{out} = {clipped}\n");
     if !grad && !covers {
@@ -274,16 +288,26 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool) -> String 
         LayerOp::Conv2d { .. } => "[-1, 1, 1]",
     };
     body += &format!("acc = {}\n", op("qx", "qw", "None"));
-    if s.per_channel {
-        body += &format!("y = acc / (sx * sw.reshape({shape}))\n");
-    } else {
-        body += "y = acc / (sx * sw)\n";
-    }
-    if optional_bias {
-        body += &format!("b = self.bias\nif b is not None:\n    y = y + b.reshape({shape})\n");
-    } else if l.bias {
-        body += &format!("b = self.bias\nassert b is not None\ny = y + b.reshape({shape})\n");
-    }
+    let scales = if s.per_channel { format!("sx * sw.reshape({shape})") } else { "sx * sw".to_string() };
+    // Without gradients the accumulator is a temporary of no one else: divided and biased in place.
+    let out = |grad: bool| {
+        let (div, add) = if grad { ("y = acc / ", "y = y + ") } else { ("y = acc.div_", "y = y.add_") };
+        let wrap = |e: &str| format!("({e})");
+        let mut src = format!("{div}{}\n", wrap(&scales));
+        if optional_bias {
+            src += &format!(
+                "b = self.bias\nif b is not None:\n    {add}{}\n",
+                wrap(&format!("b.reshape({shape})"))
+            );
+        } else if l.bias {
+            src += &format!(
+                "b = self.bias\nassert b is not None\n{add}{}\n",
+                wrap(&format!("b.reshape({shape})"))
+            );
+        }
+        src
+    };
+    body += &branch("torch.is_grad_enabled()", &out(true), &out(false));
     body += "return y\n";
     format!("def forward(self, input: Tensor) -> Tensor:\n{}", indent(&body, 4))
 }
