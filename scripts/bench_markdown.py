@@ -15,7 +15,12 @@
 #      "lenet":  [{"threads", "float_step_s", "quantized_step_s", "quantized_over_float",
 #                  "torch_float_step_s", "torch_quantized_step_s"}, ...],
 #      "approx": [{"threads", "layer", "lookups", "seconds", "lookups_per_s", "torch_s",
-#                  "speedup_vs_torch"}, ...]}
+#                  "speedup_vs_torch"}, ...],
+#      "networks": [{"network", "threads", "batch", "float_step_s", "quantized_step_s",
+#                  "quantized_over_float"}, ...],
+#      "torchscript": [{"model", "batch", "threads", "float_s", "quantized_s", "ratio",
+#                  "step_ratio", "float_step_s", "quantized_step_s", "layers_rewritten",
+#                  "left_in_float"}, ...]}
 #
 # Times are seconds (medians); the PyTorch entries are null when bench ran without a reference.
 # A missing or unreadable file ends with one line `error: ...` and exit status 1.
@@ -270,6 +275,35 @@ def approx_tables(approx):
     return out
 
 
+def networks_table(networks):
+    head = ["network", "threads", "batch", "float step", "quantized step", "quantized / float"]
+    rows = [[
+        f"`{e.get('network')}`", str(e.get("threads", DASH)), str(e.get("batch", DASH)),
+        millis(e.get("float_step_s")), millis(e.get("quantized_step_s")),
+        times(number(e.get("quantized_over_float"))),
+    ] for e in networks if isinstance(e, dict)]
+    return [table(head, rows), ""] if rows else []
+
+
+def torchscript_table(rows_in):
+    head = ["model", "threads", "batch", "float eval", "quantized eval", "ratio", "float step",
+            "quantized step", "step ratio", "layers rewritten"]
+    rows = []
+    for e in rows_in:
+        if not isinstance(e, dict):
+            continue
+        left = e.get("left_in_float") or []
+        n = e.get("layers_rewritten")
+        rows.append([
+            f"`{e.get('model')}`", str(e.get("threads", DASH)), str(e.get("batch", DASH)),
+            millis(e.get("float_s")), millis(e.get("quantized_s")), times(number(e.get("ratio"))),
+            millis(e.get("float_step_s")), millis(e.get("quantized_step_s")),
+            times(number(e.get("step_ratio"))),
+            DASH if n is None else f"{n} of {n + len(left)}",
+        ])
+    return [table(head, rows), ""] if rows else []
+
+
 def render(report, written):
     torch = report.get("reference_torch")
     run = [
@@ -287,6 +321,16 @@ def render(report, written):
         parts += ["## LeNet-5 training step (batch 64, Adam)", "", *lenet_table(lenet)]
     if approx:
         parts += ["## Table GEMM of the approximate mode (`drum:4`)", "", *approx_tables(approx)]
+    networks, torchscript = entries(report, "networks"), entries(report, "torchscript")
+    if networks:
+        parts += ["## The crate's networks: a training step, quantized against float", "",
+                  "8-bit PACT inputs and MinMax weights; ResNet-18 is built with `approx_sequential` "
+                  "(224x224 inputs, Adam).", "", *networks_table(networks)]
+    if torchscript:
+        parts += ["## torchvision models rewritten by `quantize_layers`", "",
+                  "TorchScript from `torch.jit.script` (random weights, seed 0, 224x224 inputs), "
+                  "8-bit PACT inputs (calibrated) and MinMax weights; evaluation without gradients, "
+                  "and an SGD step in training mode.", "", *torchscript_table(torchscript)]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 

@@ -11,6 +11,11 @@
         input `x`) and DIR/models.json: for each model its name, files, and `layers`, the
         module paths of its Conv2d and Linear layers (attention projections included).
 
+    .venv/bin/python scripts/checks/vision_models.py bench DIR
+        Writes DIR/NAME.pt, torch.jit.script of torchvision's resnet18, resnet50, mobilenet_v2,
+        efficientnet_b0, vgg11_bn and alexnet (random weights, seed 0, evaluation mode), for
+        the `torchscript[]` rows of examples/bench.
+
     .venv/bin/python scripts/checks/vision_models.py check NAME MODEL.pt IO.safetensors
         MODEL.pt is a rewritten model written by Rust, IO holds `x` and Rust's output `y`.
         Checks that torch.jit.load gives `y` (max difference at most 1e-5), that every PACT
@@ -117,6 +122,18 @@ def build(out):
         json.dump(index, f, indent=1)
 
 
+BENCH = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vgg11_bn", "alexnet"]
+
+
+def bench(out):
+    os.makedirs(out, exist_ok=True)
+    for name in BENCH:
+        path = os.path.join(out, f"{name}.pt")
+        if not os.path.exists(path):
+            torch.manual_seed(0)
+            torch.jit.script(getattr(torchvision.models, name)().eval()).save(path)
+
+
 def pact(x, alpha, bits=8):
     """PACT quantization as the rewrite computes it: integers and the scale."""
     top = float(2 ** (bits - 1) - 1)
@@ -186,6 +203,8 @@ def main():
     torch.set_num_threads(1)
     if len(sys.argv) == 3 and sys.argv[1] == "build":
         build(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "bench":
+        bench(sys.argv[2])
     elif len(sys.argv) == 5 and sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

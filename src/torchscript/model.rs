@@ -150,6 +150,18 @@ impl ScriptModel {
         Ok(report)
     }
 
+    /// Puts the module in training mode (`true`: BatchNorm uses and updates batch statistics,
+    /// running MinMax ranges move) or evaluation mode (`false`, the state after loading), for
+    /// a training loop of one's own.
+    pub fn set_training(&mut self, training: bool) -> Result<()> {
+        if training {
+            self.module.f_set_train()?;
+        } else {
+            self.module.f_set_eval()?;
+        }
+        Ok(())
+    }
+
     /// Casts every parameter and buffer to `kind` (e.g. `Kind::Double` for gradient checks).
     pub fn set_kind(&mut self, kind: Kind) -> Result<()> {
         if !matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {

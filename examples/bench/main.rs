@@ -1,7 +1,10 @@
-//! Speed of the quantizers and of a quantized LeNet-5 training step, as ratios against the
-//! memory-copy bound and a PyTorch reference measured in the same run (see scripts/bench.sh).
+//! Speed of the quantizers, the table GEMM and whole quantized networks (LeNet-5, ResNet-18,
+//! rewritten torchvision models), as ratios against the memory-copy bound, float and a
+//! PyTorch reference measured in the same run (see scripts/bench.sh).
 
+#[path = "../common/mod.rs"]
 mod common;
+mod networks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +43,13 @@ struct Args {
     /// `cpu` or `cuda`.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// Folder of the torchvision models of the `torchscript[]` rows, written by
+    /// `scripts/checks/vision_models.py bench DIR` (scripts/bench.sh does); absent: no such rows.
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// Skip the whole-network rows (`torchscript[]`, and `networks[]`'s ResNet-18).
+    #[arg(long)]
+    no_networks: bool,
 }
 
 fn median_time(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
@@ -176,6 +186,8 @@ fn run(args: Args) -> Result<()> {
     let mut cases = Vec::new();
     let mut lenet = Vec::new();
     let mut approx = Vec::new();
+    let mut torchscript = Vec::new();
+    let mut networks = Vec::new();
     println!(
         "{:>3} {:>9} {:<7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "thr",
@@ -261,6 +273,23 @@ fn run(args: Args) -> Result<()> {
         );
         lenet.push(json!({"threads": threads, "float_step_s": float, "quantized_step_s": quant, "quantized_over_float": quant / float,
             "torch_float_step_s": tfl, "torch_quantized_step_s": tq}));
+        networks.push(json!({"network": "lenet5", "threads": threads, "batch": 64, "float_step_s": float,
+            "quantized_step_s": quant, "quantized_over_float": quant / float}));
+        if !args.no_networks {
+            let (float, quant) = networks::resnet18_steps(device)?;
+            println!(
+                "{threads:>3} ResNet-18 (approx_sequential) step, batch 8, 224x224: float {:.1} ms, quantized {:.1} ms ({:.2}x)",
+                float * 1e3,
+                quant * 1e3,
+                quant / float
+            );
+            networks
+                .push(json!({"network": "resnet18", "threads": threads, "batch": 8, "float_step_s": float,
+                "quantized_step_s": quant, "quantized_over_float": quant / float}));
+            if let Some(dir) = &args.models {
+                torchscript.extend(networks::torchscript_rows(dir, threads, device)?);
+            }
+        }
         for (layer, t, lookups) in approx_cases(device)? {
             let torch_s = reference["approx"].as_array().and_then(|l| {
                 l.iter()
@@ -277,7 +306,8 @@ fn run(args: Args) -> Result<()> {
                 "lookups_per_s": lookups as f64 / t, "torch_s": torch_s, "speedup_vs_torch": torch_s.map(|s| s / t)}));
         }
     }
-    let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "approx": approx, "reference_torch": reference["torch"]});
+    let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "approx": approx,
+        "networks": networks, "torchscript": torchscript, "reference_torch": reference["torch"]});
     if let Some(out) = &args.out {
         let inputs: Vec<&std::path::Path> = args.reference.iter().map(|p| p.as_path()).collect();
         torchapprox::files::write_bytes_atomic(
