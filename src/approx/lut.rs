@@ -275,6 +275,28 @@ pub fn lut_conv2d(
     dilation: i64,
     groups: i64,
 ) -> Result<Tensor> {
+    let geometry =
+        Conv2dGeometry { stride: [stride; 2], padding: [padding; 2], dilation: [dilation; 2], groups };
+    lut_conv2d_with(x, w, m, geometry)
+}
+
+/// A 2-d convolution's geometry; pairs are (height, width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    /// Step of the kernel.
+    pub stride: [i64; 2],
+    /// Zeros on both sides.
+    pub padding: [i64; 2],
+    /// Spacing of the kernel's taps.
+    pub dilation: [i64; 2],
+    /// Channel groups.
+    pub groups: i64,
+}
+
+/// [`lut_conv2d`] with a stride, padding and dilation per dimension (inception's 1x7 kernels
+/// with padding (0, 3), a stride of (1, 2)).
+pub fn lut_conv2d_with(x: &Tensor, w: &Tensor, m: &Multiplier, geometry: Conv2dGeometry) -> Result<Tensor> {
+    let Conv2dGeometry { stride, padding, dilation, groups } = geometry;
     if !x.defined() {
         return Err(Error::Undefined("lut_conv2d input"));
     }
@@ -297,19 +319,23 @@ pub fn lut_conv2d(
             actual: [xs, ws].concat(),
         });
     }
-    if stride < 1 || padding < 0 || dilation < 1 {
+    let smallest = stride.iter().chain(&dilation).copied().min().unwrap_or(1);
+    if smallest < 1 || padding.iter().any(|&p| p < 0) {
         return Err(Error::Argument {
             what: "convolution geometry",
-            value: stride.min(dilation) as f64,
+            value: smallest.min(padding[0].min(padding[1])) as f64,
             expected: "stride and dilation >= 1, padding >= 0",
         });
     }
     let [n, c, h, wd] = [xs[0], xs[1], xs[2], xs[3]].map(|v| v as usize);
     let [o, cg, kh, kw] = [ws[0], ws[1], ws[2], ws[3]].map(|v| v as usize);
-    let (s, p, d, g) = (stride as usize, padding as usize, dilation as usize, groups as usize);
-    let span =
-        |size: usize, kernel: usize| (size + 2 * p).checked_sub(d * (kernel - 1) + 1).map(|v| v / s + 1);
-    let (Some(ho), Some(wo)) = (span(h, kh), span(wd, kw)) else {
+    let ([sy, sx], [py, px], [dy, dx]) =
+        (stride.map(|v| v as usize), padding.map(|v| v as usize), dilation.map(|v| v as usize));
+    let g = groups as usize;
+    let span = |size: usize, kernel: usize, s: usize, p: usize, d: usize| {
+        (size + 2 * p).checked_sub(d * (kernel - 1) + 1).map(|v| v / s + 1)
+    };
+    let (Some(ho), Some(wo)) = (span(h, kh, sy, py, dy), span(wd, kw, sx, px, dx)) else {
         return Err(Error::Shape {
             what: "lut_conv2d input".into(),
             expected: "at least the kernel's extent".into(),
@@ -317,12 +343,14 @@ pub fn lut_conv2d(
         });
     };
     if x.device() != Device::Cpu {
-        return lut_conv2d_gather(x, w, m, [stride, padding, dilation, groups], [ho as i64, wo as i64]);
+        return lut_conv2d_gather(x, w, m, geometry, [ho as i64, wo as i64]);
     }
     let (l, og, kg) = (ho * wo, o / g, cg * kh * kw);
     let (xv, wv) = (to_bytes(x, "the input")?, to_bytes(w, "the weight")?);
     let mut out = Tensor::f_empty([n as i64, o as i64, ho as i64, wo as i64], (Kind::Float, Device::Cpu))?;
-    if super::direct::worthwhile(g, og) {
+    // The direct path takes one stride, padding and dilation for both dimensions.
+    if super::direct::worthwhile(g, og) && sy == sx && py == px && dy == dx {
+        let (s, p, d) = (sy, py, dy);
         let geometry = super::direct::Geometry {
             n,
             c,
@@ -353,9 +381,9 @@ pub fn lut_conv2d(
             for ic in 0..cg {
                 let plane = (b * c + gi * cg + ic) * h * wd;
                 for ky in 0..kh {
-                    let iy = (oy * s + ky * d) as isize - p as isize;
+                    let iy = (oy * sy + ky * dy) as isize - py as isize;
                     for kx in 0..kw {
-                        let ix = (ox * s + kx * d) as isize - p as isize;
+                        let ix = (ox * sx + kx * dx) as isize - px as isize;
                         dst[i] = if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
                             zero
                         } else {
@@ -375,21 +403,21 @@ pub fn lut_conv2d(
     Ok(out)
 }
 
-/// [`lut_conv2d`] through libtorch's unfold and gathers (any device), for the geometry
-/// `[stride, padding, dilation, groups]` and output size `[ho, wo]` that it checked.
+/// [`lut_conv2d`] through libtorch's unfold and gathers (any device), for the geometry and
+/// output size `[ho, wo]` that it checked.
 fn lut_conv2d_gather(
     x: &Tensor,
     w: &Tensor,
     m: &Multiplier,
-    geometry: [i64; 4],
+    geometry: Conv2dGeometry,
     out: [i64; 2],
 ) -> Result<Tensor> {
-    let [stride, padding, dilation, groups] = geometry;
+    let Conv2dGeometry { stride, padding, dilation, groups } = geometry;
     let [ho, wo] = out;
     let (xs, ws) = (x.size(), w.size());
     let (n, c) = (xs[0], xs[1]);
     let (o, kh, kw) = (ws[0], ws[2], ws[3]);
-    let cols = x.f_im2col([kh, kw], [dilation, dilation], [padding, padding], [stride, stride])?; // [N, C*kh*kw, L]
+    let cols = x.f_im2col([kh, kw], dilation, padding, stride)?; // [N, C*kh*kw, L]
     let l = ho * wo;
     let (cg, og) = (c / groups, o / groups);
     let kg = cg * kh * kw;

@@ -9,7 +9,9 @@ use std::process::Command;
 use common::{assert_exact, example_bin, randn, values, TempDir};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
-use torchapprox::approx::{lut_conv2d, lut_linear, lut_matmul, lut_matmul_gather, Multiplier};
+use torchapprox::approx::{
+    lut_conv2d, lut_conv2d_with, lut_linear, lut_matmul, lut_matmul_gather, Conv2dGeometry, Multiplier,
+};
 use torchapprox::layers::{
     approx_sequential, ApproxConv2d, ApproxConvConfig, ApproxLayer, ApproxLinear, ApproxLinearConfig,
     ApproxModule, InferenceMode, QuantSpec,
@@ -116,15 +118,29 @@ fn table_gemms_equal_an_int64_brute_force() {
                 what,
             );
         }
-        // Conv2d: stride, padding, dilation and groups against a direct loop.
-        for (stride, padding, dilation, groups) in
-            [(1, 0, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 1, 1, 4), (2, 2, 2, 4), (1, 0, 1, 2), (1, 2, 2, 4)]
-        {
-            let (n, c, h, wd, o, k) = (2i64, 4i64, 7i64, 6i64, 4i64, 3i64);
-            let (x, w) = (ints(&[n, c, h, wd], 7), ints(&[o, c / groups, k, k], 8));
-            let y = lut_conv2d(&x, &w, &m, stride, padding, dilation, groups).unwrap();
-            let exact_shape =
-                x.conv2d(&w, None::<Tensor>, [stride; 2], [padding; 2], [dilation; 2], groups).size();
+        // Conv2d: stride, padding, dilation (per dimension) and groups against a direct loop.
+        let square = |s, p, d, g| ([s, s], [p, p], [d, d], g, [3, 3]);
+        for (stride, padding, dilation, groups, [kh, kw]) in [
+            square(1, 0, 1, 1),
+            square(2, 1, 1, 2),
+            square(1, 2, 2, 1),
+            square(1, 1, 1, 4),
+            square(2, 2, 2, 4),
+            square(1, 0, 1, 2),
+            square(1, 2, 2, 4),
+            ([1, 1], [0, 3], [1, 1], 1, [1, 7]),
+            ([1, 2], [1, 0], [2, 1], 2, [3, 2]),
+            ([2, 1], [3, 0], [1, 1], 4, [7, 1]),
+        ] {
+            let (n, c, h, wd, o) = (2i64, 4i64, 7i64, 6i64, 4i64);
+            let (x, w) = (ints(&[n, c, h, wd], 7), ints(&[o, c / groups, kh, kw], 8));
+            let geometry = Conv2dGeometry { stride, padding, dilation, groups };
+            let y = lut_conv2d_with(&x, &w, &m, geometry).unwrap();
+            if stride[0] == stride[1] && padding[0] == padding[1] && dilation[0] == dilation[1] {
+                let same = lut_conv2d(&x, &w, &m, stride[0], padding[0], dilation[0], groups).unwrap();
+                assert_exact(&same, &y, &format!("{what} {geometry:?}: both entry points"));
+            }
+            let exact_shape = x.conv2d(&w, None::<Tensor>, stride, padding, dilation, groups).size();
             assert_eq!(y.size(), exact_shape);
             let (xv, wv, yv) = (values(&x), values(&w), values(&y));
             let (ho, wo) = (exact_shape[2], exact_shape[3]);
@@ -135,28 +151,24 @@ fn table_gemms_equal_an_int64_brute_force() {
                 let g = oc / og;
                 let mut s = 0i64;
                 for ic in 0..cg {
-                    for ky in 0..k {
-                        for kx in 0..k {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
                             let (iy, ix) = (
-                                oy * stride - padding + ky * dilation,
-                                ox * stride - padding + kx * dilation,
+                                oy * stride[0] - padding[0] + ky * dilation[0],
+                                ox * stride[1] - padding[1] + kx * dilation[1],
                             );
+                            let wb = wv[(((oc * cg + ic) * kh + ky) * kw + kx) as usize] as i32;
                             if iy < 0 || ix < 0 || iy >= h || ix >= wd {
                                 // Zero padding: the table's product with 0, as the unfolded zeros read it.
-                                s += m.product(0, wv[(((oc * cg + ic) * k + ky) * k + kx) as usize] as i32)
-                                    as i64;
+                                s += m.product(0, wb) as i64;
                                 continue;
                             }
                             let xa = xv[(((b * c + g * cg + ic) * h + iy) * wd + ix) as usize] as i32;
-                            let wb = wv[(((oc * cg + ic) * k + ky) * k + kx) as usize] as i32;
                             s += m.product(xa, wb) as i64;
                         }
                     }
                 }
-                assert_eq!(
-                    got, s as f32 as f64,
-                    "{what} conv {stride} {padding} {dilation} {groups}: element {idx}"
-                );
+                assert_eq!(got, s as f32 as f64, "{what} conv {geometry:?}: element {idx}");
             }
         }
     }
