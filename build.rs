@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() {
-    const SOURCES: [&str; 4] = ["border.cpp", "autograd.cpp", "parallel.cpp", "jit.cpp"];
+    const SOURCES: [&str; 5] = ["border.cpp", "autograd.cpp", "parallel.cpp", "jit.cpp", "ops.cpp"];
     println!("cargo:rerun-if-changed=src/glue");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/frontend/resolver.h>
+#include <torch/csrc/jit/frontend/sugared_value.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/inliner.h>
@@ -89,6 +90,18 @@ std::string render(torch::jit::Value* v, const Module& self, torch::jit::Value* 
   }
   return out;
 }
+
+// TorchScript's own names, plus `torchapprox.<op>` for the crate's operators (ops.cpp).
+struct CrateResolver : public torch::jit::Resolver {
+  std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& m,
+                                                         const torch::jit::SourceRange& loc) override {
+    if (name == "torchapprox") return std::make_shared<torch::jit::BuiltinModule>("torchapprox");
+    return torch::jit::nativeResolver()->resolveValue(name, m, loc);
+  }
+  c10::TypePtr resolveType(const std::string& name, const torch::jit::SourceRange& loc) override {
+    return torch::jit::nativeResolver()->resolveType(name, loc);
+  }
+};
 
 }  // namespace
 
@@ -188,7 +201,8 @@ char* ta_module_add_quantizer(const Module* m, const char* path, const char* nam
 }
 
 // Replaces the forward of the submodule at `path` (of its class type, so of every instance of
-// that type) by `source`, a TorchScript `def forward(self, ...)`.
+// that type) by `source`, a TorchScript `def forward(self, ...)`, which may call the crate's
+// operators as `torchapprox.<op>(...)`.
 char* ta_module_replace_forward(const Module* m, const char* path, const char* source) {
   return guard([&] {
     Module sub = submodule(*m, path);
@@ -198,7 +212,7 @@ char* ta_module_replace_forward(const Module* m, const char* path, const char* s
       type->unsafeRemoveMethod("forward");
       cu->unsafeRemoveMethod(c10::QualifiedName(*type->name(), "forward"));
     }
-    sub.define(source);
+    sub.define(source, std::make_shared<CrateResolver>());
   });
 }
 

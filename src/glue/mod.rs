@@ -9,6 +9,7 @@ use std::ffi::{c_char, c_void, CStr};
 
 pub(crate) mod autograd;
 pub(crate) mod jit;
+pub(crate) mod ops;
 pub(crate) mod parallel;
 
 pub(crate) use autograd::apply;

@@ -16,6 +16,7 @@ use tch::{CModule, Device};
 
 use crate::Error;
 
+mod approx;
 mod archive;
 mod calibrate;
 mod finetune;
@@ -48,6 +49,8 @@ pub struct ScriptModel {
     source: PathBuf,
     device: Device,
     rewritten: Vec<RewrittenLayer>,
+    /// Rewritten layers in approximate mode, with their multipliers.
+    multipliers: Vec<(String, crate::approx::Multiplier)>,
 }
 
 fn ts_error(msg: String) -> Error {

@@ -22,7 +22,13 @@ impl ScriptModel {
         let mut module = CModule::load_data_on_device(&mut &bytes[..], device)
             .map_err(|e| Error::NotTorchScript { path: path.to_path_buf(), why: torch_message(&e) })?;
         module.f_set_eval()?;
-        Ok(Self { module, source: path.to_path_buf(), device, rewritten: Vec::new() })
+        Ok(Self {
+            module,
+            source: path.to_path_buf(),
+            device,
+            rewritten: Vec::new(),
+            multipliers: Vec::new(),
+        })
     }
 
     /// The file this model was loaded from.
@@ -80,10 +86,10 @@ impl ScriptModel {
         for (name, t) in self.state_dict()? {
             crate::quantizers::check_state(&origin, &name, &t)?;
         }
-        // The quantized weights cached for evaluation are recomputed after loading anyway.
-        rewrite::reset_weight_caches(&self.module, &self.rewritten)?;
+        let portable = self.portable_copy()?;
+        let module = portable.as_ref().unwrap_or(&self.module);
         crate::files::write_atomic(path, &[&self.source], |tmp| {
-            self.module
+            module
                 .save(tmp)
                 .map_err(|e| ts_error(format!("{}: {}", crate::files::shown_path(path), torch_message(&e))))
         })
@@ -147,6 +153,7 @@ impl ScriptModel {
         let report = rewrite::rewrite(&fresh, &params, config)?;
         self.module = fresh;
         self.rewritten = report.layers.clone();
+        self.multipliers.clear();
         Ok(report)
     }
 
@@ -160,6 +167,22 @@ impl ScriptModel {
             self.module.f_set_eval()?;
         }
         Ok(())
+    }
+
+    /// For a rewritten model, a copy in the form saved files carry: forwards that plain PyTorch
+    /// runs (the crate's operators replaced by gathers from each layer's `approx_table`), no
+    /// cached weights. The copy goes through memory, as in `quantize_layers`.
+    fn portable_copy(&self) -> Result<Option<CModule>> {
+        if self.rewritten.is_empty() {
+            return Ok(None);
+        }
+        let bytes = crate::glue::jit::module_bytes(&self.module)?;
+        let copy = CModule::load_data_on_device(&mut &bytes[..], self.device)
+            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))))?;
+        self.set_portable_tables(&copy)?;
+        rewrite::reset_weight_caches(&copy, &self.rewritten)?;
+        rewrite::replace_forwards(&copy, &self.rewritten, true)?;
+        Ok(Some(copy))
     }
 
     /// Casts every parameter and buffer to `kind` (e.g. `Kind::Double` for gradient checks).

@@ -10,6 +10,7 @@ use std::process::Command;
 use common::{assert_close, fixture_path, load_fixture, TempDir};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
+use torchapprox::approx::Multiplier;
 use torchapprox::data::normalize;
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::Architecture;
@@ -137,6 +138,28 @@ fn rewritten_layers_equal_the_crates_layers_in_quantized_mode() {
             assert!(ga.abs() > 0.0, "{what}: {n} got no gradient");
             assert!((ga - gb).abs() <= 1e-3 * (1.0 + gb.abs()), "{what}: {n} gradient {ga} vs {gb}");
         }
+        // Approximate mode: an EvoApprox multiplier of large error, through the crate's
+        // operators in TorchScript and through the crate's layers.
+        let mult = Multiplier::evoapprox("mul8s_1L2J").unwrap();
+        model.set_multiplier(Some(&mult)).unwrap();
+        net.set_mode(InferenceMode::Approximate);
+        net.set_multiplier(Some(mult.clone()));
+        let (a, ga) = loss_and_alpha_grads(|x| model.forward(x).unwrap(), &ts_alphas, &x, &y);
+        let (b, gb) = loss_and_alpha_grads(|x| net.forward_t(x, false), &rs_alphas, &x, &y);
+        assert_close(&a, &b, 0.0, 1e-5, &format!("{what}: approximate logits"));
+        for ((n, ga), gb) in ts_alphas.iter().map(|(n, _)| n).zip(&ga).zip(&gb) {
+            assert!(
+                (ga - gb).abs() <= 1e-3 * (1.0 + gb.abs()),
+                "{what}: approximate {n} gradient {ga} vs {gb}"
+            );
+        }
+        let no_grad = tch::no_grad(|| model.forward(&x).unwrap());
+        assert_close(&no_grad, &a, 0.0, 1e-5, &format!("{what}: approximate, without gradients"));
+        let quantized = tch::no_grad(|| {
+            model.set_multiplier(None).unwrap();
+            model.forward(&x).unwrap()
+        });
+        assert!((&quantized - &no_grad).abs().max().double_value(&[]) > 1e-2, "{what}: the multiplier shows");
     }
 }
 

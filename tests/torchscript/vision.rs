@@ -9,8 +9,9 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use common::TempDir;
+use common::{assert_close, TempDir};
 use tch::{Device, Tensor};
+use torchapprox::approx::Multiplier;
 use torchapprox::torchscript::{RewriteConfig, ScriptModel};
 
 /// Runs the models script with `args`, panicking with what it printed unless it succeeds.
@@ -73,9 +74,23 @@ fn torchvision_models_are_rewritten_reported_and_agree_with_pytorch() {
             let out = tmp.0.join(format!("{name}-{variant}-q.pt"));
             model.save(&out).unwrap();
             let io = tmp.0.join(format!("{name}-{variant}-io.safetensors"));
-            Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y)], &io).unwrap();
+            Tensor::write_safetensors(&[("x", x.shallow_clone()), ("y", y.shallow_clone())], &io).unwrap();
             let said = models_script(&["check".as_ref(), name.as_ref(), out.as_os_str(), io.as_os_str()]);
             eprintln!("{what}: {} layers rewritten; {}", rewritten.len(), said.trim());
+            // Approximate mode with the exact table is Quantized mode (up to float sums).
+            model.set_multiplier(Some(&Multiplier::exact())).unwrap();
+            let exact_table = tch::no_grad(|| model.forward(&x).unwrap());
+            assert_close(&exact_table, &y, 1e-5, 1e-4, &format!("{what}: exact table"));
+            if name == "geometry" {
+                // A real multiplier in every geometry; the saved file computes the same
+                // products in plain PyTorch (gathers from the layer's table).
+                model.set_multiplier(Some(&Multiplier::evoapprox("mul8s_1L2J").unwrap())).unwrap();
+                let approx = tch::no_grad(|| model.forward(&x).unwrap());
+                assert!((&approx - &y).abs().max().double_value(&[]) > 1e-3, "{what}: the multiplier shows");
+                let out = tmp.0.join(format!("{name}-{variant}-approx.pt"));
+                model.save(&out).unwrap();
+                common::pytorch_agrees("torchscript_reload_check.py", &out, &x, approx, &what);
+            }
             checked += 1;
         }
     }

@@ -6,6 +6,6 @@ mod plan;
 mod source;
 mod spec;
 
-pub(crate) use plan::{reset_weight_caches, rewrite};
-pub(crate) use source::observes_inputs;
+pub(crate) use plan::{replace_forwards, reset_weight_caches, rewrite};
+pub(crate) use source::{observes_inputs, APPROX_MULTIPLIER, APPROX_TABLE};
 pub use spec::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};

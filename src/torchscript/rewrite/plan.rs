@@ -3,7 +3,7 @@
 
 use tch::{CModule, Kind, Tensor};
 
-use super::source::{caches_weight, forward_source, observes_inputs, WEIGHT_CACHE};
+use super::source::{caches_weight, forward_source, observes_inputs, APPROX_MULTIPLIER, WEIGHT_CACHE};
 use super::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
 use crate::glue::jit::{self, AttrValue, QuantizerState};
 use crate::layers::QuantSpec;
@@ -48,7 +48,7 @@ fn is_weighted_op(op: &str) -> bool {
 /// The geometry of the one 2-d convolution in a layer's forward (and the pad before it, for a
 /// `padding_mode` other than zeros), from the glue's op list ([`jit::forward_ops`]); `Err`
 /// says, in words, why the layer cannot be rewritten.
-pub(super) fn conv_geometry(ops: &str) -> std::result::Result<LayerOp, String> {
+pub(super) fn conv_geometry(ops: &str, kernel: [i64; 2]) -> std::result::Result<LayerOp, String> {
     let lines: Vec<Vec<&str>> = ops.lines().map(|l| l.split('\t').collect()).collect();
     let arg = |f: &[&str], i: usize| f.get(i + 1).copied().unwrap_or("?").to_string();
     let ints = |v: &str, what: &str| -> std::result::Result<Vec<i64>, String> {
@@ -139,6 +139,7 @@ pub(super) fn conv_geometry(ops: &str) -> std::result::Result<LayerOp, String> {
         .and_then(|g| g.parse().ok())
         .ok_or("its groups are not a constant")?;
     Ok(LayerOp::Conv2d {
+        kernel,
         stride: pair(&arg(conv, 3), "strides")?,
         padding,
         dilation: pair(&arg(conv, 5), "dilations")?,
@@ -274,17 +275,10 @@ pub(crate) fn rewrite(
             report.left_in_float.join("; ")
         )));
     }
-    // A class whose instances differ in having a bias (scripted `bias=None` and `bias=True`
-    // layers of one shape share a class) reads its bias as optional.
-    let optional_bias = |class: &str| {
-        let mut of_class = planned.iter().filter(|l| l.class == class);
-        let first = of_class.next().map(|l| l.bias);
-        of_class.any(|l| Some(l.bias) != first)
-    };
     for (i, a) in planned.iter().enumerate() {
         if let Some(b) = planned[..i].iter().find(|b| b.class == a.class) {
-            let optional = optional_bias(&a.class);
-            if forward_source(b, optional) != forward_source(a, optional) {
+            let optional = optional_bias(&planned, &a.class);
+            if forward_source(b, optional, false) != forward_source(a, optional, false) {
                 return Err(Error::SharedClass {
                     first: b.name.clone(),
                     second: a.name.clone(),
@@ -297,16 +291,36 @@ pub(crate) fn rewrite(
         add_quantizers(m, layer, &param)?;
     }
     reset_weight_caches(m, &planned)?;
-    let mut done: Vec<&str> = Vec::new();
     for layer in &planned {
+        // Exact products until a multiplier is set (ScriptModel::set_multiplier).
+        jit::set_attr(m, &layer.name, APPROX_MULTIPLIER, AttrValue::Int(-1))?;
+    }
+    replace_forwards(m, &planned, false)?;
+    report.layers = planned;
+    Ok(report)
+}
+
+/// Whether the class's instances differ in having a bias (scripted `bias=None` and
+/// `bias=True` layers of one shape share a class): then it reads its bias as optional.
+fn optional_bias(layers: &[RewrittenLayer], class: &str) -> bool {
+    let mut of_class = layers.iter().filter(|l| l.class == class);
+    let first = of_class.next().map(|l| l.bias);
+    of_class.any(|l| Some(l.bias) != first)
+}
+
+/// Gives each class of `layers` its generated `forward`: the crate's (`portable` false) or
+/// the one saved files carry, which plain PyTorch runs.
+pub(crate) fn replace_forwards(m: &CModule, layers: &[RewrittenLayer], portable: bool) -> Result<()> {
+    let mut done: Vec<&str> = Vec::new();
+    for layer in layers {
         if done.contains(&layer.class.as_str()) {
             continue;
         }
         done.push(&layer.class);
-        jit::replace_forward(m, &layer.name, &forward_source(layer, optional_bias(&layer.class)))?;
+        let source = forward_source(layer, optional_bias(layers, &layer.class), portable);
+        jit::replace_forward(m, &layer.name, &source)?;
     }
-    report.layers = planned;
-    Ok(report)
+    Ok(())
 }
 
 /// Empties the weight cache of the no-grad path of each layer that keeps one (declaring it on
@@ -359,18 +373,20 @@ fn plan_layer(
     let Some(weight) = param(&crate::layers::join(path, "weight")) else {
         return Ok(Err("it has no parameter weight".into()));
     };
-    let op = if classify(class) == Some(Ok("Linear")) {
+    let linear = classify(class) == Some(Ok("Linear"));
+    let want = if linear { 2 } else { 4 };
+    if weight.dim() != want || !weight.is_floating_point() {
+        return Ok(Err(format!("its weight of shape {:?} is not a {want}-d float tensor", weight.size())));
+    }
+    let op = if linear {
         LayerOp::Linear
     } else {
-        match conv_geometry(&jit::forward_ops(m, path)?) {
+        let size = weight.size();
+        match conv_geometry(&jit::forward_ops(m, path)?, [size[2], size[3]]) {
             Ok(op) => op,
             Err(problem) => return Ok(Err(problem)),
         }
     };
-    let want = if op == LayerOp::Linear { 2 } else { 4 };
-    if weight.dim() != want || !weight.is_floating_point() {
-        return Ok(Err(format!("its weight of shape {:?} is not a {want}-d float tensor", weight.size())));
-    }
     Ok(Ok((op, param(&crate::layers::join(path, "bias")).is_some())))
 }
 
@@ -422,6 +438,7 @@ mod tests {
     #[test]
     fn convolution_geometry_is_decided_from_the_op_list() {
         let conv = |stride, padding, dilation, groups, input_pad| LayerOp::Conv2d {
+            kernel: [3, 3],
             stride,
             padding,
             dilation,
@@ -429,30 +446,44 @@ mod tests {
             input_pad,
         };
         let scripted = "aten::size\t?\ti:0\naten::conv2d\t?\tt\tn\tl:2,2\tl:1,1\tl:1,1\ti:4\n";
-        assert_eq!(conv_geometry(scripted), Ok(conv([2, 2], ConvPadding::Zeros([1, 1]), [1, 1], 4, None)));
+        assert_eq!(
+            conv_geometry(scripted, [3, 3]),
+            Ok(conv([2, 2], ConvPadding::Zeros([1, 1]), [1, 1], 4, None))
+        );
         let traced =
             "aten::_convolution\t?\tt\tt\tl:1,2\tl:0,3\tl:2,1\tb:0\tl:0,0\ti:1\tb:0\tb:0\tb:1\tb:1\n";
-        assert_eq!(conv_geometry(traced), Ok(conv([1, 2], ConvPadding::Zeros([0, 3]), [2, 1], 1, None)));
+        assert_eq!(
+            conv_geometry(traced, [3, 3]),
+            Ok(conv([1, 2], ConvPadding::Zeros([0, 3]), [2, 1], 1, None))
+        );
         let same = "aten::_convolution_mode\t?\tt\tn\tl:1,1\ts:same\tl:1,2\ti:1\n";
-        assert_eq!(conv_geometry(same), Ok(conv([1, 1], ConvPadding::Same, [1, 2], 1, None)));
+        assert_eq!(conv_geometry(same, [3, 3]), Ok(conv([1, 1], ConvPadding::Same, [1, 2], 1, None)));
         let valid = "aten::conv2d\t?\tt\tn\tl:1,1\ts:valid\tl:1,1\ti:1\n";
-        assert_eq!(conv_geometry(valid), Ok(conv([1, 1], ConvPadding::Zeros([0, 0]), [1, 1], 1, None)));
+        assert_eq!(
+            conv_geometry(valid, [3, 3]),
+            Ok(conv([1, 1], ConvPadding::Zeros([0, 0]), [1, 1], 1, None))
+        );
         let reflect = "aten::pad\t?\tl:1,1,2,2\ts:reflect\tn\n".to_string() + scripted;
         let pad = InputPad { mode: PadMode::Reflect, sides: [1, 1, 2, 2] };
         assert_eq!(
-            conv_geometry(&reflect),
+            conv_geometry(&reflect, [3, 3]),
             Ok(conv([2, 2], ConvPadding::Zeros([1, 1]), [1, 1], 4, Some(pad)))
         );
         let seven = "aten::pad\t?\tl:1,1,1,1\ts:constant\tf:7\n".to_string() + scripted;
-        assert_eq!(conv_geometry(&seven), Err("a constant pad of value 7 is not supported".into()));
+        assert_eq!(conv_geometry(&seven, [3, 3]), Err("a constant pad of value 7 is not supported".into()));
         let twice = "aten::pad\t?\tl:1,1,1,1\ts:reflect\tn\n".repeat(2) + scripted;
-        assert_eq!(conv_geometry(&twice), Err("its forward pads its input more than once".into()));
+        assert_eq!(conv_geometry(&twice, [3, 3]), Err("its forward pads its input more than once".into()));
         let three = "aten::conv2d\t?\tt\tn\tl:1,1,1\tl:0,0\tl:1,1\ti:1\n";
-        assert!(conv_geometry(three).unwrap_err().contains("strides [1, 1, 1] are not one or two numbers"));
+        assert!(conv_geometry(three, [3, 3])
+            .unwrap_err()
+            .contains("strides [1, 1, 1] are not one or two numbers"));
         let transposed = "aten::_convolution\t?\tt\tt\tl:1,1\tl:0,0\tl:1,1\tb:1\tl:0,0\ti:1\n";
-        assert_eq!(conv_geometry(transposed), Err("transposed convolutions are not supported".into()));
         assert_eq!(
-            conv_geometry("aten::relu\t?\n"),
+            conv_geometry(transposed, [3, 3]),
+            Err("transposed convolutions are not supported".into())
+        );
+        assert_eq!(
+            conv_geometry("aten::relu\t?\n", [3, 3]),
             Err("expected one 2-d convolution in forward, found 0".into())
         );
     }

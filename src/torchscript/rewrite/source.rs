@@ -245,14 +245,118 @@ fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
     branch("torch.is_grad_enabled()", &fresh(true), &cached)
 }
 
-/// The TorchScript `forward` of a rewritten layer. It computes what the crate's
+/// The layer attribute naming the multiplier of approximate mode (an id of `glue::ops`, -1
+/// for exact products).
+pub(crate) const APPROX_MULTIPLIER: &str = "approx_multiplier";
+
+/// `acc`, the layer's integer sums: the exact op `exact`, or in approximate mode the table
+/// products of the crate's operators (with the exact products' gradient, as the crate's
+/// layers: `acc + (lut - acc)`, the difference detached).
+fn accumulate(l: &RewrittenLayer, exact: &str, portable: bool) -> String {
+    let id = format!("self.{APPROX_MULTIPLIER}");
+    let (prep, lut) = match l.op {
+        LayerOp::Linear if portable => (String::new(), gather_linear()),
+        LayerOp::Linear => (String::new(), format!("torchapprox.lut_linear(qx_l, qw_l, {id})")),
+        LayerOp::Conv2d { kernel, stride: [s0, s1], padding, dilation, groups, .. } => {
+            let (pad, [p0, p1]) = match padding {
+                ConvPadding::Zeros(p) => (None, p),
+                ConvPadding::Same => {
+                    // PyTorch's 'same': d * (k - 1) in all, the odd one on the bottom/right.
+                    let total = [0, 1].map(|i| dilation[i] * (kernel[i] - 1));
+                    if total.iter().all(|t| t % 2 == 0) {
+                        (None, total.map(|t| t / 2))
+                    } else {
+                        let [t0, t1] = total;
+                        (Some([t1 / 2, t1 - t1 / 2, t0 / 2, t0 - t0 / 2]), [0, 0])
+                    }
+                }
+            };
+            let prep = match pad {
+                Some([a, b, c, d]) => {
+                    format!("qx_l = torch.constant_pad_nd(qx_l, [{a}, {b}, {c}, {d}], 0.0)\n")
+                }
+                None => String::new(),
+            };
+            let [d0, d1] = dilation;
+            if portable {
+                (prep, gather_conv2d(kernel, [s0, s1], [p0, p1], dilation, groups))
+            } else {
+                (prep, format!("torchapprox.lut_conv2d(qx_l, qw_l, {id}, [{s0}, {s1}], [{p0}, {p1}], [{d0}, {d1}], {groups})"))
+            }
+        }
+    };
+    // The portable form computes `lut` in statements; the operator in one expression.
+    let (body, lut) = if portable { (lut, "lut".to_string()) } else { (String::new(), lut) };
+    let table = |detach: &str| format!("qx_l = qx{detach}\nqw_l = qw{detach}\n{prep}{body}");
+    let with_grad =
+        format!("acc = {exact}\n{}lut = {lut}\nacc = acc + (lut - acc.detach())\n", table(".detach()"));
+    format!(
+        "if {id} < 0:\n    acc = {exact}\n{}",
+        branch("torch.is_grad_enabled()", &with_grad, &format!("{}acc = {lut}\n", table("")))
+            .replacen("if ", "elif ", 1)
+    )
+}
+
+/// The layer attribute holding, in a saved file, the multiplier's table as int64
+/// `table[(a + 128) * 256 + (b + 128)]` (empty without a multiplier).
+pub(crate) const APPROX_TABLE: &str = "approx_table";
+
+/// Statements setting `lut`, the table products of `qx_l` `[*, K]` and `qw_l` `[O, K]`, in
+/// plain TorchScript (one gather per output feature, summed exactly in int64).
+fn gather_linear() -> String {
+    format!(
+        "t = self.{APPROX_TABLE}\n\
+         xi = (qx_l + 128.0).long() * 256\n\
+         wi = (qw_l + 128.0).long()\n\
+         cols: List[Tensor] = []\n\
+         for o in range(wi.size(0)):\n\
+         \x20   cols.append(t[xi + wi[o]].sum(-1))\n\
+         lut = torch.stack(cols, -1).to(qx_l.dtype)\n"
+    )
+}
+
+/// Statements setting `lut`, the table products of a convolution of `qx_l` and `qw_l`, in
+/// plain TorchScript: the input unfolded (`im2col`, zeros for padding, which multiply through
+/// the table as in the crate's kernel), one gather per output channel, summed in int64.
+fn gather_conv2d(
+    kernel: [i64; 2],
+    stride: [i64; 2],
+    padding: [i64; 2],
+    dilation: [i64; 2],
+    groups: i64,
+) -> String {
+    let ([kh, kw], [s0, s1], [p0, p1], [d0, d1]) = (kernel, stride, padding, dilation);
+    format!(
+        "t = self.{APPROX_TABLE}\n\
+         n = qx_l.size(0)\n\
+         ho = (qx_l.size(2) + {py2} - {ey} - 1) // {s0} + 1\n\
+         wo = (qx_l.size(3) + {px2} - {ex} - 1) // {s1} + 1\n\
+         xi = (torch.im2col(qx_l, [{kh}, {kw}], [{d0}, {d1}], [{p0}, {p1}], [{s0}, {s1}]) + 128.0).long() * 256\n\
+         wi = (qw_l.reshape([qw_l.size(0), -1]) + 128.0).long()\n\
+         kg = wi.size(1)\n\
+         og = wi.size(0) // {groups}\n\
+         chans: List[Tensor] = []\n\
+         for o in range(wi.size(0)):\n\
+         \x20   xg = xi.narrow(1, (o // og) * kg, kg)\n\
+         \x20   chans.append(t[xg + wi[o].reshape([1, kg, 1])].sum(1))\n\
+         lut = torch.stack(chans, 1).to(qx_l.dtype).reshape([n, wi.size(0), ho, wo])\n",
+        py2 = 2 * p0,
+        px2 = 2 * p1,
+        ey = d0 * (kh - 1),
+        ex = d1 * (kw - 1),
+    )
+}
+
+/// The TorchScript `forward` of a rewritten layer; `portable` gives the form saved files carry,
+/// which plain PyTorch runs (approximate products by gathers from `approx_table` instead of
+/// the crate's operators). It computes what the crate's
 /// `ApproxLinear` / `ApproxConv2d` compute in Quantized mode, op for op: integer inputs and
 /// weights with straight-through gradients (`detach`), the float op on them, division by
 /// both scales, then the bias; without gradients the same values with fewer passes.
 /// `optional_bias` reads the bias as `Optional[Tensor]`: for a class whose instances differ
 /// in having one (scripted layers keep `bias = None`; traced layers without bias have no
 /// `bias` attribute at all, but never share a class).
-pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool) -> String {
+pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: bool) -> String {
     let s = l.spec;
     let mut body = match l.op {
         LayerOp::Conv2d { input_pad: Some(InputPad { mode, sides: [a, b, c, d] }), .. } => {
@@ -287,7 +391,7 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool) -> String 
         LayerOp::Linear => "[-1]",
         LayerOp::Conv2d { .. } => "[-1, 1, 1]",
     };
-    body += &format!("acc = {}\n", op("qx", "qw", "None"));
+    body += &accumulate(l, &op("qx", "qw", "None"), portable);
     let scales = if s.per_channel { format!("sx * sw.reshape({shape})") } else { "sx * sw".to_string() };
     // Without gradients the accumulator is a temporary of no one else: divided and biased in place.
     let out = |grad: bool| {

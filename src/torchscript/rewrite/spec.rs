@@ -81,6 +81,8 @@ pub enum LayerOp {
     Linear,
     /// `nn.Conv2d` with its geometry; pairs are (height, width).
     Conv2d {
+        /// The kernel's height and width.
+        kernel: [i64; 2],
         /// Step of the kernel.
         stride: [i64; 2],
         /// Padding inside the convolution.
