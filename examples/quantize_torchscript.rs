@@ -19,6 +19,7 @@ use clap::Parser;
 use common::pick_device;
 use serde_json::json;
 use tch::Device;
+use torchapprox::approx::Multiplier;
 use torchapprox::data::{normalize, Mnist};
 use torchapprox::files::check_output;
 use torchapprox::layers::QuantSpec;
@@ -62,6 +63,18 @@ struct Args {
     /// rewriting the rest and listing it.
     #[arg(long)]
     strict: bool,
+    /// With --x-quant: `quantized` (exact integer products) or `approx` (every product read
+    /// from --multiplier's table, in evaluation and fine-tuning, straight-through gradients).
+    #[arg(long, default_value = "quantized", value_parser = ["quantized", "approx"])]
+    mode: String,
+    /// The multiplier of `--mode approx`: `exact`, `drum:4`, an EvoApprox name such as
+    /// `mul8s_1KVB` (`:wx` for weight x activation), or a .npy/.bin table file.
+    #[arg(long)]
+    multiplier: Option<String>,
+    /// One layer's multiplier in `--mode approx`, instead of --multiplier's, e.g.
+    /// `layer1.0.conv1=mul8s_1L2J`; repeatable.
+    #[arg(long = "layer-multiplier", value_name = "NAME=SPEC")]
+    layer_multipliers: Vec<String>,
     /// Override one layer: `NAME=BITS` (weights only; `fc1` or `fc1.weight`), or with --x-quant
     /// `NAME=X_KIND[:BITS],W_KIND[:BITS]` (e.g. `fc=minmax:8,minmax:8`); repeatable.
     #[arg(long = "layer", value_name = "NAME=SPEC")]
@@ -160,6 +173,29 @@ fn run(args: Args) -> Result<()> {
     if !rewrite && (args.calibrate > 0 || args.x_bits.is_some() || args.w_bits.is_some() || args.strict) {
         bail!("--calibrate, --x-bits, --w-bits and --strict need --x-quant pact or minmax");
     }
+    let approx = args.mode == "approx";
+    if !rewrite && approx {
+        bail!("--mode approx needs --x-quant pact or minmax (it runs the rewritten layers' products through a table)");
+    }
+    if !approx && (args.multiplier.is_some() || !args.layer_multipliers.is_empty()) {
+        bail!("--multiplier and --layer-multiplier apply to --mode approx");
+    }
+    if approx && args.multiplier.is_none() && args.layer_multipliers.is_empty() {
+        bail!("--mode approx needs --multiplier SPEC (e.g. exact, drum:4, mul8s_1KVB) or --layer-multiplier");
+    }
+    let multiplier =
+        args.multiplier.as_ref().map(|m| m.parse::<Multiplier>().context("--multiplier")).transpose()?;
+    let mut layer_multipliers: Vec<(String, Multiplier)> = Vec::new();
+    for arg in &args.layer_multipliers {
+        let (name, spec) = arg.split_once('=').with_context(|| {
+            format!("--layer-multiplier {arg:?}: expected NAME=SPEC, e.g. layer1.0.conv1=mul8s_1KVB")
+        })?;
+        if layer_multipliers.iter().any(|(n, _)| n == name) {
+            bail!("--layer-multiplier {name} is given twice: give each layer once");
+        }
+        let m = spec.parse::<Multiplier>().with_context(|| format!("--layer-multiplier {arg:?}"))?;
+        layer_multipliers.push((name.to_string(), m));
+    }
     let base = QuantSpec {
         x_kind: if args.x_quant == "minmax" { QuantizerKind::MinMax } else { QuantizerKind::Pact },
         w_kind: args.w_quant,
@@ -217,6 +253,15 @@ fn run(args: Args) -> Result<()> {
         if args.calibrate > 0 {
             model.calibrate(&train_x()?, args.calibrate, 64)?;
         }
+        // Set before fine-tuning, so that fine-tuning retrains to the multiplier.
+        if let Some(m) = &multiplier {
+            model.set_multiplier(Some(m))?;
+        }
+        for (name, m) in &layer_multipliers {
+            model
+                .set_layer_multiplier(name, Some(m))
+                .with_context(|| format!("--layer-multiplier {name}"))?;
+        }
         if args.finetune_epochs > 0 {
             if std::io::stderr().is_terminal() {
                 eprintln!("fine-tuning {} epoch(s) of the rewritten model...", args.finetune_epochs);
@@ -270,8 +315,9 @@ fn run(args: Args) -> Result<()> {
     };
     let quantized_accuracy = model.accuracy(&test_x, &data.test_labels, 500)?;
     say(format!(
-        "test accuracy: float {:.2}%, quantized {:.2}% ({} digits)",
+        "test accuracy: float {:.2}%, {} {:.2}% ({} digits)",
         100.0 * float_accuracy,
+        if approx { "approximate" } else { "quantized" },
         100.0 * quantized_accuracy,
         data.test_labels.size()[0]
     ));
@@ -287,6 +333,8 @@ fn run(args: Args) -> Result<()> {
             "x_quant": args.x_quant,
             "per_channel": args.per_channel,
             "calibrate": args.calibrate,
+            "mode": args.mode,
+            "multipliers": model.multipliers().iter().map(|(l, m)| json!({"layer": l, "multiplier": m.name()})).collect::<Vec<_>>(),
             "finetune_epochs": args.finetune_epochs,
             "test_digits": data.test_labels.size()[0],
             "float_accuracy": float_accuracy,

@@ -342,12 +342,74 @@ fn quantize_torchscript_cli_rewrites_calibrates_and_reports_each_layer() {
         (vec!["--x-quant", "pact", "--layer", "nope=pact,minmax"], "unknown layer \"nope\""),
         (vec!["--calibrate", "2"], "--calibrate, --x-bits, --w-bits and --strict need --x-quant"),
         (vec!["--x-quant", "pact", "--x-bits", "1"], "bitwidth 1 is out of range"),
+        (vec!["--mode", "approx", "--multiplier", "exact"], "--mode approx needs --x-quant pact or minmax"),
+        (
+            vec!["--x-quant", "pact", "--multiplier", "exact"],
+            "--multiplier and --layer-multiplier apply to --mode approx",
+        ),
+        (vec!["--x-quant", "pact", "--mode", "approx"], "--mode approx needs --multiplier SPEC"),
+        (
+            vec!["--x-quant", "pact", "--mode", "approx", "--multiplier", "wallace"],
+            "unknown multiplier \"wallace\"",
+        ),
+        (
+            vec!["--x-quant", "pact", "--bits", "12", "--mode", "approx", "--multiplier", "exact"],
+            "approximate mode reads 8-bit tables",
+        ),
     ] {
         let o = run(&[&["--model", model.to_str().unwrap(), "--device", "cpu"][..], &args[..]].concat());
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn quantize_torchscript_cli_runs_approximate_mode_and_retrains_to_the_multiplier() {
+    let bin = common::example_bin("quantize_torchscript");
+    // The MLP: its table products are cheap enough for an unoptimized test build.
+    let model = ts_fixture("mlp_scripted");
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["--model", model.to_str().unwrap(), "--x-quant", "pact", "--calibrate", "4", "--json"];
+        args.extend_from_slice(extra);
+        let o = Command::new(&bin).args(&args).output().unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let accuracy = |r: &serde_json::Value| r["quantized_accuracy"].as_f64().unwrap();
+    let quantized = run(&[]);
+    let exact = run(&["--mode", "approx", "--multiplier", "exact"]);
+    assert_eq!(exact["multipliers"].as_array().unwrap().len(), 2, "{exact}");
+    assert!((accuracy(&exact) - accuracy(&quantized)).abs() < 1e-9, "the exact table is Quantized mode");
+    let mixed = run(&["--mode", "approx", "--multiplier", "mul8s_1L12", "--layer-multiplier", "fc2=exact"]);
+    let names: Vec<(&str, &str)> = mixed["multipliers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["layer"].as_str().unwrap(), m["multiplier"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("fc1", "mul8s_1L12"), ("fc2", "exact")], "{mixed}");
+    // EvoApprox's cheapest signed multiplier everywhere, then one epoch retrained to it.
+    let rough = run(&["--mode", "approx", "--multiplier", "mul8s_1L12"]);
+    let retrained = run(&[
+        "--mode",
+        "approx",
+        "--multiplier",
+        "mul8s_1L12",
+        "--finetune-epochs",
+        "1",
+        "--finetune-lr",
+        "1e-3",
+    ]);
+    eprintln!(
+        "quantized {:.4}, mul8s_1L12 {:.4}, retrained {:.4}",
+        accuracy(&quantized),
+        accuracy(&rough),
+        accuracy(&retrained)
+    );
+    assert!(accuracy(&rough) < 0.5, "mul8s_1L12 everywhere breaks the float-trained MLP: {rough}");
+    assert!(accuracy(&retrained) > 0.6, "retraining to the multiplier recovers: {retrained}");
 }
 
 // Issue 20 item 3 (part): PACT alphas are trainable parameters after the rewrite, after a
