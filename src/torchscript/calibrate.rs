@@ -17,7 +17,7 @@ pub type LayerAlphas = (String, Option<f64>, Option<f64>);
 /// Sets `calibrating` on each observing input quantizer of `layers`.
 fn set_calibrating(m: &CModule, layers: &[RewrittenLayer], on: bool) -> Result<()> {
     for l in layers {
-        jit::set_bool(m, &format!("{}.x_quantizer", l.name), "calibrating", on)?;
+        jit::set_bool(m, &crate::layers::join(&l.name, "x_quantizer"), "calibrating", on)?;
     }
     Ok(())
 }
@@ -56,7 +56,7 @@ impl ScriptModel {
         let _guard = tch::no_grad_guard();
         // The forward assigns a new tensor to `observed`: it is looked up afresh each time.
         let observed = |l: &RewrittenLayer| {
-            jit::get_tensor(&self.module, &format!("{}.x_quantizer", l.name), "observed")
+            jit::get_tensor(&self.module, &crate::layers::join(&l.name, "x_quantizer"), "observed")
         };
         // Each batch's maximum, one statistic per batch as the crate's layers record them.
         let mut stats = vec![Vec::new(); pact.len()];
@@ -82,7 +82,7 @@ impl ScriptModel {
         run?;
         let mut alphas = Vec::new();
         for (l, s) in pact.iter().zip(&stats) {
-            let q = format!("{}.x_quantizer", l.name);
+            let q = crate::layers::join(&l.name, "x_quantizer");
             let pact = l.spec.x_kind == QuantizerKind::Pact;
             let mut value = jit::get_tensor(&self.module, &q, if pact { "alpha" } else { "running_max" })?;
             // The same reduction and alpha floor as the crate's networks.
@@ -101,7 +101,8 @@ impl ScriptModel {
                 return Ok(None);
             }
             Ok(Some(
-                jit::get_tensor(&self.module, &format!("{}.{q}", l.name), "alpha")?.f_double_value(&[0])?,
+                jit::get_tensor(&self.module, &crate::layers::join(&l.name, q), "alpha")?
+                    .f_double_value(&[0])?,
             ))
         };
         self.rewritten

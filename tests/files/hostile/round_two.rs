@@ -495,10 +495,19 @@ fn rewrite_refusals_name_the_layer_and_the_real_reason() {
     let e = m.quantize_layers(&RewriteConfig::default()).unwrap_err().to_string();
     assert!(e.contains("fc has an attribute x_quantizer of its own"), "{e}");
     assert!(!e.contains("rewritten before"), "{e}");
-    // A layer that is the whole model is named too, not as an empty path.
+    // A layer that is the whole model is rewritten too, reflect padding included (issue 20).
     let mut m = ScriptModel::load(tmp.0.join("root_reflect.pt"), Device::Cpu).unwrap();
-    let e = m.quantize_layers(&RewriteConfig::default()).unwrap_err().to_string();
-    assert_eq!(e, "the root module (the model itself): padding modes other than zeros are not supported");
+    let x = common::randn(&[2, 1, 6, 6], 2, Device::Cpu);
+    let float = m.forward(&x).unwrap();
+    let r = m.quantize_layers(&RewriteConfig::default()).unwrap();
+    assert_eq!(r.layers[0].name, "");
+    assert!(
+        matches!(r.layers[0].op, torchapprox::torchscript::LayerOp::Conv2d { input_pad: Some(_), .. }),
+        "{r:?}"
+    );
+    m.calibrate(&x, 1, 2).unwrap();
+    let diff = (m.forward(&x).unwrap() - float).abs().max().double_value(&[]);
+    assert!(diff > 0.0 && diff < 0.1, "8-bit rewrite of a root reflect Conv2d differs by {diff}");
     // A model that is one Linear is rewritten like any other layer.
     let mut m = ScriptModel::load(tmp.0.join("root_linear.pt"), Device::Cpu).unwrap();
     let x = common::randn(&[5, 4], 1, Device::Cpu);
