@@ -20,7 +20,7 @@ use common::pick_device;
 use serde_json::json;
 use tch::Device;
 use torchapprox::approx::Multiplier;
-use torchapprox::data::{normalize, Mnist};
+use torchapprox::data::{normalize_channels, DataSet, LoadOptions};
 use torchapprox::files::check_output;
 use torchapprox::layers::QuantSpec;
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind, RangeMode};
@@ -83,15 +83,28 @@ struct Args {
     /// fine-tuning or evaluation; 0 keeps alpha = 2.2.
     #[arg(long, default_value_t = 0)]
     calibrate: usize,
-    /// MNIST-format folder to measure accuracy on; default: the embedded 10,000-digit subset.
+    /// The data: an MNIST folder (IDX files), a CIFAR-10/100 binary folder, an image folder
+    /// (`train/` and `val/`, or one subfolder per class; PNG/JPEG) or a `.safetensors` file
+    /// (`images`, `labels`); default: the embedded 10,000 MNIST digits.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Input normalisation: mean subtracted after pixel / 255 (exported models usually carry their own).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    mean: f64,
-    /// Input normalisation: divisor after subtracting the mean.
-    #[arg(long, default_value_t = 1.0)]
-    std: f64,
+    /// Height and width of image-folder images (shorter side resized to size x 256/224, then
+    /// center cropped).
+    #[arg(long, default_value_t = 224)]
+    image_size: i64,
+    /// At most this many images per split, spread evenly over it (every k-th).
+    #[arg(long)]
+    limit: Option<i64>,
+    /// Input normalisation: mean subtracted after pixel / 255, one value or one per channel
+    /// (`0.485,0.456,0.406` for ImageNet models); exported models may carry their own.
+    #[arg(long, default_value = "0", value_delimiter = ',', allow_hyphen_values = true)]
+    mean: Vec<f64>,
+    /// Input normalisation: divisor after subtracting the mean, one value or one per channel.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    std: Vec<f64>,
+    /// Fine-tune on random crops (images zero-padded by 1/8 of their height) and horizontal flips.
+    #[arg(long)]
+    augment: bool,
     /// Epochs of QAT fine-tuning on the training digits (0: post-training only): weight-only,
     /// or with --x-quant of every parameter and alpha of the rewritten model.
     #[arg(long, default_value_t = 0)]
@@ -166,7 +179,7 @@ fn layer_json(r: &LayerReport) -> serde_json::Value {
 
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
-    let ft = FinetuneConfig { epochs: args.finetune_epochs, lr: args.finetune_lr, ..Default::default() };
+    let mut ft = FinetuneConfig { epochs: args.finetune_epochs, lr: args.finetune_lr, ..Default::default() };
     ft.check().context("--finetune-lr")?;
     let bits = check_bitwidth(args.bits).context("--bits")?;
     let rewrite = args.x_quant != "none";
@@ -232,14 +245,26 @@ fn run(args: Args) -> Result<()> {
         check_output(out, &[&args.model]).context("--out")?;
     }
     let device = pick_device(&args.device)?;
-    let data = match &args.data {
-        Some(dir) => Mnist::load_dir(dir)?,
-        None => Mnist::embedded()?,
+    let options = LoadOptions { size: [args.image_size, args.image_size], ..Default::default() };
+    let mut data = match &args.data {
+        Some(path) => DataSet::load(path, &options)?,
+        None => DataSet::from_mnist(torchapprox::data::Mnist::embedded()?, "the embedded digits"),
     };
-    let test_x = normalize(&data.test_images, args.mean, args.std, Device::Cpu)?;
+    if let Some(n) = args.limit {
+        data.train = data.train.spread(n)?;
+        data.test = data.test.spread(n)?;
+    }
+    if args.augment {
+        // An eighth of the image's height: 4 pixels for CIFAR's 32x32.
+        ft.augment_pad = (data.train.images.size()[2] / 8).max(1);
+    }
+    let test_x = normalize_channels(&data.test.images, &args.mean, &args.std, Device::Cpu)?;
     let mut model = ScriptModel::load(&args.model, device)?;
     let weights = model.quantizable_weights()?;
-    let float_accuracy = model.accuracy(&test_x, &data.test_labels, 500)?;
+    // Labels the model cannot predict are the data's fault: say so before any accuracy.
+    let classes = model.logits(&test_x.narrow(0, 0, 1).to_device(device))?.size()[1];
+    data.check_classes(classes)?;
+    let float_accuracy = model.accuracy(&test_x, &data.test.labels, 500)?;
     let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     say(format!(
         "{}: {} quantizable weights, float test accuracy {:.2}%",
@@ -247,7 +272,7 @@ fn run(args: Args) -> Result<()> {
         weights.len(),
         100.0 * float_accuracy
     ));
-    let train_x = || normalize(&data.train_images, args.mean, args.std, Device::Cpu);
+    let train_x = || normalize_channels(&data.train.images, &args.mean, &args.std, Device::Cpu);
     let (layers_json, left) = if rewrite {
         let report = model.quantize_layers(&rewrite_config)?;
         if args.calibrate > 0 {
@@ -266,7 +291,7 @@ fn run(args: Args) -> Result<()> {
             if std::io::stderr().is_terminal() {
                 eprintln!("fine-tuning {} epoch(s) of the rewritten model...", args.finetune_epochs);
             }
-            model.finetune(&train_x()?, &data.train_labels, ft)?;
+            model.finetune(&train_x()?, &data.train.labels, ft)?;
         }
         for l in &report.layers {
             say(format!(
@@ -289,7 +314,7 @@ fn run(args: Args) -> Result<()> {
             if std::io::stderr().is_terminal() {
                 eprintln!("fine-tuning {} epoch(s) with {}-bit weights...", args.finetune_epochs, args.bits);
             }
-            model.finetune_qat(&config, &train_x()?, &data.train_labels, ft)?
+            model.finetune_qat(&config, &train_x()?, &data.train.labels, ft)?
         } else {
             model.quantize_weights(&config)?
         };
@@ -313,13 +338,13 @@ fn run(args: Args) -> Result<()> {
         }
         (report.iter().map(layer_json).collect(), Vec::new())
     };
-    let quantized_accuracy = model.accuracy(&test_x, &data.test_labels, 500)?;
+    let quantized_accuracy = model.accuracy(&test_x, &data.test.labels, 500)?;
     say(format!(
-        "test accuracy: float {:.2}%, {} {:.2}% ({} digits)",
+        "test accuracy: float {:.2}%, {} {:.2}% ({} test images)",
         100.0 * float_accuracy,
         if approx { "approximate" } else { "quantized" },
         100.0 * quantized_accuracy,
-        data.test_labels.size()[0]
+        data.test.labels.size()[0]
     ));
     if let Some(out) = &args.out {
         model.save(out)?;
@@ -336,7 +361,9 @@ fn run(args: Args) -> Result<()> {
             "mode": args.mode,
             "multipliers": model.multipliers().iter().map(|(l, m)| json!({"layer": l, "multiplier": m.name()})).collect::<Vec<_>>(),
             "finetune_epochs": args.finetune_epochs,
-            "test_digits": data.test_labels.size()[0],
+            "test_digits": data.test.labels.size()[0],
+            "data": {"format": data.format, "source": data.source.display().to_string(),
+                "train": data.train.len(), "test": data.test.len(), "classes": data.classes},
             "float_accuracy": float_accuracy,
             "quantized_accuracy": quantized_accuracy,
             "out": args.out.as_ref().map(|p| p.display().to_string()),

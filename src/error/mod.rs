@@ -242,6 +242,16 @@ pub enum Error {
         problem: String,
     },
 
+    /// A data file or folder (CIFAR records, an image folder, a safetensors data set) that
+    /// cannot be used, and why.
+    #[error("{}: {problem}", crate::files::shown_path(path))]
+    DataFile {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What is wrong with it, in words.
+        problem: String,
+    },
+
     /// A strict rewrite ([`RewriteConfig::strict`](crate::torchscript::RewriteConfig)) of a
     /// model where something would stay in float: each entry is `layer: reason`.
     #[error("strict rewrite refused: {} would stay in float: {}", .layers.len(), .layers.join("; "))]

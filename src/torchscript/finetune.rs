@@ -18,12 +18,22 @@ pub struct FinetuneConfig {
     pub batch_size: i64,
     /// Seed of the shuffling.
     pub seed: i64,
+    /// Random crops of images zero-padded by this many pixels, and random horizontal flips,
+    /// for each batch ([`random_crop_flip`](crate::data::random_crop_flip)); 0: none.
+    pub augment_pad: i64,
 }
 
 impl FinetuneConfig {
     /// Checks the learning rate (finite, not negative) and the batch size (at least 1).
     pub fn check(&self) -> Result<()> {
         crate::args::check_learning_rate("fine-tuning learning rate", self.lr)?;
+        if !(0..=1024).contains(&self.augment_pad) {
+            return Err(Error::Argument {
+                what: "augmentation padding",
+                value: self.augment_pad as f64,
+                expected: "0 to 1024 pixels",
+            });
+        }
         if self.batch_size < 1 {
             return Err(Error::Argument {
                 what: "fine-tuning batch size",
@@ -37,7 +47,7 @@ impl FinetuneConfig {
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
-        Self { epochs: 1, lr: 1e-4, batch_size: 64, seed: 0 }
+        Self { epochs: 1, lr: 1e-4, batch_size: 64, seed: 0, augment_pad: 0 }
     }
 }
 
@@ -140,7 +150,11 @@ impl ScriptModel {
                 let order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
                 for start in (0..n).step_by(config.batch_size.max(1) as usize) {
                     let idx = order.f_narrow(0, start, config.batch_size.min(n - start))?;
-                    let x = images.f_index_select(0, &idx)?.f_to_device(self.device)?;
+                    let mut x = images.f_index_select(0, &idx)?;
+                    if config.augment_pad > 0 {
+                        x = crate::data::random_crop_flip(&x, config.augment_pad)?;
+                    }
+                    let x = x.f_to_device(self.device)?;
                     let y = labels.f_index_select(0, &idx)?.f_to_device(self.device)?;
                     let quantized: Vec<Tensor> =
                         shadows.iter().map(|(_, s, q)| q.f_fake_quantize(s)).collect::<Result<_>>()?;

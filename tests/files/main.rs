@@ -6,5 +6,6 @@
 mod common;
 
 mod data_and_checkpoints;
+mod data_formats;
 mod fuzz;
 mod hostile;

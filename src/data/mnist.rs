@@ -1,9 +1,9 @@
-//! MNIST in IDX format (plain or gzipped): loading with clear errors, normalisation, and writing subsets.
+//! MNIST in IDX format (plain or gzipped): loading with clear errors, the embedded digits, and writing subsets.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::{Error, MnistProblem, Result};
 
@@ -78,7 +78,7 @@ impl Mnist {
             ($name:literal) => {
                 (
                     concat!("embedded ", $name),
-                    &include_bytes!(concat!("../examples/data/mnist-10k/", $name))[..],
+                    &include_bytes!(concat!("../../examples/data/mnist-10k/", $name))[..],
                 )
             };
         }
@@ -146,35 +146,6 @@ impl Mnist {
         }
         Ok(())
     }
-}
-
-/// How many of `images` get their arg-max logit equal to `labels`, running `forward` on
-/// batches of `batch_size` (at least 1) without gradients; the labels follow the logits'
-/// device.
-pub fn count_correct(
-    images: &Tensor,
-    labels: &Tensor,
-    batch_size: i64,
-    mut forward: impl FnMut(&Tensor) -> Result<Tensor>,
-) -> Result<i64> {
-    let _guard = tch::no_grad_guard();
-    let (n, batch) = (labels.size()[0], batch_size.max(1));
-    let mut correct = 0;
-    for start in (0..n).step_by(batch as usize) {
-        let len = batch.min(n - start);
-        let logits = forward(&images.f_narrow(0, start, len)?)?;
-        let labels = labels.f_narrow(0, start, len)?.f_to_device(logits.device())?;
-        correct += logits.f_argmax(-1, false)?.f_eq_tensor(&labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    }
-    Ok(correct)
-}
-
-/// Images as float32 `[N, 1, rows, cols]` on `device`: `(pixel / 255 - mean) / std`.
-pub fn normalize(images: &Tensor, mean: f64, std: f64, device: Device) -> Result<Tensor> {
-    crate::args::check_positive("std", std)?;
-    crate::args::check_f32("mean", mean)?;
-    let x = images.f_to_device(device)?.f_to_kind(Kind::Float)?.f_unsqueeze(1)?;
-    Ok(((x / 255.0) - mean) / std)
 }
 
 /// Plain bytes, or the gunzipped stream (every member of a multi-member gzip) where the data starts with gzip's magic.
