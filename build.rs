@@ -28,4 +28,38 @@ fn main() {
         .opt_level(2)
         .files(SOURCES.iter().map(|f| format!("src/glue/{f}")))
         .compile("torchapprox_glue");
+    distributed(root);
+}
+
+/// c10d's Gloo group needs gloo's headers, which PyPI's torch does not ship (Debian's
+/// `libgloo-dev` has them; scripts/setup.sh installs it). Without them the crate builds
+/// anyway and `distributed` says what is missing at run time (cfg `torchapprox_gloo`).
+fn distributed(root: &std::path::Path) {
+    println!("cargo::rustc-check-cfg=cfg(torchapprox_gloo)");
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+    let candidates: Vec<PathBuf> = std::env::var_os("GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(["/usr/include", "/usr/local/include"].map(PathBuf::from))
+        .collect();
+    let Some(gloo) = candidates.into_iter().find(|d| d.join("gloo/config.h").exists()) else {
+        println!("cargo:warning=gloo headers not found (install libgloo-dev or run scripts/setup.sh): torchapprox::distributed will refuse to start");
+        return;
+    };
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .include(gloo)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag("-DUSE_C10D_GLOO")
+        .opt_level(2)
+        .file("src/glue/distributed.cpp")
+        .compile("torchapprox_distributed");
+    println!("cargo:rustc-cfg=torchapprox_gloo");
 }

@@ -64,6 +64,20 @@ else
     echo "setup: installed $("$py" -c 'import torch; print(torch.__version__)')"
 fi
 
+# c10d's Gloo process groups (torchapprox::distributed) need gloo's headers, which the
+# wheel does not ship: Debian's libgloo-dev has them. Without them the crate still builds
+# and its process groups say what is missing.
+if [ ! -f /usr/include/gloo/config.h ] && [ ! -f /usr/local/include/gloo/config.h ] && [ -z "${GLOO_INCLUDE:-}" ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing libgloo-dev (gloo's headers, for multi-process training)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null; } \
+            || echo "setup: warning: could not install libgloo-dev; torchapprox::distributed will be unavailable" >&2
+    else
+        echo "setup: warning: gloo's headers are missing; install libgloo-dev (or set GLOO_INCLUDE) for torchapprox::distributed" >&2
+    fi
+fi
+
 torch_dir="$("$py" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
 # With --project only the user's crate and the cache are written: the checkout may be read-only.
 if [ -z "$project" ]; then

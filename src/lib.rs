@@ -7,6 +7,7 @@ pub mod approx;
 pub mod args;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 mod error;
 pub mod files;
 mod glue;

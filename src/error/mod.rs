@@ -242,6 +242,29 @@ pub enum Error {
         problem: String,
     },
 
+    /// A collective or the rendezvous of a process group failed: a peer is gone, did not
+    /// answer within the timeout, or the ranks disagree.
+    #[error("rank {rank}: {op} failed: {problem}")]
+    Distributed {
+        /// This process's rank.
+        rank: i64,
+        /// What was being done (`rendezvous`, `allreduce`, ...).
+        op: &'static str,
+        /// Why, in words (with libtorch's message).
+        problem: String,
+    },
+
+    /// A torchrun environment variable that cannot be used.
+    #[error("{name}={value:?}: {problem}")]
+    DistEnv {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
     /// A data file or folder (CIFAR records, an image folder, a safetensors data set) that
     /// cannot be used, and why.
     #[error("{}: {problem}", crate::files::shown_path(path))]

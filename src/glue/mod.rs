@@ -8,6 +8,7 @@
 use std::ffi::{c_char, c_void, CStr};
 
 pub(crate) mod autograd;
+pub(crate) mod distributed;
 pub(crate) mod jit;
 pub(crate) mod ops;
 pub(crate) mod parallel;

@@ -1,0 +1,170 @@
+//! [`ProcessGroup`]: PyTorch's Gloo process group over a TCPStore rendezvous, with
+//! allreduce, broadcast and barrier that give up after the group's timeout.
+
+use std::time::Duration;
+
+use tch::{Kind, Tensor};
+
+use super::DistEnv;
+use crate::glue::distributed::{Group, Rendezvous};
+use crate::{Error, Result};
+
+/// The longest timeout a group accepts: a lost peer must be noticed in minutes, not in
+/// PyTorch's default half hour.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How [`ProcessGroup::allreduce_`] combines the ranks' tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise maximum.
+    Max,
+    /// Element-wise minimum.
+    Min,
+}
+
+/// A Gloo process group of CPU tensors (c10d's own collectives, not the crate's).
+pub struct ProcessGroup {
+    group: Group,
+    rank: i64,
+    world_size: i64,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ProcessGroup {{ rank: {}, world_size: {}, timeout: {:?} }}",
+            self.rank, self.world_size, self.timeout
+        )
+    }
+}
+
+impl ProcessGroup {
+    /// Joins the run `env` describes: rank 0 hosts the TCPStore at `MASTER_ADDR:MASTER_PORT`
+    /// (unless torchrun's agent does), every rank connects, and the Gloo group forms. Every
+    /// step, and every later collective, gives up after `timeout` (at most [`MAX_TIMEOUT`])
+    /// with an error naming this rank and what failed.
+    pub fn init(env: &DistEnv, timeout: Duration) -> Result<Self> {
+        if timeout.is_zero() || timeout > MAX_TIMEOUT {
+            return Err(Error::Argument {
+                what: "process group timeout (seconds)",
+                value: timeout.as_secs_f64(),
+                expected: "more than 0 and at most 600",
+            });
+        }
+        let prefix = format!("torchapprox/attempt_{}", env.restart);
+        // Gloo binds to the address the peers reach: the store's own for a local run.
+        let bind_host = if env.master_addr == "localhost" || env.master_addr.starts_with("127.") {
+            "127.0.0.1".to_string()
+        } else {
+            std::env::var("TORCHAPPROX_GLOO_HOST").unwrap_or_else(|_| hostname())
+        };
+        let r = Rendezvous {
+            host: &env.master_addr,
+            port: env.master_port,
+            rank: env.rank,
+            world: env.world_size,
+            is_server: env.rank == 0 && !env.agent_store,
+            timeout_ms: timeout.as_millis() as i64,
+            prefix: &prefix,
+            bind_host: &bind_host,
+        };
+        let group = Group::new(&r).map_err(|problem| Error::Distributed {
+            rank: env.rank,
+            op: "rendezvous",
+            problem: format!(
+                "as rank {} of {} at {}:{} within {:?}: {}",
+                env.rank,
+                env.world_size,
+                env.master_addr,
+                env.master_port,
+                timeout,
+                crate::strip_backtrace(&problem)
+            ),
+        })?;
+        Ok(Self { group, rank: env.rank, world_size: env.world_size, timeout })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> i64 {
+        self.rank
+    }
+
+    /// How many ranks.
+    pub fn world_size(&self) -> i64 {
+        self.world_size
+    }
+
+    fn fail(&self, op: &'static str, problem: String) -> Error {
+        Error::Distributed {
+            rank: self.rank,
+            op,
+            problem: format!(
+                "a peer is gone or did not answer within {:?}: {}",
+                self.timeout,
+                crate::strip_backtrace(&problem)
+            ),
+        }
+    }
+
+    fn check_cpu(&self, t: &Tensor, op: &'static str) -> Result<()> {
+        if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+            return Err(Error::Distributed {
+                rank: self.rank,
+                op,
+                problem: format!("Gloo groups take contiguous CPU tensors, got one on {:?}", t.device()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Combines `t` over all ranks, in place: every rank ends with the same values.
+    pub fn allreduce_(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        self.check_cpu(t, "allreduce")?;
+        let code = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 1,
+            ReduceOp::Min => 2,
+        };
+        self.group.allreduce(t, code).map_err(|p| self.fail("allreduce", p))
+    }
+
+    /// Copies rank `root`'s `t` into every rank's `t`.
+    pub fn broadcast_(&mut self, t: &mut Tensor, root: i64) -> Result<()> {
+        self.check_cpu(t, "broadcast")?;
+        self.group.broadcast(t, root).map_err(|p| self.fail("broadcast", p))
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.group.barrier().map_err(|p| self.fail("barrier", p))
+    }
+
+    /// Refuses to go on unless every rank passed the same `value` (a hash of its
+    /// configuration, its parameter shapes): the error names `what` and this rank's value.
+    pub fn check_same(&mut self, what: &str, value: u64) -> Result<()> {
+        // Two 32-bit halves: float-free and exact in int64 max and min.
+        let halves = [(value >> 32) as i64, (value & 0xffff_ffff) as i64];
+        let mut hi = Tensor::f_from_slice(&halves)?.f_to_kind(Kind::Int64)?;
+        let mut lo = Tensor::f_from_slice(&halves)?;
+        self.allreduce_(&mut hi, ReduceOp::Max)?;
+        self.allreduce_(&mut lo, ReduceOp::Min)?;
+        if !hi.equal(&lo) {
+            return Err(Error::Distributed {
+                rank: self.rank,
+                op: "start",
+                problem: format!("the ranks disagree on {what} (this rank's is {value:016x})"),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".into())
+}

@@ -1,0 +1,24 @@
+//! Several processes, one training run, through PyTorch's own c10d: torchrun's environment
+//! ([`DistEnv`]) and a Gloo [`ProcessGroup`] (TCPStore rendezvous; allreduce, broadcast,
+//! barrier) whose every step gives up after a timeout, so a lost peer ends the run in
+//! minutes with one line naming the rank and the step.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tch::Tensor;
+//! use torchapprox::distributed::{DistEnv, ProcessGroup, ReduceOp};
+//!
+//! // Under `torchrun --nproc-per-node 2 ...`, or with RANK, WORLD_SIZE, MASTER_PORT set.
+//! if let Some(env) = DistEnv::from_env()? {
+//!     let mut group = ProcessGroup::init(&env, Duration::from_secs(60))?;
+//!     let mut t = Tensor::from_slice(&[env.rank as f32 + 1.0]);
+//!     group.allreduce_(&mut t, ReduceOp::Sum)?; // 1 + 2 = 3 on both ranks
+//! }
+//! # Ok::<(), torchapprox::Error>(())
+//! ```
+
+mod env;
+mod group;
+
+pub use env::DistEnv;
+pub use group::{ProcessGroup, ReduceOp, MAX_TIMEOUT};

@@ -1,0 +1,86 @@
+// PyTorch's c10d for the crate (`ta_pg_*`): a TCPStore rendezvous and a Gloo process group,
+// and its collectives on CPU tensors, each waited for within the group's timeout. Which
+// rank hosts the store, the prefix and the timeout are Rust's decisions.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+
+#include "border.h"
+
+using ta::guard;
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  std::chrono::milliseconds timeout;
+};
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
+  work->wait(timeout);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Connects to (or, with `is_server`, hosts) the TCPStore at host:port, keys under `prefix`,
+// and creates the Gloo group of `world` ranks whose transport binds to `bind_host`.
+char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, int64_t timeout_ms,
+                const char* prefix, const char* bind_host, Group** out) {
+  return guard([&] {
+    const std::chrono::milliseconds timeout(timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = is_server != 0;
+    if (is_server != 0) opts.numWorkers = static_cast<std::size_t>(world);
+    // The group waits for every rank through the store within the timeout; the store itself
+    // need not count clients.
+    opts.waitWorkers = false;
+    opts.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind_host));
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    *out = new Group{store, pg, timeout};
+  });
+}
+
+// Reduces `t` in place over all ranks: op 0 sum, 1 max, 2 min.
+char* ta_pg_allreduce(Group* g, at::Tensor* t, int op) {
+  return guard([&] {
+    c10d::AllreduceOptions o;
+    o.reduceOp = op == 1 ? c10d::ReduceOp::MAX : op == 2 ? c10d::ReduceOp::MIN : c10d::ReduceOp::SUM;
+    o.timeout = g->timeout;
+    std::vector<at::Tensor> v{*t};
+    wait(g->pg->allreduce(v, o), g->timeout);
+  });
+}
+
+// Copies rank `root`'s `t` into every rank's `t`.
+char* ta_pg_broadcast(Group* g, at::Tensor* t, int64_t root) {
+  return guard([&] {
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    o.timeout = g->timeout;
+    std::vector<at::Tensor> v{*t};
+    wait(g->pg->broadcast(v, o), g->timeout);
+  });
+}
+
+// Returns once every rank called it (or the timeout passed).
+char* ta_pg_barrier(Group* g) {
+  return guard([&] {
+    c10d::BarrierOptions o;
+    o.timeout = g->timeout;
+    wait(g->pg->barrier(o), g->timeout);
+  });
+}
+
+void ta_pg_free(Group* g) { delete g; }
+
+}  // extern "C"
