@@ -9,7 +9,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod common;
 
@@ -24,6 +24,7 @@ use torchapprox::approx::Multiplier;
 use torchapprox::args::{check_f32, check_learning_rate, check_positive};
 use torchapprox::checkpoint::{check_variables, load_checked, save_atomic};
 use torchapprox::data::{count_correct, normalize, Mnist};
+use torchapprox::distributed::{DataParallel, DistEnv, ProcessGroup};
 use torchapprox::files::check_output;
 use torchapprox::import::{import_safetensors, ImportOptions};
 use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
@@ -143,6 +144,13 @@ struct Args {
     /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
+    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
+    #[arg(long, default_value_t = 60.0)]
+    dist_timeout: f64,
+    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
+    #[arg(long, default_value_t = 25)]
+    bucket_mb: usize,
 }
 
 /// Parses `NAME=X_KIND[:BITS],W_KIND[:BITS]` against the model's layer names; the old form
@@ -160,9 +168,27 @@ fn parse_override(arg: &str, arch: Architecture, base: QuantSpec) -> Result<(Str
 }
 
 /// Share of correct predictions over a data set, in batches, without gradients.
-fn accuracy(net: &Net, images: &Tensor, labels: &Tensor, batch: i64) -> Result<f64> {
-    let correct = count_correct(images, labels, batch, |x| net.f_forward_t(x, false))?;
-    Ok(correct as f64 / labels.size()[0].max(1) as f64)
+/// Test accuracy; under torchrun each rank counts its share of the test set and the counts
+/// are summed.
+fn accuracy(
+    net: &Net,
+    images: &Tensor,
+    labels: &Tensor,
+    batch: i64,
+    dp: Option<&mut DataParallel>,
+) -> Result<f64> {
+    let n = labels.size()[0];
+    let correct = match dp {
+        Some(dp) => {
+            let idx = dp.shard(&Tensor::arange(n, (Kind::Int64, images.device())))?;
+            let (x, y) =
+                (images.index_select(0, &idx), labels.index_select(0, &idx.to_device(labels.device())));
+            let mine = count_correct(&x, &y, batch, |x| net.f_forward_t(x, false))?;
+            dp.sum_i64(mine)?
+        }
+        None => count_correct(images, labels, batch, |x| net.f_forward_t(x, false))?,
+    };
+    Ok(correct as f64 / n.max(1) as f64)
 }
 
 fn quantizer_report(q: &Quantizer) -> serde_json::Value {
@@ -182,6 +208,21 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
+    // Under torchrun every rank trains the same network on its share of each batch.
+    let mut dp = match DistEnv::from_env()? {
+        Some(env) if env.world_size > 1 => {
+            if !(args.dist_timeout > 0.0 && args.dist_timeout <= 600.0) {
+                bail!(
+                    "--dist-timeout must be more than 0 and at most 600 seconds, got {}",
+                    args.dist_timeout
+                );
+            }
+            let group = ProcessGroup::init(&env, Duration::from_secs_f64(args.dist_timeout))?;
+            Some(DataParallel::new(group, args.bucket_mb.clamp(1, 4096) << 20))
+        }
+        _ => None,
+    };
+    let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let base = QuantSpec {
         x_kind: args.x_quant,
         w_kind: args.w_quant,
@@ -262,7 +303,12 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let device = pick_device(&args.device)?;
-    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
+    // Only rank 0 speaks (and writes): the others would repeat it.
+    let say = |line: String| match (leader, args.json) {
+        (false, _) => {}
+        (true, true) => eprintln!("{line}"),
+        (true, false) => println!("{line}"),
+    };
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
         None => Mnist::embedded()?,
@@ -323,6 +369,11 @@ fn run(args: Args) -> Result<()> {
         let shown: Vec<String> = ranges.iter().map(|(n, r)| format!("{n} {r:.3}")).collect();
         say(format!("calibrated on {} batches: {}", batches.len(), shown.join(", ")));
     }
+    if let Some(dp) = dp.as_mut() {
+        // Same flags and network everywhere, then rank 0's variables everywhere.
+        dp.check_same_setup(&vs, &format!("{args:?}"))?;
+        dp.broadcast_variables(&vs)?;
+    }
     let mut opt = match args.optimizer.as_str() {
         "sgd" => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, args.lr)?,
         _ => nn::Adam::default().build(&vs, args.lr)?,
@@ -331,7 +382,7 @@ fn run(args: Args) -> Result<()> {
     let n = train_y.size()[0];
     // n / b rounded up without n + b - 1, which overflows for a huge --batch-size.
     let steps = n / args.batch_size + i64::from(n % args.batch_size != 0);
-    let show_bar = !args.json && std::io::stderr().is_terminal();
+    let show_bar = leader && !args.json && std::io::stderr().is_terminal();
     say(format!(
         "{} on {} train / {} test digits, mode {}, {} bits, x {} / w {}{}, {device:?}",
         args.model,
@@ -358,32 +409,53 @@ fn run(args: Args) -> Result<()> {
         let (mut loss_sum, mut correct) =
             (Tensor::zeros([], (Kind::Float, device)), Tensor::zeros([], (Kind::Int64, device)));
         for step in 0..steps {
-            let idx =
+            let global =
                 order.narrow(0, step * args.batch_size, args.batch_size.min(n - step * args.batch_size));
-            let (x, y) = (train_x.index_select(0, &idx), train_y.index_select(0, &idx));
+            // --batch-size is the global batch: each rank takes its contiguous share of it.
+            let idx = match &dp {
+                Some(dp) => dp.shard(&global)?,
+                None => global.shallow_clone(),
+            };
             if args.schedule == "cosine" {
                 let done = ((epoch - 1) as i64 * steps + step) as f64 / (args.epochs as i64 * steps) as f64;
                 opt.set_lr(args.lr * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()));
             }
-            let logits = net.f_forward_t(&x, true)?;
-            let loss = logits.cross_entropy_for_logits(&y);
-            opt.backward_step(&loss);
-            loss_sum += loss.detach() * idx.size()[0] as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
-            if show_bar && step % 10 == 0 {
-                bar.set_message(format!("loss {:.4}", loss.double_value(&[])));
+            let local = idx.size()[0];
+            opt.zero_grad();
+            if local > 0 {
+                let (x, y) = (train_x.index_select(0, &idx), train_y.index_select(0, &idx));
+                let logits = net.f_forward_t(&x, true)?;
+                let loss = logits.cross_entropy_for_logits(&y);
+                loss.backward();
+                loss_sum += loss.detach() * local as f64;
+                correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
+                if show_bar && step % 10 == 0 {
+                    bar.set_message(format!("loss {:.4}", loss.double_value(&[])));
+                }
             }
+            if let Some(dp) = dp.as_mut() {
+                // The gradient of the mean loss over the whole global batch, on every rank.
+                dp.sum_gradients(&vs, local, global.size()[0])?;
+            }
+            opt.step();
             bar.inc(1);
         }
         bar.finish_and_clear();
-        final_loss = loss_sum.double_value(&[]) / n as f64;
+        let (mut loss_total, mut correct_total) = (loss_sum.double_value(&[]), correct.int64_value(&[]));
+        if let Some(dp) = dp.as_mut() {
+            let mut t = Tensor::from_slice(&[loss_total]);
+            dp.group().allreduce_(&mut t, torchapprox::distributed::ReduceOp::Sum)?;
+            loss_total = t.double_value(&[0]);
+            correct_total = dp.sum_i64(correct_total)?;
+        }
+        final_loss = loss_total / n as f64;
         if !final_loss.is_finite() {
             bail!("training diverged in epoch {epoch} (loss {final_loss}); try a smaller --lr");
         }
         // The loss was computed before the epoch's last step: the weights themselves decide.
         check_variables(&vs, &format!("training diverged in epoch {epoch} (try a smaller --lr)"))?;
-        let train_acc = correct.int64_value(&[]) as f64 / n as f64;
-        let test_acc = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size)?;
+        let train_acc = correct_total as f64 / n as f64;
+        let test_acc = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size, dp.as_mut())?;
         let secs = t0.elapsed().as_secs_f64();
         say(format!(
             "epoch {epoch:>2}/{}  loss {final_loss:.4}  train {:.2}%  test {:.2}%  {secs:.1}s",
@@ -393,8 +465,8 @@ fn run(args: Args) -> Result<()> {
         ));
         epochs.push(json!({"epoch": epoch, "loss": final_loss, "train_accuracy": train_acc, "test_accuracy": test_acc, "seconds": secs}));
     }
-    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size)?;
-    if let Some(path) = &args.save {
+    let test_accuracy = accuracy(&net, &test_x, &data.test_labels, args.eval_batch_size, dp.as_mut())?;
+    if let Some(path) = args.save.as_ref().filter(|_| leader) {
         save_atomic(&vs, path)?;
         say(format!("saved {}", path.display()));
     }
@@ -404,7 +476,7 @@ fn run(args: Args) -> Result<()> {
         100.0 * test_accuracy,
         data.test_labels.size()[0]
     ));
-    if args.json {
+    if args.json && leader {
         let layers: Vec<_> = net
             .approx_layers()
             .into_iter()
@@ -436,6 +508,7 @@ fn run(args: Args) -> Result<()> {
             "per_channel": args.per_channel,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
+            "processes": dp.as_ref().map_or(1, |d| d.rank_and_size().1),
             "lr": args.lr,
             "optimizer": args.optimizer,
             "schedule": args.schedule,

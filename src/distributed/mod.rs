@@ -1,7 +1,8 @@
 //! Several processes, one training run, through PyTorch's own c10d: torchrun's environment
 //! ([`DistEnv`]) and a Gloo [`ProcessGroup`] (TCPStore rendezvous; allreduce, broadcast,
 //! barrier) whose every step gives up after a timeout, so a lost peer ends the run in
-//! minutes with one line naming the rank and the step.
+//! minutes with one line naming the rank and the step; [`DataParallel`] trains one network
+//! on every rank with a share of each batch, as one process would on the whole batch.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -17,8 +18,10 @@
 //! # Ok::<(), torchapprox::Error>(())
 //! ```
 
+mod data_parallel;
 mod env;
 mod group;
 
+pub use data_parallel::{DataParallel, DEFAULT_BUCKET_BYTES};
 pub use env::DistEnv;
 pub use group::{ProcessGroup, ReduceOp, MAX_TIMEOUT};

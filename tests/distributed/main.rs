@@ -9,6 +9,7 @@
 mod common;
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -186,4 +187,149 @@ fn a_wrong_world_size_or_port_is_a_rendezvous_error_not_a_hang() {
         assert!(r.secs < 30.0, "rank {i} took {:.1} s", r.secs);
         eprintln!("wrong port, rank {i} after {:.1} s: {}", r.secs, lines[0]);
     }
+}
+
+/// Starts `train` with `args` as rank `rank` of `world` (no rank: a single process).
+fn train(rank: Option<(i64, i64, u16)>, args: &[&str]) -> Child {
+    let mut c = Command::new(common::example_bin("train"));
+    c.args(args).env_remove("RUST_BACKTRACE").stdout(Stdio::piped()).stderr(Stdio::piped());
+    for v in ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"] {
+        c.env_remove(v);
+    }
+    if let Some((rank, world, port)) = rank {
+        c.env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+    }
+    c.spawn().unwrap()
+}
+
+fn finish(mut c: Child, limit: Duration) -> (bool, String, String, f64) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = c.kill();
+            break c.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status.success(), out, err, start.elapsed().as_secs_f64())
+}
+
+#[test]
+fn two_ranks_train_as_one_process_on_the_whole_batch() {
+    let tmp = common::TempDir::new("dp-equal");
+    let data = tmp.0.join("digits");
+    torchapprox::data::Mnist::embedded().unwrap().subset(256, 200).save_dir(&data).unwrap();
+    for optimizer in ["sgd", "adam"] {
+        let (one, two) = (
+            tmp.0.join(format!("one-{optimizer}.safetensors")),
+            tmp.0.join(format!("two-{optimizer}.safetensors")),
+        );
+        let args = |save: &Path| -> Vec<String> {
+            [
+                "--model",
+                "lenet",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--threads",
+                "1",
+                "--x-quant",
+                "pact",
+                "--mode",
+                "quantized",
+                "--optimizer",
+                optimizer,
+                "--json",
+                "--data",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([data.display().to_string(), "--save".into(), save.display().to_string()])
+            .collect()
+        };
+        let a1 = args(&one);
+        let (ok, _, err, _) =
+            finish(train(None, &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>()), Duration::from_secs(120));
+        assert!(ok, "{err}");
+        let a2 = args(&two);
+        let a2: Vec<&str> = a2.iter().map(|s| s.as_str()).collect();
+        let port = free_port();
+        let r0 = train(Some((0, 2, port)), &a2);
+        let r1 = train(Some((1, 2, port)), &a2);
+        let (ok0, out0, err0, _) = finish(r0, Duration::from_secs(120));
+        let (ok1, out1, err1, _) = finish(r1, Duration::from_secs(120));
+        assert!(ok0 && ok1, "{err0}\n{err1}");
+        // Rank 0 alone reports and writes; rank 1 stays quiet.
+        let report: serde_json::Value = serde_json::from_str(out0.trim()).unwrap();
+        assert_eq!(report["processes"], 2, "{report}");
+        assert!(out1.trim().is_empty(), "rank 1 printed {out1}");
+        // 256 digits, global batch 64: four steps. The same weights and alphas as one
+        // process, within float summation order (two half-batch means vs one mean).
+        let read = |p: &Path| {
+            let mut v = Tensor::read_safetensors(p).unwrap();
+            v.sort_by(|x, y| x.0.cmp(&y.0));
+            v
+        };
+        let (a, b) = (read(&one), read(&two));
+        assert_eq!(a.len(), b.len());
+        let mut worst = 0.0f64;
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            worst = worst.max((ta - tb).abs().max().double_value(&[]));
+        }
+        eprintln!("{optimizer}: largest difference between 2 ranks and 1 process after 4 steps: {worst:.3e}");
+        assert!(worst < 1e-5, "{optimizer}: 2 ranks differ from 1 process by {worst}");
+    }
+}
+
+#[test]
+fn a_rank_killed_mid_training_ends_the_other_without_a_checkpoint() {
+    let tmp = common::TempDir::new("dp-killed");
+    let data = tmp.0.join("digits");
+    torchapprox::data::Mnist::embedded().unwrap().subset(2048, 200).save_dir(&data).unwrap();
+    let save = tmp.0.join("never.safetensors");
+    let args = [
+        "--model",
+        "lenet",
+        "--epochs",
+        "200",
+        "--threads",
+        "1",
+        "--dist-timeout",
+        "5",
+        "--data",
+        data.to_str().unwrap(),
+        "--save",
+        save.to_str().unwrap(),
+    ];
+    let port = free_port();
+    let r0 = train(Some((0, 2, port)), &args);
+    let mut r1 = train(Some((1, 2, port)), &args);
+    std::thread::sleep(Duration::from_secs(3));
+    r1.kill().unwrap();
+    let killed_at = Instant::now();
+    let _ = r1.wait();
+    let (ok, _, err, _) = finish(r0, Duration::from_secs(60));
+    let secs = killed_at.elapsed().as_secs_f64();
+    assert!(!ok, "rank 0 must fail: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("error: rank 0: ") && lines[0].contains("failed: a peer is gone"),
+        "{}",
+        lines[0]
+    );
+    assert!(secs < 20.0, "rank 0 took {secs:.1} s after the kill");
+    assert!(!save.exists(), "no checkpoint from a broken run");
+    eprintln!("rank 1 killed mid-training: rank 0 exited {secs:.1} s later: {}", lines[0]);
 }

@@ -1,0 +1,155 @@
+//! Data-parallel training over a [`ProcessGroup`]: the same variables on every rank, a
+//! disjoint share of each global batch per rank, gradients summed in flattened buckets so
+//! that every rank takes the step one process would take on the whole batch.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use tch::{nn, Kind, Tensor};
+
+use super::{ProcessGroup, ReduceOp};
+use crate::{Error, Result};
+
+/// PyTorch DDP's default bucket: 25 MiB of gradients per allreduce.
+pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+
+/// A process group used for data-parallel training of one `VarStore`.
+#[derive(Debug)]
+pub struct DataParallel {
+    group: ProcessGroup,
+    bucket_bytes: usize,
+}
+
+/// The variables of `vs` in name order: the order every rank agrees on.
+fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+impl DataParallel {
+    /// Data-parallel training over `group`, summing gradients in buckets of about
+    /// `bucket_bytes` (at least one gradient each).
+    pub fn new(group: ProcessGroup, bucket_bytes: usize) -> Self {
+        Self { group, bucket_bytes: bucket_bytes.max(1) }
+    }
+
+    /// The process group.
+    pub fn group(&mut self) -> &mut ProcessGroup {
+        &mut self.group
+    }
+
+    /// This rank and the number of ranks.
+    pub fn rank_and_size(&self) -> (i64, i64) {
+        (self.group.rank(), self.group.world_size())
+    }
+
+    /// Refuses to start unless every rank has the same `config` (its flags, in words) and
+    /// the same variable names and shapes: different networks or flags would otherwise
+    /// deadlock or silently train apart.
+    pub fn check_same_setup(&mut self, vs: &nn::VarStore, config: &str) -> Result<()> {
+        let mut h = DefaultHasher::new();
+        config.hash(&mut h);
+        self.group.check_same("the configuration (flags)", h.finish())?;
+        let mut h = DefaultHasher::new();
+        for (name, t) in sorted_variables(vs) {
+            (name, t.size(), t.requires_grad()).hash(&mut h);
+        }
+        self.group.check_same("the network (variable names and shapes)", h.finish())
+    }
+
+    /// Copies every variable of rank 0's `vs` (parameters and buffers: BatchNorm statistics,
+    /// running ranges, alphas) into every rank's, in name order.
+    pub fn broadcast_variables(&mut self, vs: &nn::VarStore) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (_, t) in sorted_variables(vs) {
+            let mut flat = t.f_detach()?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+            self.group.broadcast_(&mut flat, 0)?;
+            t.shallow_clone().f_copy_(&flat)?;
+        }
+        Ok(())
+    }
+
+    /// This rank's part of a global batch `batch` (indices): the `rank`-th of `world`
+    /// contiguous parts, sizes differing by at most one; empty where the batch is smaller
+    /// than the world.
+    pub fn shard(&self, batch: &Tensor) -> Result<Tensor> {
+        let (rank, world) = self.rank_and_size();
+        let n = batch.size().first().copied().unwrap_or(0);
+        let (start, end) = (n * rank / world, n * (rank + 1) / world);
+        Ok(batch.f_narrow(0, start, end - start)?)
+    }
+
+    /// Turns each rank's gradients of its mean loss over `local` samples into the gradient
+    /// of the mean loss over the whole global batch of `global` samples, on every rank: each
+    /// gradient scaled by `local / global`, then summed over ranks in flattened buckets.
+    /// Trainable variables without a gradient (or a rank with no samples) count as zeros.
+    pub fn sum_gradients(&mut self, vs: &nn::VarStore, local: i64, global: i64) -> Result<()> {
+        if global < 1 || local < 0 || local > global {
+            return Err(Error::Argument {
+                what: "samples of a rank's share",
+                value: local as f64,
+                expected: "between 0 and the global batch, which is at least 1",
+            });
+        }
+        let _guard = tch::no_grad_guard();
+        let weight = local as f64 / global as f64;
+        let vars: Vec<Tensor> =
+            sorted_variables(vs).into_iter().map(|(_, t)| t).filter(|t| t.requires_grad()).collect();
+        let mut start = 0;
+        while start < vars.len() {
+            // One bucket: gradients until the byte budget is spent (at least one).
+            let mut end = start + 1;
+            let mut bytes = vars[start].numel() * 4;
+            while end < vars.len() && bytes + vars[end].numel() * 4 <= self.bucket_bytes {
+                bytes += vars[end].numel() * 4;
+                end += 1;
+            }
+            let parts: Vec<Tensor> = vars[start..end]
+                .iter()
+                .map(|v| {
+                    let g = v.grad();
+                    let g = if g.defined() { g.f_mul_scalar(weight)? } else { v.f_zeros_like()? };
+                    Ok(g.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_flatten(0, -1)?)
+                })
+                .collect::<Result<_>>()?;
+            let mut flat = Tensor::f_cat(&parts, 0)?;
+            self.group.allreduce_(&mut flat, ReduceOp::Sum)?;
+            let mut offset = 0;
+            for v in &vars[start..end] {
+                let n = v.numel() as i64;
+                let summed = flat
+                    .f_narrow(0, offset, n)?
+                    .f_view_as(v)?
+                    .f_to_kind(v.kind())?
+                    .f_to_device(v.device())?;
+                let mut g = v.grad();
+                if g.defined() {
+                    g.f_copy_(&summed)?;
+                } else {
+                    // A rank whose share was empty: its variables get the others' gradient.
+                    set_grad(v, &summed)?;
+                }
+                offset += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// The sum over ranks of `value` (counts: correct predictions, samples).
+    pub fn sum_i64(&mut self, value: i64) -> Result<i64> {
+        let mut t = Tensor::f_from_slice(&[value])?;
+        self.group.allreduce_(&mut t, ReduceOp::Sum)?;
+        Ok(t.f_int64_value(&[0])?)
+    }
+}
+
+/// Gives `v` the gradient `g` where it has none yet (no backward pass reached it): the
+/// gradient of `sum(v * g)` with respect to `v` is exactly `g`.
+fn set_grad(v: &Tensor, g: &Tensor) -> Result<()> {
+    tch::with_grad(|| -> Result<()> {
+        v.f_mul(&g.f_detach()?)?.f_sum(Kind::Float)?.f_backward()?;
+        Ok(())
+    })
+}
