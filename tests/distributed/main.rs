@@ -333,3 +333,26 @@ fn a_rank_killed_mid_training_ends_the_other_without_a_checkpoint() {
     assert!(!save.exists(), "no checkpoint from a broken run");
     eprintln!("rank 1 killed mid-training: rank 0 exited {secs:.1} s later: {}", lines[0]);
 }
+
+#[test]
+fn torchrun_starts_the_trainer_as_it_is() {
+    let tmp = common::TempDir::new("dp-torchrun");
+    let data = tmp.0.join("digits");
+    torchapprox::data::Mnist::embedded().unwrap().subset(256, 200).save_dir(&data).unwrap();
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun");
+    let master_port = free_port().to_string();
+    let mut c = Command::new(torchrun);
+    c.args(["--no-python", "--nproc-per-node", "2", "--master-port", &master_port])
+        .arg(common::example_bin("train"))
+        .args(["--model", "lenet", "--epochs", "1", "--threads", "1", "--json", "--data"])
+        .arg(&data)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (ok, out, err, secs) = finish(c.spawn().unwrap(), Duration::from_secs(120));
+    assert!(ok, "{err}");
+    // Rank 0's one JSON object; rank 1 prints nothing.
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["processes"], 2, "{report}");
+    eprintln!("torchrun, 2 ranks: {secs:.1} s, test accuracy {}", report["test_accuracy"]);
+}
