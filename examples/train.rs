@@ -373,6 +373,7 @@ fn run(args: Args) -> Result<()> {
         // Same flags and network everywhere, then rank 0's variables everywhere.
         dp.check_same_setup(&vs, &format!("{args:?}"))?;
         dp.broadcast_variables(&vs)?;
+        dp.sync_activation_ranges(true);
     }
     let mut opt = match args.optimizer.as_str() {
         "sgd" => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, args.lr)?,
@@ -421,6 +422,12 @@ fn run(args: Args) -> Result<()> {
                 opt.set_lr(args.lr * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()));
             }
             let local = idx.size()[0];
+            if local == 0 {
+                // A last batch with fewer digits than ranks is skipped by every rank alike:
+                // activation ranges are synchronised over the ranks' forward passes.
+                bar.inc(1);
+                continue;
+            }
             opt.zero_grad();
             if local > 0 {
                 let (x, y) = (train_x.index_select(0, &idx), train_y.index_select(0, &idx));

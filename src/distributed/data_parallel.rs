@@ -4,6 +4,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::{nn, Kind, Tensor};
 
@@ -16,7 +17,9 @@ pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 /// A process group used for data-parallel training of one `VarStore`.
 #[derive(Debug)]
 pub struct DataParallel {
-    group: ProcessGroup,
+    group: Arc<Mutex<ProcessGroup>>,
+    rank: i64,
+    world_size: i64,
     bucket_bytes: usize,
 }
 
@@ -31,17 +34,34 @@ impl DataParallel {
     /// Data-parallel training over `group`, summing gradients in buckets of about
     /// `bucket_bytes` (at least one gradient each).
     pub fn new(group: ProcessGroup, bucket_bytes: usize) -> Self {
-        Self { group, bucket_bytes: bucket_bytes.max(1) }
+        let (rank, world_size) = (group.rank(), group.world_size());
+        Self { group: Arc::new(Mutex::new(group)), rank, world_size, bucket_bytes: bucket_bytes.max(1) }
     }
 
-    /// The process group.
-    pub fn group(&mut self) -> &mut ProcessGroup {
-        &mut self.group
+    /// The process group, locked.
+    pub fn group(&self) -> MutexGuard<'_, ProcessGroup> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// This rank and the number of ranks.
     pub fn rank_and_size(&self) -> (i64, i64) {
-        (self.group.rank(), self.group.world_size())
+        (self.rank, self.world_size)
+    }
+
+    /// Makes every MinMax activation quantizer of this process take, in training, the range
+    /// of the whole global batch (the maximum over ranks), so that running ranges and the
+    /// quantized values are those one process would compute
+    /// ([`set_range_sync`](crate::quantizers::set_range_sync)); `false` removes the hook.
+    pub fn sync_activation_ranges(&self, on: bool) {
+        let group = Arc::clone(&self.group);
+        let sync: Option<crate::quantizers::RangeSync> = on.then(|| {
+            Arc::new(move |range: f64| -> Result<f64> {
+                let mut t = Tensor::f_from_slice(&[range])?;
+                group.lock().unwrap_or_else(|p| p.into_inner()).allreduce_(&mut t, ReduceOp::Max)?;
+                Ok(t.f_double_value(&[0])?)
+            }) as crate::quantizers::RangeSync
+        });
+        crate::quantizers::set_range_sync(sync);
     }
 
     /// Refuses to start unless every rank has the same `config` (its flags, in words) and
@@ -50,12 +70,12 @@ impl DataParallel {
     pub fn check_same_setup(&mut self, vs: &nn::VarStore, config: &str) -> Result<()> {
         let mut h = DefaultHasher::new();
         config.hash(&mut h);
-        self.group.check_same("the configuration (flags)", h.finish())?;
+        self.group().check_same("the configuration (flags)", h.finish())?;
         let mut h = DefaultHasher::new();
         for (name, t) in sorted_variables(vs) {
             (name, t.size(), t.requires_grad()).hash(&mut h);
         }
-        self.group.check_same("the network (variable names and shapes)", h.finish())
+        self.group().check_same("the network (variable names and shapes)", h.finish())
     }
 
     /// Copies every variable of rank 0's `vs` (parameters and buffers: BatchNorm statistics,
@@ -64,7 +84,7 @@ impl DataParallel {
         let _guard = tch::no_grad_guard();
         for (_, t) in sorted_variables(vs) {
             let mut flat = t.f_detach()?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
-            self.group.broadcast_(&mut flat, 0)?;
+            self.group().broadcast_(&mut flat, 0)?;
             t.shallow_clone().f_copy_(&flat)?;
         }
         Ok(())
@@ -114,7 +134,7 @@ impl DataParallel {
                 })
                 .collect::<Result<_>>()?;
             let mut flat = Tensor::f_cat(&parts, 0)?;
-            self.group.allreduce_(&mut flat, ReduceOp::Sum)?;
+            self.group().allreduce_(&mut flat, ReduceOp::Sum)?;
             let mut offset = 0;
             for v in &vars[start..end] {
                 let n = v.numel() as i64;
@@ -140,7 +160,7 @@ impl DataParallel {
     /// The sum over ranks of `value` (counts: correct predictions, samples).
     pub fn sum_i64(&mut self, value: i64) -> Result<i64> {
         let mut t = Tensor::f_from_slice(&[value])?;
-        self.group.allreduce_(&mut t, ReduceOp::Sum)?;
+        self.group().allreduce_(&mut t, ReduceOp::Sum)?;
         Ok(t.f_int64_value(&[0])?)
     }
 }

@@ -103,8 +103,10 @@ impl MinMaxQuant {
     }
 
     /// The range to quantize with, given this call's own: the running range where there is
-    /// one (updated first in training), else the call's.
+    /// one (updated first in training), else the call's. In training the call's range goes
+    /// through the data-parallel hook first ([`set_range_sync`](super::set_range_sync)).
     fn range_for(&self, batch_range: f64, train: bool) -> Result<f64> {
+        let batch_range = if train { super::sync::synced(batch_range)? } else { batch_range };
         let Some((r, momentum)) = &self.running else { return Ok(batch_range) };
         let current = r.f_double_value(&[0])?;
         if train {

@@ -27,6 +27,7 @@ mod minmax;
 mod pact;
 mod quantizer;
 mod state;
+mod sync;
 
 pub use approx_quantizer::*;
 pub use lsq::*;
@@ -34,3 +35,4 @@ pub use minmax::*;
 pub use pact::*;
 pub use quantizer::*;
 pub use state::check_state;
+pub use sync::{set_range_sync, RangeSync};
