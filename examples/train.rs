@@ -525,6 +525,8 @@ fn run(args: Args) -> Result<()> {
             "final_train_loss": if args.epochs > 0 { json!(final_loss) } else { serde_json::Value::Null },
             "test_accuracy": test_accuracy,
             "seconds": seconds,
+            "train_seconds": epochs.iter().map(|e| e["seconds"].as_f64().unwrap_or(0.0)).sum::<f64>(),
+            "gradient_sum_seconds": dp.as_ref().map_or(0.0, |d| d.gradient_seconds()),
             "per_epoch": epochs,
             "layers": layers,
             "multiplier": multiplier.as_ref().map(|m| {

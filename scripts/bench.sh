@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh >/dev/null
 threads="${BENCH_THREADS:-1,2}"
 mkdir -p target/bench
-cargo build --quiet --release --example bench
+cargo build --quiet --release --example bench --example train
 echo "== PyTorch reference (threads ${threads})"
 .venv/bin/python scripts/checks/bench_reference.py --threads ${threads//,/ } --out target/bench/reference.json
 echo "== torchvision models for the torchscript[] rows (target/bench/models)"

@@ -20,7 +20,8 @@
 #                  "quantized_over_float"}, ...],
 #      "torchscript": [{"model", "batch", "threads", "float_s", "quantized_s", "ratio",
 #                  "step_ratio", "float_step_s", "quantized_step_s", "layers_rewritten",
-#                  "left_in_float"}, ...]}
+#                  "left_in_float"}, ...],
+#      "distributed": [{"processes", "threads", "samples_per_s", "allreduce_share", "seconds"}, ...]}
 #
 # Times are seconds (medians); the PyTorch entries are null when bench ran without a reference.
 # A missing or unreadable file ends with one line `error: ...` and exit status 1.
@@ -304,6 +305,21 @@ def torchscript_table(rows_in):
     return [table(head, rows), ""] if rows else []
 
 
+def distributed_table(rows_in):
+    head = ["processes", "threads each", "samples/s", "speed-up", "gradient sums (share of the time)"]
+    rows, base = [], None
+    for e in rows_in:
+        if not isinstance(e, dict):
+            continue
+        sps = number(e.get("samples_per_s"))
+        if base is None:
+            base = sps
+        rows.append([str(e.get("processes", DASH)), str(e.get("threads", DASH)),
+                     DASH if sps is None else f"{sps:.0f}", times(quotient(sps, base)),
+                     DASH if number(e.get("allreduce_share")) is None else f"{100 * e['allreduce_share']:.1f}%"])
+    return [table(head, rows), ""] if rows else []
+
+
 def render(report, written):
     torch = report.get("reference_torch")
     run = [
@@ -326,6 +342,11 @@ def render(report, written):
         parts += ["## The crate's networks: a training step, quantized against float", "",
                   "8-bit PACT inputs and MinMax weights; ResNet-18 is built with `approx_sequential` "
                   "(224x224 inputs, Adam).", "", *networks_table(networks)]
+    distributed = entries(report, "distributed")
+    if distributed:
+        parts += ["## Data-parallel training (LeNet, 2 epochs of the embedded digits, 127.0.0.1)", "",
+                  "The trainer as 1 process and under 2 ranks of c10d's Gloo group; samples per second over the "
+                  "epochs (each with its evaluation).", "", *distributed_table(distributed)]
     if torchscript:
         parts += ["## torchvision models rewritten by `quantize_layers`", "",
                   "TorchScript from `torch.jit.script` (random weights, seed 0, 224x224 inputs), "

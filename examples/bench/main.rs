@@ -188,6 +188,7 @@ fn run(args: Args) -> Result<()> {
     let mut approx = Vec::new();
     let mut torchscript = Vec::new();
     let mut networks = Vec::new();
+    let mut distributed = Vec::new();
     println!(
         "{:>3} {:>9} {:<7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "thr",
@@ -306,8 +307,11 @@ fn run(args: Args) -> Result<()> {
                 "lookups_per_s": lookups as f64 / t, "torch_s": torch_s, "speedup_vs_torch": torch_s.map(|s| s / t)}));
         }
     }
+    if !args.no_networks && device == Device::Cpu {
+        distributed = networks::distributed_rows()?;
+    }
     let report = json!({"device": format!("{device:?}"), "cases": cases, "lenet": lenet, "approx": approx,
-        "networks": networks, "torchscript": torchscript, "reference_torch": reference["torch"]});
+        "networks": networks, "torchscript": torchscript, "distributed": distributed, "reference_torch": reference["torch"]});
     if let Some(out) = &args.out {
         let inputs: Vec<&std::path::Path> = args.reference.iter().map(|p| p.as_path()).collect();
         torchapprox::files::write_bytes_atomic(

@@ -21,6 +21,7 @@ pub struct DataParallel {
     rank: i64,
     world_size: i64,
     bucket_bytes: usize,
+    sum_seconds: f64,
 }
 
 /// The variables of `vs` in name order: the order every rank agrees on.
@@ -35,7 +36,13 @@ impl DataParallel {
     /// `bucket_bytes` (at least one gradient each).
     pub fn new(group: ProcessGroup, bucket_bytes: usize) -> Self {
         let (rank, world_size) = (group.rank(), group.world_size());
-        Self { group: Arc::new(Mutex::new(group)), rank, world_size, bucket_bytes: bucket_bytes.max(1) }
+        Self {
+            group: Arc::new(Mutex::new(group)),
+            rank,
+            world_size,
+            bucket_bytes: bucket_bytes.max(1),
+            sum_seconds: 0.0,
+        }
     }
 
     /// The process group, locked.
@@ -113,6 +120,7 @@ impl DataParallel {
             });
         }
         let _guard = tch::no_grad_guard();
+        let started = std::time::Instant::now();
         let weight = local as f64 / global as f64;
         let vars: Vec<Tensor> =
             sorted_variables(vs).into_iter().map(|(_, t)| t).filter(|t| t.requires_grad()).collect();
@@ -154,7 +162,14 @@ impl DataParallel {
             }
             start = end;
         }
+        self.sum_seconds += started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Seconds spent in [`sum_gradients`](Self::sum_gradients) so far (flattening, the
+    /// allreduce and the copies back), for the share of a step that communication takes.
+    pub fn gradient_seconds(&self) -> f64 {
+        self.sum_seconds
     }
 
     /// The sum over ranks of `value` (counts: correct predictions, samples).
