@@ -13,11 +13,16 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report libtorch's lib folder"),
     );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    // The same headers, C++ standard and ABI as torch-sys's own torch_api.cpp.
     let root = lib.parent().expect("libtorch's lib folder has a parent");
+    glue_build(root).files(SOURCES.iter().map(|f| format!("src/glue/{f}"))).compile("torchapprox_glue");
+    distributed(root);
+}
+
+/// A C++ build with the same headers, C++ standard and ABI as torch-sys's own torch_api.cpp.
+fn glue_build(root: &std::path::Path) -> cc::Build {
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
+    let mut b = cc::Build::new();
+    b.cpp(true)
         .pic(true)
         .warnings(false)
         .include(root.join("include"))
@@ -25,10 +30,8 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .opt_level(2)
-        .files(SOURCES.iter().map(|f| format!("src/glue/{f}")))
-        .compile("torchapprox_glue");
-    distributed(root);
+        .opt_level(2);
+    b
 }
 
 /// c10d's Gloo group needs gloo's headers, which PyPI's torch does not ship (Debian's
@@ -46,19 +49,9 @@ fn distributed(root: &std::path::Path) {
         println!("cargo:warning=gloo headers not found (install libgloo-dev or run scripts/setup.sh): torchapprox::distributed will refuse to start");
         return;
     };
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
+    glue_build(root)
         .include(gloo)
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
         .flag("-DUSE_C10D_GLOO")
-        .opt_level(2)
         .file("src/glue/distributed.cpp")
         .compile("torchapprox_distributed");
     println!("cargo:rustc-cfg=torchapprox_gloo");
