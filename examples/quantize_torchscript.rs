@@ -149,7 +149,11 @@ fn rewrite_json(model: &ScriptModel, report: &RewriteReport) -> Result<Vec<serde
         .map(|(l, (_, xa, wa))| {
             json!({
                 "name": l.name,
-                "op": match l.op { torchapprox::torchscript::LayerOp::Linear => "linear", _ => "conv2d" },
+                "op": match l.op {
+                    torchapprox::torchscript::LayerOp::Linear => "linear",
+                    torchapprox::torchscript::LayerOp::Attention { .. } => "attention",
+                    _ => "conv2d",
+                },
                 "x_quant": l.spec.x_kind.to_string(),
                 "w_quant": l.spec.w_kind.to_string(),
                 "x_bits": l.spec.x_bitwidth(),

@@ -169,6 +169,40 @@ def quantized_forward(module, alpha):
     return forward
 
 
+def quantized_attention(module, alpha_in, alpha_out):
+    """A replacement forward of nn.MultiheadAttention with both projections computing
+    op(q_x, q_w) / (s_x s_w) + b and the attention between them in float (the rewrite's
+    definition; the ViT calls it with need_weights=False and no masks)."""
+
+    def project(x, alpha, qw, sw, b, start, size):
+        qx, sx = pact(x, alpha)
+        y = F.linear(qx, qw.narrow(0, start, size)) / (sx * sw)
+        return y if b is None else y + b.narrow(0, start, size)
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        assert key_padding_mask is None and attn_mask is None and not need_weights and not is_causal
+        if module.batch_first:
+            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        tgt, bsz, embed = query.shape
+        src, heads = key.shape[0], module.num_heads
+        hd = embed // heads
+        qw, sw = minmax(module.in_proj_weight)
+        b = module.in_proj_bias
+        q = project(query, alpha_in, qw, sw, b, 0, embed).view(tgt, bsz * heads, hd).transpose(0, 1)
+        k = project(key, alpha_in, qw, sw, b, embed, embed).view(src, bsz * heads, hd).transpose(0, 1)
+        v = project(value, alpha_in, qw, sw, b, 2 * embed, embed).view(src, bsz * heads, hd).transpose(0, 1)
+        attn = F.scaled_dot_product_attention(
+            q.view(bsz, heads, tgt, hd), k.view(bsz, heads, src, hd), v.view(bsz, heads, src, hd), None, 0.0, False
+        )
+        attn = attn.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
+        wo, swo = minmax(module.out_proj.weight)
+        out = project(attn, alpha_out, wo, swo, module.out_proj.bias, 0, wo.shape[0]).view(tgt, bsz, -1)
+        return (out.transpose(1, 0) if module.batch_first else out), None
+
+    return forward
+
+
 def check(name, model_path, io_path):
     io = load_file(io_path)
     x, y = io["x"], io["y"]
@@ -184,7 +218,11 @@ def check(name, model_path, io_path):
     rewritten = 0
     for path, m in reference.named_modules():
         key = f"{path}.x_quantizer.alpha"
-        if key in alphas:
+        if key in alphas and isinstance(m, nn.MultiheadAttention):
+            out = alphas[f"{path}.out_proj.x_quantizer.alpha"].detach()
+            m.forward = quantized_attention(m, alphas[key].detach(), out)
+            rewritten += 1
+        elif key in alphas and not path.endswith("self_attention.out_proj"):
             m.forward = quantized_forward(m, alphas[key].detach())
             rewritten += 1
     with torch.no_grad():

@@ -200,17 +200,21 @@ char* ta_module_add_quantizer(const Module* m, const char* path, const char* nam
   });
 }
 
-// Replaces the forward of the submodule at `path` (of its class type, so of every instance of
-// that type) by `source`, a TorchScript `def forward(self, ...)`, which may call the crate's
-// operators as `torchapprox.<op>(...)`.
-char* ta_module_replace_forward(const Module* m, const char* path, const char* source) {
+// Replaces the methods `methods` (newline-separated names, `forward` among them) of the
+// submodule at `path` (of its class type, so of every instance of that type) by `source`,
+// TorchScript `def`s, which may call the crate's operators as `torchapprox.<op>(...)`.
+char* ta_module_replace_forward(const Module* m, const char* path, const char* source, const char* methods) {
   return guard([&] {
     Module sub = submodule(*m, path);
     auto type = sub.type();
     auto cu = type->compilation_unit();
-    if (type->findMethod("forward") != nullptr) {
-      type->unsafeRemoveMethod("forward");
-      cu->unsafeRemoveMethod(c10::QualifiedName(*type->name(), "forward"));
+    std::stringstream names(methods);
+    std::string name;
+    while (std::getline(names, name)) {
+      if (type->findMethod(name) != nullptr) {
+        type->unsafeRemoveMethod(name);
+        cu->unsafeRemoveMethod(c10::QualifiedName(*type->name(), name));
+      }
     }
     sub.define(source, std::make_shared<CrateResolver>());
   });
@@ -238,6 +242,30 @@ char* ta_module_set_attr(const Module* m, const char* path, const char* name, co
       auto type = tensor != nullptr ? c10::TypePtr(c10::TensorType::get()) : c10::TypePtr(c10::IntType::get());
       sub.register_attribute(name, type, v, false, false);
     }
+  });
+}
+
+// The schema of the forward of the submodule at `path`, and its attributes or constants
+// `names` (one per line, `\n`-separated) as `render_ivalue` writes them, `?` where absent:
+// one text for Rust.
+char* ta_module_inspect(const Module* m, const char* path, const char* names, char** out) {
+  return guard([&] {
+    Module sub = submodule(*m, path);
+    std::ostringstream os;
+    os << sub.get_method("forward").function().getSchema() << "\n";
+    std::stringstream ss(names);
+    std::string name;
+    while (std::getline(ss, name)) {
+      // Scripted modules keep `__constants__` (MultiheadAttention's batch_first) on the type.
+      std::string value = "?";
+      if (sub.hasattr(name)) {
+        value = render_ivalue(sub.attr(name));
+      } else if (sub.type()->hasConstant(name)) {
+        value = render_ivalue(sub.type()->getConstant(name));
+      }
+      os << name << "\t" << value << "\n";
+    }
+    *out = dup(os.str());
   });
 }
 

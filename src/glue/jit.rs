@@ -21,8 +21,12 @@ extern "C" {
         state: *const CTensor,
         is_parameter: i32,
     ) -> *mut c_char;
-    fn ta_module_replace_forward(m: *const c_void, path: *const c_char, source: *const c_char)
-        -> *mut c_char;
+    fn ta_module_replace_forward(
+        m: *const c_void,
+        path: *const c_char,
+        source: *const c_char,
+        methods: *const c_char,
+    ) -> *mut c_char;
     fn ta_module_set_bool(
         m: *const c_void,
         path: *const c_char,
@@ -35,6 +39,12 @@ extern "C" {
         name: *const c_char,
         tensor: *const CTensor,
         value: i64,
+    ) -> *mut c_char;
+    fn ta_module_inspect(
+        m: *const c_void,
+        path: *const c_char,
+        names: *const c_char,
+        out: *mut *mut c_char,
     ) -> *mut c_char;
     fn ta_module_get_tensor(
         m: *const c_void,
@@ -156,9 +166,12 @@ pub(crate) fn add_quantizer(
 
 /// Replaces the `forward` of the class of the submodule at `path` by `source` (TorchScript).
 pub(crate) fn replace_forward(m: &CModule, path: &str, source: &str) -> Result<()> {
-    let (p, s) = (cstr(path)?, cstr(source)?);
+    // Every method the source defines replaces its namesake (a second rewrite, the portable form).
+    let names: Vec<&str> =
+        source.lines().filter_map(|l| l.strip_prefix("def ").and_then(|d| d.split('(').next())).collect();
+    let (p, s, n) = (cstr(path)?, cstr(source)?, cstr(&names.join("\n"))?);
     // SAFETY: valid module and strings.
-    glue(unsafe { ta_module_replace_forward(module_ptr(m), p.as_ptr(), s.as_ptr()) })
+    glue(unsafe { ta_module_replace_forward(module_ptr(m), p.as_ptr(), s.as_ptr(), n.as_ptr()) })
 }
 
 /// Sets the bool attribute `name` of the submodule at `path`.
@@ -166,6 +179,17 @@ pub(crate) fn set_bool(m: &CModule, path: &str, name: &str, value: bool) -> Resu
     let (p, n) = (cstr(path)?, cstr(name)?);
     // SAFETY: valid module and strings.
     glue(unsafe { ta_module_set_bool(module_ptr(m), p.as_ptr(), n.as_ptr(), value as i32) })
+}
+
+/// The schema of the forward of the submodule at `path` (first line), then `name\tvalue`
+/// for each of `names` (values as [`forward_ops`] renders them, `?` where absent).
+pub(crate) fn inspect(m: &CModule, path: &str, names: &[&str]) -> Result<String> {
+    let (p, n) = (cstr(path)?, cstr(&names.join("\n"))?);
+    let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a valid module and strings; `out` receives a malloc'ed string.
+    glue(unsafe { ta_module_inspect(module_ptr(m), p.as_ptr(), n.as_ptr(), &mut out) })?;
+    // SAFETY: on success the glue wrote a malloc'ed string to `out`, which take_string frees.
+    Ok(unsafe { take_string(out) })
 }
 
 /// A plain attribute's value (neither parameter nor buffer: `state_dict` never lists it).

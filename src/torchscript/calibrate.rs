@@ -4,7 +4,7 @@ use tch::Tensor;
 
 use tch::CModule;
 
-use super::rewrite::observes_inputs;
+use super::rewrite::observing_quantizers;
 use super::{RewrittenLayer, ScriptModel};
 use crate::glue::jit;
 use crate::layers::{pact_alpha, Calibration};
@@ -14,10 +14,35 @@ use crate::{Error, Result};
 /// A rewritten layer's PACT alphas: `(layer, input alpha, weight alpha)`, `None` for MinMax.
 pub type LayerAlphas = (String, Option<f64>, Option<f64>);
 
-/// Sets `calibrating` on each observing input quantizer of `layers`.
-fn set_calibrating(m: &CModule, layers: &[RewrittenLayer], on: bool) -> Result<()> {
-    for l in layers {
-        jit::set_bool(m, &crate::layers::join(&l.name, "x_quantizer"), "calibrating", on)?;
+/// One input quantizer that observes for calibration: its label in the result (the layer,
+/// or `<attention>.out_proj`), its module path, and whether it is PACT's (else running MinMax).
+struct Observer {
+    label: String,
+    path: String,
+    pact: bool,
+}
+
+/// The observing input quantizers of `layers`.
+fn observers(layers: &[RewrittenLayer]) -> Vec<Observer> {
+    layers
+        .iter()
+        .flat_map(|l| {
+            observing_quantizers(l).into_iter().map(move |q| Observer {
+                label: match q.strip_suffix(".x_quantizer") {
+                    Some(owner) => crate::layers::join(&l.name, owner),
+                    None => l.name.clone(),
+                },
+                path: crate::layers::join(&l.name, q),
+                pact: l.spec.x_kind == QuantizerKind::Pact,
+            })
+        })
+        .collect()
+}
+
+/// Sets `calibrating` on each observing input quantizer.
+fn set_calibrating(m: &CModule, observers: &[Observer], on: bool) -> Result<()> {
+    for o in observers {
+        jit::set_bool(m, &o.path, "calibrating", on)?;
     }
     Ok(())
 }
@@ -34,8 +59,7 @@ impl ScriptModel {
         batches: usize,
         batch_size: i64,
     ) -> Result<Vec<(String, f64)>> {
-        let pact: Vec<RewrittenLayer> =
-            self.rewritten.iter().filter(|l| observes_inputs(&l.spec)).cloned().collect();
+        let pact = observers(&self.rewritten);
         if pact.is_empty() {
             return Err(Error::NothingToDo {
                 model: self.source.clone(),
@@ -55,9 +79,7 @@ impl ScriptModel {
         }
         let _guard = tch::no_grad_guard();
         // The forward assigns a new tensor to `observed`: it is looked up afresh each time.
-        let observed = |l: &RewrittenLayer| {
-            jit::get_tensor(&self.module, &crate::layers::join(&l.name, "x_quantizer"), "observed")
-        };
+        let observed = |o: &Observer| jit::get_tensor(&self.module, &o.path, "observed");
         // Each batch's maximum, one statistic per batch as the crate's layers record them.
         let mut stats = vec![Vec::new(); pact.len()];
         set_calibrating(&self.module, &pact, true)?;
@@ -81,15 +103,14 @@ impl ScriptModel {
         set_calibrating(&self.module, &pact, false)?;
         run?;
         let mut alphas = Vec::new();
-        for (l, s) in pact.iter().zip(&stats) {
-            let q = crate::layers::join(&l.name, "x_quantizer");
-            let pact = l.spec.x_kind == QuantizerKind::Pact;
-            let mut value = jit::get_tensor(&self.module, &q, if pact { "alpha" } else { "running_max" })?;
+        for (o, s) in pact.iter().zip(&stats) {
+            let mut value =
+                jit::get_tensor(&self.module, &o.path, if o.pact { "alpha" } else { "running_max" })?;
             // The same reduction and alpha floor as the crate's networks.
             if let Some(range) = Calibration::Max.range(s) {
-                let _ = value.f_fill_(if pact { pact_alpha(range) } else { range })?;
+                let _ = value.f_fill_(if o.pact { pact_alpha(range) } else { range })?;
             }
-            alphas.push((l.name.clone(), value.f_double_value(&[0])?));
+            alphas.push((o.label.clone(), value.f_double_value(&[0])?));
         }
         Ok(alphas)
     }

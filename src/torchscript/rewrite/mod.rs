@@ -2,10 +2,11 @@
 //! TorchScript, that quantizes its input and weight as the crate's layers do. The settings and
 //! report (`spec`), the plan (`plan`) and the source generator (`source`) each have a file.
 
+mod attention;
 mod plan;
 mod source;
 mod spec;
 
 pub(crate) use plan::{replace_forwards, reset_weight_caches, rewrite};
-pub(crate) use source::{observes_inputs, APPROX_MULTIPLIER, APPROX_TABLE};
+pub(crate) use source::{observing_quantizers, APPROX_MULTIPLIER, APPROX_TABLE};
 pub use spec::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};

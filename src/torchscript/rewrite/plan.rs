@@ -167,9 +167,7 @@ fn classify(class: &str) -> Option<std::result::Result<&'static str, &'static st
         "conv.ConvTranspose2d" => Err("ConvTranspose2d is not covered"),
         "conv.ConvTranspose3d" => Err("ConvTranspose3d is not covered"),
         "linear.Bilinear" => Err("Bilinear is not covered"),
-        "activation.MultiheadAttention" => {
-            Err("MultiheadAttention: its input projection (in_proj_weight) is not covered (yet)")
-        }
+        "activation.MultiheadAttention" => Ok("MultiheadAttention"),
         // MultiheadAttention's `out_proj`: its parent reads the weight, never calls its forward.
         "linear.NonDynamicallyQuantizableLinear" => Err(
             "a MultiheadAttention's out_proj (the attention reads its weight directly) is not covered (yet)",
@@ -296,6 +294,11 @@ pub(crate) fn rewrite(
         jit::set_attr(m, &layer.name, APPROX_MULTIPLIER, AttrValue::Int(-1))?;
     }
     replace_forwards(m, &planned, false)?;
+    // An attention's out_proj is quantized inside the attention's forward.
+    for a in planned.iter().filter(|l| matches!(l.op, LayerOp::Attention { .. })) {
+        let out_proj = crate::layers::join(&a.name, "out_proj");
+        report.left_in_float.retain(|e| !e.starts_with(&format!("{out_proj}: ")));
+    }
     report.layers = planned;
     Ok(report)
 }
@@ -329,10 +332,14 @@ pub(crate) fn reset_weight_caches(m: &CModule, layers: &[RewrittenLayer]) -> Res
     let [cache, scale, weight, version] = WEIGHT_CACHE;
     for l in layers.iter().filter(|l| caches_weight(&l.spec)) {
         let empty = Tensor::f_zeros([0], (Kind::Float, tch::Device::Cpu))?;
-        for name in [cache, scale, weight] {
-            jit::set_attr(m, &l.name, name, AttrValue::Tensor(&empty))?;
+        // An attention caches both projections' weights: `w_cache...` and `out_w_cache...`.
+        let prefixes: &[&str] = if matches!(l.op, LayerOp::Attention { .. }) { &["", "out_"] } else { &[""] };
+        for prefix in prefixes {
+            for name in [cache, scale, weight] {
+                jit::set_attr(m, &l.name, &format!("{prefix}{name}"), AttrValue::Tensor(&empty))?;
+            }
+            jit::set_attr(m, &l.name, &format!("{prefix}{version}"), AttrValue::Int(-1))?;
         }
-        jit::set_attr(m, &l.name, version, AttrValue::Int(-1))?;
     }
     Ok(())
 }
@@ -370,6 +377,9 @@ fn plan_layer(
     class: &str,
     param: &dyn Fn(&str) -> Option<Tensor>,
 ) -> Result<std::result::Result<(LayerOp, bool), String>> {
+    if classify(class) == Some(Ok("MultiheadAttention")) {
+        return plan_attention(m, path, param);
+    }
     let Some(weight) = param(&crate::layers::join(path, "weight")) else {
         return Ok(Err("it has no parameter weight".into()));
     };
@@ -390,43 +400,83 @@ fn plan_layer(
     Ok(Ok((op, param(&crate::layers::join(path, "bias")).is_some())))
 }
 
+/// A MultiheadAttention's plan: scripted (its forward has `need_weights`), one packed input
+/// projection, no `bias_k`/`bias_v`, no `add_zero_attn`; `Err` says why it stays in float.
+fn plan_attention(
+    m: &CModule,
+    path: &str,
+    param: &dyn Fn(&str) -> Option<Tensor>,
+) -> Result<std::result::Result<(LayerOp, bool), String>> {
+    let text = jit::inspect(m, path, &["_qkv_same_embed_dim", "add_zero_attn", "bias_k", "batch_first"])?;
+    let mut lines = text.lines();
+    let schema = lines.next().unwrap_or_default();
+    let attr = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}\t")).map(str::to_string))
+            .unwrap_or_default()
+    };
+    if !schema.contains("need_weights") {
+        return Ok(Err(
+            "a traced MultiheadAttention (its projections are traced into its graph) is not covered (yet)"
+                .into(),
+        ));
+    }
+    if attr("_qkv_same_embed_dim") != "b:1" || param(&crate::layers::join(path, "in_proj_weight")).is_none() {
+        return Ok(Err(
+            "a MultiheadAttention with separate q/k/v projection weights is not covered (yet)".into()
+        ));
+    }
+    if attr("add_zero_attn") != "b:0" || attr("bias_k") != "n" {
+        return Ok(Err(
+            "a MultiheadAttention with add_zero_attn or bias_k/bias_v is not covered (yet)".into()
+        ));
+    }
+    let _ = lines;
+    let op = LayerOp::Attention { batch_first: attr("batch_first") == "b:1" };
+    Ok(Ok((op, param(&crate::layers::join(path, "in_proj_bias")).is_some())))
+}
+
 /// The layer's quantizer submodules: a PACT `alpha` parameter per PACT quantizer (trained, in
 /// a Rust loop and in PyTorch after `torch.jit.load` alike), a `running_max` buffer for
 /// running MinMax inputs.
 fn add_quantizers(m: &CModule, layer: &RewrittenLayer, param: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+    if matches!(layer.op, LayerOp::Attention { .. }) {
+        // The input projection's quantizers on the attention, the output projection's on out_proj.
+        let name = |p: &str| crate::layers::join(&layer.name, p);
+        for (owner, weight) in
+            [(layer.name.clone(), name("in_proj_weight")), (name("out_proj"), name("out_proj.weight"))]
+        {
+            let w = param(&weight)
+                .ok_or_else(|| rewrite_layer(&layer.name, format!("has no parameter {weight}")))?;
+            add_quantizers_for(m, &owner, &layer.spec, &w)?;
+        }
+        return Ok(());
+    }
     let weight = param(&crate::layers::join(&layer.name, "weight")).expect("planned layers have a weight");
+    add_quantizers_for(m, &layer.name, &layer.spec, &weight)
+}
+
+/// The quantizer submodules of the module at `path`, whose weight is `weight`.
+fn add_quantizers_for(m: &CModule, path: &str, spec: &QuantSpec, weight: &Tensor) -> Result<()> {
     let device = weight.device();
-    if layer.spec.x_kind == QuantizerKind::Pact {
-        let alpha =
-            Tensor::f_full([1], layer.spec.init_alpha, (Kind::Float, device))?.f_set_requires_grad(true)?;
-        jit::add_quantizer(
-            m,
-            &layer.name,
-            "x_quantizer",
-            "PACT",
-            QuantizerState::Parameter("alpha", &alpha),
-        )?;
-    } else if observes_inputs(&layer.spec) {
+    if spec.x_kind == QuantizerKind::Pact {
+        let alpha = Tensor::f_full([1], spec.init_alpha, (Kind::Float, device))?.f_set_requires_grad(true)?;
+        jit::add_quantizer(m, path, "x_quantizer", "PACT", QuantizerState::Parameter("alpha", &alpha))?;
+    } else if observes_inputs(spec) {
         let running = Tensor::f_zeros([1], (Kind::Float, device))?;
         jit::add_quantizer(
             m,
-            &layer.name,
+            path,
             "x_quantizer",
             "MinMax",
             QuantizerState::Buffer("running_max", &running),
         )?;
     }
-    if layer.spec.w_kind == QuantizerKind::Pact {
+    if spec.w_kind == QuantizerKind::Pact {
         let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
         let init = if range > 0.0 { range } else { 1.0 };
         let alpha = Tensor::f_full([1], init, (Kind::Float, device))?.f_set_requires_grad(true)?;
-        jit::add_quantizer(
-            m,
-            &layer.name,
-            "w_quantizer",
-            "PACT",
-            QuantizerState::Parameter("alpha", &alpha),
-        )?;
+        jit::add_quantizer(m, path, "w_quantizer", "PACT", QuantizerState::Parameter("alpha", &alpha))?;
     }
     Ok(())
 }

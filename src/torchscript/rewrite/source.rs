@@ -17,6 +17,15 @@ pub(crate) fn observes_inputs(s: &QuantSpec) -> bool {
     s.x_kind == QuantizerKind::Pact || matches!(s.x_range, RangeMode::Running { .. })
 }
 
+/// The paths, from the layer, of its input quantizers that observe inputs for calibration.
+pub(crate) fn observing_quantizers(l: &RewrittenLayer) -> Vec<&'static str> {
+    match (observes_inputs(&l.spec), l.op) {
+        (false, _) => Vec::new(),
+        (true, LayerOp::Attention { .. }) => vec!["x_quantizer", "out_proj.x_quantizer"],
+        (true, _) => vec!["x_quantizer"],
+    }
+}
+
 /// Whether the layer keeps the weight cache: MinMax weights depend on nothing but the weight.
 pub(crate) fn caches_weight(s: &QuantSpec) -> bool {
     s.w_kind == QuantizerKind::MinMax
@@ -28,7 +37,7 @@ fn lit(v: f64) -> String {
 }
 
 /// `lines` (each ending in a newline) indented by `by` spaces.
-fn indent(lines: &str, by: usize) -> String {
+pub(super) fn indent(lines: &str, by: usize) -> String {
     lines.lines().map(|l| format!("{:by$}{l}\n", "")).collect()
 }
 
@@ -181,7 +190,7 @@ fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool, ok: &s
 }
 
 /// The input quantizer: `qx` and `sx` from `x` (`xd` detached).
-fn input_quantizer(s: &QuantSpec, im: f64) -> String {
+pub(super) fn input_quantizer(s: &QuantSpec, im: f64) -> String {
     match (s.x_kind, s.x_range) {
         (QuantizerKind::Pact, _) => branch(
             "torch.is_grad_enabled()",
@@ -222,7 +231,7 @@ fn input_quantizer(s: &QuantSpec, im: f64) -> String {
 /// quantized once per weight update: the cache is keyed on the weight tensor itself, its
 /// version counter (every in-place update, such as an optimizer step or `load_state_dict`,
 /// bumps it), dtype and device.
-fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
+pub(super) fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
     if s.w_kind == QuantizerKind::Pact {
         return branch(
             "torch.is_grad_enabled()",
@@ -231,6 +240,7 @@ fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
         );
     }
     let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[-1, 1]" } else { "[-1, 1, 1, 1]" });
+    // (An attention's projections pass LayerOp::Linear: their weights are matrices.)
     let fresh =
         |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad, "qw_m_ok", true);
     let [cache, scale, weight, version] = WEIGHT_CACHE;
@@ -256,7 +266,9 @@ fn accumulate(l: &RewrittenLayer, exact: &str, portable: bool) -> String {
     let id = format!("self.{APPROX_MULTIPLIER}");
     let (prep, lut) = match l.op {
         LayerOp::Linear if portable => (String::new(), gather_linear()),
-        LayerOp::Linear => (String::new(), format!("torchapprox.lut_linear(qx_l, qw_l, {id})")),
+        LayerOp::Linear | LayerOp::Attention { .. } => {
+            (String::new(), format!("torchapprox.lut_linear(qx_l, qw_l, {id})"))
+        }
         LayerOp::Conv2d { kernel, stride: [s0, s1], padding, dilation, groups, .. } => {
             let (pad, [p0, p1]) = match padding {
                 ConvPadding::Zeros(p) => (None, p),
@@ -358,6 +370,9 @@ fn gather_conv2d(
 /// `bias` attribute at all, but never share a class).
 pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: bool) -> String {
     let s = l.spec;
+    if let LayerOp::Attention { batch_first } = l.op {
+        return super::attention::attention_source(&s, batch_first);
+    }
     let mut body = match l.op {
         LayerOp::Conv2d { input_pad: Some(InputPad { mode, sides: [a, b, c, d] }), .. } => {
             format!("x = torch.pad(input, [{a}, {b}, {c}, {d}], \"{}\")\n", mode.name())
@@ -367,7 +382,7 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: 
     body += "xd = x.detach()\n";
     let bias = if optional_bias || l.bias { "self.bias" } else { "None" };
     let op = |x: &str, w: &str, b: &str| match l.op {
-        LayerOp::Linear => format!("torch.linear({x}, {w}, {b})"),
+        LayerOp::Linear | LayerOp::Attention { .. } => format!("torch.linear({x}, {w}, {b})"),
         LayerOp::Conv2d { stride: [s0, s1], padding, dilation: [d0, d1], groups, .. } => {
             let padding = match padding {
                 ConvPadding::Zeros([p0, p1]) => format!("[{p0}, {p1}]"),
@@ -388,7 +403,7 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: 
     body += "w = self.weight\nwd = w.detach()\n";
     body += &weight_quantizer(&s, l.op, int_max(s.w_bitwidth()) as f64);
     let shape = match l.op {
-        LayerOp::Linear => "[-1]",
+        LayerOp::Linear | LayerOp::Attention { .. } => "[-1]",
         LayerOp::Conv2d { .. } => "[-1, 1, 1]",
     };
     body += &accumulate(l, &op("qx", "qw", "None"), portable);

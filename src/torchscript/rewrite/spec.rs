@@ -79,6 +79,13 @@ pub struct InputPad {
 pub enum LayerOp {
     /// `nn.Linear`.
     Linear,
+    /// A scripted `nn.MultiheadAttention` with a packed input projection: its input
+    /// projection and `out_proj` are quantized (quantizers `x_quantizer`, `w_quantizer` and
+    /// `out_proj.x_quantizer`, `out_proj.w_quantizer`), the attention runs in float.
+    Attention {
+        /// Inputs are `[batch, sequence, features]` (else `[sequence, batch, features]`).
+        batch_first: bool,
+    },
     /// `nn.Conv2d` with its geometry; pairs are (height, width).
     Conv2d {
         /// The kernel's height and width.

@@ -1,0 +1,147 @@
+//! TorchScript source of a rewritten `nn.MultiheadAttention` (scripted, packed input
+//! projection): the input projection (`in_proj_weight`) and the output projection
+//! (`out_proj`) quantized as the rewrite's Linear layers quantize, the attention between
+//! them in float as PyTorch computes it (scaled dot products, masks, dropout, weights).
+
+use super::source::{indent, input_quantizer, observes_inputs, weight_quantizer};
+use super::LayerOp;
+use crate::layers::QuantSpec;
+use crate::quantizers::int_max;
+
+/// The forward's schema: exactly the scripted `nn.MultiheadAttention.forward`'s, so that
+/// its callers' compiled calls still fit.
+const SCHEMA: &str = "def forward(self, query: Tensor, key: Tensor, value: Tensor, \
+    key_padding_mask: Optional[Tensor]=None, need_weights: bool=True, attn_mask: Optional[Tensor]=None, \
+    average_attn_weights: bool=True, is_causal: bool=False) -> Tuple[Tensor, Optional[Tensor]]:\n";
+
+/// A method `name(self, input)` returning one input quantizer's `(qx, sx)`; `q` is the
+/// quantizer submodule's path from the attention (`x_quantizer`, `out_proj.x_quantizer`).
+fn input_method(s: &QuantSpec, name: &str, q: &str) -> String {
+    let mut body = String::from("x = input\nxd = x.detach()\n");
+    if observes_inputs(s) {
+        // Calibration observes the input and lets it through, in float.
+        body += "if self.x_quantizer.calibrating:\n\
+                 \x20   self.x_quantizer.observed = torch.maximum(self.x_quantizer.observed, torch.max(torch.where(torch.isfinite(xd), torch.abs(xd), torch.zeros_like(xd))))\n\
+                 \x20   return x, torch.ones([], dtype=x.dtype, device=x.device)\n";
+    }
+    body += &input_quantizer(s, int_max(s.x_bitwidth()) as f64);
+    body += "return qx, sx\n";
+    let body = body.replace("self.x_quantizer", &format!("self.{q}"));
+    format!("def {name}(self, input: Tensor) -> Tuple[Tensor, Tensor]:\n{}", indent(&body, 4))
+}
+
+/// A method `name(self)` returning a weight's `(qw, sw)`; `weight` is its path, `prefix`
+/// the path of its PACT quantizer's owner (`` or `out_proj.`), `cache` the prefix of its
+/// cache attributes on the attention.
+fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &str) -> String {
+    let mut body = format!("w = self.{weight}\nwd = w.detach()\n");
+    if observes_inputs(s) {
+        body += "if self.x_quantizer.calibrating:\n    return w, torch.ones([], dtype=w.dtype, device=w.device)\n";
+    }
+    body += &weight_quantizer(s, LayerOp::Linear, int_max(s.w_bitwidth()) as f64);
+    body += "return qw, sw\n";
+    let body = body
+        .replace("self.w_quantizer", &format!("self.{prefix}w_quantizer"))
+        .replace("self.w_cache", &format!("self.{cache}w_cache"));
+    format!("def {name}(self) -> Tuple[Tensor, Tensor]:\n{}", indent(&body, 4))
+}
+
+/// The methods and `forward` of a rewritten attention whose quantizers follow `s`.
+pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool) -> String {
+    let scales = if s.per_channel { "sw.narrow(0, start, size).reshape([-1])" } else { "sw" };
+    let project = format!(
+        "def _ta_project(self, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int) -> Tensor:\n\
+         \x20   y = torch.linear(qx, qw.narrow(0, start, size), None) / (sx * {scales})\n\
+         \x20   if b is not None:\n\
+         \x20       y = y + b.narrow(0, start, size)\n\
+         \x20   return y\n"
+    );
+    // `batch_first` is a constant of the scripted class, which new methods cannot read.
+    let forward = "assert query.dim() == 3, \"a quantized MultiheadAttention takes batched inputs\"\n\
+        if BATCH_FIRST:\n\
+        \x20   query = query.transpose(1, 0)\n\
+        \x20   key = key.transpose(1, 0)\n\
+        \x20   value = value.transpose(1, 0)\n\
+        tgt_len = query.size(0)\n\
+        bsz = query.size(1)\n\
+        embed = query.size(2)\n\
+        src_len = key.size(0)\n\
+        heads = self.num_heads\n\
+        head_dim = embed // heads\n\
+        qw, sw = self._ta_w_in()\n\
+        b = self.in_proj_bias\n\
+        xq, sq = self._ta_x_in(query)\n\
+        xk, sk = xq, sq\n\
+        if not (key is query):\n\
+        \x20   xk, sk = self._ta_x_in(key)\n\
+        xv, sv = xk, sk\n\
+        if not (value is key):\n\
+        \x20   xv, sv = self._ta_x_in(value)\n\
+        q = self._ta_project(xq, sq, qw, sw, b, 0, embed)\n\
+        k = self._ta_project(xk, sk, qw, sw, b, embed, embed)\n\
+        v = self._ta_project(xv, sv, qw, sw, b, 2 * embed, embed)\n\
+        q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1)\n\
+        k = k.view(src_len, bsz * heads, head_dim).transpose(0, 1)\n\
+        v = v.view(src_len, bsz * heads, head_dim).transpose(0, 1)\n\
+        causal = is_causal and key_padding_mask is None and not need_weights\n\
+        mask: Optional[Tensor] = None\n\
+        if attn_mask is not None and not causal:\n\
+        \x20   m = attn_mask\n\
+        \x20   if not m.is_floating_point():\n\
+        \x20       m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float(\"-inf\"))\n\
+        \x20   if m.dim() == 2:\n\
+        \x20       m = m.unsqueeze(0)\n\
+        \x20   mask = m\n\
+        if key_padding_mask is not None:\n\
+        \x20   kp = key_padding_mask\n\
+        \x20   if not kp.is_floating_point():\n\
+        \x20       kp = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, float(\"-inf\"))\n\
+        \x20   kp = kp.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)\n\
+        \x20   if mask is None:\n\
+        \x20       mask = kp\n\
+        \x20   else:\n\
+        \x20       mask = mask + kp\n\
+        p = self.dropout if self.training else 0.0\n\
+        weights: Optional[Tensor] = None\n\
+        if need_weights:\n\
+        \x20   qs = q * ((1.0 / float(head_dim)) ** 0.5)\n\
+        \x20   if mask is not None:\n\
+        \x20       w_ = torch.baddbmm(mask, qs, k.transpose(-2, -1))\n\
+        \x20   else:\n\
+        \x20       w_ = torch.bmm(qs, k.transpose(-2, -1))\n\
+        \x20   w_ = torch.softmax(w_, -1)\n\
+        \x20   if p > 0.0:\n\
+        \x20       w_ = torch.dropout(w_, p, True)\n\
+        \x20   attn = torch.bmm(w_, v).transpose(0, 1).contiguous().view(tgt_len * bsz, embed)\n\
+        \x20   w4 = w_.view(bsz, heads, tgt_len, src_len)\n\
+        \x20   weights = w4.mean(1) if average_attn_weights else w4\n\
+        else:\n\
+        \x20   if mask is not None:\n\
+        \x20       if mask.size(0) == 1 and mask.dim() == 3:\n\
+        \x20           mask = mask.unsqueeze(0)\n\
+        \x20       else:\n\
+        \x20           mask = mask.view(bsz, heads, -1, src_len)\n\
+        \x20   q4 = q.view(bsz, heads, tgt_len, head_dim)\n\
+        \x20   k4 = k.view(bsz, heads, src_len, head_dim)\n\
+        \x20   v4 = v.view(bsz, heads, src_len, head_dim)\n\
+        \x20   attn = torch.scaled_dot_product_attention(q4, k4, v4, mask, p, causal)\n\
+        \x20   attn = attn.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed)\n\
+        xo, so = self._ta_x_out(attn)\n\
+        wo, swo = self._ta_w_out()\n\
+        out = self._ta_project(xo, so, wo, swo, self.out_proj.bias, 0, wo.size(0)).view(tgt_len, bsz, -1)\n\
+        if BATCH_FIRST:\n\
+        \x20   out = out.transpose(1, 0)\n\
+        return out, weights\n";
+    [
+        input_method(s, "_ta_x_in", "x_quantizer"),
+        input_method(s, "_ta_x_out", "out_proj.x_quantizer"),
+        weight_method(s, "_ta_w_in", "in_proj_weight", "", ""),
+        weight_method(s, "_ta_w_out", "out_proj.weight", "out_proj.", "out_"),
+        project,
+        format!(
+            "{SCHEMA}{}",
+            indent(&forward.replace("BATCH_FIRST", if batch_first { "True" } else { "False" }), 4)
+        ),
+    ]
+    .join("\n")
+}
