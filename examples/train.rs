@@ -209,7 +209,8 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains the same network on its share of each batch.
-    let mut dp = match DistEnv::from_env()? {
+    let dist_env = DistEnv::from_env()?;
+    let mut dp = match &dist_env {
         Some(env) if env.world_size > 1 => {
             if !(args.dist_timeout > 0.0 && args.dist_timeout <= 600.0) {
                 bail!(
@@ -217,7 +218,7 @@ fn run(args: Args) -> Result<()> {
                     args.dist_timeout
                 );
             }
-            let group = ProcessGroup::init(&env, Duration::from_secs_f64(args.dist_timeout))?;
+            let group = ProcessGroup::init(env, Duration::from_secs_f64(args.dist_timeout))?;
             Some(DataParallel::new(group, args.bucket_mb.clamp(1, 4096) << 20))
         }
         _ => None,
@@ -302,7 +303,11 @@ fn run(args: Args) -> Result<()> {
             bail!("--mode approx reads 8-bit tables (operands of 2 to 8 bits): got {b} bits");
         }
     }
-    let device = pick_device(&args.device)?;
+    let device = match (pick_device(&args.device)?, &dist_env) {
+        // One GPU per rank on its machine: LOCAL_RANK picks it.
+        (tch::Device::Cuda(_), Some(env)) => tch::Device::Cuda(env.local_rank as usize),
+        (device, _) => device,
+    };
     // Only rank 0 speaks (and writes): the others would repeat it.
     let say = |line: String| match (leader, args.json) {
         (false, _) => {}
@@ -406,12 +411,26 @@ fn run(args: Args) -> Result<()> {
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{epoch}/{}", args.epochs));
-        let order = Tensor::randperm(n, (Kind::Int64, device));
+        let mut order = Tensor::randperm(n, (Kind::Int64, device));
+        if let Some(dp) = dp.as_mut() {
+            // Rank 0's permutation everywhere: the ranks' generators may drift apart (noise
+            // mode draws in proportion to each rank's share), the shares must not.
+            let mut cpu = order.to_device(tch::Device::Cpu).contiguous();
+            dp.group().broadcast_(&mut cpu, 0)?;
+            order = cpu.to_device(device);
+        }
         let (mut loss_sum, mut correct) =
             (Tensor::zeros([], (Kind::Float, device)), Tensor::zeros([], (Kind::Int64, device)));
         for step in 0..steps {
             let global =
                 order.narrow(0, step * args.batch_size, args.batch_size.min(n - step * args.batch_size));
+            if dp.as_ref().is_some_and(|d| global.size()[0] < d.rank_and_size().1) {
+                // A last batch with fewer digits than ranks is skipped by every rank alike (the
+                // decision is the global batch's): activation ranges and gradients are summed
+                // over all ranks' passes, which must match one for one.
+                bar.inc(1);
+                continue;
+            }
             // --batch-size is the global batch: each rank takes its contiguous share of it.
             let idx = match &dp {
                 Some(dp) => dp.shard(&global)?,
@@ -422,12 +441,6 @@ fn run(args: Args) -> Result<()> {
                 opt.set_lr(args.lr * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()));
             }
             let local = idx.size()[0];
-            if local == 0 {
-                // A last batch with fewer digits than ranks is skipped by every rank alike:
-                // activation ranges are synchronised over the ranks' forward passes.
-                bar.inc(1);
-                continue;
-            }
             opt.zero_grad();
             if local > 0 {
                 let (x, y) = (train_x.index_select(0, &idx), train_y.index_select(0, &idx));

@@ -60,6 +60,10 @@ fn decode(path: &Path, resize: u32, [ch, cw]: [u32; 2]) -> std::result::Result<V
     let (w, h) = img.dimensions();
     let scale = resize as f64 / w.min(h).max(1) as f64;
     let (nw, nh) = ((w as f64 * scale).round().max(1.0) as u32, (h as f64 * scale).round().max(1.0) as u32);
+    // An elongated image must not become gigabytes when its shorter side is resized.
+    if nw.max(nh) > 16 * resize.max(cw).max(ch) {
+        return Err(format!("{w}x{h} is too elongated to resize its shorter side to {resize}"));
+    }
     if nw < cw || nh < ch {
         return Err(format!("{w}x{h} resized to {nw}x{nh} is smaller than the {cw}x{ch} crop"));
     }

@@ -38,6 +38,13 @@ pub(super) fn load(path: &Path) -> Result<DataSet> {
                     if !finite {
                         return Err(fail(format!("{prefix}images hold NaN or infinite values")));
                     }
+                    let (lo, hi) =
+                        (images.f_min()?.f_double_value(&[])?, images.f_max()?.f_double_value(&[])?);
+                    if lo < 0.0 || hi > 1.0 {
+                        return Err(fail(format!(
+                            "{prefix}images hold values from {lo} to {hi}: float images must be pixel / 255, in [0, 1] (or store u8 pixels)"
+                        )));
+                    }
                 }
                 Ok(Some(ImageSet { images, labels: DataSet::labels(labels)? }))
             }

@@ -180,6 +180,13 @@ impl DataParallel {
     }
 }
 
+impl Drop for DataParallel {
+    /// The range hook holds the group: it goes with it.
+    fn drop(&mut self) {
+        crate::quantizers::set_range_sync(None);
+    }
+}
+
 /// Gives `v` the gradient `g` where it has none yet (no backward pass reached it): the
 /// gradient of `sum(v * g)` with respect to `v` is exactly `g`.
 fn set_grad(v: &Tensor, g: &Tensor) -> Result<()> {

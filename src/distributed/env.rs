@@ -33,6 +33,10 @@ impl DistEnv {
     /// The run described by `get` (a variable's value, if set); see [`from_env`](Self::from_env).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let Some(world) = get("WORLD_SIZE") else { return Ok(None) };
+        // Some schedulers export WORLD_SIZE=1 alone: one process, nothing to join.
+        if world.trim() == "1" && get("RANK").is_none() && get("MASTER_PORT").is_none() {
+            return Ok(None);
+        }
         let int = |name: &'static str, value: String, min: i64| -> Result<i64> {
             match value.trim().parse::<i64>() {
                 Ok(v) if v >= min => Ok(v),
@@ -100,6 +104,7 @@ mod tests {
     #[test]
     fn torchruns_variables_are_read_and_bad_ones_named() {
         assert_eq!(env(&[]).unwrap(), None);
+        assert_eq!(env(&[("WORLD_SIZE", "1")]).unwrap(), None);
         let e = env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "29500")]).unwrap().unwrap();
         assert_eq!(
             (e.rank, e.world_size, e.local_rank, e.master_addr.as_str(), e.master_port),

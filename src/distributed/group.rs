@@ -55,7 +55,10 @@ impl ProcessGroup {
                 expected: "more than 0 and at most 600",
             });
         }
-        let prefix = format!("torchapprox/attempt_{}", env.restart);
+        // A second group in one process must not read the first one's keys.
+        static GROUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = GROUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("torchapprox/attempt_{}/group_{n}", env.restart);
         // Gloo binds to the address the peers reach: the store's own for a local run.
         let bind_host = if env.master_addr == "localhost" || env.master_addr.starts_with("127.") {
             "127.0.0.1".to_string()
@@ -99,15 +102,17 @@ impl ProcessGroup {
     }
 
     fn fail(&self, op: &'static str, problem: String) -> Error {
-        Error::Distributed {
-            rank: self.rank,
-            op,
-            problem: format!(
-                "a peer is gone or did not answer within {:?}: {}",
-                self.timeout,
-                crate::strip_backtrace(&problem)
-            ),
-        }
+        let problem = crate::strip_backtrace(&problem);
+        // Say what the message means where c10d reports a lost or silent peer.
+        let lost = ["closed", "reset", "timed out", "Timed out", "timeout", "Broken pipe"]
+            .iter()
+            .any(|w| problem.contains(w));
+        let problem = if lost {
+            format!("a peer is gone or did not answer within {:?}: {problem}", self.timeout)
+        } else {
+            problem
+        };
+        Error::Distributed { rank: self.rank, op, problem }
     }
 
     fn check_cpu(&self, t: &Tensor, op: &'static str) -> Result<()> {
@@ -115,7 +120,11 @@ impl ProcessGroup {
             return Err(Error::Distributed {
                 rank: self.rank,
                 op,
-                problem: format!("Gloo groups take contiguous CPU tensors, got one on {:?}", t.device()),
+                problem: format!(
+                    "Gloo groups take contiguous CPU tensors, got a{} tensor on {:?}",
+                    if t.is_contiguous() { "" } else { " non-contiguous" },
+                    t.device()
+                ),
             });
         }
         Ok(())

@@ -68,6 +68,9 @@ impl Group {
                 &mut out,
             )
         })?;
+        if out.is_null() {
+            return Err("the glue returned no process group".into());
+        }
         Ok(Self(out))
     }
 

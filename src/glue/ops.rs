@@ -72,7 +72,8 @@ extern "C" fn linear_kernel(
         // SAFETY: the glue passes two valid tensors for the duration of the call.
         let (x, w) =
             unsafe { (Tensor::clone_from_ptr(x as *mut CTensor), Tensor::clone_from_ptr(w as *mut CTensor)) };
-        lut_linear(&x, &w, &m)
+        // In the input's dtype, as the exact op's result would be (the kernel sums in float32).
+        lut_linear(&x, &w, &m)?.f_to_kind(x.kind()).map_err(Into::into)
     })
 }
 
@@ -99,6 +100,6 @@ extern "C" fn conv_kernel(
             dilation: [g[4], g[5]],
             groups: g[6],
         };
-        lut_conv2d_with(&x, &w, &m, geometry)
+        lut_conv2d_with(&x, &w, &m, geometry)?.f_to_kind(x.kind()).map_err(Into::into)
     })
 }
