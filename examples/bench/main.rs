@@ -68,8 +68,7 @@ fn median_time(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
         }
         times.push(t0.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    networks::median(times)
 }
 
 fn iters_for(n: i64) -> usize {
@@ -102,11 +101,7 @@ fn lenet_steps(device: Device) -> Result<(f64, f64)> {
             times.push(t);
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((median(tf), median(tq)))
+    Ok((networks::median(tf), networks::median(tq)))
 }
 
 /// The table-GEMM layers of the approximate mode (LeNet-5's at batch 64, ResNet-18's 3x3

@@ -37,11 +37,13 @@ pub fn alternate(
         ta.push(timed(a)?);
         tb.push(timed(b)?);
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     Ok((median(ta), median(tb)))
+}
+
+/// The median of `v` (the upper one of an even count); `v` is not empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// One SGD step of a TorchScript model on `(x, y)`: forward in training mode, cross-entropy,

@@ -1,4 +1,5 @@
-//! What the example programs share: the `--device` choice, threads, `--layer` parsing, the exit.
+//! What the example programs share: the `--device` choice, threads, `--layer` and
+//! `--layer-multiplier` parsing, the exit.
 // Each example uses part of this module.
 #![allow(dead_code)]
 
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use tch::Device;
+use torchapprox::approx::Multiplier;
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 
 /// `auto` (CUDA when available), `cpu` or `cuda` (an error without a CUDA device).
@@ -70,4 +72,27 @@ pub fn parse_layer_quantizers(arg: &str, example: &str) -> Result<(String, KindB
         }
     };
     Ok((name.to_string(), part(x)?, part(w)?))
+}
+
+/// `--layer-multiplier NAME=SPEC` values: each split (`example` completes the usage line),
+/// its name checked by `check_name` (the network's layers, where they are known before
+/// loading), given once, and its multiplier parsed.
+pub fn parse_layer_multipliers(
+    args: &[String],
+    example: &str,
+    check_name: impl Fn(&str, &str) -> Result<()>,
+) -> Result<Vec<(String, Multiplier)>> {
+    let mut out: Vec<(String, Multiplier)> = Vec::new();
+    for arg in args {
+        let (name, spec) = arg
+            .split_once('=')
+            .with_context(|| format!("--layer-multiplier {arg:?}: expected NAME=SPEC, e.g. {example}"))?;
+        check_name(arg, name)?;
+        if out.iter().any(|(n, _)| n == name) {
+            bail!("--layer-multiplier {name} is given twice: give each layer once");
+        }
+        let m = spec.parse::<Multiplier>().with_context(|| format!("--layer-multiplier {arg:?}"))?;
+        out.push((name.to_string(), m));
+    }
+    Ok(out)
 }

@@ -59,8 +59,8 @@ impl ScriptModel {
         batches: usize,
         batch_size: i64,
     ) -> Result<Vec<(String, f64)>> {
-        let pact = observers(&self.rewritten);
-        if pact.is_empty() {
+        let watched = observers(&self.rewritten);
+        if watched.is_empty() {
             return Err(Error::NothingToDo {
                 model: self.source.clone(),
                 what: "no PACT or running MinMax input quantizers to calibrate: call quantize_layers first",
@@ -81,29 +81,29 @@ impl ScriptModel {
         // The forward assigns a new tensor to `observed`: it is looked up afresh each time.
         let observed = |o: &Observer| jit::get_tensor(&self.module, &o.path, "observed");
         // Each batch's maximum, one statistic per batch as the crate's layers record them.
-        let mut stats = vec![Vec::new(); pact.len()];
-        set_calibrating(&self.module, &pact, true)?;
+        let mut stats = vec![Vec::new(); watched.len()];
+        set_calibrating(&self.module, &watched, true)?;
         let run = (|| -> Result<()> {
             for b in 0..batches as i64 {
                 let start = b * batch_size;
                 if start >= n {
                     break;
                 }
-                for l in &pact {
-                    let _ = observed(l)?.f_zero_()?;
+                for o in &watched {
+                    let _ = observed(o)?.f_zero_()?;
                 }
                 let x = images.f_narrow(0, start, batch_size.min(n - start))?.f_to_device(self.device)?;
                 let _ = self.forward(&x)?;
-                for (s, l) in stats.iter_mut().zip(&pact) {
-                    s.push(observed(l)?.f_double_value(&[])?);
+                for (s, o) in stats.iter_mut().zip(&watched) {
+                    s.push(observed(o)?.f_double_value(&[])?);
                 }
             }
             Ok(())
         })();
-        set_calibrating(&self.module, &pact, false)?;
+        set_calibrating(&self.module, &watched, false)?;
         run?;
         let mut alphas = Vec::new();
-        for (o, s) in pact.iter().zip(&stats) {
+        for (o, s) in watched.iter().zip(&stats) {
             let mut value =
                 jit::get_tensor(&self.module, &o.path, if o.pact { "alpha" } else { "running_max" })?;
             // The same reduction and alpha floor as the crate's networks.

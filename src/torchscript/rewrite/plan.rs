@@ -408,8 +408,7 @@ fn plan_attention(
     param: &dyn Fn(&str) -> Option<Tensor>,
 ) -> Result<std::result::Result<(LayerOp, bool), String>> {
     let text = jit::inspect(m, path, &["_qkv_same_embed_dim", "add_zero_attn", "bias_k", "batch_first"])?;
-    let mut lines = text.lines();
-    let schema = lines.next().unwrap_or_default();
+    let schema = text.lines().next().unwrap_or_default();
     let attr = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}\t")).map(str::to_string))
@@ -431,7 +430,6 @@ fn plan_attention(
             "a MultiheadAttention with add_zero_attn or bias_k/bias_v is not covered (yet)".into()
         ));
     }
-    let _ = lines;
     let op = LayerOp::Attention { batch_first: attr("batch_first") == "b:1" };
     Ok(Ok((op, param(&crate::layers::join(path, "in_proj_bias")).is_some())))
 }
