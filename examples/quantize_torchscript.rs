@@ -190,6 +190,12 @@ fn run(args: Args) -> Result<()> {
     if !rewrite && (args.calibrate > 0 || args.x_bits.is_some() || args.w_bits.is_some() || args.strict) {
         bail!("--calibrate, --x-bits, --w-bits and --strict need --x-quant pact or minmax");
     }
+    if args.limit.is_some_and(|n| n < 1) {
+        bail!("--limit must be at least 1 image per split, got {}", args.limit.unwrap_or(0));
+    }
+    if !(1..=4096).contains(&args.image_size) {
+        bail!("--image-size must be from 1 to 4096 pixels, got {}", args.image_size);
+    }
     let approx = args.mode == "approx";
     if !rewrite && approx {
         bail!("--mode approx needs --x-quant pact or minmax (it runs the rewritten layers' products through a table)");
@@ -202,17 +208,9 @@ fn run(args: Args) -> Result<()> {
     }
     let multiplier =
         args.multiplier.as_ref().map(|m| m.parse::<Multiplier>().context("--multiplier")).transpose()?;
-    let mut layer_multipliers: Vec<(String, Multiplier)> = Vec::new();
-    for arg in &args.layer_multipliers {
-        let (name, spec) = arg.split_once('=').with_context(|| {
-            format!("--layer-multiplier {arg:?}: expected NAME=SPEC, e.g. layer1.0.conv1=mul8s_1KVB")
-        })?;
-        if layer_multipliers.iter().any(|(n, _)| n == name) {
-            bail!("--layer-multiplier {name} is given twice: give each layer once");
-        }
-        let m = spec.parse::<Multiplier>().with_context(|| format!("--layer-multiplier {arg:?}"))?;
-        layer_multipliers.push((name.to_string(), m));
-    }
+    // Layer names are known once the model is rewritten; set_layer_multiplier checks them.
+    let layer_multipliers =
+        common::parse_layer_multipliers(&args.layer_multipliers, "layer1.0.conv1=mul8s_1KVB", |_, _| Ok(()))?;
     let base = QuantSpec {
         x_kind: if args.x_quant == "minmax" { QuantizerKind::MinMax } else { QuantizerKind::Pact },
         w_kind: args.w_quant,

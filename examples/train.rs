@@ -210,16 +210,17 @@ fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains the same network on its share of each batch.
     let dist_env = DistEnv::from_env()?;
+    // Checked on one process too, so that a bad value is seen before any cluster is booked.
+    if !(args.dist_timeout > 0.0 && args.dist_timeout <= 600.0) {
+        bail!("--dist-timeout must be more than 0 and at most 600 seconds, got {}", args.dist_timeout);
+    }
+    if !(1..=4096).contains(&args.bucket_mb) {
+        bail!("--bucket-mb must be from 1 to 4096, got {}", args.bucket_mb);
+    }
     let mut dp = match &dist_env {
         Some(env) if env.world_size > 1 => {
-            if !(args.dist_timeout > 0.0 && args.dist_timeout <= 600.0) {
-                bail!(
-                    "--dist-timeout must be more than 0 and at most 600 seconds, got {}",
-                    args.dist_timeout
-                );
-            }
             let group = ProcessGroup::init(env, Duration::from_secs_f64(args.dist_timeout))?;
-            Some(DataParallel::new(group, args.bucket_mb.clamp(1, 4096) << 20))
+            Some(DataParallel::new(group, args.bucket_mb << 20))
         }
         _ => None,
     };
@@ -264,24 +265,17 @@ fn run(args: Args) -> Result<()> {
         let inputs: Vec<&Path> = args.load.iter().chain(&args.init_from).map(|p| p.as_path()).collect();
         check_output(path, &inputs).context("--save")?;
     }
-    let mut layer_multipliers: Vec<(String, Multiplier)> = Vec::new();
-    for arg in &args.layer_multipliers {
-        let (name, spec) = arg.split_once('=').with_context(|| {
-            format!("--layer-multiplier {arg:?}: expected NAME=SPEC, e.g. conv1=mul8s_1KVB")
+    let layer_multipliers =
+        common::parse_layer_multipliers(&args.layer_multipliers, "conv1=mul8s_1KVB", |arg, name| {
+            if !args.model.layer_names().contains(&name) {
+                bail!(
+                    "--layer-multiplier {arg:?}: unknown layer {name:?}; {} has {}",
+                    args.model,
+                    args.model.layer_names().join(", ")
+                );
+            }
+            Ok(())
         })?;
-        if !args.model.layer_names().contains(&name) {
-            bail!(
-                "--layer-multiplier {arg:?}: unknown layer {name:?}; {} has {}",
-                args.model,
-                args.model.layer_names().join(", ")
-            );
-        }
-        if layer_multipliers.iter().any(|(n, _)| n == name) {
-            bail!("--layer-multiplier {name} is given twice: give each layer once");
-        }
-        let m = spec.parse::<Multiplier>().with_context(|| format!("--layer-multiplier {arg:?}"))?;
-        layer_multipliers.push((name.to_string(), m));
-    }
     if !layer_multipliers.is_empty()
         && !matches!(args.mode, InferenceMode::Approximate | InferenceMode::Noise)
     {

@@ -371,3 +371,34 @@ fn torchrun_starts_the_trainer_as_it_is() {
     assert_eq!(report["processes"], 2, "{report}");
     eprintln!("torchrun, 2 ranks: {secs:.1} s, test accuracy {}", report["test_accuracy"]);
 }
+
+#[test]
+fn the_trainers_distributed_flags_refuse_bad_values_with_one_line() {
+    for (args, needle) in [
+        (&["--dist-timeout", "0"][..], "--dist-timeout must be more than 0 and at most 600 seconds, got 0"),
+        (
+            &["--dist-timeout", "1e9"][..],
+            "--dist-timeout must be more than 0 and at most 600 seconds, got 1000000000",
+        ),
+        (
+            &["--dist-timeout", "NaN"][..],
+            "--dist-timeout must be more than 0 and at most 600 seconds, got NaN",
+        ),
+        (&["--bucket-mb", "0"][..], "--bucket-mb must be from 1 to 4096, got 0"),
+    ] {
+        let (ok, _, err, _) =
+            finish(train(None, &[&["--epochs", "0"][..], args].concat()), Duration::from_secs(60));
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    // Bad torchrun variables: one line naming the variable, before anything starts.
+    let mut c = Command::new(common::example_bin("train"));
+    c.args(["--epochs", "0"])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "x")
+        .env("MASTER_PORT", "1")
+        .env_remove("RUST_BACKTRACE");
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.trim() == "error: RANK=\"x\": is not a whole number", "{err}");
+}

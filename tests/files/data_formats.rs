@@ -241,7 +241,15 @@ fn quantize_torchscript_reads_cifar_folders_and_refuses_labels_beyond_the_model(
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    let o = run(&model, &["--mean", "0.5,0.5"]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("one per image channel"), "{stderr}");
+    for (args, needle) in [
+        (&["--mean", "0.5,0.5"][..], "one per image channel"),
+        (&["--limit", "0"][..], "--limit must be at least 1 image per split, got 0"),
+        (&["--image-size", "0"][..], "--image-size must be from 1 to 4096 pixels, got 0"),
+        (&["--image-size", "99999"][..], "--image-size must be from 1 to 4096 pixels, got 99999"),
+    ] {
+        let o = run(&model, args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
 }
