@@ -32,8 +32,7 @@ pub(super) fn worthwhile(groups: usize, outputs_per_group: usize) -> bool {
 /// written as float32 into `out` (`[N, O, Ho, Wo]`, contiguous).
 pub(super) fn conv(xv: &[u8], wv: &[u8], m: &Multiplier, g: Geometry, out: &mut [f32]) {
     // Row `w` of the transposed table is every product with weight byte `w`: 1 KiB per tap.
-    let by_weight = m.transposed();
-    let table = by_weight.table();
+    let table = m.by_weight_table();
     let (cg, og) = (g.c / g.groups, g.o / g.groups);
     let k = cg * g.kh * g.kw;
     let wide = (m.max_abs() as i128) * (k as i128) > i32::MAX as i128;

@@ -19,11 +19,15 @@ fn to_bytes(t: &Tensor, what: &'static str) -> Result<Vec<u8>> {
     };
     // SAFETY: a contiguous float32 CPU tensor, alive while the slice is read.
     let v = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
-    let mut out = Vec::with_capacity(v.len());
+    // Branch-free so that it vectorises: NaN and values beyond the range are first moved to
+    // -129 or 128 (which the range test rejects), so the truncating cast needs no saturation.
+    let mut out = vec![0u8; v.len()];
     let mut ok = true;
-    for &x in v {
-        ok &= (-128.0..=127.0).contains(&x) && x == x.trunc();
-        out.push(x as i8 as u8);
+    for (o, &x) in out.iter_mut().zip(v) {
+        // SAFETY: the value is finite and in [-129, 128] after max/min (max maps NaN to -129).
+        let i: i32 = unsafe { x.max(-129.0).min(128.0).to_int_unchecked() };
+        ok &= (i as f32 == x) & (-128..=127).contains(&i);
+        *o = i as u8;
     }
     if !ok {
         let bad = v
@@ -429,4 +433,35 @@ fn lut_conv2d_gather(
         outs.push(yg);
     }
     Ok(Tensor::f_cat(&outs, 1)?.f_reshape([n, o, ho, wo])?.f_contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorised byte conversion accepts exactly the integers of [-128, 127] and names the
+    /// first value that is not one, NaN and the infinities included.
+    #[test]
+    fn to_bytes_accepts_exactly_the_int8_integers() {
+        let good = [-128.0f32, -1.0, -0.0, 0.0, 1.0, 127.0];
+        let bytes = to_bytes(&Tensor::from_slice(&good), "x").unwrap();
+        assert_eq!(bytes, [128u8, 255, 0, 0, 1, 127]);
+        for bad in
+            [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 127.5, -128.5, 128.0, -129.0, 1e10, -3e9, 0.25]
+        {
+            // The bad value after 300 good ones, so it lands in a vectorised stretch.
+            let mut v = vec![5.0f32; 300];
+            v.push(bad);
+            v.extend([7.0; 37]);
+            match to_bytes(&Tensor::from_slice(&v), "x") {
+                Err(Error::Operand { value, .. }) => {
+                    assert!(
+                        value.to_bits() == (bad as f64).to_bits() || (bad.is_nan() && value.is_nan()),
+                        "{bad}"
+                    )
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 }

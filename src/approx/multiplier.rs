@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::{Error, Result};
 
@@ -26,12 +26,23 @@ const MAX_TABLE_FILE: u64 = (TABLE_SIZE as u64) * 8 + (64 << 10);
 /// assert!(metrics.error_rate > 0.5);
 /// # Ok::<(), torchapprox::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Multiplier {
     name: String,
     table: Arc<Vec<i32>>,
     max_abs: i64,
+    /// The table indexed `[weight][activation]`, built on first use and shared by clones, so
+    /// that grouped convolutions do not transpose 65,536 entries per call.
+    by_weight: Arc<OnceLock<Vec<i32>>>,
 }
+
+impl PartialEq for Multiplier {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.table == other.table
+    }
+}
+
+impl Eq for Multiplier {}
 
 impl fmt::Debug for Multiplier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -68,7 +79,7 @@ impl Multiplier {
 
     fn new(name: String, table: Vec<i32>) -> Self {
         let max_abs = table.iter().map(|v| (*v as i64).abs()).max().unwrap_or(0);
-        Self { name, table: Arc::new(table), max_abs }
+        Self { name, table: Arc::new(table), max_abs, by_weight: Arc::default() }
     }
 
     /// The exact product.
@@ -227,12 +238,7 @@ impl Multiplier {
     /// # Ok::<(), torchapprox::Error>(())
     /// ```
     pub fn transposed(&self) -> Self {
-        let mut table = vec![0i32; TABLE_SIZE];
-        for i in 0..256 {
-            for j in 0..256 {
-                table[j * 256 + i] = self.table[i * 256 + j];
-            }
-        }
+        let table = self.by_weight_table().to_vec();
         let name = match self.name.strip_suffix(":wx") {
             Some(base) => base.to_string(),
             None => format!("{}:wx", self.name),
@@ -292,6 +298,20 @@ impl Multiplier {
     /// The table, `table[a as u8 * 256 + b as u8]`.
     pub fn table(&self) -> &[i32] {
         &self.table
+    }
+
+    /// The table indexed `[weight byte][activation byte]` (this table transposed), computed
+    /// once per multiplier and shared by its clones.
+    pub(crate) fn by_weight_table(&self) -> &[i32] {
+        self.by_weight.get_or_init(|| {
+            let mut t = vec![0i32; TABLE_SIZE];
+            for i in 0..256 {
+                for j in 0..256 {
+                    t[j * 256 + i] = self.table[i * 256 + j];
+                }
+            }
+            t
+        })
     }
 
     /// The largest magnitude in the table (decides whether sums fit int32).
