@@ -24,7 +24,9 @@ fn to_bytes(t: &Tensor, what: &'static str) -> Result<Vec<u8>> {
     let mut out = vec![0u8; v.len()];
     let mut ok = true;
     for (o, &x) in out.iter_mut().zip(v) {
-        // SAFETY: the value is finite and in [-129, 128] after max/min (max maps NaN to -129).
+        // SAFETY: the value is finite and in [-129, 128] after max/min (max maps NaN to -129;
+        // `clamp` would keep NaN, which the unchecked cast must never see).
+        #[allow(clippy::manual_clamp)]
         let i: i32 = unsafe { x.max(-129.0).min(128.0).to_int_unchecked() };
         ok &= (i as f32 == x) & (-128..=127).contains(&i);
         *o = i as u8;

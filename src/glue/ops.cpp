@@ -1,6 +1,8 @@
-// TorchScript operators of the crate, `torchapprox::lut_linear` and `torchapprox::lut_conv2d`:
-// a rewritten layer in approximate mode calls them from its TorchScript forward. Their
-// kernels are Rust callbacks (`ta_ops_install`), so the table GEMM stays in Rust.
+// TorchScript operators of the crate: `torchapprox::lut_linear` and `torchapprox::lut_conv2d`
+// (a rewritten layer in approximate mode calls them from its TorchScript forward), and
+// `torchapprox::pact_scaled` / `torchapprox::minmax_scaled` (the quantizers' fused kernels and
+// single autograd nodes, which a rewritten layer calls in memory). Their kernels are Rust
+// callbacks (`ta_ops_install`), so the numerics stay in Rust.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,8 +22,14 @@ typedef char* (*linear_fn)(const at::Tensor* x, const at::Tensor* w, int64_t mul
 typedef char* (*conv_fn)(const at::Tensor* x, const at::Tensor* w, int64_t multiplier,
                          const int64_t* geometry, at::Tensor** out);
 
+// Quantizes `x` (PACT with `alpha` when `alpha` is not null, else MinMax over x's own range,
+// per channel when `per_channel`): the integers into `*values`, the scale into `*scale`.
+typedef char* (*quant_fn)(const at::Tensor* x, const at::Tensor* alpha, int64_t int_max, int64_t rounded,
+                          int64_t per_channel, at::Tensor** values, at::Tensor** scale);
+
 std::atomic<linear_fn> g_linear{nullptr};
 std::atomic<conv_fn> g_conv{nullptr};
+std::atomic<quant_fn> g_quant{nullptr};
 
 at::Tensor take(char* err, at::Tensor* out) {
   if (err != nullptr) {
@@ -54,6 +62,28 @@ at::Tensor lut_conv2d(const at::Tensor& x, const at::Tensor& w, int64_t multipli
   return take(err, out);
 }
 
+std::tuple<at::Tensor, at::Tensor> quantized(const at::Tensor& x, const at::Tensor* alpha, int64_t int_max,
+                                             bool rounded, bool per_channel) {
+  auto f = g_quant.load();
+  TORCH_CHECK(f != nullptr, "torchapprox's quantizer operators run inside the torchapprox crate only");
+  at::Tensor* values = nullptr;
+  at::Tensor* scale = nullptr;
+  char* err = f(&x, alpha, int_max, rounded ? 1 : 0, per_channel ? 1 : 0, &values, &scale);
+  if (err != nullptr) delete scale;
+  at::Tensor v = take(err, values);
+  return {v, take(nullptr, scale)};
+}
+
+std::tuple<at::Tensor, at::Tensor> pact_scaled(const at::Tensor& x, const at::Tensor& alpha, int64_t int_max,
+                                               bool rounded) {
+  return quantized(x, &alpha, int_max, rounded, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> minmax_scaled(const at::Tensor& x, int64_t int_max, bool rounded,
+                                                 bool per_channel) {
+  return quantized(x, nullptr, int_max, rounded, per_channel);
+}
+
 }  // namespace
 
 // Registered when the library loads; the kernels work once Rust installed its callbacks.
@@ -63,15 +93,20 @@ TORCH_LIBRARY(torchapprox, m) {
       "lut_conv2d(Tensor x, Tensor w, int multiplier, int[] stride, int[] padding, int[] dilation, int groups) "
       "-> Tensor",
       &lut_conv2d);
+  // Catch-all kernels run under autograd: the Rust kernel builds the quantizer's own node.
+  m.def("pact_scaled(Tensor x, Tensor alpha, int int_max, bool rounded) -> (Tensor, Tensor)", &pact_scaled);
+  m.def("minmax_scaled(Tensor x, int int_max, bool rounded, bool per_channel) -> (Tensor, Tensor)",
+        &minmax_scaled);
 }
 
 extern "C" {
 
 // Installs the Rust kernels of the operators (idempotent).
-char* ta_ops_install(linear_fn linear, conv_fn conv) {
+char* ta_ops_install(linear_fn linear, conv_fn conv, quant_fn quant) {
   return guard([&] {
     g_linear.store(linear);
     g_conv.store(conv);
+    g_quant.store(quant);
   });
 }
 

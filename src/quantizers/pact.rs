@@ -220,7 +220,7 @@ struct PactNode {
 /// PACT's integers (or, with `dequantize`, their values over the scale) with the scale tensor
 /// (undefined when dequantized); all on `x`'s device, no sync. With a gradient to compute this
 /// is one autograd node (see [`PACTQuant`] for its gradients).
-fn pact_quant_scaled(
+pub(crate) fn pact_quant_scaled(
     x: &Tensor,
     alpha: &Tensor,
     int_max: i64,

@@ -16,7 +16,7 @@ const SCHEMA: &str = "def forward(self, query: Tensor, key: Tensor, value: Tenso
 
 /// A method `name(self, input)` returning one input quantizer's `(qx, sx)`; `q` is the
 /// quantizer submodule's path from the attention (`x_quantizer`, `out_proj.x_quantizer`).
-fn input_method(s: &QuantSpec, name: &str, q: &str) -> String {
+fn input_method(s: &QuantSpec, name: &str, q: &str, native: bool) -> String {
     let mut body = String::from("x = input\nxd = x.detach()\n");
     if observes_inputs(s) {
         // Calibration observes the input and lets it through, in float.
@@ -24,7 +24,7 @@ fn input_method(s: &QuantSpec, name: &str, q: &str) -> String {
                  \x20   self.x_quantizer.observed = torch.maximum(self.x_quantizer.observed, torch.max(torch.where(torch.isfinite(xd), torch.abs(xd), torch.zeros_like(xd))))\n\
                  \x20   return x, torch.ones([], dtype=x.dtype, device=x.device)\n";
     }
-    body += &input_quantizer(s, int_max(s.x_bitwidth()) as f64);
+    body += &input_quantizer(s, int_max(s.x_bitwidth()) as f64, native);
     body += "return qx, sx\n";
     let body = body.replace("self.x_quantizer", &format!("self.{q}"));
     format!("def {name}(self, input: Tensor) -> Tuple[Tensor, Tensor]:\n{}", indent(&body, 4))
@@ -33,12 +33,12 @@ fn input_method(s: &QuantSpec, name: &str, q: &str) -> String {
 /// A method `name(self)` returning a weight's `(qw, sw)`; `weight` is its path, `prefix`
 /// the path of its PACT quantizer's owner (`` or `out_proj.`), `cache` the prefix of its
 /// cache attributes on the attention.
-fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &str) -> String {
+fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &str, native: bool) -> String {
     let mut body = format!("w = self.{weight}\nwd = w.detach()\n");
     if observes_inputs(s) {
         body += "if self.x_quantizer.calibrating:\n    return w, torch.ones([], dtype=w.dtype, device=w.device)\n";
     }
-    body += &weight_quantizer(s, LayerOp::Linear, int_max(s.w_bitwidth()) as f64);
+    body += &weight_quantizer(s, LayerOp::Linear, int_max(s.w_bitwidth()) as f64, native);
     body += "return qw, sw\n";
     let body = body
         .replace("self.w_quantizer", &format!("self.{prefix}w_quantizer"))
@@ -46,8 +46,9 @@ fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &
     format!("def {name}(self) -> Tuple[Tensor, Tensor]:\n{}", indent(&body, 4))
 }
 
-/// The methods and `forward` of a rewritten attention whose quantizers follow `s`.
-pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool) -> String {
+/// The methods and `forward` of a rewritten attention whose quantizers follow `s`
+/// (`native`: calling the crate's quantizer operators, the in-memory form).
+pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool, native: bool) -> String {
     let scales = if s.per_channel { "sw.narrow(0, start, size).reshape([-1])" } else { "sw" };
     let project = format!(
         "def _ta_project(self, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int) -> Tensor:\n\
@@ -133,10 +134,10 @@ pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool) -> String {
         \x20   out = out.transpose(1, 0)\n\
         return out, weights\n";
     [
-        input_method(s, "_ta_x_in", "x_quantizer"),
-        input_method(s, "_ta_x_out", "out_proj.x_quantizer"),
-        weight_method(s, "_ta_w_in", "in_proj_weight", "", ""),
-        weight_method(s, "_ta_w_out", "out_proj.weight", "out_proj.", "out_"),
+        input_method(s, "_ta_x_in", "x_quantizer", native),
+        input_method(s, "_ta_x_out", "out_proj.x_quantizer", native),
+        weight_method(s, "_ta_w_in", "in_proj_weight", "", "", native),
+        weight_method(s, "_ta_w_out", "out_proj.weight", "out_proj.", "out_", native),
         project,
         format!(
             "{SCHEMA}{}",

@@ -293,6 +293,8 @@ pub(crate) fn rewrite(
         // Exact products until a multiplier is set (ScriptModel::set_multiplier).
         jit::set_attr(m, &layer.name, APPROX_MULTIPLIER, AttrValue::Int(-1))?;
     }
+    // The in-memory forwards call the crate's operators: their kernels must be in place.
+    crate::glue::ops::install()?;
     replace_forwards(m, &planned, false)?;
     // An attention's out_proj is quantized inside the attention's forward.
     for a in planned.iter().filter(|l| matches!(l.op, LayerOp::Attention { .. })) {

@@ -189,13 +189,60 @@ fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool, ok: &s
     src
 }
 
-/// The input quantizer: `qx` and `sx` from `x` (`xd` detached).
-pub(super) fn input_quantizer(s: &QuantSpec, im: f64) -> String {
+/// `native` (a call of the crate's operators, `torchapprox.pact_scaled` or
+/// `torchapprox.minmax_scaled`) where the operand `v` is float32 or float64 and the crate runs
+/// the model, `portable` (builtin TorchScript with the same values) otherwise.
+fn native_or(v: &str, native: Option<String>, portable: String) -> String {
+    match native {
+        // Dtypes are ints in TorchScript (ScalarType: 6 float32, 7 float64); `torch.float32`
+        // cannot be resolved in source defined on a module.
+        Some(call) => branch(&format!("{v}.dtype == 6 or {v}.dtype == 7"), &call, &portable),
+        None => portable,
+    }
+}
+
+/// TorchScript's spelling of a bool.
+fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+/// The call of the crate's PACT operator: `{out}, {scale}` from operand `o` and the alpha of `q`.
+fn native_pact(s: &QuantSpec, q: &str, o: &Operand, im: f64) -> String {
+    let Operand { v, out, scale, .. } = o;
+    format!(
+        "{out}, {scale} = torchapprox.pact_scaled({v}, self.{q}.alpha, {}, {})\n",
+        im as i64,
+        py_bool(s.rounded)
+    )
+}
+
+/// The call of the crate's MinMax operator (the operand's own range, per channel or not).
+fn native_minmax(s: &QuantSpec, o: &Operand, im: f64, per_channel: bool) -> String {
+    let Operand { v, out, scale, .. } = o;
+    format!(
+        "{out}, {scale} = torchapprox.minmax_scaled({v}, {}, {}, {})\n",
+        im as i64,
+        py_bool(s.rounded),
+        py_bool(per_channel)
+    )
+}
+
+/// The input quantizer: `qx` and `sx` from `x` (`xd` detached); `native` calls the crate's
+/// operators where they apply (the in-memory form; saved files carry the builtin one).
+pub(super) fn input_quantizer(s: &QuantSpec, im: f64, native: bool) -> String {
     match (s.x_kind, s.x_range) {
-        (QuantizerKind::Pact, _) => branch(
-            "torch.is_grad_enabled()",
-            &pact(s, "x_quantizer", &X, im, true),
-            &pact(s, "x_quantizer", &X, im, false),
+        (QuantizerKind::Pact, _) => native_or(
+            "x",
+            native.then(|| native_pact(s, "x_quantizer", &X, im)),
+            branch(
+                "torch.is_grad_enabled()",
+                &pact(s, "x_quantizer", &X, im, true),
+                &pact(s, "x_quantizer", &X, im, false),
+            ),
         ),
         // As `MinMaxQuant` in `RangeMode::Running`: in training the range becomes
         // `momentum * running + (1 - momentum) * batch` (the first batch sets it) and is
@@ -222,7 +269,12 @@ pub(super) fn input_quantizer(s: &QuantSpec, im: f64) -> String {
         }
         _ => {
             let quant = |grad| minmax_quant(s, &X, "qx_m", im, grad, "qx_m_ok", true);
-            minmax_range("xd", "qx_m", None) + &branch("torch.is_grad_enabled()", &quant(true), &quant(false))
+            native_or(
+                "x",
+                native.then(|| native_minmax(s, &X, im, false)),
+                minmax_range("xd", "qx_m", None)
+                    + &branch("torch.is_grad_enabled()", &quant(true), &quant(false)),
+            )
         }
     }
 }
@@ -231,18 +283,27 @@ pub(super) fn input_quantizer(s: &QuantSpec, im: f64) -> String {
 /// quantized once per weight update: the cache is keyed on the weight tensor itself, its
 /// version counter (every in-place update, such as an optimizer step or `load_state_dict`,
 /// bumps it), dtype and device.
-pub(super) fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64) -> String {
+pub(super) fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64, native: bool) -> String {
     if s.w_kind == QuantizerKind::Pact {
-        return branch(
-            "torch.is_grad_enabled()",
-            &pact(s, "w_quantizer", &W, im, true),
-            &pact(s, "w_quantizer", &W, im, false),
+        return native_or(
+            "w",
+            native.then(|| native_pact(s, "w_quantizer", &W, im)),
+            branch(
+                "torch.is_grad_enabled()",
+                &pact(s, "w_quantizer", &W, im, true),
+                &pact(s, "w_quantizer", &W, im, false),
+            ),
         );
     }
     let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[-1, 1]" } else { "[-1, 1, 1, 1]" });
     // (An attention's projections pass LayerOp::Linear: their weights are matrices.)
-    let fresh =
-        |grad| minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad, "qw_m_ok", true);
+    let fresh = |grad| {
+        native_or(
+            "w",
+            native.then(|| native_minmax(s, &W, im, s.per_channel)),
+            minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad, "qw_m_ok", true),
+        )
+    };
     let [cache, scale, weight, version] = WEIGHT_CACHE;
     let refresh = format!(
         "{}self.{cache} = qw\nself.{scale} = sw\nself.{weight} = w\nself.{version} = w._version()\n",
@@ -371,7 +432,7 @@ fn gather_conv2d(
 pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: bool) -> String {
     let s = l.spec;
     if let LayerOp::Attention { batch_first } = l.op {
-        return super::attention::attention_source(&s, batch_first);
+        return super::attention::attention_source(&s, batch_first, !portable);
     }
     let mut body = match l.op {
         LayerOp::Conv2d { input_pad: Some(InputPad { mode, sides: [a, b, c, d] }), .. } => {
@@ -399,9 +460,9 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: 
             op("x", "self.weight", bias)
         );
     }
-    body += &input_quantizer(&s, int_max(s.x_bitwidth()) as f64);
+    body += &input_quantizer(&s, int_max(s.x_bitwidth()) as f64, !portable);
     body += "w = self.weight\nwd = w.detach()\n";
-    body += &weight_quantizer(&s, l.op, int_max(s.w_bitwidth()) as f64);
+    body += &weight_quantizer(&s, l.op, int_max(s.w_bitwidth()) as f64, !portable);
     let shape = match l.op {
         LayerOp::Linear | LayerOp::Attention { .. } => "[-1]",
         LayerOp::Conv2d { .. } => "[-1, 1, 1]",
