@@ -5,20 +5,22 @@
 //!
 //! One job per file: `mnist` parses IDX, `cifar` the CIFAR records, `folder` decodes image
 //! folders, `tensors` reads safetensors, `dataset` detects the format and holds the splits,
-//! `augment` makes random crops and flips.
+//! `augment` makes random crops and flips, `prefetch` prepares batches in the background.
 
 mod augment;
 mod cifar;
 mod dataset;
 mod folder;
 mod mnist;
+mod prefetch;
 mod tensors;
 
 use tch::{Device, Kind, Tensor};
 
-pub use augment::random_crop_flip;
+pub use augment::{crop_flip, crop_flip_draws, random_crop_flip};
 pub use dataset::{DataSet, ImageSet, LoadOptions};
 pub use mnist::{Mnist, MNIST_FILES};
+pub use prefetch::prefetched;
 
 use crate::Result;
 

@@ -147,15 +147,30 @@ impl ScriptModel {
         tch::manual_seed(config.seed);
         let result = (|| -> Result<()> {
             for epoch in 1..=config.epochs {
+                // Every random number of the epoch is drawn here, in order, so that making the
+                // batches on the producer thread changes nothing in the results.
                 let order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
-                for start in (0..n).step_by(config.batch_size.max(1) as usize) {
-                    let idx = order.f_narrow(0, start, config.batch_size.min(n - start))?;
+                let pad = config.augment_pad;
+                let draws = if pad > 0 { Some(crate::data::crop_flip_draws(n, pad)?) } else { None };
+                let batch = config.batch_size.max(1);
+                let (images, labels, device) = (images.shallow_clone(), labels.shallow_clone(), self.device);
+                let make = move |i: usize| -> Result<(Tensor, Tensor)> {
+                    let start = i as i64 * batch;
+                    let len = batch.min(n - start);
+                    let idx = order.f_narrow(0, start, len)?;
                     let mut x = images.f_index_select(0, &idx)?;
-                    if config.augment_pad > 0 {
-                        x = crate::data::random_crop_flip(&x, config.augment_pad)?;
+                    if let Some((offsets, flips)) = &draws {
+                        x = crate::data::crop_flip(
+                            &x,
+                            pad,
+                            &offsets.f_narrow(0, start, len)?,
+                            &flips.f_narrow(0, start, len)?,
+                        )?;
                     }
-                    let x = x.f_to_device(self.device)?;
-                    let y = labels.f_index_select(0, &idx)?.f_to_device(self.device)?;
+                    Ok((x.f_to_device(device)?, labels.f_index_select(0, &idx)?.f_to_device(device)?))
+                };
+                let steps = (n as usize).div_ceil(batch as usize);
+                crate::data::prefetched(steps, 2, make, |(x, y)| {
                     let quantized: Vec<Tensor> =
                         shadows.iter().map(|(_, s, q)| q.f_fake_quantize(s)).collect::<Result<_>>()?;
                     copy_all(&mut shadows.iter().map(|(w, _, _)| w).zip(quantized))?;
@@ -176,7 +191,8 @@ impl ScriptModel {
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (w, s.shallow_clone())))?;
                     opt.step();
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (s, w.shallow_clone())))?;
-                }
+                    Ok(())
+                })?;
                 for (name, t) in self.parameters()? {
                     if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
                         return Err(diverged(epoch, format!("{name} holds non-finite values")));

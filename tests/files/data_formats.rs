@@ -9,7 +9,9 @@ use std::process::Command;
 
 use common::TempDir;
 use tch::{Device, Kind, Tensor};
-use torchapprox::data::{normalize_channels, random_crop_flip, DataSet, LoadOptions};
+use torchapprox::data::{
+    crop_flip, crop_flip_draws, normalize_channels, random_crop_flip, DataSet, LoadOptions,
+};
 
 /// CIFAR records: `label_bytes` labels (the last is the class `i % 7`), then 3072 pixels
 /// whose red plane is `i`, green `2i` and blue `3i` (mod 256).
@@ -185,6 +187,13 @@ fn normalisation_is_per_channel_and_augmentation_crops_and_flips() {
         moved += (dy != 2 || dx != 2) as i32;
     }
     assert!((16..=48).contains(&flipped) && moved > 32, "flipped {flipped}, moved {moved} of 64");
+    // Draws made ahead (as the fine-tuning's batch producer uses them) give the same images.
+    tch::manual_seed(3);
+    let _ = Tensor::rand([64, 1, 6, 6], (Kind::Float, Device::Cpu)); // x's draws, as above
+    let (offsets, flips) = crop_flip_draws(64, 2).unwrap();
+    assert!(crop_flip(&x, 2, &offsets, &flips).unwrap().equal(&a));
+    let e = crop_flip(&x, 2, &offsets.narrow(0, 0, 8), &flips).unwrap_err().to_string();
+    assert!(e.contains("crop offsets and flips") && e.contains("[64, 2]"), "{e}");
 }
 
 #[test]
