@@ -287,19 +287,11 @@ char* ta_module_named_buffers(const Module* m, void* data, void (*f)(void*, cons
   });
 }
 
-// The module serialized as `torch.jit.save` writes it, into malloc'ed memory (`*out`, `*len`
-// bytes; the caller frees it with ta_free): a private copy, with no file anyone could replace.
-char* ta_module_save_bytes(const Module* m, char** out, int64_t* len) {
-  return guard([&] {
-    std::ostringstream os;
-    m->save(os);
-    const std::string s = os.str();
-    char* p = static_cast<char*>(std::malloc(s.size() == 0 ? 1 : s.size()));
-    TORCH_CHECK(p != nullptr, "out of memory copying a module of ", s.size(), " bytes");
-    std::memcpy(p, s.data(), s.size());
-    *out = p;
-    *len = static_cast<int64_t>(s.size());
-  });
+// A copy of the module with fresh classes and methods (so a rewrite of the copy never
+// reaches the original, and no method of the copy has run or been optimized yet), sharing
+// the original's tensors: `*out` is a `new Module`, freed by tch's CModule.
+char* ta_module_clone(const Module* m, Module** out) {
+  return guard([&] { *out = new Module(m->clone(/*inplace=*/true)); });
 }
 
 }  // extern "C"

@@ -52,7 +52,7 @@ extern "C" {
         name: *const c_char,
         out: *mut *mut CTensor,
     ) -> *mut c_char;
-    fn ta_module_save_bytes(m: *const c_void, out: *mut *mut c_char, len: *mut i64) -> *mut c_char;
+    fn ta_module_clone(m: *const c_void, out: *mut *mut c_void) -> *mut c_char;
     fn ta_module_named_buffers(
         m: *const c_void,
         data: *mut c_void,
@@ -95,16 +95,15 @@ pub(crate) fn named_buffers(m: &CModule) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// The module as `torch.jit.save` writes it, in memory.
-pub(crate) fn module_bytes(m: &CModule) -> Result<Vec<u8>> {
-    let (mut p, mut len) = (std::ptr::null_mut::<c_char>(), 0i64);
-    // SAFETY: a valid module pointer; on success `p` holds `len` malloc'ed bytes, ours to free.
-    glue(unsafe { ta_module_save_bytes(module_ptr(m), &mut p, &mut len) })?;
-    // SAFETY: as above; copied before the glue's buffer is freed.
-    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len as usize).to_vec() };
-    // SAFETY: the malloc'ed buffer, not used afterwards.
-    unsafe { super::free(p) };
-    Ok(bytes)
+/// A copy of `m` with fresh classes and methods (none of them run yet), sharing its tensors:
+/// a rewrite of the copy never reaches `m`, and nothing is serialized.
+pub(crate) fn module_clone(m: &CModule) -> Result<CModule> {
+    let mut out = std::ptr::null_mut::<c_void>();
+    // SAFETY: a valid module pointer; on success `out` holds a `new Module`.
+    glue(unsafe { ta_module_clone(module_ptr(m), &mut out) })?;
+    // SAFETY: CModule is exactly one pointer to a heap Module (checked above), which its
+    // Drop deletes: ownership of `out` passes to it.
+    Ok(unsafe { std::mem::transmute::<*mut c_void, CModule>(out) })
 }
 
 /// The module's description: lines `M\tpath\ttype`, `O\tpath\top\tcount` (linear and

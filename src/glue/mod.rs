@@ -33,13 +33,6 @@ pub(crate) fn check(err: *mut c_char) -> std::result::Result<(), String> {
     Err(unsafe { take_string(err) })
 }
 
-/// Frees memory the glue malloc'ed.
-///
-/// SAFETY: `p` came from the glue's malloc and is not used afterwards.
-pub(crate) unsafe fn free(p: *mut c_char) {
-    ta_free(p);
-}
-
 /// The text of a NUL-terminated string malloc'ed by the glue, which is freed.
 ///
 /// SAFETY: `p` is such a string, not null, and not used afterwards.

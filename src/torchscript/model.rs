@@ -143,11 +143,10 @@ impl ScriptModel {
     /// # Ok::<(), torchapprox::Error>(())
     /// ```
     pub fn quantize_layers(&mut self, config: &RewriteConfig) -> Result<RewriteReport> {
-        // A fresh module: one that already ran would keep calling its old layers. The copy
-        // goes through memory, never through a file another thread or user could touch.
-        let bytes = crate::glue::jit::module_bytes(&self.module)?;
-        let mut fresh = CModule::load_data_on_device(&mut &bytes[..], self.device)
-            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))))?;
+        // A fresh module: one that already ran would keep calling its old layers. The clone
+        // has new classes and methods and shares the tensors (nothing is serialized; the
+        // original is dropped below, or kept whole if the rewrite fails).
+        let mut fresh = crate::glue::jit::module_clone(&self.module)?;
         fresh.f_set_eval()?;
         let params = fresh.named_parameters()?;
         let report = rewrite::rewrite(&fresh, &params, config)?;
@@ -171,14 +170,12 @@ impl ScriptModel {
 
     /// For a rewritten model, a copy in the form saved files carry: forwards that plain PyTorch
     /// runs (the crate's operators replaced by gathers from each layer's `approx_table`), no
-    /// cached weights. The copy goes through memory, as in `quantize_layers`.
+    /// cached weights. The copy is a clone sharing the tensors, as in `quantize_layers`.
     fn portable_copy(&self) -> Result<Option<CModule>> {
         if self.rewritten.is_empty() {
             return Ok(None);
         }
-        let bytes = crate::glue::jit::module_bytes(&self.module)?;
-        let copy = CModule::load_data_on_device(&mut &bytes[..], self.device)
-            .map_err(|e| ts_error(format!("{}: {}", self.source.display(), torch_message(&e))))?;
+        let copy = crate::glue::jit::module_clone(&self.module)?;
         self.set_portable_tables(&copy)?;
         rewrite::reset_weight_caches(&copy, &self.rewritten)?;
         rewrite::replace_forwards(&copy, &self.rewritten, true)?;

@@ -235,6 +235,39 @@ fn calibrated_8_bit_and_finetuned_4_bit_models_keep_their_accuracy() {
     assert_eq!(moved, 9, "every input alpha learns");
 }
 
+/// `quantize_layers` rewrites a clone with fresh classes and methods: a model whose forward
+/// already ran (and was optimized by libtorch's executor, calls inlined) gets the rewritten
+/// layers all the same, exactly as a freshly loaded one.
+#[test]
+fn a_model_that_already_ran_is_rewritten_like_a_fresh_one() {
+    let m = common::embedded_digits();
+    let x = normalize(&m.test_images.narrow(0, 0, 32), 0.0, 1.0, Device::Cpu).unwrap();
+    for name in ["lenet_traced", "mlp_scripted"] {
+        let mut warm = ScriptModel::load(ts_fixture(name), Device::Cpu).unwrap();
+        // Three runs: libtorch's profiling executor optimizes the graph on a later one.
+        let mut float = Tensor::new();
+        for _ in 0..3 {
+            float = tch::no_grad(|| warm.forward(&x).unwrap());
+        }
+        warm.quantize_layers(&RewriteConfig {
+            default: QuantSpec { x_bits: Some(3), ..Default::default() },
+            ..Default::default()
+        })
+        .unwrap();
+        let mut fresh = ScriptModel::load(ts_fixture(name), Device::Cpu).unwrap();
+        fresh
+            .quantize_layers(&RewriteConfig {
+                default: QuantSpec { x_bits: Some(3), ..Default::default() },
+                ..Default::default()
+            })
+            .unwrap();
+        let (a, b) = tch::no_grad(|| (warm.forward(&x).unwrap(), fresh.forward(&x).unwrap()));
+        assert!(a.equal(&b), "{name}: the warm model's rewrite differs from a fresh one's");
+        let moved = (&a - &float).abs().max().double_value(&[]);
+        assert!(moved > 1e-3, "{name}: 3-bit inputs changed nothing ({moved}): the old layers still run");
+    }
+}
+
 /// Batches are made on a background thread while the previous step trains; every random
 /// number is drawn on the training thread, so a seed still fixes the result bit for bit.
 #[test]
