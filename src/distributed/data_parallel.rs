@@ -111,6 +111,8 @@ impl DataParallel {
     /// of the mean loss over the whole global batch of `global` samples, on every rank: each
     /// gradient scaled by `local / global`, then summed over ranks in flattened buckets.
     /// Trainable variables without a gradient (or a rank with no samples) count as zeros.
+    /// LSQ activation step sizes, whose gradient scale counts the batch's elements, are
+    /// rescaled to the global batch's count.
     pub fn sum_gradients(&mut self, vs: &nn::VarStore, local: i64, global: i64) -> Result<()> {
         if global < 1 || local < 0 || local > global {
             return Err(Error::Argument {
@@ -121,9 +123,12 @@ impl DataParallel {
         }
         let _guard = tch::no_grad_guard();
         let started = std::time::Instant::now();
-        let weight = local as f64 / global as f64;
-        let vars: Vec<Tensor> =
-            sorted_variables(vs).into_iter().map(|(_, t)| t).filter(|t| t.requires_grad()).collect();
+        let share = local as f64 / global as f64;
+        let (vars, weights): (Vec<Tensor>, Vec<f64>) = sorted_variables(vs)
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(name, t)| (t, share * lsq_batch_correction(&name, share)))
+            .unzip();
         let mut start = 0;
         while start < vars.len() {
             // One bucket: gradients until the byte budget is spent (at least one).
@@ -135,7 +140,8 @@ impl DataParallel {
             }
             let parts: Vec<Tensor> = vars[start..end]
                 .iter()
-                .map(|v| {
+                .zip(&weights[start..end])
+                .map(|(v, &weight)| {
                     let g = v.grad();
                     let g = if g.defined() { g.f_mul_scalar(weight)? } else { v.f_zeros_like()? };
                     Ok(g.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_flatten(0, -1)?)
@@ -187,6 +193,19 @@ impl Drop for DataParallel {
     }
 }
 
+/// The extra factor of an LSQ activation step size's gradient (`*x_quantizer.step_size`) on a
+/// rank holding `share` of the global batch: LSQ scales that gradient by
+/// `1 / sqrt(numel(x) int_max)`, and a rank's `x` holds `share` of the batch's elements, so
+/// its scale is `1 / sqrt(share)` times the one process's; `sqrt(share)` undoes it. Other
+/// variables (weights' step sizes included: every rank has the whole weight) get 1.
+fn lsq_batch_correction(name: &str, share: f64) -> f64 {
+    if share > 0.0 && (name == "x_quantizer.step_size" || name.ends_with(".x_quantizer.step_size")) {
+        share.sqrt()
+    } else {
+        1.0
+    }
+}
+
 /// Gives `v` the gradient `g` where it has none yet (no backward pass reached it): the
 /// gradient of `sum(v * g)` with respect to `v` is exactly `g`.
 fn set_grad(v: &Tensor, g: &Tensor) -> Result<()> {
@@ -194,4 +213,21 @@ fn set_grad(v: &Tensor, g: &Tensor) -> Result<()> {
         v.f_mul(&g.f_detach()?)?.f_sum(Kind::Float)?.f_backward()?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lsq_batch_correction;
+
+    #[test]
+    fn only_activation_step_sizes_are_rescaled_to_the_global_batch() {
+        assert_eq!(lsq_batch_correction("conv1.x_quantizer.step_size", 0.25), 0.5);
+        assert_eq!(lsq_batch_correction("x_quantizer.step_size", 0.25), 0.5);
+        for name in
+            ["conv1.w_quantizer.step_size", "conv1.x_quantizer.alpha", "fc.weight", "max_quantizer.step_size"]
+        {
+            assert_eq!(lsq_batch_correction(name, 0.25), 1.0, "{name}");
+        }
+        assert_eq!(lsq_batch_correction("conv1.x_quantizer.step_size", 0.0), 1.0);
+    }
 }

@@ -229,9 +229,15 @@ fn two_ranks_train_as_one_process_on_the_whole_batch() {
     let data = tmp.0.join("digits");
     torchapprox::data::Mnist::embedded().unwrap().subset(256, 200).save_dir(&data).unwrap();
     // PACT activations with SGD and Adam; MinMax activations with running ranges (each
-    // training batch's range synchronised over the ranks) with Adam.
-    for (optimizer, x_quant) in [("sgd", "pact"), ("adam", "pact"), ("adam", "minmax")] {
-        let what = format!("{optimizer} {x_quant}");
+    // training batch's range synchronised over the ranks) with Adam; LSQ activations and
+    // weights (learned step sizes, the weights' set from rank 0's weights) with Adam.
+    for (optimizer, x_quant, w_quant) in [
+        ("sgd", "pact", "minmax"),
+        ("adam", "pact", "minmax"),
+        ("adam", "minmax", "minmax"),
+        ("adam", "lsq", "lsq"),
+    ] {
+        let what = format!("{optimizer} {x_quant} {w_quant}");
         let (one, two) = (
             tmp.0.join(format!("one-{optimizer}-{x_quant}.safetensors")),
             tmp.0.join(format!("two-{optimizer}-{x_quant}.safetensors")),
@@ -248,6 +254,8 @@ fn two_ranks_train_as_one_process_on_the_whole_batch() {
                 "1",
                 "--x-quant",
                 x_quant,
+                "--w-quant",
+                w_quant,
                 "--mode",
                 "quantized",
                 "--optimizer",
