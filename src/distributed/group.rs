@@ -1,12 +1,14 @@
 //! [`ProcessGroup`]: PyTorch's Gloo process group over a TCPStore rendezvous, with
 //! allreduce, broadcast and barrier that give up after the group's timeout.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
 use super::DistEnv;
-use crate::glue::distributed::{Group, Rendezvous};
+use crate::glue::distributed::{Group, Rendezvous, Store};
 use crate::{Error, Result};
 
 /// The longest timeout a group accepts: a lost peer must be noticed in minutes, not in
@@ -24,20 +26,69 @@ pub enum ReduceOp {
     Min,
 }
 
+/// How often each rank bumps its heartbeat counter in the store.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
 /// A Gloo process group of CPU tensors (c10d's own collectives, not the crate's).
 pub struct ProcessGroup {
     group: Group,
     rank: i64,
     world_size: i64,
     timeout: Duration,
+    /// The store's address, for messages.
+    store_at: String,
+    heartbeat: Option<Heartbeat>,
+}
+
+/// Each rank's counter `beat/<rank>` in the store, bumped by a thread of its own: when a
+/// collective fails, the ranks whose counter stopped are the lost ones.
+struct Heartbeat {
+    store: Arc<Mutex<Store>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Heartbeat {
+    fn start(env: &DistEnv, prefix: &str) -> Option<Self> {
+        // A short timeout: the store is read again only when something already failed.
+        let store = Store::connect(&env.master_addr, env.master_port, prefix, 2000).ok()?;
+        let (store, stop) = (Arc::new(Mutex::new(store)), Arc::new(AtomicBool::new(false)));
+        let (s, halt, key) = (Arc::clone(&store), Arc::clone(&stop), beat_key(env.rank));
+        std::thread::Builder::new()
+            .name("torchapprox-heartbeat".into())
+            .spawn(move || {
+                while !halt.load(Ordering::Relaxed) {
+                    // A store that is gone makes this fail; the reader says so, not this thread.
+                    let _ = s.lock().unwrap_or_else(|p| p.into_inner()).add(&key, 1);
+                    std::thread::sleep(HEARTBEAT);
+                }
+            })
+            .ok()?;
+        Some(Self { store, stop })
+    }
+
+    /// The other ranks' counters.
+    fn read(&self, rank: i64, world: i64) -> std::result::Result<Vec<(i64, i64)>, String> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        (0..world).filter(|&r| r != rank).map(|r| Ok((r, store.add(&beat_key(r), 0)?))).collect()
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn beat_key(rank: i64) -> String {
+    format!("beat/{rank}")
 }
 
 impl std::fmt::Debug for ProcessGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ProcessGroup {{ rank: {}, world_size: {}, timeout: {:?} }}",
-            self.rank, self.world_size, self.timeout
+            "ProcessGroup {{ rank: {}, world_size: {}, timeout: {:?}, store: {} }}",
+            self.rank, self.world_size, self.timeout, self.store_at
         )
     }
 }
@@ -88,7 +139,35 @@ impl ProcessGroup {
                 crate::strip_backtrace(&problem)
             ),
         })?;
-        Ok(Self { group, rank: env.rank, world_size: env.world_size, timeout })
+        let heartbeat = Heartbeat::start(env, &prefix);
+        let store_at = format!("{}:{}", env.master_addr, env.master_port);
+        Ok(Self { group, rank: env.rank, world_size: env.world_size, timeout, store_at, heartbeat })
+    }
+
+    /// Who is lost, in words: the ranks whose heartbeat stopped over a few beats, or the
+    /// store's host where the store no longer answers.
+    fn who_is_lost(&self) -> String {
+        let Some(h) = &self.heartbeat else {
+            return "no heartbeat to tell which rank".into();
+        };
+        let first = h.read(self.rank, self.world_size);
+        std::thread::sleep(HEARTBEAT * 4);
+        match (first, h.read(self.rank, self.world_size)) {
+            (Ok(a), Ok(b)) => {
+                let lost: Vec<String> =
+                    a.iter().zip(&b).filter(|(x, y)| x.1 == y.1).map(|(x, _)| x.0.to_string()).collect();
+                match lost.len() {
+                    0 => "every other rank's heartbeat still beats (one is slow, or cut off from this one)"
+                        .into(),
+                    1 => format!("rank {} is lost (its heartbeat stopped)", lost[0]),
+                    _ => format!("ranks {} are lost (their heartbeats stopped)", lost.join(", ")),
+                }
+            }
+            _ => format!(
+                "the store at {} does not answer: its host is lost (rank 0, or torchrun's agent)",
+                self.store_at
+            ),
+        }
     }
 
     /// This process's rank.
@@ -108,7 +187,11 @@ impl ProcessGroup {
             .iter()
             .any(|w| problem.contains(w));
         let problem = if lost {
-            format!("a peer is gone or did not answer within {:?}: {problem}", self.timeout)
+            format!(
+                "a peer is gone or did not answer within {:?}: {}; {problem}",
+                self.timeout,
+                self.who_is_lost()
+            )
         } else {
             problem
         };

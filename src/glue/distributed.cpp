@@ -83,4 +83,30 @@ char* ta_pg_barrier(Group* g) {
 
 void ta_pg_free(Group* g) { delete g; }
 
+// A client of the TCPStore at host:port with keys under `prefix`, separate from any group's,
+// so that a heartbeat thread can use it while collectives run.
+struct Store {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+char* ta_store_connect(const char* host, int port, const char* prefix, int64_t timeout_ms, Store** out) {
+  return guard([&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = false;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    *out = new Store{c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp)};
+  });
+}
+
+// Adds `delta` to the counter `key` (created at 0) and returns its new value in `*out`; a
+// delta of 0 reads it without waiting for the key to exist.
+char* ta_store_add(Store* s, const char* key, int64_t delta, int64_t* out) {
+  return guard([&] { *out = s->store->add(std::string(key), delta); });
+}
+
+void ta_store_free(Store* s) { delete s; }
+
 }  // extern "C"

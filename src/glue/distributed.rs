@@ -24,6 +24,70 @@ extern "C" {
     fn ta_pg_broadcast(g: *mut c_void, t: *mut super::CTensor, root: i64) -> *mut c_char;
     fn ta_pg_barrier(g: *mut c_void) -> *mut c_char;
     fn ta_pg_free(g: *mut c_void);
+    fn ta_store_connect(
+        host: *const c_char,
+        port: i32,
+        prefix: *const c_char,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn ta_store_add(s: *mut c_void, key: *const c_char, delta: i64, out: *mut i64) -> *mut c_char;
+    fn ta_store_free(s: *mut c_void);
+}
+
+/// A TCPStore client of the glue (its own connection, apart from any group's).
+pub(crate) struct Store(*mut c_void);
+
+// SAFETY: c10d's store clients may move between threads; callers serialize their use.
+unsafe impl Send for Store {}
+
+impl Store {
+    /// Connects to the store at `host:port`, keys under `prefix`; operations give up after `timeout_ms`.
+    #[cfg(torchapprox_gloo)]
+    pub(crate) fn connect(
+        host: &str,
+        port: u16,
+        prefix: &str,
+        timeout_ms: i64,
+    ) -> std::result::Result<Self, String> {
+        let (host, prefix) = (cstr(host)?, cstr(prefix)?);
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid strings for the call; `out` receives the client on success.
+        check(unsafe {
+            ta_store_connect(host.as_ptr(), i32::from(port), prefix.as_ptr(), timeout_ms, &mut out)
+        })?;
+        if out.is_null() {
+            return Err("the glue returned no store".into());
+        }
+        Ok(Self(out))
+    }
+
+    #[cfg(not(torchapprox_gloo))]
+    pub(crate) fn connect(_: &str, _: u16, _: &str, _: i64) -> std::result::Result<Self, String> {
+        Err("this build has no c10d stores".into())
+    }
+
+    /// Adds `delta` to the counter `key` and returns its value (0: a read that never waits).
+    pub(crate) fn add(&mut self, key: &str, delta: i64) -> std::result::Result<i64, String> {
+        let key = cstr(key)?;
+        let mut out = 0i64;
+        #[cfg(torchapprox_gloo)]
+        // SAFETY: a live client and string for the call.
+        check(unsafe { ta_store_add(self.0, key.as_ptr(), delta, &mut out) })?;
+        #[cfg(not(torchapprox_gloo))]
+        let _ = (key, delta);
+        Ok(out)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        #[cfg(torchapprox_gloo)]
+        // SAFETY: the client came from ta_store_connect and is freed once.
+        unsafe {
+            ta_store_free(self.0)
+        };
+    }
 }
 
 /// A Gloo process group owned by the glue.

@@ -90,8 +90,14 @@ fn dist_worker() {
         let mut t = Tensor::from_slice(&[r + 1.0, 10.0 * (r + 1.0)]);
         group.allreduce_(&mut t, ReduceOp::Sum)?;
         println!("sum {:?}", Vec::<f32>::try_from(&t).unwrap());
-        if scenario == "killed" {
-            if env.rank == 1 {
+        // "killed": rank 1 dies; "killed-host": rank 0, which hosts the store, dies.
+        let victim = match scenario.as_str() {
+            "killed" => Some(1),
+            "killed-host" => Some(0),
+            _ => None,
+        };
+        if let Some(victim) = victim {
+            if env.rank == victim {
                 // A peer that dies mid-epoch, as under the OOM killer.
                 std::process::abort();
             }
@@ -151,12 +157,32 @@ fn a_killed_peer_ends_the_others_within_the_timeout_with_one_line() {
     let lines = error_lines(survivor);
     assert_eq!(lines.len(), 1, "{}", survivor.err);
     assert!(
-        lines[0].starts_with("error: rank 0: allreduce failed: a peer is gone or did not answer within 4s"),
+        lines[0].starts_with(
+            "error: rank 0: allreduce failed: a peer is gone or did not answer within 4s: \
+             rank 1 is lost (its heartbeat stopped); "
+        ),
         "{}",
         lines[0]
     );
     assert!(survivor.secs < 30.0, "rank 0 took {:.1} s to notice", survivor.secs);
     eprintln!("killed peer noticed by rank 0 after {:.1} s: {}", survivor.secs, lines[0]);
+    // The rank hosting the store dies: the survivor names the store's host.
+    let port = free_port();
+    let ranks = run("killed-host", 2, &[port, port], Duration::from_secs(60));
+    let (killed, survivor) = (&ranks[0], &ranks[1]);
+    assert!(!killed.ok && !survivor.ok, "{}", survivor.out);
+    let lines = error_lines(survivor);
+    assert_eq!(lines.len(), 1, "{}", survivor.err);
+    let host = format!(
+        "the store at 127.0.0.1:{port} does not answer: its host is lost (rank 0, or torchrun's agent); "
+    );
+    assert!(
+        lines[0].starts_with("error: rank 1: allreduce failed: a peer is gone") && lines[0].contains(&host),
+        "{}",
+        lines[0]
+    );
+    assert!(survivor.secs < 30.0, "rank 1 took {:.1} s to notice", survivor.secs);
+    eprintln!("killed store host noticed by rank 1 after {:.1} s: {}", survivor.secs, lines[0]);
 }
 
 #[test]
@@ -336,7 +362,9 @@ fn a_rank_killed_mid_training_ends_the_other_without_a_checkpoint() {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].starts_with("error: rank 0: ") && lines[0].contains("failed: a peer is gone"),
+        lines[0].starts_with("error: rank 0: ")
+            && lines[0].contains("failed: a peer is gone")
+            && lines[0].contains("rank 1 is lost (its heartbeat stopped)"),
         "{}",
         lines[0]
     );
