@@ -124,6 +124,13 @@ struct Args {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
+    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
+    #[arg(long, default_value_t = 60.0)]
+    dist_timeout: f64,
+    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
+    #[arg(long, default_value_t = 25)]
+    bucket_mb: usize,
 }
 
 fn parse_layer(arg: &str) -> Result<(String, u32)> {
@@ -246,7 +253,12 @@ fn run(args: Args) -> Result<()> {
     if let Some(out) = &args.out {
         check_output(out, &[&args.model]).context("--out")?;
     }
-    let device = pick_device(&args.device)?;
+    // Under torchrun every rank fine-tunes on its share of each batch; rank 0 alone speaks
+    // and writes. --finetune-epochs' --batch-size (64) is the global batch.
+    let (dist_env, dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
+    let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
+    let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
+    let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     let options = LoadOptions { size: [args.image_size, args.image_size], ..Default::default() };
     let mut data = match &args.data {
         Some(path) => DataSet::load(path, &options)?,
@@ -262,12 +274,17 @@ fn run(args: Args) -> Result<()> {
     }
     let test_x = normalize_channels(&data.test.images, &args.mean, &args.std, Device::Cpu)?;
     let mut model = ScriptModel::load(&args.model, device)?;
+    model.set_data_parallel(dp);
     let weights = model.quantizable_weights()?;
     // Labels the model cannot predict are the data's fault: say so before any accuracy.
     let classes = model.logits(&test_x.narrow(0, 0, 1).to_device(device))?.size()[1];
     data.check_classes(classes)?;
     let float_accuracy = model.accuracy(&test_x, &data.test.labels, 500)?;
-    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
+    let say = |line: String| match (leader, args.json) {
+        (false, _) => {}
+        (true, true) => eprintln!("{line}"),
+        (true, false) => println!("{line}"),
+    };
     say(format!(
         "{}: {} quantizable weights, float test accuracy {:.2}%",
         args.model.display(),
@@ -290,7 +307,7 @@ fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("--layer-multiplier {name}"))?;
         }
         if args.finetune_epochs > 0 {
-            if std::io::stderr().is_terminal() {
+            if leader && std::io::stderr().is_terminal() {
                 eprintln!("fine-tuning {} epoch(s) of the rewritten model...", args.finetune_epochs);
             }
             model.finetune(&train_x()?, &data.train.labels, ft)?;
@@ -313,7 +330,7 @@ fn run(args: Args) -> Result<()> {
         (rewrite_json(&model, &report)?, report.left_in_float)
     } else {
         let report = if args.finetune_epochs > 0 {
-            if std::io::stderr().is_terminal() {
+            if leader && std::io::stderr().is_terminal() {
                 eprintln!("fine-tuning {} epoch(s) with {}-bit weights...", args.finetune_epochs, args.bits);
             }
             model.finetune_qat(&config, &train_x()?, &data.train.labels, ft)?
@@ -329,7 +346,7 @@ fn run(args: Args) -> Result<()> {
                 r.sqnr_db,
                 r.max_abs_error
             ));
-            if r.collapsed() {
+            if leader && r.collapsed() {
                 // Warnings go to stderr, so that --json keeps one object on stdout.
                 eprintln!(
                     "warning: {}: {:.1}% of its non-zero weights quantize to 0 (an outlier set the range); its SQNR hides that",
@@ -348,11 +365,11 @@ fn run(args: Args) -> Result<()> {
         100.0 * quantized_accuracy,
         data.test.labels.size()[0]
     ));
-    if let Some(out) = &args.out {
+    if let Some(out) = args.out.as_ref().filter(|_| leader) {
         model.save(out)?;
         say(format!("saved {}", out.display()));
     }
-    if args.json {
+    if args.json && leader {
         let report = json!({
             "model": args.model.display().to_string(),
             "device": format!("{device:?}"),
@@ -363,6 +380,7 @@ fn run(args: Args) -> Result<()> {
             "mode": args.mode,
             "multipliers": model.multipliers().iter().map(|(l, m)| json!({"layer": l, "multiplier": m.name()})).collect::<Vec<_>>(),
             "finetune_epochs": args.finetune_epochs,
+            "processes": processes,
             "test_digits": data.test.labels.size()[0],
             "data": {"format": data.format, "source": data.source.display().to_string(),
                 "train": data.train.len(), "test": data.test.len(), "classes": data.classes},

@@ -9,7 +9,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod common;
 
@@ -24,7 +24,7 @@ use torchapprox::approx::Multiplier;
 use torchapprox::args::{check_f32, check_learning_rate, check_positive};
 use torchapprox::checkpoint::{check_variables, load_checked, save_atomic};
 use torchapprox::data::{count_correct, normalize, Mnist};
-use torchapprox::distributed::{DataParallel, DistEnv, ProcessGroup};
+use torchapprox::distributed::DataParallel;
 use torchapprox::files::check_output;
 use torchapprox::import::{import_safetensors, ImportOptions};
 use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
@@ -209,21 +209,7 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains the same network on its share of each batch.
-    let dist_env = DistEnv::from_env()?;
-    // Checked on one process too, so that a bad value is seen before any cluster is booked.
-    if !(args.dist_timeout > 0.0 && args.dist_timeout <= 600.0) {
-        bail!("--dist-timeout must be more than 0 and at most 600 seconds, got {}", args.dist_timeout);
-    }
-    if !(1..=4096).contains(&args.bucket_mb) {
-        bail!("--bucket-mb must be from 1 to 4096, got {}", args.bucket_mb);
-    }
-    let mut dp = match &dist_env {
-        Some(env) if env.world_size > 1 => {
-            let group = ProcessGroup::init(env, Duration::from_secs_f64(args.dist_timeout))?;
-            Some(DataParallel::new(group, args.bucket_mb << 20))
-        }
-        _ => None,
-    };
+    let (dist_env, mut dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let base = QuantSpec {
         x_kind: args.x_quant,
@@ -297,11 +283,7 @@ fn run(args: Args) -> Result<()> {
             bail!("--mode approx reads 8-bit tables (operands of 2 to 8 bits): got {b} bits");
         }
     }
-    let device = match (pick_device(&args.device)?, &dist_env) {
-        // One GPU per rank on its machine: LOCAL_RANK picks it.
-        (tch::Device::Cuda(_), Some(env)) => tch::Device::Cuda(env.local_rank as usize),
-        (device, _) => device,
-    };
+    let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     // Only rank 0 speaks (and writes): the others would repeat it.
     let say = |line: String| match (leader, args.json) {
         (false, _) => {}

@@ -1,5 +1,5 @@
 //! What the example programs share: the `--device` choice, threads, `--layer` and
-//! `--layer-multiplier` parsing, the exit.
+//! `--layer-multiplier` parsing, the torchrun set-up, the exit.
 // Each example uses part of this module.
 #![allow(dead_code)]
 
@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use tch::Device;
 use torchapprox::approx::Multiplier;
+use torchapprox::distributed::{DataParallel, DistEnv, ProcessGroup};
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 
 /// `auto` (CUDA when available), `cpu` or `cuda` (an error without a CUDA device).
@@ -17,6 +18,36 @@ pub fn pick_device(name: &str) -> Result<Device> {
         "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
         "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
         _ => Ok(Device::cuda_if_available()),
+    }
+}
+
+/// Under torchrun (or with `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` set) and more
+/// than one rank: the data-parallel group, joined within `--dist-timeout` seconds, summing
+/// gradients in `--bucket-mb` MiB buckets, and torchrun's environment. Both flags are checked
+/// on one process too, so that a bad value is seen before any cluster is booked.
+pub fn data_parallel(timeout_s: f64, bucket_mb: usize) -> Result<(Option<DistEnv>, Option<DataParallel>)> {
+    let env = DistEnv::from_env()?;
+    if !(timeout_s > 0.0 && timeout_s <= 600.0) {
+        bail!("--dist-timeout must be more than 0 and at most 600 seconds, got {timeout_s}");
+    }
+    if !(1..=4096).contains(&bucket_mb) {
+        bail!("--bucket-mb must be from 1 to 4096, got {bucket_mb}");
+    }
+    let dp = match &env {
+        Some(e) if e.world_size > 1 => {
+            let group = ProcessGroup::init(e, std::time::Duration::from_secs_f64(timeout_s))?;
+            Some(DataParallel::new(group, bucket_mb << 20))
+        }
+        _ => None,
+    };
+    Ok((env, dp))
+}
+
+/// `device`, with one GPU per rank on its machine under torchrun: `LOCAL_RANK` picks it.
+pub fn rank_device(device: Device, env: Option<&DistEnv>) -> Device {
+    match (device, env) {
+        (Device::Cuda(_), Some(e)) => Device::Cuda(e.local_rank as usize),
+        (d, _) => d,
     }
 }
 

@@ -4,6 +4,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::{LayerReport, PtqConfig, ScriptModel};
+use crate::distributed::{DataParallel, ReduceOp};
 use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
 use crate::{Error, Result};
 
@@ -56,6 +57,22 @@ fn diverged(epoch: usize, what: String) -> Error {
 }
 
 impl ScriptModel {
+    /// Makes [`finetune`](Self::finetune) and [`finetune_qat`](Self::finetune_qat) run
+    /// data-parallel over `dp`'s ranks (`None`: one process again): each rank loads the same
+    /// model and data, takes rank 0's parameters, buffers and shadow weights, trains on its
+    /// share of every global batch of `batch_size` with the gradients summed over the ranks,
+    /// and gets rank 0's buffers (BatchNorm statistics, running ranges) after every epoch,
+    /// so that every rank ends with the same model. Batches with fewer samples than ranks
+    /// are skipped.
+    pub fn set_data_parallel(&mut self, dp: Option<DataParallel>) {
+        self.parallel = dp;
+    }
+
+    /// The data-parallel group set by [`set_data_parallel`](Self::set_data_parallel).
+    pub fn data_parallel(&mut self) -> Option<&mut DataParallel> {
+        self.parallel.as_mut()
+    }
+
     /// Weight-only quantization-aware fine-tuning of the module itself.
     ///
     /// The current weights become float shadows; each step runs the module with
@@ -106,6 +123,19 @@ impl ScriptModel {
         self.train(images, labels, config, &[])
     }
 
+    /// Copies rank 0's buffers (BatchNorm statistics, running ranges) and `extra` tensors
+    /// into every rank's.
+    fn broadcast_buffers(&self, dp: &mut DataParallel, extra: &[&Tensor]) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let buffers = crate::glue::jit::named_buffers(&self.module)?;
+        for t in buffers.iter().map(|(_, t)| t).chain(extra.iter().copied()) {
+            let mut flat = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            dp.group().broadcast_(&mut flat, 0)?;
+            t.shallow_clone().f_copy_(&flat)?;
+        }
+        Ok(())
+    }
+
     /// The training loop of both fine-tunings. `shadows` holds, for weight-only QAT, each
     /// weight with its float shadow and quantizer.
     fn train(
@@ -114,6 +144,21 @@ impl ScriptModel {
         labels: &Tensor,
         config: FinetuneConfig,
         shadows: &[(Tensor, Tensor, MinMaxQuant)],
+    ) -> Result<()> {
+        // Out of `self` for the loop, which borrows the model too; always put back.
+        let mut dp = self.parallel.take();
+        let result = self.train_on(images, labels, config, shadows, dp.as_mut());
+        self.parallel = dp;
+        result
+    }
+
+    fn train_on(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        config: FinetuneConfig,
+        shadows: &[(Tensor, Tensor, MinMaxQuant)],
+        mut dp: Option<&mut DataParallel>,
     ) -> Result<()> {
         config.check()?;
         let n = labels.size().first().copied().unwrap_or(0);
@@ -142,6 +187,15 @@ impl ScriptModel {
                 Ok(())
             })
         };
+        if let Some(dp) = dp.as_deref_mut() {
+            // Same settings and parameters everywhere, then rank 0's state everywhere.
+            let layers: Vec<&str> = self.rewritten.iter().map(|l| l.name.as_str()).collect();
+            dp.check_same_setup(&vs, &format!("{config:?} {} shadows, layers {layers:?}", shadows.len()))?;
+            dp.broadcast_variables(&vs)?;
+            let shadow_list: Vec<&Tensor> = shadows.iter().map(|(_, s, _)| s).collect();
+            self.broadcast_buffers(dp, &shadow_list)?;
+        }
+        let (rank, world) = dp.as_deref().map_or((0, 1), |d| d.rank_and_size());
         let mut opt = nn::Adam::default().build(&vs, config.lr)?;
         self.module.f_set_train()?;
         tch::manual_seed(config.seed);
@@ -154,23 +208,23 @@ impl ScriptModel {
                 let draws = if pad > 0 { Some(crate::data::crop_flip_draws(n, pad)?) } else { None };
                 let batch = config.batch_size.max(1);
                 let (images, labels, device) = (images.shallow_clone(), labels.shallow_clone(), self.device);
-                let make = move |i: usize| -> Result<(Tensor, Tensor)> {
+                let make = move |i: usize| -> Result<(Tensor, Tensor, i64)> {
                     let start = i as i64 * batch;
                     let len = batch.min(n - start);
-                    let idx = order.f_narrow(0, start, len)?;
+                    // This rank's contiguous share of the global batch (all of it on one process).
+                    let (from, to) = (start + len * rank / world, start + len * (rank + 1) / world);
+                    let idx = order.f_narrow(0, from, to - from)?;
                     let mut x = images.f_index_select(0, &idx)?;
                     if let Some((offsets, flips)) = &draws {
-                        x = crate::data::crop_flip(
-                            &x,
-                            pad,
-                            &offsets.f_narrow(0, start, len)?,
-                            &flips.f_narrow(0, start, len)?,
-                        )?;
+                        let (o, f) =
+                            (offsets.f_narrow(0, from, to - from)?, flips.f_narrow(0, from, to - from)?);
+                        x = crate::data::crop_flip(&x, pad, &o, &f)?;
                     }
-                    Ok((x.f_to_device(device)?, labels.f_index_select(0, &idx)?.f_to_device(device)?))
+                    Ok((x.f_to_device(device)?, labels.f_index_select(0, &idx)?.f_to_device(device)?, len))
                 };
-                let steps = (n as usize).div_ceil(batch as usize);
-                crate::data::prefetched(steps, 2, make, |(x, y)| {
+                // Every rank alike skips a last batch with fewer samples than ranks.
+                let steps = (n / batch) as usize + usize::from(n % batch >= world);
+                crate::data::prefetched(steps, 2, make, |(x, y, global)| {
                     let quantized: Vec<Tensor> =
                         shadows.iter().map(|(_, s, q)| q.f_fake_quantize(s)).collect::<Result<_>>()?;
                     copy_all(&mut shadows.iter().map(|(w, _, _)| w).zip(quantized))?;
@@ -181,18 +235,32 @@ impl ScriptModel {
                         -100,
                         0.0,
                     )?;
-                    let value = loss.f_double_value(&[])?;
+                    let mut value = loss.f_double_value(&[])?;
+                    if let Some(dp) = dp.as_deref_mut() {
+                        // Every rank decides on the same value, or one would stop alone.
+                        let mut t = Tensor::f_from_slice(&[value * x.size()[0] as f64 / global as f64])?;
+                        dp.group().allreduce_(&mut t, ReduceOp::Sum)?;
+                        value = t.f_double_value(&[0])?;
+                    }
                     if !value.is_finite() {
                         return Err(diverged(epoch, format!("loss {value}")));
                     }
                     opt.zero_grad();
                     loss.f_backward()?;
+                    if let Some(dp) = dp.as_deref_mut() {
+                        // The gradient of the mean loss over the global batch, on every rank.
+                        dp.sum_gradients(&vs, x.size()[0], global)?;
+                    }
                     // The straight-through step: the gradient of the quantized weights updates the shadows.
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (w, s.shallow_clone())))?;
                     opt.step();
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (s, w.shallow_clone())))?;
                     Ok(())
                 })?;
+                if let Some(dp) = dp.as_deref_mut() {
+                    // Each rank's statistics saw its shares: rank 0's, everywhere.
+                    self.broadcast_buffers(dp, &[])?;
+                }
                 for (name, t) in self.parameters()? {
                     if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
                         return Err(diverged(epoch, format!("{name} holds non-finite values")));

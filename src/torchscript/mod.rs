@@ -51,6 +51,8 @@ pub struct ScriptModel {
     rewritten: Vec<RewrittenLayer>,
     /// Rewritten layers in approximate mode, with their multipliers.
     multipliers: Vec<(String, crate::approx::Multiplier)>,
+    /// Where fine-tuning runs data-parallel: the process group and its settings.
+    parallel: Option<crate::distributed::DataParallel>,
 }
 
 fn ts_error(msg: String) -> Error {

@@ -28,6 +28,7 @@ impl ScriptModel {
             device,
             rewritten: Vec::new(),
             multipliers: Vec::new(),
+            parallel: None,
         })
     }
 
