@@ -24,13 +24,8 @@ impl ScriptModel {
     /// [`quantize_layers`](Self::quantize_layers) or when a layer's operands are wider than
     /// 8 bits or not rounded.
     pub fn set_multiplier(&mut self, multiplier: Option<&Multiplier>) -> Result<()> {
-        // Attention projections keep exact products (not covered yet): every other layer.
-        let names: Vec<String> = self
-            .rewritten
-            .iter()
-            .filter(|l| !matches!(l.op, super::LayerOp::Attention { .. }))
-            .map(|l| l.name.clone())
-            .collect();
+        // Every rewritten layer: an attention's two projections take its multiplier.
+        let names: Vec<String> = self.rewritten.iter().map(|l| l.name.clone()).collect();
         if names.is_empty() {
             return Err(Error::NothingToDo {
                 model: self.source.clone(),
@@ -74,12 +69,6 @@ impl ScriptModel {
         })?;
         if multiplier.is_none() {
             return Ok(());
-        }
-        if matches!(l.op, super::LayerOp::Attention { .. }) {
-            return Err(Error::RewriteLayer {
-                layer: layer.to_string(),
-                problem: "approximate products in attention projections are not covered (yet)".into(),
-            });
         }
         let (x_bits, w_bits) = (l.spec.x_bitwidth(), l.spec.w_bitwidth());
         // Narrower integers index the same 256x256 table, as in the crate's layers.

@@ -95,15 +95,26 @@ fn torchvision_models_are_rewritten_reported_and_agree_with_pytorch() {
             model.set_multiplier(Some(&Multiplier::exact())).unwrap();
             let exact_table = tch::no_grad(|| model.forward(&x).unwrap());
             assert_close(&exact_table, &y, 1e-5, 1e-4, &format!("{what}: exact table"));
-            if name == "geometry" {
-                // A real multiplier in every geometry; the saved file computes the same
-                // products in plain PyTorch (gathers from the layer's table).
+            if name == "geometry" || name == "vit" {
+                // A real multiplier in every geometry and in the attention's projections; the
+                // saved file computes the same products in plain PyTorch (gathers from each
+                // layer's table).
                 model.set_multiplier(Some(&Multiplier::evoapprox("mul8s_1L2J").unwrap())).unwrap();
                 let approx = tch::no_grad(|| model.forward(&x).unwrap());
                 assert!((&approx - &y).abs().max().double_value(&[]) > 1e-3, "{what}: the multiplier shows");
                 let out = tmp.0.join(format!("{name}-{variant}-approx.pt"));
                 model.save(&out).unwrap();
                 common::pytorch_agrees("torchscript_reload_check.py", &out, &x, approx, &what);
+                // An attention's projections take its multiplier: it alone changes the logits.
+                if let Some(att) = rewritten.iter().find(|l| l.ends_with("self_attention")) {
+                    model.set_multiplier(None).unwrap();
+                    model
+                        .set_layer_multiplier(att, Some(&Multiplier::evoapprox("mul8s_1L2J").unwrap()))
+                        .unwrap();
+                    let only = tch::no_grad(|| model.forward(&x).unwrap());
+                    let moved = (&only - &y).abs().max().double_value(&[]);
+                    assert!(moved > 1e-3, "{what}: {att}'s multiplier changes nothing ({moved})");
+                }
             }
             checked += 1;
         }

@@ -3,7 +3,7 @@
 //! (`out_proj`) quantized as the rewrite's Linear layers quantize, the attention between
 //! them in float as PyTorch computes it (scaled dot products, masks, dropout, weights).
 
-use super::source::{indent, input_quantizer, observes_inputs, weight_quantizer};
+use super::source::{accumulate, indent, input_quantizer, observes_inputs, weight_quantizer};
 use super::LayerOp;
 use crate::layers::QuantSpec;
 use crate::quantizers::int_max;
@@ -50,12 +50,18 @@ fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &
 /// (`native`: calling the crate's quantizer operators, the in-memory form).
 pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool, native: bool) -> String {
     let scales = if s.per_channel { "sw.narrow(0, start, size).reshape([-1])" } else { "sw" };
+    // The projection's integer sums as a Linear layer's: exact, or through the attention's
+    // multiplier (its `approx_multiplier`, its `approx_table` in saved files).
+    let sums = accumulate(LayerOp::Attention { batch_first }, "torch.linear(qx, qw, None)", !native);
     let project = format!(
-        "def _ta_project(self, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int) -> Tensor:\n\
-         \x20   y = torch.linear(qx, qw.narrow(0, start, size), None) / (sx * {scales})\n\
+        "def _ta_project(self, qx: Tensor, sx: Tensor, qw_all: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int) -> Tensor:\n\
+         \x20   qw = qw_all.narrow(0, start, size)\n\
+         {}\
+         \x20   y = acc / (sx * {scales})\n\
          \x20   if b is not None:\n\
          \x20       y = y + b.narrow(0, start, size)\n\
-         \x20   return y\n"
+         \x20   return y\n",
+        indent(&sums, 4)
     );
     // `batch_first` is a constant of the scripted class, which new methods cannot read.
     let forward = "assert query.dim() == 3, \"a quantized MultiheadAttention takes batched inputs\"\n\

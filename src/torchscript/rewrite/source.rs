@@ -323,10 +323,10 @@ pub(crate) const APPROX_MULTIPLIER: &str = "approx_multiplier";
 /// `acc`, the layer's integer sums: the exact op `exact`, or in approximate mode the table
 /// products of the crate's operators (with the exact products' gradient, as the crate's
 /// layers: `acc + (lut - acc)`, the difference detached).
-fn accumulate(l: &RewrittenLayer, exact: &str, portable: bool) -> String {
+pub(super) fn accumulate(op: LayerOp, exact: &str, portable: bool) -> String {
     let id = format!("self.{APPROX_MULTIPLIER}");
-    let (prep, lut) = match l.op {
-        LayerOp::Linear if portable => (String::new(), gather_linear()),
+    let (prep, lut) = match op {
+        LayerOp::Linear | LayerOp::Attention { .. } if portable => (String::new(), gather_linear()),
         LayerOp::Linear | LayerOp::Attention { .. } => {
             (String::new(), format!("torchapprox.lut_linear(qx_l, qw_l, {id})"))
         }
@@ -467,7 +467,7 @@ pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: 
         LayerOp::Linear | LayerOp::Attention { .. } => "[-1]",
         LayerOp::Conv2d { .. } => "[-1, 1, 1]",
     };
-    body += &accumulate(l, &op("qx", "qw", "None"), portable);
+    body += &accumulate(l.op, &op("qx", "qw", "None"), portable);
     let scales = if s.per_channel { format!("sx * sw.reshape({shape})") } else { "sx * sw".to_string() };
     // Without gradients the accumulator is a temporary of no one else: divided and biased in place.
     let out = |grad: bool| {
