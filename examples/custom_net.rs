@@ -78,6 +78,13 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
+    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
+    #[arg(long, default_value_t = 60.0)]
+    dist_timeout: f64,
+    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
+    #[arg(long, default_value_t = 25)]
+    bucket_mb: usize,
 }
 
 /// A residual CNN: a stem, two residual blocks with BatchNorm, a strided convolution,
@@ -136,7 +143,12 @@ fn run(args: Args) -> Result<()> {
     }
     check_destination(&args.out)?;
     common::set_threads(args.threads)?;
-    let device = pick_device(&args.device)?;
+    // Under torchrun every rank trains on its share of each global batch of --batch-size;
+    // rank 0 alone speaks and writes.
+    let (dist_env, mut dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
+    let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
+    let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
+    let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
         None => Mnist::embedded()?,
@@ -152,26 +164,65 @@ fn run(args: Args) -> Result<()> {
     let vs = nn::VarStore::new(device);
     let net = build(&vs, args.x_bits, args.w_bits)?;
     let say = |s: String| {
-        if !args.json {
+        if leader && !args.json {
             println!("{s}");
         }
     };
+    if let Some(dp) = dp.as_mut() {
+        // Same flags and network everywhere, then rank 0's variables everywhere.
+        let flags = format!("{args:?}");
+        dp.check_same_setup(&vs, &flags)?;
+        dp.broadcast_variables(&vs)?;
+        dp.sync_activation_ranges(true);
+    }
     say(format!("{} Approx layers, {} variables", net.approx_layers().len(), vs.variables().len()));
 
     let mut opt = nn::Adam::default().build(&vs, args.lr)?;
     let mut losses = Vec::new();
     let mut train = |epochs: usize, what: &str| -> Result<f64> {
         for epoch in 1..=epochs {
-            let order = Tensor::randperm(n, (Kind::Int64, device));
-            let (mut total, steps) = (0.0, (n + args.batch_size - 1) / args.batch_size);
-            for s in 0..steps {
-                let idx = order.narrow(0, s * args.batch_size, args.batch_size.min(n - s * args.batch_size));
+            let mut order = Tensor::randperm(n, (Kind::Int64, device));
+            if let Some(dp) = dp.as_mut() {
+                // Rank 0's permutation everywhere, whatever the ranks' generators did.
+                let mut cpu = order.to_device(tch::Device::Cpu).contiguous();
+                dp.group().broadcast_(&mut cpu, 0)?;
+                order = cpu.to_device(device);
+            }
+            let world = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
+            let (mut total, mut steps) = (0.0, 0);
+            for s in 0..(n + args.batch_size - 1) / args.batch_size {
+                let global =
+                    order.narrow(0, s * args.batch_size, args.batch_size.min(n - s * args.batch_size));
+                let len = global.size()[0];
+                if len < world {
+                    // Every rank alike skips a last batch with fewer digits than ranks.
+                    continue;
+                }
+                let idx = match dp.as_ref() {
+                    Some(dp) => dp.shard(&global)?,
+                    None => global,
+                };
                 let logits = net.f_forward_t(&tx.index_select(0, &idx), true)?;
                 let loss = logits.cross_entropy_for_logits(&ty.index_select(0, &idx));
-                opt.backward_step(&loss);
-                total += loss.double_value(&[]);
+                opt.zero_grad();
+                loss.backward();
+                let mut value = loss.double_value(&[]);
+                if let Some(dp) = dp.as_mut() {
+                    // The gradient and the loss of the whole global batch, on every rank.
+                    dp.sum_gradients(&vs, idx.size()[0], len)?;
+                    let mut t = Tensor::from_slice(&[value * idx.size()[0] as f64 / len as f64]);
+                    dp.group().allreduce_(&mut t, torchapprox::distributed::ReduceOp::Sum)?;
+                    value = t.double_value(&[0]);
+                }
+                opt.step();
+                total += value;
+                steps += 1;
             }
-            let loss = total / steps as f64;
+            if let Some(dp) = dp.as_mut() {
+                // BatchNorm statistics saw each rank's shares: rank 0's, everywhere.
+                dp.broadcast_variables(&vs)?;
+            }
+            let loss = total / steps.max(1) as f64;
             ensure!(
                 loss.is_finite(),
                 "{what} training diverged in epoch {epoch} (loss {loss}): try a smaller --lr"
@@ -210,6 +261,10 @@ fn run(args: Args) -> Result<()> {
         args.x_bits, args.w_bits
     ));
 
+    if !leader {
+        // Rank 0 writes and checks the file; the others are done.
+        return Ok(());
+    }
     save_atomic(&vs, &args.out)?;
     let mut vs2 = nn::VarStore::new(device);
     let reloaded = build(&vs2, args.x_bits, args.w_bits)?;
@@ -237,6 +292,7 @@ fn run(args: Args) -> Result<()> {
                 "saved": args.out,
                 "reload_max_diff": max_diff,
                 "device": format!("{device:?}"),
+                "processes": processes,
             })
         );
     }
