@@ -148,6 +148,13 @@ fn run(args: Args) -> Result<()> {
     let (dist_env, mut dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
+    // Each rank's share of a batch holds at least two digits: BatchNorm in training needs two.
+    ensure!(
+        processes == 1 || args.batch_size >= 2 * processes,
+        "--batch-size is the global batch: with {processes} ranks it must be at least {}, got {}",
+        2 * processes,
+        args.batch_size
+    );
     let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
@@ -194,8 +201,8 @@ fn run(args: Args) -> Result<()> {
                 let global =
                     order.narrow(0, s * args.batch_size, args.batch_size.min(n - s * args.batch_size));
                 let len = global.size()[0];
-                if len < world {
-                    // Every rank alike skips a last batch with fewer digits than ranks.
+                if world > 1 && len < 2 * world {
+                    // Every rank alike skips a last batch whose shares would hold fewer than two.
                     continue;
                 }
                 let idx = match dp.as_ref() {

@@ -45,6 +45,7 @@ pub struct ProcessGroup {
 struct Heartbeat {
     store: Arc<Mutex<Store>>,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Heartbeat {
@@ -53,17 +54,17 @@ impl Heartbeat {
         let store = Store::connect(&env.master_addr, env.master_port, prefix, 2000).ok()?;
         let (store, stop) = (Arc::new(Mutex::new(store)), Arc::new(AtomicBool::new(false)));
         let (s, halt, key) = (Arc::clone(&store), Arc::clone(&stop), beat_key(env.rank));
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("torchapprox-heartbeat".into())
             .spawn(move || {
                 while !halt.load(Ordering::Relaxed) {
                     // A store that is gone makes this fail; the reader says so, not this thread.
                     let _ = s.lock().unwrap_or_else(|p| p.into_inner()).add(&key, 1);
-                    std::thread::sleep(HEARTBEAT);
+                    std::thread::park_timeout(HEARTBEAT);
                 }
             })
             .ok()?;
-        Some(Self { store, stop })
+        Some(Self { store, stop, thread: Some(thread) })
     }
 
     /// The other ranks' counters.
@@ -74,8 +75,14 @@ impl Heartbeat {
 }
 
 impl Drop for Heartbeat {
+    /// Stops the thread and waits for it, so that no store call of it outlives the group
+    /// (or runs while the process exits).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
     }
 }
 

@@ -59,11 +59,12 @@ fn diverged(epoch: usize, what: String) -> Error {
 impl ScriptModel {
     /// Makes [`finetune`](Self::finetune) and [`finetune_qat`](Self::finetune_qat) run
     /// data-parallel over `dp`'s ranks (`None`: one process again): each rank loads the same
-    /// model and data, takes rank 0's parameters, buffers and shadow weights, trains on its
-    /// share of every global batch of `batch_size` with the gradients summed over the ranks,
-    /// and gets rank 0's buffers (BatchNorm statistics, running ranges) after every epoch,
-    /// so that every rank ends with the same model. Batches with fewer samples than ranks
-    /// are skipped.
+    /// model and data (checked), takes rank 0's parameters, buffers, shadow weights and each
+    /// epoch's order and augmentation draws, trains on its share of every global batch of
+    /// `batch_size` with the gradients summed over the ranks, and gets rank 0's buffers
+    /// (BatchNorm statistics, running ranges) after every epoch, so that every rank ends with
+    /// the same model. Every share holds at least two samples (BatchNorm in training needs
+    /// two): a `batch_size` under twice the ranks is refused, a smaller last batch skipped.
     pub fn set_data_parallel(&mut self, dp: Option<DataParallel>) {
         self.parallel = dp;
     }
@@ -190,12 +191,28 @@ impl ScriptModel {
         if let Some(dp) = dp.as_deref_mut() {
             // Same settings and parameters everywhere, then rank 0's state everywhere.
             let layers: Vec<&str> = self.rewritten.iter().map(|l| l.name.as_str()).collect();
-            dp.check_same_setup(&vs, &format!("{config:?} {} shadows, layers {layers:?}", shadows.len()))?;
+            // The data's size and shape too: different counts would give different step counts.
+            let setup = format!(
+                "{config:?} {} shadows, layers {layers:?}, images {:?}",
+                shadows.len(),
+                images.size()
+            );
+            dp.check_same_setup(&vs, &setup)?;
             dp.broadcast_variables(&vs)?;
             let shadow_list: Vec<&Tensor> = shadows.iter().map(|(_, s, _)| s).collect();
             self.broadcast_buffers(dp, &shadow_list)?;
         }
         let (rank, world) = dp.as_deref().map_or((0, 1), |d| d.rank_and_size());
+        // Under data parallelism every share holds at least two samples (BatchNorm in training
+        // needs two): smaller global batches are refused, a smaller last batch is skipped.
+        let least = if world > 1 { 2 * world } else { 1 };
+        if config.batch_size < least {
+            return Err(Error::Argument {
+                what: "fine-tuning batch size (the global batch, over all ranks)",
+                value: config.batch_size as f64,
+                expected: "at least twice the number of ranks",
+            });
+        }
         let mut opt = nn::Adam::default().build(&vs, config.lr)?;
         self.module.f_set_train()?;
         tch::manual_seed(config.seed);
@@ -203,9 +220,18 @@ impl ScriptModel {
             for epoch in 1..=config.epochs {
                 // Every random number of the epoch is drawn here, in order, so that making the
                 // batches on the producer thread changes nothing in the results.
-                let order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
+                let mut order = Tensor::f_randperm(n, (Kind::Int64, Device::Cpu))?;
                 let pad = config.augment_pad;
-                let draws = if pad > 0 { Some(crate::data::crop_flip_draws(n, pad)?) } else { None };
+                let mut draws = if pad > 0 { Some(crate::data::crop_flip_draws(n, pad)?) } else { None };
+                if let Some(dp) = dp.as_deref_mut() {
+                    // Rank 0's draws everywhere: dropout may move the ranks' generators apart
+                    // (it draws in proportion to each rank's share).
+                    dp.group().broadcast_(&mut order, 0)?;
+                    if let Some((offsets, flips)) = draws.as_mut() {
+                        dp.group().broadcast_(offsets, 0)?;
+                        dp.group().broadcast_(flips, 0)?;
+                    }
+                }
                 let batch = config.batch_size.max(1);
                 let (images, labels, device) = (images.shallow_clone(), labels.shallow_clone(), self.device);
                 let make = move |i: usize| -> Result<(Tensor, Tensor, i64)> {
@@ -222,8 +248,8 @@ impl ScriptModel {
                     }
                     Ok((x.f_to_device(device)?, labels.f_index_select(0, &idx)?.f_to_device(device)?, len))
                 };
-                // Every rank alike skips a last batch with fewer samples than ranks.
-                let steps = (n / batch) as usize + usize::from(n % batch >= world);
+                // Every rank alike skips a last batch whose shares would hold fewer than two.
+                let steps = (n / batch) as usize + usize::from(n % batch >= least);
                 crate::data::prefetched(steps, 2, make, |(x, y, global)| {
                     let quantized: Vec<Tensor> =
                         shadows.iter().map(|(_, s, q)| q.f_fake_quantize(s)).collect::<Result<_>>()?;

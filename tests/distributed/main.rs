@@ -545,4 +545,17 @@ fn the_trainers_distributed_flags_refuse_bad_values_with_one_line() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.trim() == "error: RANK=\"x\": is not a whole number", "{err}");
+    // custom_net's global batch must give each of the ranks two digits (BatchNorm needs two).
+    let port = free_port();
+    let args = ["--batch-size", "3", "--epochs", "0", "--qat-epochs", "0", "--train-digits", "64"];
+    let (r0, r1) =
+        (program("custom_net", Some((0, 2, port)), &args), program("custom_net", Some((1, 2, port)), &args));
+    for (i, r) in [r0, r1].into_iter().enumerate() {
+        let (ok, _, err, _) = finish(r, Duration::from_secs(60));
+        assert!(!ok && err.trim().lines().count() == 1, "rank {i}: {err}");
+        assert!(
+            err.contains("--batch-size is the global batch: with 2 ranks it must be at least 4, got 3"),
+            "rank {i}: {err}"
+        );
+    }
 }
