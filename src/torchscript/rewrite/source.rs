@@ -231,19 +231,21 @@ fn native_minmax(s: &QuantSpec, o: &Operand, im: f64, per_channel: bool) -> Stri
     )
 }
 
+/// A PACT quantizer (submodule `q`) of operand `o`, with and without gradients, or the
+/// crate's operator where `native` and the dtype allow.
+fn pact_quantizer(s: &QuantSpec, q: &str, o: &Operand, im: f64, native: bool) -> String {
+    native_or(
+        o.v,
+        native.then(|| native_pact(s, q, o, im)),
+        branch("torch.is_grad_enabled()", &pact(s, q, o, im, true), &pact(s, q, o, im, false)),
+    )
+}
+
 /// The input quantizer: `qx` and `sx` from `x` (`xd` detached); `native` calls the crate's
 /// operators where they apply (the in-memory form; saved files carry the builtin one).
 pub(super) fn input_quantizer(s: &QuantSpec, im: f64, native: bool) -> String {
     match (s.x_kind, s.x_range) {
-        (QuantizerKind::Pact, _) => native_or(
-            "x",
-            native.then(|| native_pact(s, "x_quantizer", &X, im)),
-            branch(
-                "torch.is_grad_enabled()",
-                &pact(s, "x_quantizer", &X, im, true),
-                &pact(s, "x_quantizer", &X, im, false),
-            ),
-        ),
+        (QuantizerKind::Pact, _) => pact_quantizer(s, "x_quantizer", &X, im, native),
         // As `MinMaxQuant` in `RangeMode::Running`: in training the range becomes
         // `momentum * running + (1 - momentum) * batch` (the first batch sets it) and is
         // stored; in evaluation the stored range is used (the batch's while it is still 0).
@@ -285,15 +287,7 @@ pub(super) fn input_quantizer(s: &QuantSpec, im: f64, native: bool) -> String {
 /// bumps it), dtype and device.
 pub(super) fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64, native: bool) -> String {
     if s.w_kind == QuantizerKind::Pact {
-        return native_or(
-            "w",
-            native.then(|| native_pact(s, "w_quantizer", &W, im)),
-            branch(
-                "torch.is_grad_enabled()",
-                &pact(s, "w_quantizer", &W, im, true),
-                &pact(s, "w_quantizer", &W, im, false),
-            ),
-        );
+        return pact_quantizer(s, "w_quantizer", &W, im, native);
     }
     let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[-1, 1]" } else { "[-1, 1, 1, 1]" });
     // (An attention's projections pass LayerOp::Linear: their weights are matrices.)
