@@ -287,6 +287,28 @@ char* ta_module_named_buffers(const Module* m, void* data, void (*f)(void*, cons
   });
 }
 
+// Runs the forward of the submodule at `path` on the tensors `inputs` and hands each tensor
+// of its output (one tensor, or a tuple's items in order; null for a None item) to `f`.
+char* ta_module_call_forward(const Module* m, const char* path, const at::Tensor* const* inputs, int n, void* data,
+                             void (*f)(void*, at::Tensor*)) {
+  return guard([&] {
+    Module sub = submodule(*m, path);
+    std::vector<c10::IValue> args;
+    for (int i = 0; i < n; ++i) args.emplace_back(*inputs[i]);
+    auto out = sub.get_method("forward")(args);
+    std::vector<c10::IValue> items;
+    if (out.isTuple()) {
+      for (const auto& v : out.toTupleRef().elements()) items.push_back(v);
+    } else {
+      items.push_back(out);
+    }
+    for (const auto& v : items) {
+      TORCH_CHECK(v.isTensor() || v.isNone(), path, "'s forward returned a ", v.tagKind(), ", not tensors");
+    }
+    for (const auto& v : items) f(data, v.isTensor() ? new at::Tensor(v.toTensor()) : nullptr);
+  });
+}
+
 // A copy of the module with fresh classes and methods (so a rewrite of the copy never
 // reaches the original, and no method of the copy has run or been optimized yet), sharing
 // the original's tensors: `*out` is a `new Module`, freed by tch's CModule.

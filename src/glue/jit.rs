@@ -53,6 +53,14 @@ extern "C" {
         out: *mut *mut CTensor,
     ) -> *mut c_char;
     fn ta_module_clone(m: *const c_void, out: *mut *mut c_void) -> *mut c_char;
+    fn ta_module_call_forward(
+        m: *const c_void,
+        path: *const c_char,
+        inputs: *const *const CTensor,
+        n: i32,
+        data: *mut c_void,
+        f: extern "C" fn(*mut c_void, *mut CTensor),
+    ) -> *mut c_char;
     fn ta_module_named_buffers(
         m: *const c_void,
         data: *mut c_void,
@@ -92,6 +100,36 @@ pub(crate) fn named_buffers(m: &CModule) -> Result<Vec<(String, Tensor)>> {
     let mut out: Vec<(String, Tensor)> = Vec::new();
     // SAFETY: a valid module pointer; `push` only runs during the call.
     glue(unsafe { ta_module_named_buffers(module_ptr(m), &mut out as *mut _ as *mut c_void, push) })?;
+    Ok(out)
+}
+
+/// The output of the forward of the submodule at `path` on `inputs`: its tensor, or its
+/// tuple's items in order (`None` for a `None` item).
+pub(crate) fn call_forward(m: &CModule, path: &str, inputs: &[&Tensor]) -> Result<Vec<Option<Tensor>>> {
+    extern "C" fn push(data: *mut c_void, t: *mut CTensor) {
+        // SAFETY: `data` is the Vec below and `t` null or a new tensor handle whose ownership
+        // passes to us, for the duration of this call.
+        unsafe {
+            let out = &mut *(data as *mut Vec<Option<Tensor>>);
+            out.push((!t.is_null()).then(|| Tensor::from_ptr(t)));
+        }
+    }
+    let p = cstr(path)?;
+    let ptrs: Vec<*const CTensor> = inputs.iter().map(|t| t.as_ptr()).collect();
+    let n = i32::try_from(ptrs.len()).map_err(|_| Error::TorchScript(format!("{} inputs", ptrs.len())))?;
+    let mut out: Vec<Option<Tensor>> = Vec::new();
+    // SAFETY: a valid module, path and `n` tensor pointers that outlive the call; `push` only
+    // runs during it.
+    glue(unsafe {
+        ta_module_call_forward(
+            module_ptr(m),
+            p.as_ptr(),
+            ptrs.as_ptr(),
+            n,
+            &mut out as *mut _ as *mut c_void,
+            push,
+        )
+    })?;
     Ok(out)
 }
 

@@ -27,7 +27,9 @@ mod rewrite;
 pub use calibrate::LayerAlphas;
 pub use finetune::FinetuneConfig;
 pub use ptq::{LayerReport, PtqConfig, QuantizableWeight};
-pub use rewrite::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
+pub use rewrite::{
+    ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer, TracedAttention,
+};
 
 /// A TorchScript module (from `torch.jit.script` or `torch.jit.trace`) loaded with libtorch.
 ///

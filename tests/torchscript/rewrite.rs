@@ -15,7 +15,7 @@ use torchapprox::data::normalize;
 use torchapprox::layers::{ApproxModule, InferenceMode, QuantSpec};
 use torchapprox::models::Architecture;
 use torchapprox::quantizers::QuantizerKind;
-use torchapprox::torchscript::{FinetuneConfig, RewriteConfig, ScriptModel};
+use torchapprox::torchscript::{FinetuneConfig, LayerOp, RewriteConfig, ScriptModel, TracedAttention};
 
 fn rewrite_fixture(name: &str) -> PathBuf {
     fixture_path("rewrite").join(format!("{name}.pt"))
@@ -622,4 +622,49 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
     model.save(&used).unwrap();
     let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len() as i64;
     assert!((size(&used) - size(&fresh)).abs() < 1024, "{} vs {} bytes", size(&used), size(&fresh));
+}
+
+// Issue 20 item 2: traced nn.MultiheadAttention keeps no settings in its graph. The rewrite
+// recovers the head count and layout by running it, returns the weights as the trace did
+// (averaged or per head), handles bias-free projections, and leaves a cross-attention in
+// float with its reason. At 16 bits the rewritten network computes the float one's function.
+#[test]
+fn traced_attentions_are_recognised_rewritten_and_reported() {
+    let tmp = TempDir::new("rw-attention");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/checks/traced_attention.py");
+    let o = Command::new(common::python()).arg(script).arg(&tmp.0).output().unwrap();
+    assert!(o.status.success(), "traced_attention.py: {}", String::from_utf8_lossy(&o.stderr));
+    let file = tmp.0.join("attention_traced.pt");
+    tch::manual_seed(5);
+    let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+    let float = tch::no_grad(|| ScriptModel::load(&file, Device::Cpu).unwrap().forward(&x).unwrap());
+    let mut model = ScriptModel::load(&file, Device::Cpu).unwrap();
+    let spec = QuantSpec { bitwidth: 16, ..Default::default() };
+    let report = model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
+    let op = |name: &str| report.layers.iter().find(|l| l.name == name).map(|l| (l.op, l.bias));
+    let traced = |heads, weights| Some(TracedAttention { heads, weights });
+    assert_eq!(
+        op("a"),
+        Some((LayerOp::Attention { batch_first: false, traced: traced(4, Some(true)) }, true))
+    );
+    assert_eq!(
+        op("b"),
+        Some((LayerOp::Attention { batch_first: true, traced: traced(8, Some(false)) }, false))
+    );
+    assert_eq!(op("fc").map(|(op, _)| op), Some(LayerOp::Linear));
+    assert_eq!(
+        report.left_in_float,
+        ["c: a traced MultiheadAttention is covered as self-attention with one input and no masks; this one takes 2"]
+    );
+    let strict = RewriteConfig { default: spec, strict: true, ..Default::default() };
+    match ScriptModel::load(&file, Device::Cpu).unwrap().quantize_layers(&strict) {
+        Err(torchapprox::Error::LeftInFloat { layers }) => assert_eq!(layers, report.left_in_float),
+        other => panic!("strict: {other:?}"),
+    }
+    model.calibrate(&x, 1, 2).unwrap();
+    let y = tch::no_grad(|| model.forward(&x).unwrap());
+    assert_close(&y, &float, 1e-3, 1e-3, "16-bit traced attentions vs float");
+    let out = tmp.0.join("attention-q.pt");
+    model.save(&out).unwrap();
+    common::pytorch_agrees("torchscript_reload_check.py", &out, &x, y, "traced attentions");
 }

@@ -4,7 +4,7 @@
 //! them in float as PyTorch computes it (scaled dot products, masks, dropout, weights).
 
 use super::source::{accumulate, indent, input_quantizer, observes_inputs, weight_quantizer};
-use super::LayerOp;
+use super::{LayerOp, TracedAttention};
 use crate::layers::QuantSpec;
 use crate::quantizers::int_max;
 
@@ -13,6 +13,14 @@ use crate::quantizers::int_max;
 const SCHEMA: &str = "def forward(self, query: Tensor, key: Tensor, value: Tensor, \
     key_padding_mask: Optional[Tensor]=None, need_weights: bool=True, attn_mask: Optional[Tensor]=None, \
     average_attn_weights: bool=True, is_causal: bool=False) -> Tuple[Tensor, Optional[Tensor]]:\n";
+
+fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
 
 /// A method `name(self, input)` returning one input quantizer's `(qx, sx)`; `q` is the
 /// quantizer submodule's path from the attention (`x_quantizer`, `out_proj.x_quantizer`).
@@ -48,11 +56,19 @@ fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &
 
 /// The methods and `forward` of a rewritten attention whose quantizers follow `s`
 /// (`native`: calling the crate's quantizer operators, the in-memory form).
-pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool, native: bool) -> String {
+/// A traced attention (`traced`) takes one input and returns what its trace returned; its
+/// head count is a constant, its dropout none, and its biases are there when `bias` says so.
+pub(crate) fn attention_source(
+    s: &QuantSpec,
+    batch_first: bool,
+    traced: Option<TracedAttention>,
+    bias: bool,
+    native: bool,
+) -> String {
     let scales = if s.per_channel { "sw.narrow(0, start, size).reshape([-1])" } else { "sw" };
     // The projection's integer sums as a Linear layer's: exact, or through the attention's
     // multiplier (its `approx_multiplier`, its `approx_table` in saved files).
-    let sums = accumulate(LayerOp::Attention { batch_first }, "torch.linear(qx, qw, None)", !native);
+    let sums = accumulate(LayerOp::Attention { batch_first, traced }, "torch.linear(qx, qw, None)", !native);
     let project = format!(
         "def _ta_project(self, qx: Tensor, sx: Tensor, qw_all: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int) -> Tensor:\n\
          \x20   qw = qw_all.narrow(0, start, size)\n\
@@ -139,16 +155,45 @@ pub(crate) fn attention_source(s: &QuantSpec, batch_first: bool, native: bool) -
         if BATCH_FIRST:\n\
         \x20   out = out.transpose(1, 0)\n\
         return out, weights\n";
+    let (schema, forward) = match traced {
+        None => (SCHEMA.to_string(), forward.to_string()),
+        Some(TracedAttention { heads, weights }) => {
+            let (returns, result) = match weights {
+                None => ("Tensor", "return out\n"),
+                Some(_) => ("Tuple[Tensor, Tensor]", "assert weights is not None\nreturn out, weights\n"),
+            };
+            let biases = if bias {
+                ""
+            } else {
+                "in_bias: Optional[Tensor] = None\nout_bias: Optional[Tensor] = None\n"
+            };
+            // The arguments tracing fixed, then the scripted forward on them.
+            let fixed = format!(
+                "key = query\nvalue = query\nkey_padding_mask: Optional[Tensor] = None\n\
+                 attn_mask: Optional[Tensor] = None\nneed_weights = {}\naverage_attn_weights = {}\n\
+                 is_causal = False\n{biases}",
+                py_bool(weights.is_some()),
+                py_bool(weights.unwrap_or(true))
+            );
+            let mut body =
+                fixed + forward.strip_suffix("return out, weights\n").expect("the forward ends so");
+            body += result;
+            body = body
+                .replace("self.num_heads", &heads.to_string())
+                .replace("self.dropout if self.training else 0.0", "0.0");
+            if !bias {
+                body = body.replace("self.in_proj_bias", "in_bias").replace("self.out_proj.bias", "out_bias");
+            }
+            (format!("def forward(self, query: Tensor) -> {returns}:\n"), body)
+        }
+    };
     [
         input_method(s, "_ta_x_in", "x_quantizer", native),
         input_method(s, "_ta_x_out", "out_proj.x_quantizer", native),
         weight_method(s, "_ta_w_in", "in_proj_weight", "", "", native),
         weight_method(s, "_ta_w_out", "out_proj.weight", "out_proj.", "out_", native),
         project,
-        format!(
-            "{SCHEMA}{}",
-            indent(&forward.replace("BATCH_FIRST", if batch_first { "True" } else { "False" }), 4)
-        ),
+        format!("{schema}{}", indent(&forward.replace("BATCH_FIRST", py_bool(batch_first)), 4)),
     ]
     .join("\n")
 }

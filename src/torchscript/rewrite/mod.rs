@@ -4,9 +4,12 @@
 
 mod attention;
 mod plan;
+mod probe;
 mod source;
 mod spec;
 
 pub(crate) use plan::{replace_forwards, reset_weight_caches, rewrite};
 pub(crate) use source::{observing_quantizers, APPROX_MULTIPLIER, APPROX_TABLE};
-pub use spec::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
+pub use spec::{
+    ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer, TracedAttention,
+};

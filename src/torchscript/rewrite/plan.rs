@@ -3,6 +3,7 @@
 
 use tch::{CModule, Kind, Tensor};
 
+use super::probe::{traced_attention, AttentionWeights};
 use super::source::{caches_weight, forward_source, observes_inputs, APPROX_MULTIPLIER, WEIGHT_CACHE};
 use super::{ConvPadding, InputPad, LayerOp, PadMode, RewriteConfig, RewriteReport, RewrittenLayer};
 use crate::glue::jit::{self, AttrValue, QuantizerState};
@@ -168,13 +169,15 @@ fn classify(class: &str) -> Option<std::result::Result<&'static str, &'static st
         "conv.ConvTranspose3d" => Err("ConvTranspose3d is not covered"),
         "linear.Bilinear" => Err("Bilinear is not covered"),
         "activation.MultiheadAttention" => Ok("MultiheadAttention"),
-        // MultiheadAttention's `out_proj`: its parent reads the weight, never calls its forward.
-        "linear.NonDynamicallyQuantizableLinear" => Err(
-            "a MultiheadAttention's out_proj (the attention reads its weight directly) is not covered (yet)",
-        ),
+        // MultiheadAttention's `out_proj`: its parent reads the weight, never calls its forward,
+        // and rewrites or reports it with itself.
+        "linear.NonDynamicallyQuantizableLinear" => Err(OUT_PROJ),
         _ => return None,
     })
 }
+
+/// The reason given for an attention's `out_proj`, which its attention's entry replaces.
+const OUT_PROJ: &str = "a MultiheadAttention's out_proj, which the attention itself reads";
 
 const QUANTIZER_CLASS: &str = "__torch__.torchapprox.quantizers.";
 
@@ -193,6 +196,9 @@ pub(crate) fn rewrite(
     for (path, class) in &d.modules {
         match classify(class) {
             Some(Ok(_)) => layers.push((path.clone(), class.clone())),
+            // An attention's out_proj is quantized inside the attention's forward, or stays in
+            // float with it, for the attention's reason.
+            Some(Err(OUT_PROJ)) => {}
             Some(Err(reason)) => report.left_in_float.push(format!("{path}: {reason}")),
             None => {}
         }
@@ -296,11 +302,6 @@ pub(crate) fn rewrite(
     // The in-memory forwards call the crate's operators: their kernels must be in place.
     crate::glue::ops::install()?;
     replace_forwards(m, &planned, false)?;
-    // An attention's out_proj is quantized inside the attention's forward.
-    for a in planned.iter().filter(|l| matches!(l.op, LayerOp::Attention { .. })) {
-        let out_proj = crate::layers::join(&a.name, "out_proj");
-        report.left_in_float.retain(|e| !e.starts_with(&format!("{out_proj}: ")));
-    }
     report.layers = planned;
     Ok(report)
 }
@@ -402,8 +403,9 @@ fn plan_layer(
     Ok(Ok((op, param(&crate::layers::join(path, "bias")).is_some())))
 }
 
-/// A MultiheadAttention's plan: scripted (its forward has `need_weights`), one packed input
-/// projection, no `bias_k`/`bias_v`, no `add_zero_attn`; `Err` says why it stays in float.
+/// A MultiheadAttention's plan: one packed input projection, no `bias_k`/`bias_v`, no
+/// `add_zero_attn`; scripted (its forward has `need_weights`), or traced and recognised by
+/// [`traced_attention`]. `Err` says why it stays in float.
 fn plan_attention(
     m: &CModule,
     path: &str,
@@ -416,24 +418,45 @@ fn plan_attention(
             .find_map(|l| l.strip_prefix(&format!("{name}\t")).map(str::to_string))
             .unwrap_or_default()
     };
-    if !schema.contains("need_weights") {
-        return Ok(Err(
-            "a traced MultiheadAttention (its projections are traced into its graph) is not covered (yet)"
-                .into(),
-        ));
-    }
-    if attr("_qkv_same_embed_dim") != "b:1" || param(&crate::layers::join(path, "in_proj_weight")).is_none() {
+    let named = |p: &str| param(&crate::layers::join(path, p));
+    let scripted = schema.contains("need_weights");
+    // A traced attention keeps no settings: a packed projection shows as `in_proj_weight`,
+    // bias_k/bias_v as parameters of their own.
+    let packed =
+        if scripted { attr("_qkv_same_embed_dim") == "b:1" } else { named("q_proj_weight").is_none() };
+    let Some(in_weight) = named("in_proj_weight").filter(|_| packed) else {
         return Ok(Err(
             "a MultiheadAttention with separate q/k/v projection weights is not covered (yet)".into()
         ));
-    }
-    if attr("add_zero_attn") != "b:0" || attr("bias_k") != "n" {
+    };
+    let extra_keys = if scripted {
+        attr("add_zero_attn") != "b:0" || attr("bias_k") != "n"
+    } else {
+        named("bias_k").is_some()
+    };
+    if extra_keys {
         return Ok(Err(
             "a MultiheadAttention with add_zero_attn or bias_k/bias_v is not covered (yet)".into()
         ));
     }
-    let op = LayerOp::Attention { batch_first: attr("batch_first") == "b:1" };
-    Ok(Ok((op, param(&crate::layers::join(path, "in_proj_bias")).is_some())))
+    let Some(out_weight) = named("out_proj.weight") else {
+        return Ok(Err("a MultiheadAttention without out_proj.weight".into()));
+    };
+    let bias = named("in_proj_bias").is_some();
+    if scripted {
+        return Ok(Ok((
+            LayerOp::Attention { batch_first: attr("batch_first") == "b:1", traced: None },
+            bias,
+        )));
+    }
+    let weights = AttentionWeights {
+        in_weight,
+        in_bias: named("in_proj_bias"),
+        out_weight,
+        out_bias: named("out_proj.bias"),
+    };
+    Ok(traced_attention(m, path, schema, &weights)?
+        .map(|(t, batch_first)| (LayerOp::Attention { batch_first, traced: Some(t) }, bias)))
 }
 
 /// The layer's quantizer submodules: a PACT `alpha` parameter per PACT quantizer (trained, in

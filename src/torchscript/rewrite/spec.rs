@@ -79,12 +79,15 @@ pub struct InputPad {
 pub enum LayerOp {
     /// `nn.Linear`.
     Linear,
-    /// A scripted `nn.MultiheadAttention` with a packed input projection: its input
-    /// projection and `out_proj` are quantized (quantizers `x_quantizer`, `w_quantizer` and
+    /// An `nn.MultiheadAttention` with a packed input projection: its input projection and
+    /// `out_proj` are quantized (quantizers `x_quantizer`, `w_quantizer` and
     /// `out_proj.x_quantizer`, `out_proj.w_quantizer`), the attention runs in float.
     Attention {
         /// Inputs are `[batch, sequence, features]` (else `[sequence, batch, features]`).
         batch_first: bool,
+        /// `None` for a scripted attention, whose forward reads its own settings; for a traced
+        /// one, what tracing fixed in its graph.
+        traced: Option<TracedAttention>,
     },
     /// `nn.Conv2d` with its geometry; pairs are (height, width).
     Conv2d {
@@ -101,6 +104,19 @@ pub enum LayerOp {
         /// A pad applied first (`padding_mode` other than zeros), if any.
         input_pad: Option<InputPad>,
     },
+}
+
+/// What tracing fixed in an `nn.MultiheadAttention`'s graph, which keeps neither `num_heads`
+/// nor `batch_first`: the rewrite recovers them by running the traced forward on a probe and
+/// matching PyTorch's computation. Covered: self-attention (one input, no masks) without
+/// dropout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TracedAttention {
+    /// The number of heads.
+    pub heads: i64,
+    /// `None` when the forward returns the output alone; `Some(average)` when it returns the
+    /// attention weights too, averaged over the heads or not.
+    pub weights: Option<bool>,
 }
 
 /// One layer the rewrite turned into a quantized layer.
