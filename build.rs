@@ -14,8 +14,13 @@ fn main() {
     );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     let root = lib.parent().expect("libtorch's lib folder has a parent");
-    glue_build(root).files(SOURCES.iter().map(|f| format!("src/glue/{f}"))).compile("torchapprox_glue");
-    distributed(root);
+    // Each file takes tens of seconds against libtorch's headers: the two libraries compile
+    // side by side, and cc's `parallel` feature compiles their files in parallel (as many as
+    // cargo's jobserver allows).
+    std::thread::scope(|s| {
+        s.spawn(|| distributed(root));
+        glue_build(root).files(SOURCES.iter().map(|f| format!("src/glue/{f}"))).compile("torchapprox_glue");
+    });
 }
 
 /// A C++ build with the same headers, C++ standard and ABI as torch-sys's own torch_api.cpp.

@@ -78,13 +78,8 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
-    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
-    #[arg(long, default_value_t = 60.0)]
-    dist_timeout: f64,
-    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
-    #[arg(long, default_value_t = 25)]
-    bucket_mb: usize,
+    #[command(flatten)]
+    dist: common::DistArgs,
 }
 
 /// A residual CNN: a stem, two residual blocks with BatchNorm, a strided convolution,
@@ -145,7 +140,7 @@ fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains on its share of each global batch of --batch-size;
     // rank 0 alone speaks and writes.
-    let (dist_env, mut dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
+    let (dist_env, mut dp) = common::data_parallel(&args.dist)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
     // Each rank's share of a batch holds at least two digits: BatchNorm in training needs two.
@@ -212,11 +207,13 @@ fn run(args: Args) -> Result<()> {
                 let logits = net.f_forward_t(&tx.index_select(0, &idx), true)?;
                 let loss = logits.cross_entropy_for_logits(&ty.index_select(0, &idx));
                 opt.zero_grad();
-                loss.backward();
                 let mut value = loss.double_value(&[]);
-                if let Some(dp) = dp.as_mut() {
+                match dp.as_mut() {
                     // The gradient and the loss of the whole global batch, on every rank.
-                    dp.sum_gradients(&vs, idx.size()[0], len)?;
+                    Some(dp) => dp.backward(&vs, &loss, idx.size()[0], len)?,
+                    None => loss.backward(),
+                }
+                if let Some(dp) = dp.as_mut() {
                     let mut t = Tensor::from_slice(&[value * idx.size()[0] as f64 / len as f64]);
                     dp.group().allreduce_(&mut t, torchapprox::distributed::ReduceOp::Sum)?;
                     value = t.double_value(&[0]);

@@ -124,13 +124,8 @@ struct Args {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
-    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
-    #[arg(long, default_value_t = 60.0)]
-    dist_timeout: f64,
-    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
-    #[arg(long, default_value_t = 25)]
-    bucket_mb: usize,
+    #[command(flatten)]
+    dist: common::DistArgs,
 }
 
 fn parse_layer(arg: &str) -> Result<(String, u32)> {
@@ -255,7 +250,7 @@ fn run(args: Args) -> Result<()> {
     }
     // Under torchrun every rank fine-tunes on its share of each batch; rank 0 alone speaks
     // and writes. --finetune-epochs' --batch-size (64) is the global batch.
-    let (dist_env, dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
+    let (dist_env, dp) = common::data_parallel(&args.dist)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
     let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());

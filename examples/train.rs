@@ -144,13 +144,8 @@ struct Args {
     /// Print exactly one JSON object on stdout at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,
-    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
-    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
-    #[arg(long, default_value_t = 60.0)]
-    dist_timeout: f64,
-    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
-    #[arg(long, default_value_t = 25)]
-    bucket_mb: usize,
+    #[command(flatten)]
+    dist: common::DistArgs,
 }
 
 /// Parses `NAME=X_KIND[:BITS],W_KIND[:BITS]` against the model's layer names; the old form
@@ -209,7 +204,7 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains the same network on its share of each batch.
-    let (dist_env, mut dp) = common::data_parallel(args.dist_timeout, args.bucket_mb)?;
+    let (dist_env, mut dp) = common::data_parallel(&args.dist)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let base = QuantSpec {
         x_kind: args.x_quant,
@@ -422,16 +417,16 @@ fn run(args: Args) -> Result<()> {
                 let (x, y) = (train_x.index_select(0, &idx), train_y.index_select(0, &idx));
                 let logits = net.f_forward_t(&x, true)?;
                 let loss = logits.cross_entropy_for_logits(&y);
-                loss.backward();
+                match dp.as_mut() {
+                    // The gradient of the mean loss over the whole global batch, on every rank.
+                    Some(dp) => dp.backward(&vs, &loss, local, global.size()[0])?,
+                    None => loss.backward(),
+                }
                 loss_sum += loss.detach() * local as f64;
                 correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
                 if show_bar && step % 10 == 0 {
                     bar.set_message(format!("loss {:.4}", loss.double_value(&[])));
                 }
-            }
-            if let Some(dp) = dp.as_mut() {
-                // The gradient of the mean loss over the whole global batch, on every rank.
-                dp.sum_gradients(&vs, local, global.size()[0])?;
             }
             opt.step();
             bar.inc(1);
@@ -516,6 +511,7 @@ fn run(args: Args) -> Result<()> {
             "seconds": seconds,
             "train_seconds": epochs.iter().map(|e| e["seconds"].as_f64().unwrap_or(0.0)).sum::<f64>(),
             "gradient_sum_seconds": dp.as_ref().map_or(0.0, |d| d.gradient_seconds()),
+            "overlap": dp.as_ref().is_some_and(|_| !args.dist.no_overlap),
             "per_epoch": epochs,
             "layers": layers,
             "multiplier": multiplier.as_ref().map(|m| {

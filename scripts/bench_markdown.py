@@ -21,7 +21,7 @@
 #      "torchscript": [{"model", "batch", "threads", "float_s", "quantized_s", "ratio",
 #                  "step_ratio", "float_step_s", "quantized_step_s", "layers_rewritten",
 #                  "left_in_float"}, ...],
-#      "distributed": [{"processes", "threads", "samples_per_s", "allreduce_share", "seconds"}, ...]}
+#      "distributed": [{"processes", "threads", "samples_per_s", "allreduce_share", "seconds", "overlap"}, ...]}
 #
 # Times are seconds (medians); the PyTorch entries are null when bench ran without a reference.
 # A missing or unreadable file ends with one line `error: ...` and exit status 1.
@@ -306,7 +306,7 @@ def torchscript_table(rows_in):
 
 
 def distributed_table(rows_in):
-    head = ["processes", "threads each", "samples/s", "speed-up", "gradient sums (share of the time)"]
+    head = ["processes", "threads each", "gradient sums", "samples/s", "speed-up", "sums after the pass (share of the time)"]
     rows, base = [], None
     for e in rows_in:
         if not isinstance(e, dict):
@@ -314,7 +314,10 @@ def distributed_table(rows_in):
         sps = number(e.get("samples_per_s"))
         if base is None:
             base = sps
-        rows.append([str(e.get("processes", DASH)), str(e.get("threads", DASH)),
+        when = "during the backward pass" if e.get("overlap") else "after the backward pass"
+        if e.get("processes") == 1:
+            when = DASH
+        rows.append([str(e.get("processes", DASH)), str(e.get("threads", DASH)), when,
                      DASH if sps is None else f"{sps:.0f}", times(quotient(sps, base)),
                      DASH if number(e.get("allreduce_share")) is None else f"{100 * e['allreduce_share']:.1f}%"])
     return [table(head, rows), ""] if rows else []

@@ -182,19 +182,24 @@ pub fn resnet18_steps(device: Device) -> Result<(f64, f64)> {
 }
 
 /// `distributed[]` rows: the trainer (LeNet, 2 epochs of the embedded digits, 1 thread per
-/// process) as 1 process and as 2 on 127.0.0.1: samples per second (epochs with their
-/// evaluation) and the share of that time spent summing gradients over the ranks.
+/// process) as 1 process and as 2 on 127.0.0.1, 2 with gradient sums after the backward pass
+/// and during it (c10d's Reducer, `overlap`): samples per second (epochs with their
+/// evaluation) and the share of that time spent in sums after the pass (those during the
+/// pass hide in it).
 pub fn distributed_rows() -> Result<Vec<Value>> {
     let train = std::env::current_exe()?.with_file_name("train");
     anyhow::ensure!(train.exists(), "{} is missing (cargo build --release --example train)", train.display());
     let args = ["--model", "lenet", "--epochs", "2", "--threads", "1", "--json"];
     let mut rows = Vec::new();
-    for processes in [1i64, 2] {
+    for (processes, overlap) in [(1i64, false), (2, false), (2, true)] {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let children: Vec<std::process::Child> = (0..processes)
             .map(|rank| {
                 let mut c = std::process::Command::new(&train);
                 c.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+                if !overlap {
+                    c.arg("--no-overlap");
+                }
                 if processes > 1 {
                     c.env("RANK", rank.to_string())
                         .env("WORLD_SIZE", processes.to_string())
@@ -211,9 +216,10 @@ pub fn distributed_rows() -> Result<Vec<Value>> {
         let summing = report["gradient_sum_seconds"].as_f64().unwrap_or(0.0);
         let samples = 2.0 * report["train_digits"].as_f64().unwrap_or(8000.0);
         let row = json!({"processes": processes, "threads": 1, "samples_per_s": samples / seconds,
-            "allreduce_share": summing / seconds, "seconds": seconds});
+            "allreduce_share": summing / seconds, "seconds": seconds, "overlap": overlap});
+        let how = if overlap { "sums during the pass" } else { "sums after the pass" };
         println!(
-            "  1 LeNet trainer, {processes} process(es) of 1 thread: {:.0} samples/s, gradient sums {:.1}% of the time",
+            "  1 LeNet trainer, {processes} process(es) of 1 thread, {how}: {:.0} samples/s, gradient sums after the pass {:.1}% of the time",
             samples / seconds,
             100.0 * summing / seconds
         );

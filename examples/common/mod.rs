@@ -21,11 +21,28 @@ pub fn pick_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The flags of runs under torchrun, shared by the programs that train.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DistArgs {
+    /// Under torchrun (or with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): seconds
+    /// after which a collective or the rendezvous gives up, so a lost peer ends the run.
+    #[arg(long, default_value_t = 60.0)]
+    pub dist_timeout: f64,
+    /// Under torchrun: gradients are summed over the ranks in buckets of this many MiB.
+    #[arg(long, default_value_t = 25)]
+    pub bucket_mb: usize,
+    /// Under torchrun: sum gradients after the backward pass, not during it (by default
+    /// c10d's Reducer overlaps the sums with the pass, as PyTorch's DDP does).
+    #[arg(long)]
+    pub no_overlap: bool,
+}
+
 /// Under torchrun (or with `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` set) and more
 /// than one rank: the data-parallel group, joined within `--dist-timeout` seconds, summing
 /// gradients in `--bucket-mb` MiB buckets, and torchrun's environment. Both flags are checked
 /// on one process too, so that a bad value is seen before any cluster is booked.
-pub fn data_parallel(timeout_s: f64, bucket_mb: usize) -> Result<(Option<DistEnv>, Option<DataParallel>)> {
+pub fn data_parallel(flags: &DistArgs) -> Result<(Option<DistEnv>, Option<DataParallel>)> {
+    let (timeout_s, bucket_mb) = (flags.dist_timeout, flags.bucket_mb);
     let env = DistEnv::from_env()?;
     if !(timeout_s > 0.0 && timeout_s <= 600.0) {
         bail!("--dist-timeout must be more than 0 and at most 600 seconds, got {timeout_s}");
@@ -36,7 +53,9 @@ pub fn data_parallel(timeout_s: f64, bucket_mb: usize) -> Result<(Option<DistEnv
     let dp = match &env {
         Some(e) if e.world_size > 1 => {
             let group = ProcessGroup::init(e, std::time::Duration::from_secs_f64(timeout_s))?;
-            Some(DataParallel::new(group, bucket_mb << 20))
+            let mut dp = DataParallel::new(group, bucket_mb << 20);
+            dp.set_overlap(!flags.no_overlap);
+            Some(dp)
         }
         _ => None,
     };

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{nn, Kind, Tensor};
 
 use super::{ProcessGroup, ReduceOp};
+use crate::glue::distributed::Reducer;
 use crate::{Error, Result};
 
 /// PyTorch DDP's default bucket: 25 MiB of gradients per allreduce.
@@ -22,6 +23,17 @@ pub struct DataParallel {
     world_size: i64,
     bucket_bytes: usize,
     sum_seconds: f64,
+    overlap: bool,
+    reducer: Option<Overlap>,
+}
+
+/// Gradient sums during the backward pass: c10d's reducer over the trainable variables
+/// `names` but those in `after`, which are summed after the pass.
+#[derive(Debug)]
+struct Overlap {
+    reducer: Reducer,
+    names: Vec<String>,
+    after: Vec<String>,
 }
 
 /// The variables of `vs` in name order: the order every rank agrees on.
@@ -42,6 +54,8 @@ impl DataParallel {
             world_size,
             bucket_bytes: bucket_bytes.max(1),
             sum_seconds: 0.0,
+            overlap: true,
+            reducer: None,
         }
     }
 
@@ -114,21 +128,25 @@ impl DataParallel {
     /// LSQ activation step sizes, whose gradient scale counts the batch's elements, are
     /// rescaled to the global batch's count.
     pub fn sum_gradients(&mut self, vs: &nn::VarStore, local: i64, global: i64) -> Result<()> {
-        if global < 1 || local < 0 || local > global {
-            return Err(Error::Argument {
-                what: "samples of a rank's share",
-                value: local as f64,
-                expected: "between 0 and the global batch, which is at least 1",
-            });
-        }
-        let _guard = tch::no_grad_guard();
-        let started = std::time::Instant::now();
+        check_share(local, global, 0)?;
         let share = local as f64 / global as f64;
-        let (vars, weights): (Vec<Tensor>, Vec<f64>) = sorted_variables(vs)
+        let vars = sorted_variables(vs)
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .map(|(name, t)| (t, share * lsq_batch_correction(&name, share)))
-            .unzip();
+            .collect();
+        self.sum_weighted(vars)
+    }
+
+    /// Sums `weight * gradient` of each variable over the ranks, in flattened buckets, into
+    /// every rank's gradient (a missing gradient counts as zeros).
+    fn sum_weighted(&mut self, vars: Vec<(Tensor, f64)>) -> Result<()> {
+        if vars.is_empty() {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        let started = std::time::Instant::now();
+        let (vars, weights): (Vec<Tensor>, Vec<f64>) = vars.into_iter().unzip();
         let mut start = 0;
         while start < vars.len() {
             // One bucket: gradients until the byte budget is spent (at least one).
@@ -172,8 +190,71 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Seconds spent in [`sum_gradients`](Self::sum_gradients) so far (flattening, the
-    /// allreduce and the copies back), for the share of a step that communication takes.
+    /// Whether [`backward`](Self::backward) sums gradients during the backward pass (the
+    /// default), as PyTorch's DistributedDataParallel does: c10d's `Reducer` hooks the
+    /// trainable variables (in name order, buckets of this group's size) and averages each
+    /// bucket over the ranks as soon as its gradients exist, while the pass goes on. `false`
+    /// sums them after the pass ([`sum_gradients`](Self::sum_gradients)).
+    pub fn set_overlap(&mut self, on: bool) {
+        self.overlap = on;
+        if !on {
+            self.reducer = None;
+        }
+    }
+
+    /// The reducer for the trainable variables of `vs`, (re)built when they changed. LSQ
+    /// activation step sizes, whose batch correction differs per rank, are left to the sums
+    /// after the pass.
+    fn reducer_for(&mut self, vs: &nn::VarStore) -> Result<&mut Overlap> {
+        let trainable: Vec<(String, Tensor)> =
+            sorted_variables(vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let names: Vec<String> = trainable.iter().map(|(name, _)| name.clone()).collect();
+        if self.reducer.as_ref().map_or(true, |o| o.names != names) {
+            // The old hooks go before new ones are set.
+            self.reducer = None;
+            let (during, after): (Vec<_>, Vec<_>) =
+                trainable.into_iter().partition(|(name, _)| lsq_batch_correction(name, 0.25) == 1.0);
+            let vars: Vec<Tensor> = during.into_iter().map(|(_, t)| t).collect();
+            // Variables a pass never reaches (a frozen branch) are found by searching its graph.
+            let reducer = self.group().reducer(&vars, self.bucket_bytes, true)?;
+            let after = after.into_iter().map(|(name, _)| name).collect();
+            self.reducer = Some(Overlap { reducer, names, after });
+        }
+        Ok(self.reducer.as_mut().expect("set above"))
+    }
+
+    /// The backward pass of this rank's `loss`, its mean over `local` samples of a global
+    /// batch of `global`: afterwards every rank holds the gradient of the mean loss over the
+    /// whole global batch, as one process would. Summed after the pass
+    /// ([`sum_gradients`](Self::sum_gradients)), or during it
+    /// ([`set_overlap`](Self::set_overlap)), where every rank needs a sample.
+    pub fn backward(&mut self, vs: &nn::VarStore, loss: &Tensor, local: i64, global: i64) -> Result<()> {
+        if !self.overlap {
+            loss.f_backward()?;
+            return self.sum_gradients(vs, local, global);
+        }
+        check_share(local, global, 1)?;
+        let (group, world) = (Arc::clone(&self.group), self.world_size as f64);
+        let lock = || group.lock().unwrap_or_else(|p| p.into_inner());
+        let share = local as f64 / global as f64;
+        // The reducer averages over ranks: a loss weighted by (ranks x share) makes the
+        // average the sum of the shares' gradients, the whole batch's.
+        let scaled = loss.f_mul_scalar(world * share)?;
+        let overlap = self.reducer_for(vs)?;
+        overlap.reducer.prepare(&[&scaled]).map_err(|p| lock().fail("allreduce", p))?;
+        scaled.f_backward().map_err(|e| lock().fail("allreduce", e.to_string()))?;
+        // Those gradients are (ranks x share) times this rank's: rescaled to share x correction.
+        let after: Vec<(Tensor, f64)> = sorted_variables(vs)
+            .into_iter()
+            .filter(|(name, _)| overlap.after.contains(name))
+            .map(|(name, t)| (t, lsq_batch_correction(&name, share) / world))
+            .collect();
+        self.sum_weighted(after)
+    }
+
+    /// Seconds spent in gradient sums after the backward pass so far (flattening, the
+    /// allreduce and the copies back), for the share of a step that communication takes;
+    /// sums during the pass ([`set_overlap`](Self::set_overlap)) hide in it.
     pub fn gradient_seconds(&self) -> f64 {
         self.sum_seconds
     }
@@ -191,6 +272,22 @@ impl Drop for DataParallel {
     fn drop(&mut self) {
         crate::quantizers::set_range_sync(None);
     }
+}
+
+/// Checks a rank's share: `local` of a global batch of `global` samples, at least `least`.
+fn check_share(local: i64, global: i64, least: i64) -> Result<()> {
+    if global < 1 || local < least || local > global {
+        return Err(Error::Argument {
+            what: "samples of a rank's share",
+            value: local as f64,
+            expected: if least > 0 {
+                "between 1 and the global batch: with sums during the backward pass every rank needs a sample"
+            } else {
+                "between 0 and the global batch, which is at least 1"
+            },
+        });
+    }
+    Ok(())
 }
 
 /// The extra factor of an LSQ activation step size's gradient (`*x_quantizer.step_size`) on a

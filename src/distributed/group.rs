@@ -8,7 +8,7 @@ use std::time::Duration;
 use tch::{Kind, Tensor};
 
 use super::DistEnv;
-use crate::glue::distributed::{Group, Rendezvous, Store};
+use crate::glue::distributed::{Group, Reducer, Rendezvous, Store};
 use crate::{Error, Result};
 
 /// The longest timeout a group accepts: a lost peer must be noticed in minutes, not in
@@ -187,7 +187,15 @@ impl ProcessGroup {
         self.world_size
     }
 
-    fn fail(&self, op: &'static str, problem: String) -> Error {
+    /// c10d's Reducer over `vars` of this group, buckets of about `bucket_bytes`.
+    pub(crate) fn reducer(&self, vars: &[Tensor], bucket_bytes: usize, find_unused: bool) -> Result<Reducer> {
+        let bytes = i64::try_from(bucket_bytes).unwrap_or(i64::MAX);
+        Reducer::new(&self.group, vars, bytes, find_unused).map_err(|p| self.fail("reducer", p))
+    }
+
+    /// The error of the collective `op`, saying which peer is lost where c10d reports a lost
+    /// or silent one.
+    pub(crate) fn fail(&self, op: &'static str, problem: String) -> Error {
         let problem = crate::strip_backtrace(&problem);
         // Say what the message means where c10d reports a lost or silent peer.
         let lost = ["closed", "reset", "timed out", "Timed out", "timeout", "Broken pipe"]

@@ -4,8 +4,11 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <memory>
 
 #include "border.h"
 
@@ -17,6 +20,9 @@ struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
   std::chrono::milliseconds timeout;
+  // The Gloo backend as a c10d ProcessGroup (the type the Reducer takes), as Python's
+  // init_process_group wraps it.
+  c10::intrusive_ptr<c10d::ProcessGroup> wrapped;
 };
 
 void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
@@ -46,7 +52,10 @@ char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, 
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind_host));
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-    *out = new Group{store, pg, timeout};
+    auto wrapped = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
+    wrapped->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    wrapped->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, pg);
+    *out = new Group{store, pg, timeout, wrapped};
   });
 }
 
@@ -82,6 +91,61 @@ char* ta_pg_barrier(Group* g) {
 }
 
 void ta_pg_free(Group* g) { delete g; }
+
+// c10d's Reducer, the engine of PyTorch's DistributedDataParallel, over `n` variables of one
+// group: autograd hooks that, as the backward pass makes each gradient, average flattened
+// buckets of about `bucket_bytes` over the ranks while the pass goes on (1 MiB for the first
+// bucket, as DDP). The variables' order and the bucket size are Rust's decisions.
+struct Reducer {
+  std::unique_ptr<c10d::Reducer> reducer;
+};
+
+char* ta_reducer_new(Group* g, at::Tensor* const* vars, int n, int64_t bucket_bytes, int find_unused, Reducer** out) {
+  return guard([&] {
+    std::vector<at::Tensor> params;
+    for (int i = 0; i < n; ++i) params.push_back(*vars[i]);
+    std::vector<bool> sparse(params.size(), false);
+    auto cap = static_cast<size_t>(bucket_bytes);
+    auto first = std::min(cap, static_cast<size_t>(c10d::kDefaultFirstBucketBytes));
+    auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(params, {first, cap}, sparse);
+    // As DDP: gradients come roughly in reverse order of the variables.
+    std::reverse(buckets.begin(), buckets.end());
+    std::vector<int64_t> caps(limits.rbegin(), limits.rend());
+    auto r = std::make_unique<c10d::Reducer>(params, buckets, g->wrapped, sparse, bucket_bytes, find_unused != 0,
+                                             /*gradient_as_bucket_view=*/false,
+                                             std::unordered_map<size_t, std::string>{},
+                                             static_cast<int64_t>(first), /*skip_all_reduce_unused_params=*/false,
+                                             /*use_python_reducer=*/false, caps);
+    *out = new Reducer{std::move(r)};
+  });
+}
+
+// Passes warnings on to the handler before it, but for the reducer's advice to stop searching
+// for unused variables: the search is the crate's choice (a variable that one pass never
+// reaches must count as zeros, not stall its bucket).
+struct QuietSearch : c10::WarningHandler {
+  c10::WarningHandler* next = c10::WarningUtils::get_warning_handler();
+  void process(const c10::Warning& w) override {
+    if (w.msg().find("find_unused_parameters=True was specified") == std::string::npos) next->process(w);
+  }
+};
+
+// Arms the hooks for the next backward pass, whose roots are `outputs` (searched for the
+// variables no gradient will reach).
+char* ta_reducer_prepare(Reducer* r, at::Tensor* const* outputs, int n) {
+  return guard([&] {
+    std::vector<at::Tensor> roots;
+    for (int i = 0; i < n; ++i) roots.push_back(*outputs[i]);
+    QuietSearch quiet;
+    c10::WarningUtils::WarningHandlerGuard scope(&quiet);
+    r->reducer->prepare_for_backward(roots);
+  });
+}
+
+// The reducer's destructor removes its hooks and may throw: caught here.
+char* ta_reducer_free(Reducer* r) {
+  return guard([&] { delete r; });
+}
 
 // A client of the TCPStore at host:port with keys under `prefix`, separate from any group's,
 // so that a heartbeat thread can use it while collectives run.

@@ -24,6 +24,16 @@ extern "C" {
     fn ta_pg_broadcast(g: *mut c_void, t: *mut super::CTensor, root: i64) -> *mut c_char;
     fn ta_pg_barrier(g: *mut c_void) -> *mut c_char;
     fn ta_pg_free(g: *mut c_void);
+    fn ta_reducer_new(
+        g: *mut c_void,
+        vars: *const *mut super::CTensor,
+        n: i32,
+        bucket_bytes: i64,
+        find_unused: i32,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn ta_reducer_prepare(r: *mut c_void, outputs: *const *mut super::CTensor, n: i32) -> *mut c_char;
+    fn ta_reducer_free(r: *mut c_void) -> *mut c_char;
     fn ta_store_connect(
         host: *const c_char,
         port: i32,
@@ -180,5 +190,65 @@ impl Drop for Group {
         unsafe {
             ta_pg_free(self.0)
         };
+    }
+}
+
+/// c10d's `Reducer` (the engine of PyTorch's DistributedDataParallel) over some variables of a
+/// group: autograd hooks that average buckets of gradients over the ranks during the
+/// backward pass. It holds its own reference to the group.
+pub(crate) struct Reducer(*mut c_void);
+
+impl std::fmt::Debug for Reducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reducer")
+    }
+}
+
+// SAFETY: the reducer is armed and dropped by one owner at a time (`&mut self`); its hooks
+// run on libtorch's autograd threads, as in PyTorch.
+unsafe impl Send for Reducer {}
+
+impl Reducer {
+    /// Hooks on `vars` (trainable leaves, in the same order on every rank), buckets of about
+    /// `bucket_bytes`; `find_unused` searches each pass's graph for variables it never reaches.
+    pub(crate) fn new(
+        group: &Group,
+        vars: &[Tensor],
+        bucket_bytes: i64,
+        find_unused: bool,
+    ) -> std::result::Result<Self, String> {
+        let ptrs: Vec<*mut super::CTensor> = vars.iter().map(|t| t.as_ptr() as *mut _).collect();
+        let n = i32::try_from(ptrs.len()).map_err(|_| format!("{} variables", ptrs.len()))?;
+        let mut out: *mut c_void = std::ptr::null_mut();
+        #[cfg(torchapprox_gloo)]
+        // SAFETY: a live group and `n` tensors for the call; `out` receives the reducer.
+        check(unsafe {
+            ta_reducer_new(group.0, ptrs.as_ptr(), n, bucket_bytes, find_unused as i32, &mut out)
+        })?;
+        #[cfg(not(torchapprox_gloo))]
+        let _ = (group, n, bucket_bytes, find_unused);
+        if out.is_null() {
+            return Err("the glue returned no reducer".into());
+        }
+        Ok(Self(out))
+    }
+
+    /// Arms the hooks for the next backward pass from `outputs`.
+    pub(crate) fn prepare(&mut self, outputs: &[&Tensor]) -> std::result::Result<(), String> {
+        let ptrs: Vec<*mut super::CTensor> = outputs.iter().map(|t| t.as_ptr() as *mut _).collect();
+        #[cfg(torchapprox_gloo)]
+        // SAFETY: a live reducer and tensors for the call.
+        return check(unsafe { ta_reducer_prepare(self.0, ptrs.as_ptr(), ptrs.len() as i32) });
+        #[cfg(not(torchapprox_gloo))]
+        return Err(format!("no reducer ({} outputs)", ptrs.len()));
+    }
+}
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        #[cfg(torchapprox_gloo)]
+        // SAFETY: the reducer came from ta_reducer_new and is freed once; an exception of its
+        // destructor (after a failed pass) is caught by the glue and its text dropped here.
+        let _ = check(unsafe { ta_reducer_free(self.0) });
     }
 }

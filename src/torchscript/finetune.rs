@@ -272,10 +272,10 @@ impl ScriptModel {
                         return Err(diverged(epoch, format!("loss {value}")));
                     }
                     opt.zero_grad();
-                    loss.f_backward()?;
-                    if let Some(dp) = dp.as_deref_mut() {
+                    match dp.as_deref_mut() {
                         // The gradient of the mean loss over the global batch, on every rank.
-                        dp.sum_gradients(&vs, x.size()[0], global)?;
+                        Some(dp) => dp.backward(&vs, &loss, x.size()[0], global)?,
+                        None => loss.f_backward()?,
                     }
                     // The straight-through step: the gradient of the quantized weights updates the shadows.
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (w, s.shallow_clone())))?;

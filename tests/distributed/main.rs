@@ -261,17 +261,19 @@ fn two_ranks_train_as_one_process_on_the_whole_batch() {
     torchapprox::data::Mnist::embedded().unwrap().subset(256, 200).save_dir(&data).unwrap();
     // PACT activations with SGD and Adam; MinMax activations with running ranges (each
     // training batch's range synchronised over the ranks) with Adam; LSQ activations and
-    // weights (learned step sizes, the weights' set from rank 0's weights) with Adam.
-    for (optimizer, x_quant, w_quant) in [
-        ("sgd", "pact", "minmax"),
-        ("adam", "pact", "minmax"),
-        ("adam", "minmax", "minmax"),
-        ("adam", "lsq", "lsq"),
+    // weights (learned step sizes, the weights' set from rank 0's weights) with Adam. The
+    // gradients are summed during the backward pass (c10d's Reducer), and once after it.
+    for (optimizer, x_quant, w_quant, overlap) in [
+        ("sgd", "pact", "minmax", true),
+        ("adam", "pact", "minmax", true),
+        ("adam", "pact", "minmax", false),
+        ("adam", "minmax", "minmax", true),
+        ("adam", "lsq", "lsq", true),
     ] {
-        let what = format!("{optimizer} {x_quant} {w_quant}");
+        let what = format!("{optimizer} {x_quant} {w_quant}{}", if overlap { "" } else { " --no-overlap" });
         let (one, two) = (
-            tmp.0.join(format!("one-{optimizer}-{x_quant}.safetensors")),
-            tmp.0.join(format!("two-{optimizer}-{x_quant}.safetensors")),
+            tmp.0.join(format!("one-{optimizer}-{x_quant}-{overlap}.safetensors")),
+            tmp.0.join(format!("two-{optimizer}-{x_quant}-{overlap}.safetensors")),
         );
         let args = |save: &Path| -> Vec<String> {
             [
@@ -303,7 +305,10 @@ fn two_ranks_train_as_one_process_on_the_whole_batch() {
         let (ok, _, err, _) =
             finish(train(None, &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>()), Duration::from_secs(120));
         assert!(ok, "{err}");
-        let a2 = args(&two);
+        let mut a2 = args(&two);
+        if !overlap {
+            a2.push("--no-overlap".into());
+        }
         let a2: Vec<&str> = a2.iter().map(|s| s.as_str()).collect();
         let port = free_port();
         let r0 = train(Some((0, 2, port)), &a2);
@@ -314,6 +319,11 @@ fn two_ranks_train_as_one_process_on_the_whole_batch() {
         // Rank 0 alone reports and writes; rank 1 stays quiet.
         let report: serde_json::Value = serde_json::from_str(out0.trim()).unwrap();
         assert_eq!(report["processes"], 2, "{report}");
+        // Overlapped, c10d's Reducer sums during the pass: no sums are left for after it
+        // (but LSQ's activation step sizes, whose correction differs per rank).
+        assert_eq!(report["overlap"], overlap, "{report}");
+        let after = report["gradient_sum_seconds"].as_f64().unwrap();
+        assert_eq!(after > 0.0, !overlap || x_quant == "lsq", "{what}: {after} s of sums after the pass");
         assert!(out1.trim().is_empty(), "rank 1 printed {out1}");
         // 256 digits, global batch 64: four steps. The same weights and alphas as one
         // process, within float summation order (two half-batch means vs one mean).
