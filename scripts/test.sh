@@ -10,7 +10,9 @@ cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
 echo "== cargo doc (warnings are errors)"
-RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps
+# The examples too: with them the dependencies resolve the features clippy and the tests
+# use (dev-dependencies unify theirs), so libtorch's C++ is not compiled once more for docs.
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --lib --examples
 if .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "== CUDA is available: CUDA tests run"
 else
