@@ -217,7 +217,11 @@ pub fn distributed_rows() -> Result<Vec<Value>> {
         let samples = 2.0 * report["train_digits"].as_f64().unwrap_or(8000.0);
         let row = json!({"processes": processes, "threads": 1, "samples_per_s": samples / seconds,
             "allreduce_share": summing / seconds, "seconds": seconds, "overlap": overlap});
-        let how = if overlap { "sums during the pass" } else { "sums after the pass" };
+        let how = match (processes, overlap) {
+            (1, _) => "no sums",
+            (_, true) => "sums during the pass",
+            _ => "sums after the pass",
+        };
         println!(
             "  1 LeNet trainer, {processes} process(es) of 1 thread, {how}: {:.0} samples/s, gradient sums after the pass {:.1}% of the time",
             samples / seconds,

@@ -3,7 +3,8 @@ rewrite's recognition of traced attentions (tests/torchscript/rewrite.rs).
 
 `a`: 4 heads, [sequence, batch, features], returns its weights averaged over the heads;
 `b`: 8 heads, batch first, no biases, returns per-head weights; `c`: cross-attention (two
-inputs), which the rewrite leaves in float. Usage: traced_attention.py OUT
+inputs) and `d`: traced on an unbatched input, which the rewrite leaves in float.
+Usage: traced_attention.py OUT
 """
 import os
 import sys
@@ -18,6 +19,7 @@ class Attentions(nn.Module):
         self.a = nn.MultiheadAttention(16, 4)
         self.b = nn.MultiheadAttention(16, 8, bias=False, batch_first=True)
         self.c = nn.MultiheadAttention(16, 2)
+        self.d = nn.MultiheadAttention(16, 2)
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -27,7 +29,9 @@ class Attentions(nn.Module):
         z, w2 = self.b(z, z, z, average_attn_weights=False)
         c, _ = self.c(z.transpose(0, 1), s, s, need_weights=False)
         # Squares: a row of weights sums to 1 whatever the attention computed.
-        extra = (w * w).sum((1, 2)) + (w2 * w2).sum((1, 2, 3))
+        u = x[0]
+        d, _ = self.d(u, u, u)
+        extra = (w * w).sum((1, 2)) + (w2 * w2).sum((1, 2, 3)) + d.sum()
         return self.fc(c.transpose(0, 1) + z).mean(1) + extra.unsqueeze(1)
 
 

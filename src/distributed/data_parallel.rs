@@ -28,11 +28,11 @@ pub struct DataParallel {
 }
 
 /// Gradient sums during the backward pass: c10d's reducer over the trainable variables
-/// `names` but those in `after`, which are summed after the pass.
+/// `hooked` (names and storage) but those in `after`, which are summed after the pass.
 #[derive(Debug)]
 struct Overlap {
     reducer: Reducer,
-    names: Vec<String>,
+    hooked: Vec<(String, usize)>,
     after: Vec<String>,
 }
 
@@ -192,9 +192,10 @@ impl DataParallel {
 
     /// Whether [`backward`](Self::backward) sums gradients during the backward pass (the
     /// default), as PyTorch's DistributedDataParallel does: c10d's `Reducer` hooks the
-    /// trainable variables (in name order, buckets of this group's size) and averages each
-    /// bucket over the ranks as soon as its gradients exist, while the pass goes on. `false`
-    /// sums them after the pass ([`sum_gradients`](Self::sum_gradients)).
+    /// trainable variables (in name order, in buckets of this group's `bucket_bytes`, the
+    /// first capped at 1 MiB, last variables first) and averages each bucket over the ranks as
+    /// soon as its gradients exist, while the pass goes on. `false` sums them after the pass
+    /// ([`sum_gradients`](Self::sum_gradients)), as does a global batch smaller than the world.
     pub fn set_overlap(&mut self, on: bool) {
         self.overlap = on;
         if !on {
@@ -208,8 +209,10 @@ impl DataParallel {
     fn reducer_for(&mut self, vs: &nn::VarStore) -> Result<&mut Overlap> {
         let trainable: Vec<(String, Tensor)> =
             sorted_variables(vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        let names: Vec<String> = trainable.iter().map(|(name, _)| name.clone()).collect();
-        if self.reducer.as_ref().map_or(true, |o| o.names != names) {
+        // The hooks sit on tensors: a new VarStore with the same names needs new ones.
+        let hooked: Vec<(String, usize)> =
+            trainable.iter().map(|(name, t)| (name.clone(), t.data_ptr() as usize)).collect();
+        if self.reducer.as_ref().map_or(true, |o| o.hooked != hooked) {
             // The old hooks go before new ones are set.
             self.reducer = None;
             let (during, after): (Vec<_>, Vec<_>) =
@@ -218,7 +221,7 @@ impl DataParallel {
             // Variables a pass never reaches (a frozen branch) are found by searching its graph.
             let reducer = self.group().reducer(&vars, self.bucket_bytes, true)?;
             let after = after.into_iter().map(|(name, _)| name).collect();
-            self.reducer = Some(Overlap { reducer, names, after });
+            self.reducer = Some(Overlap { reducer, hooked, after });
         }
         Ok(self.reducer.as_mut().expect("set above"))
     }
@@ -229,7 +232,16 @@ impl DataParallel {
     /// ([`sum_gradients`](Self::sum_gradients)), or during it
     /// ([`set_overlap`](Self::set_overlap)), where every rank needs a sample.
     pub fn backward(&mut self, vs: &nn::VarStore, loss: &Tensor, local: i64, global: i64) -> Result<()> {
-        if !self.overlap {
+        if loss.numel() != 1 {
+            return Err(Error::Argument {
+                what: "elements of the loss",
+                value: loss.numel() as f64,
+                expected: "1 (a mean over the rank's samples)",
+            });
+        }
+        // A batch smaller than the world leaves some ranks without samples; every rank sees
+        // the same global batch, so all of them take the sums after the pass alike.
+        if !self.overlap || global < self.world_size {
             loss.f_backward()?;
             return self.sum_gradients(vs, local, global);
         }

@@ -54,7 +54,9 @@ char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, 
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
     auto wrapped = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
     wrapped->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    // Gloo serves CUDA tensors too (through host copies), as Python's "gloo" group does.
     wrapped->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, pg);
+    wrapped->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::GLOO, pg);
     *out = new Group{store, pg, timeout, wrapped};
   });
 }
@@ -142,9 +144,14 @@ char* ta_reducer_prepare(Reducer* r, at::Tensor* const* outputs, int n) {
   });
 }
 
-// The reducer's destructor removes its hooks and may throw: caught here.
+// The reducer's destructor removes its hooks and may throw: it runs here, inside the guard,
+// not inside a unique_ptr's noexcept destructor.
 char* ta_reducer_free(Reducer* r) {
-  return guard([&] { delete r; });
+  return guard([&] {
+    c10d::Reducer* inner = r->reducer.release();
+    delete r;
+    delete inner;
+  });
 }
 
 // A client of the TCPStore at host:port with keys under `prefix`, separate from any group's,

@@ -626,8 +626,8 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
 
 // Issue 20 item 2: traced nn.MultiheadAttention keeps no settings in its graph. The rewrite
 // recovers the head count and layout by running it, returns the weights as the trace did
-// (averaged or per head), handles bias-free projections, and leaves a cross-attention in
-// float with its reason. At 16 bits the rewritten network computes the float one's function.
+// (averaged or per head), handles bias-free projections, and leaves a cross-attention and an
+// attention traced on unbatched input in float with their reasons. At 16 bits the rewritten network computes the float one's function.
 #[test]
 fn traced_attentions_are_recognised_rewritten_and_reported() {
     let tmp = TempDir::new("rw-attention");
@@ -653,9 +653,12 @@ fn traced_attentions_are_recognised_rewritten_and_reported() {
     );
     assert_eq!(op("fc").map(|(op, _)| op), Some(LayerOp::Linear));
     assert_eq!(
-        report.left_in_float,
-        ["c: a traced MultiheadAttention is covered as self-attention with one input and no masks; this one takes 2"]
+        report.left_in_float[0],
+        "c: a traced MultiheadAttention is covered as self-attention with one input and no masks; this one takes 2"
     );
+    // Traced on an unbatched input: the probe's batch does not fit its graph.
+    assert_eq!(report.left_in_float.len(), 2, "{:?}", report.left_in_float);
+    assert!(report.left_in_float[1].starts_with("d: its traced forward "), "{:?}", report.left_in_float);
     let strict = RewriteConfig { default: spec, strict: true, ..Default::default() };
     match ScriptModel::load(&file, Device::Cpu).unwrap().quantize_layers(&strict) {
         Err(torchapprox::Error::LeftInFloat { layers }) => assert_eq!(layers, report.left_in_float),

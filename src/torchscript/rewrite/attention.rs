@@ -82,9 +82,11 @@ pub(crate) fn attention_source(
     // `batch_first` is a constant of the scripted class, which new methods cannot read.
     let forward = "assert query.dim() == 3, \"a quantized MultiheadAttention takes batched inputs\"\n\
         if BATCH_FIRST:\n\
+        \x20   same_key = key is query\n\
+        \x20   same_value = value is key\n\
         \x20   query = query.transpose(1, 0)\n\
-        \x20   key = key.transpose(1, 0)\n\
-        \x20   value = value.transpose(1, 0)\n\
+        \x20   key = query if same_key else key.transpose(1, 0)\n\
+        \x20   value = key if same_value else value.transpose(1, 0)\n\
         tgt_len = query.size(0)\n\
         bsz = query.size(1)\n\
         embed = query.size(2)\n\

@@ -176,6 +176,14 @@ fn classify(class: &str) -> Option<std::result::Result<&'static str, &'static st
     })
 }
 
+/// Whether `path` is the `out_proj` of a `MultiheadAttention` in the description.
+fn attention_owns(d: &Description, path: &str) -> bool {
+    let Some(parent) = path.strip_suffix(".out_proj") else {
+        return false;
+    };
+    d.modules.iter().any(|(p, class)| p == parent && classify(class) == Some(Ok("MultiheadAttention")))
+}
+
 /// The reason given for an attention's `out_proj`, which its attention's entry replaces.
 const OUT_PROJ: &str = "a MultiheadAttention's out_proj, which the attention itself reads";
 
@@ -198,7 +206,7 @@ pub(crate) fn rewrite(
             Some(Ok(_)) => layers.push((path.clone(), class.clone())),
             // An attention's out_proj is quantized inside the attention's forward, or stays in
             // float with it, for the attention's reason.
-            Some(Err(OUT_PROJ)) => {}
+            Some(Err(OUT_PROJ)) if attention_owns(&d, path) => {}
             Some(Err(reason)) => report.left_in_float.push(format!("{path}: {reason}")),
             None => {}
         }

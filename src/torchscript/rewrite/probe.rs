@@ -10,9 +10,13 @@ use crate::Result;
 
 /// The projections' tensors of an attention.
 pub(super) struct AttentionWeights {
+    /// The packed input projection, `[3 E, E]`.
     pub in_weight: Tensor,
+    /// Its bias, `[3 E]`.
     pub in_bias: Option<Tensor>,
+    /// `out_proj.weight`, `[E, E]`.
     pub out_weight: Tensor,
+    /// `out_proj.bias`, `[E]`.
     pub out_bias: Option<Tensor>,
 }
 
@@ -42,12 +46,12 @@ pub(super) fn self_attention(
     Ok((out, weights.f_reshape([n, heads, l, l])?))
 }
 
-/// Whether `a` equals `b` up to float summation order.
+/// Whether `a` equals `b` up to float summation order, relative to `b`'s largest magnitude.
 fn same(a: &Tensor, b: &Tensor) -> Result<bool> {
     if a.size() != b.size() {
         return Ok(false);
     }
-    let scale = b.f_abs()?.f_max()?.f_double_value(&[])?.max(1.0);
+    let scale = b.f_abs()?.f_max()?.f_double_value(&[])?;
     Ok(a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[])? <= 1e-4 * scale)
 }
 
@@ -71,7 +75,12 @@ pub(super) fn traced_attention(
     let options = (w.in_weight.kind(), w.in_weight.device());
     // A fixed probe, not a random one: the rewrite must not draw from the user's generator.
     let probe = Tensor::f_arange(2 * 3 * e, options)?.f_mul_scalar(0.37)?.f_sin()?.f_reshape([2, 3, e])?;
-    let traced = tch::no_grad(|| jit::call_forward(m, path, &[&probe]))?;
+    let traced = match tch::no_grad(|| jit::call_forward(m, path, &[&probe])) {
+        Ok(outputs) => outputs,
+        Err(err) => {
+            return Ok(Err(format!("its traced forward fails on a probe of shape [2, 3, {e}]: {err}")))
+        }
+    };
     let Some(Some(out)) = traced.first() else {
         return Ok(Err("a traced MultiheadAttention that returns no output tensor".into()));
     };
@@ -83,6 +92,7 @@ pub(super) fn traced_attention(
             return Ok(Err("a traced MultiheadAttention whose second output is not its weights".into()))
         }
     };
+    let mut found = Vec::new();
     for heads in (1..=e).filter(|h| e % h == 0) {
         for batch_first in [false, true] {
             let (o, wt) = tch::no_grad(|| self_attention(&probe, w, heads, batch_first))?;
@@ -92,10 +102,20 @@ pub(super) fn traced_attention(
                 Some((false, t)) => same(&wt, t)?,
             };
             if same(&o, out)? && weights_match {
-                let traced = TracedAttention { heads, weights: weights.map(|(average, _)| average) };
-                return Ok(Ok((traced, batch_first)));
+                found.push((
+                    TracedAttention { heads, weights: weights.map(|(average, _)| average) },
+                    batch_first,
+                ));
             }
         }
     }
-    Ok(Err("its traced forward is not MultiheadAttention's self-attention for any head count (traced with dropout, or changed?)".into()))
+    Ok(match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err("its traced forward is not MultiheadAttention's self-attention for any head count (traced with dropout, or changed?)".into()),
+        several => Err(format!(
+            "its traced forward matches {} head counts or layouts on the probe (heads {:?}), so its own is unknown",
+            several.len(),
+            several.iter().map(|(t, _)| t.heads).collect::<Vec<_>>()
+        )),
+    })
 }
