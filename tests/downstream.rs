@@ -43,8 +43,14 @@ fn a_users_crate_builds_and_runs_after_setup_project() {
     assert!(config.contains("LIBTORCH = \"") && config.contains("-Wl,-rpath,"), "{config}");
     assert!(!config.contains(&root.display().to_string()), "the config points into this checkout: {config}");
 
-    // A shared target folder: torch-sys is built once per clone, not once per run.
-    let target = root.join("target").join("downstream");
+    // A target folder in set-up's cache, beside the venv: torch-sys (libtorch's C++ bindings,
+    // minutes to compile) is built once per machine, not once per clone; this checkout's
+    // crate, a path dependency, is rebuilt every time and cleaned out after.
+    let cache = std::env::var_os("TORCHAPPROX_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/torchapprox")));
+    let target =
+        cache.map_or_else(|| root.join("target").join("downstream"), |c| c.join("downstream-target"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let started = Instant::now();
     let mut build = clean(Command::new(cargo));
@@ -57,6 +63,14 @@ fn a_users_crate_builds_and_runs_after_setup_project() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "the user's binary: {} {}", out, String::from_utf8_lossy(&o.stderr));
     assert!(out.starts_with("downstream ok: loss ") && out.contains("int_max 127"), "{out}");
+    // Each checkout's path is a new package to cargo: its artifacts would pile up.
+    let o = clean(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())))
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["clean", "--quiet", "-p", "torchapprox", "-p", "downstream-check"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cargo clean: {}", String::from_utf8_lossy(&o.stderr));
 
     // An existing config of the user's own is never overwritten.
     std::fs::write(dir.join(".cargo/config.toml"), "[build]\njobs = 1\n").unwrap();
