@@ -210,13 +210,13 @@ fn run(args: Args) -> Result<()> {
                 let mut value = loss.double_value(&[]);
                 match dp.as_mut() {
                     // The gradient and the loss of the whole global batch, on every rank.
-                    Some(dp) => dp.backward(&vs, &loss, idx.size()[0], len)?,
+                    Some(dp) => {
+                        dp.backward(&vs, &loss, idx.size()[0], len)?;
+                        let mut t = Tensor::from_slice(&[value * idx.size()[0] as f64 / len as f64]);
+                        dp.group().allreduce_(&mut t, torchapprox::distributed::ReduceOp::Sum)?;
+                        value = t.double_value(&[0]);
+                    }
                     None => loss.backward(),
-                }
-                if let Some(dp) = dp.as_mut() {
-                    let mut t = Tensor::from_slice(&[value * idx.size()[0] as f64 / len as f64]);
-                    dp.group().allreduce_(&mut t, torchapprox::distributed::ReduceOp::Sum)?;
-                    value = t.double_value(&[0]);
                 }
                 opt.step();
                 total += value;

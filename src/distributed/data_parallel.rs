@@ -33,7 +33,7 @@ pub struct DataParallel {
 struct Overlap {
     reducer: Reducer,
     hooked: Vec<(String, usize)>,
-    after: Vec<String>,
+    after: Vec<(String, Tensor)>,
 }
 
 /// The variables of `vs` in name order: the order every rank agrees on.
@@ -220,7 +220,6 @@ impl DataParallel {
             let vars: Vec<Tensor> = during.into_iter().map(|(_, t)| t).collect();
             // Variables a pass never reaches (a frozen branch) are found by searching its graph.
             let reducer = self.group().reducer(&vars, self.bucket_bytes, true)?;
-            let after = after.into_iter().map(|(name, _)| name).collect();
             self.reducer = Some(Overlap { reducer, hooked, after });
         }
         Ok(self.reducer.as_mut().expect("set above"))
@@ -256,10 +255,10 @@ impl DataParallel {
         overlap.reducer.prepare(&[&scaled]).map_err(|p| lock().fail("allreduce", p))?;
         scaled.f_backward().map_err(|e| lock().fail("allreduce", e.to_string()))?;
         // Those gradients are (ranks x share) times this rank's: rescaled to share x correction.
-        let after: Vec<(Tensor, f64)> = sorted_variables(vs)
-            .into_iter()
-            .filter(|(name, _)| overlap.after.contains(name))
-            .map(|(name, t)| (t, lsq_batch_correction(&name, share) / world))
+        let after: Vec<(Tensor, f64)> = overlap
+            .after
+            .iter()
+            .map(|(name, t)| (t.shallow_clone(), lsq_batch_correction(name, share) / world))
             .collect();
         self.sum_weighted(after)
     }
