@@ -120,6 +120,17 @@ fn dist_worker() {
             Err(e) => println!("disagree: {e}"),
             Ok(()) => println!("disagree: none"),
         }
+        // Bad arguments to the data-parallel backward pass are refused before any collective.
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().var("w", &[2], tch::nn::Init::Const(1.0));
+        let mut dp = torchapprox::distributed::DataParallel::new(group, 1 << 20);
+        let loss = (&w * 2.0).sum(tch::Kind::Float);
+        for (what, l, local) in [("vector", &w * 2.0, 1), ("empty share", loss, 0)] {
+            match dp.backward(&vs, &l, local, 4) {
+                Err(e) => println!("refused {what}: {e}"),
+                Ok(()) => println!("refused {what}: no"),
+            }
+        }
         Ok(())
     })();
     if let Err(e) = result {
@@ -144,6 +155,10 @@ fn two_ranks_reduce_broadcast_and_refuse_different_configurations() {
             "rank {i}: {}",
             r.out
         );
+        for line in ["refused vector: elements of the loss", "refused empty share: samples of a rank's share"]
+        {
+            assert!(r.out.contains(line), "rank {i}: {}", r.out);
+        }
     }
 }
 
