@@ -6,6 +6,7 @@
 pub mod approx;
 pub mod args;
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod distributed;
 mod error;

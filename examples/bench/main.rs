@@ -169,7 +169,14 @@ fn run(args: Args) -> Result<()> {
     if let Some(&n) = args.sizes.iter().find(|&&n| n < 1) {
         anyhow::bail!("--sizes must list element counts of at least 1, got {n}");
     }
-    let device = if args.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let device = if args.device == "cuda" {
+        if !torchapprox::cuda::f_is_available()? {
+            anyhow::bail!("--device cuda: no CUDA device is available (libtorch sees none)");
+        }
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
     let reference: Value = match &args.reference {
         Some(p) => serde_json::from_slice(&std::fs::read(p).with_context(|| format!("{}", p.display()))?)?,
         None => Value::Null,

@@ -15,9 +15,9 @@ use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 pub fn pick_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" if torchapprox::cuda::f_is_available()? => Ok(Device::Cuda(0)),
         "cuda" => bail!("--device cuda: no CUDA device is available (libtorch sees none)"),
-        _ => Ok(Device::cuda_if_available()),
+        _ => Ok(torchapprox::cuda::cuda_if_available()),
     }
 }
 

@@ -254,6 +254,16 @@ pub enum Error {
         problem: String,
     },
 
+    /// libtorch's CUDA library exists but would not load (a missing CUDA runtime library,
+    /// a driver too old for it).
+    #[error("{}: libtorch's CUDA library would not load: {problem}", crate::files::shown_path(path))]
+    CudaLibrary {
+        /// The library file.
+        path: std::path::PathBuf,
+        /// The dynamic loader's message.
+        problem: String,
+    },
+
     /// A torchrun environment variable that cannot be used.
     #[error("{name}={value:?}: {problem}")]
     DistEnv {

@@ -146,7 +146,7 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
     );
     assert_fails(&["--data", &data, "--bits", "40"], "bitwidth 40 is out of range", &save);
     assert_fails(&["--data", &data, "--layer", "fc1=pact,minmax:1"], "bitwidth 1 is out of range", &save);
-    if !tch::Cuda::is_available() {
+    if !torchapprox::cuda::is_available() {
         assert_fails(&["--data", &data, "--device", "cuda"], "no CUDA device is available", &save);
     }
 

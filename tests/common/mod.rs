@@ -61,7 +61,7 @@ pub fn pytorch_agrees(script: &str, model: &std::path::Path, x: &Tensor, y: Tens
 
 /// The CUDA device when there is one; otherwise prints that `what` was skipped.
 pub fn cuda_or_skip(what: &str) -> Option<Device> {
-    if tch::Cuda::is_available() {
+    if torchapprox::cuda::is_available() {
         Some(Device::Cuda(0))
     } else {
         eprintln!("SKIPPED on this machine (no CUDA device): {what}");
@@ -72,7 +72,7 @@ pub fn cuda_or_skip(what: &str) -> Option<Device> {
 /// The devices to run device-generic assertions on: CPU, plus CUDA when present.
 pub fn devices() -> Vec<Device> {
     let mut d = vec![Device::Cpu];
-    if tch::Cuda::is_available() {
+    if torchapprox::cuda::is_available() {
         d.push(Device::Cuda(0));
     }
     d

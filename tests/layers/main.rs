@@ -6,6 +6,7 @@
 mod common;
 
 mod approx;
+mod device;
 mod layers;
 mod per_layer;
 mod training;
