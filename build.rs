@@ -54,10 +54,57 @@ fn distributed(root: &std::path::Path) {
         println!("cargo:warning=gloo headers not found (install libgloo-dev or run scripts/setup.sh): torchapprox::distributed will refuse to start");
         return;
     };
-    glue_build(root)
-        .include(gloo)
-        .flag("-DUSE_C10D_GLOO")
-        .file("src/glue/distributed.cpp")
-        .compile("torchapprox_distributed");
+    let mut b = glue_build(root);
+    b.include(gloo).flag("-DUSE_C10D_GLOO").file("src/glue/distributed.cpp");
+    println!("cargo::rustc-check-cfg=cfg(torchapprox_nccl)");
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        nccl(root, &mut b);
+    }
+    b.compile("torchapprox_distributed");
     println!("cargo:rustc-cfg=torchapprox_gloo");
+}
+
+/// The `nccl` feature: c10d's NCCL group, compiled against CUDA's and NCCL's headers (PyPI's
+/// torch brings NCCL's; `nvidia-cuda-crt` and `nvidia-cuda-cccl` complete CUDA's, and
+/// scripts/setup.sh installs them) and linked with libtorch's CUDA libraries. A build that
+/// asks for it where the headers are missing stops with what is missing.
+fn nccl(root: &std::path::Path, b: &mut cc::Build) {
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=NCCL_INCLUDE");
+    // Beside PyPI's torch: site-packages/nvidia/{cu13,nccl}/include (the folder may be a link).
+    let torch = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let nvidia = torch.parent().map(|p| p.join("nvidia")).unwrap_or_default();
+    let cuda_dirs: Vec<PathBuf> = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("include"))
+        .into_iter()
+        .chain([
+            nvidia.join("cu13/include"),
+            nvidia.join("cu12/include"),
+            PathBuf::from("/usr/local/cuda/include"),
+        ])
+        .collect();
+    let nccl_dirs: Vec<PathBuf> = std::env::var_os("NCCL_INCLUDE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([nvidia.join("nccl/include"), PathBuf::from("/usr/include")])
+        .collect();
+    let find = |dirs: &[PathBuf], file: &str| dirs.iter().find(|d| d.join(file).exists()).cloned();
+    let cuda = find(&cuda_dirs, "crt/host_config.h");
+    let nccl = find(&nccl_dirs, "nccl.h");
+    let (Some(cuda), Some(nccl)) = (cuda, nccl) else {
+        // One line, without a build script's panic frames.
+        eprintln!(
+            "error: the `nccl` feature needs CUDA's headers (crt/host_config.h in one of {cuda_dirs:?}) and \
+             NCCL's (nccl.h in one of {nccl_dirs:?}): run scripts/setup.sh, or set CUDA_HOME and NCCL_INCLUDE"
+        );
+        std::process::exit(1);
+    };
+    // CUDA 13 keeps libcu++ (<nv/target>) in include/cccl.
+    if cuda.join("cccl").is_dir() {
+        b.include(cuda.join("cccl"));
+    }
+    b.include(cuda).include(nccl).flag("-DUSE_C10D_NCCL").flag("-DUSE_CUDA").flag("-Wno-interference-size");
+    println!("cargo:rustc-cfg=torchapprox_nccl");
+    // torch-sys links torch_cuda already; the NCCL group's inline code calls c10_cuda too.
+    println!("cargo:rustc-link-lib=c10_cuda");
 }

@@ -14,7 +14,6 @@ mod common;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use common::pick_device;
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
@@ -140,7 +139,7 @@ fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains on its share of each global batch of --batch-size;
     // rank 0 alone speaks and writes.
-    let (dist_env, mut dp) = common::data_parallel(&args.dist)?;
+    let (mut dp, device) = common::data_parallel(&args.dist, &args.device)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
     // Each rank's share of a batch holds at least two digits: BatchNorm in training needs two.
@@ -150,7 +149,6 @@ fn run(args: Args) -> Result<()> {
         2 * processes,
         args.batch_size
     );
-    let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     let data = match &args.data {
         Some(dir) => Mnist::load_dir(dir)?,
         None => Mnist::embedded()?,

@@ -16,7 +16,6 @@ mod common;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use common::pick_device;
 use serde_json::json;
 use tch::Device;
 use torchapprox::approx::Multiplier;
@@ -250,10 +249,9 @@ fn run(args: Args) -> Result<()> {
     }
     // Under torchrun every rank fine-tunes on its share of each batch; rank 0 alone speaks
     // and writes. --finetune-epochs' --batch-size (64) is the global batch.
-    let (dist_env, dp) = common::data_parallel(&args.dist)?;
+    let (dp, device) = common::data_parallel(&args.dist, &args.device)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let processes = dp.as_ref().map_or(1, |d| d.rank_and_size().1);
-    let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     let options = LoadOptions { size: [args.image_size, args.image_size], ..Default::default() };
     let mut data = match &args.data {
         Some(path) => DataSet::load(path, &options)?,

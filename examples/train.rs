@@ -15,7 +15,6 @@ mod common;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use common::pick_device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
@@ -204,7 +203,7 @@ fn quantizer_report(q: &Quantizer) -> serde_json::Value {
 fn run(args: Args) -> Result<()> {
     common::set_threads(args.threads)?;
     // Under torchrun every rank trains the same network on its share of each batch.
-    let (dist_env, mut dp) = common::data_parallel(&args.dist)?;
+    let (mut dp, device) = common::data_parallel(&args.dist, &args.device)?;
     let leader = dp.as_ref().map_or(true, |d| d.rank_and_size().0 == 0);
     let base = QuantSpec {
         x_kind: args.x_quant,
@@ -278,7 +277,6 @@ fn run(args: Args) -> Result<()> {
             bail!("--mode approx reads 8-bit tables (operands of 2 to 8 bits): got {b} bits");
         }
     }
-    let device = common::rank_device(pick_device(&args.device)?, dist_env.as_ref());
     // Only rank 0 speaks (and writes): the others would repeat it.
     let say = |line: String| match (leader, args.json) {
         (false, _) => {}

@@ -78,6 +78,18 @@ if [ ! -f /usr/include/gloo/config.h ] && [ ! -f /usr/local/include/gloo/config.
     fi
 fi
 
+# The `nccl` feature (c10d's NCCL groups for CUDA tensors) compiles against CUDA's headers:
+# the wheel's CUDA runtime package has most of them, these two small packages of the same
+# CUDA release complete them (crt/host_config.h, libcu++'s <nv/target>). NCCL's own header
+# comes with torch. Headers only: nothing here changes what torch loads.
+CUDA_HEADER_PACKAGES=("nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85")
+cuda_include="$("$py" -c 'import torch, os; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include"))')"
+if [ -d "$cuda_include" ] && { [ ! -f "$cuda_include/crt/host_config.h" ] || [ ! -f "$cuda_include/cccl/nv/target" ]; }; then
+    echo "setup: installing CUDA's remaining headers (${CUDA_HEADER_PACKAGES[*]}) for the nccl feature"
+    "$py" -m pip install --quiet --no-deps "${CUDA_HEADER_PACKAGES[@]}" \
+        || echo "setup: warning: could not install CUDA's headers; the nccl feature will not build" >&2
+fi
+
 torch_dir="$("$py" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
 # With --project only the user's crate and the cache are written: the checkout may be read-only.
 if [ -z "$project" ]; then

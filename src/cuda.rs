@@ -55,8 +55,10 @@ pub fn f_load_backend() -> Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::CudaLibrary { path: path.clone(), problem: "the path holds a NUL byte".into() })?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::CudaLibrary {
+        path: path.clone(),
+        problem: "the path holds a NUL byte".into(),
+    })?;
     // SAFETY: a valid C string. RTLD_GLOBAL, as Python's import of torch: the library's
     // kernels register themselves with libtorch when it loads.
     let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };

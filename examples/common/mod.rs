@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use tch::Device;
 use torchapprox::approx::Multiplier;
-use torchapprox::distributed::{DataParallel, DistEnv, ProcessGroup};
+use torchapprox::distributed::{CudaBackend, DataParallel, DistEnv, ProcessGroup};
 use torchapprox::quantizers::{check_bitwidth, QuantizerKind};
 
 /// `auto` (CUDA when available), `cpu` or `cuda` (an error without a CUDA device).
@@ -35,13 +35,17 @@ pub struct DistArgs {
     /// c10d's Reducer overlaps the sums with the pass, as PyTorch's DDP does).
     #[arg(long)]
     pub no_overlap: bool,
+    /// Under torchrun: what carries CUDA gradients between the ranks, `auto` (NCCL on CUDA
+    /// where this build has it, else Gloo), `gloo` or `nccl` (the crate's `nccl` feature).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
+    pub dist_backend: String,
 }
 
 /// Under torchrun (or with `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` set) and more
 /// than one rank: the data-parallel group, joined within `--dist-timeout` seconds, summing
-/// gradients in `--bucket-mb` MiB buckets, and torchrun's environment. Both flags are checked
-/// on one process too, so that a bad value is seen before any cluster is booked.
-pub fn data_parallel(flags: &DistArgs) -> Result<(Option<DistEnv>, Option<DataParallel>)> {
+/// gradients in `--bucket-mb` MiB buckets through `--dist-backend`, and this rank's device (`device_flag`, one GPU per rank). The flags are checked on one
+/// process too, so that a bad value is seen before any cluster is booked.
+pub fn data_parallel(flags: &DistArgs, device_flag: &str) -> Result<(Option<DataParallel>, Device)> {
     let (timeout_s, bucket_mb) = (flags.dist_timeout, flags.bucket_mb);
     let env = DistEnv::from_env()?;
     if !(timeout_s > 0.0 && timeout_s <= 600.0) {
@@ -50,16 +54,22 @@ pub fn data_parallel(flags: &DistArgs) -> Result<(Option<DistEnv>, Option<DataPa
     if !(1..=4096).contains(&bucket_mb) {
         bail!("--bucket-mb must be from 1 to 4096, got {bucket_mb}");
     }
+    let device = rank_device(pick_device(device_flag)?, env.as_ref());
+    let backend = match flags.dist_backend.as_str() {
+        "auto" => CudaBackend::for_device(device),
+        name => name.parse()?,
+    };
     let dp = match &env {
         Some(e) if e.world_size > 1 => {
-            let group = ProcessGroup::init(e, std::time::Duration::from_secs_f64(timeout_s))?;
+            let timeout = std::time::Duration::from_secs_f64(timeout_s);
+            let group = ProcessGroup::init_with(e, timeout, backend)?;
             let mut dp = DataParallel::new(group, bucket_mb << 20);
             dp.set_overlap(!flags.no_overlap);
             Some(dp)
         }
         _ => None,
     };
-    Ok((env, dp))
+    Ok((dp, device))
 }
 
 /// `device`, with one GPU per rank on its machine under torchrun: `LOCAL_RANK` picks it.

@@ -9,19 +9,21 @@
 # line per step and a closing `N passed, M failed` summary, and exits non-zero if a step failed.
 # What it covers on CUDA: the device-generic tests (which print SKIPPED without CUDA), the
 # quantizers' libtorch path, training, a TorchScript layer rewrite with calibration and
-# fine-tuning, approximate mode's gather path, a network of approx_sequential, and the benchmark.
+# fine-tuning, approximate mode's gather path, a network of approx_sequential, the benchmark,
+# and c10d's NCCL group (everything is built with the `nccl` feature): the distributed tests'
+# NCCL ranks, and the trainer under torchrun with one rank per GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 build() {
     rm -rf gpu-bin && mkdir -p gpu-bin/tests
-    cargo test --no-run --message-format=json 2>/dev/null |
+    cargo test --features nccl --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])' | while read -r exe; do cp "$exe" gpu-bin/tests/; done
-    cargo build --quiet --release --example train --example bench --example quantize_torchscript --example custom_net
+    cargo build --quiet --release --features nccl --example train --example bench --example quantize_torchscript --example custom_net
     cp target/release/examples/{train,bench,quantize_torchscript,custom_net} gpu-bin/
     ls gpu-bin gpu-bin/tests
 }
@@ -76,6 +78,11 @@ run() {
     step "approx_sequential network on CUDA: train, calibrate, QAT, reload" 180 \
         gpu-bin/custom_net --device cuda --epochs 1 --out gpu-bin/custom_net.safetensors
     step "benchmark on CUDA" 240 gpu-bin/bench --device cuda --threads 1
+    local gpus
+    gpus="$(python3 -c 'import torch; print(min(torch.cuda.device_count(), 2))')"
+    step "trainer under torchrun, $gpus rank(s) on NCCL, 1 epoch" 240 \
+        python3 -m torch.distributed.run --no-python --nproc-per-node "$gpus" --master-port 29517 \
+        gpu-bin/train --device cuda --dist-backend nccl --epochs 1 --json
     echo
     for f in "${failures[@]}"; do echo "failed: $f"; done
     echo "gpu-check: $passed passed, $failed failed"

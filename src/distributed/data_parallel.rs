@@ -104,7 +104,8 @@ impl DataParallel {
     pub fn broadcast_variables(&mut self, vs: &nn::VarStore) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for (_, t) in sorted_variables(vs) {
-            let mut flat = t.f_detach()?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+            let on = self.group().collective_device(t.device());
+            let mut flat = t.f_detach()?.f_to_device(on)?.f_contiguous()?;
             self.group().broadcast_(&mut flat, 0)?;
             t.shallow_clone().f_copy_(&flat)?;
         }
@@ -162,7 +163,8 @@ impl DataParallel {
                 .map(|(v, &weight)| {
                     let g = v.grad();
                     let g = if g.defined() { g.f_mul_scalar(weight)? } else { v.f_zeros_like()? };
-                    Ok(g.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_flatten(0, -1)?)
+                    let on = self.group().collective_device(v.device());
+                    Ok(g.f_to_kind(Kind::Float)?.f_to_device(on)?.f_flatten(0, -1)?)
                 })
                 .collect::<Result<_>>()?;
             let mut flat = Tensor::f_cat(&parts, 0)?;

@@ -1,5 +1,6 @@
-//! [`ProcessGroup`]: PyTorch's Gloo process group over a TCPStore rendezvous, with
-//! allreduce, broadcast and barrier that give up after the group's timeout.
+//! [`ProcessGroup`]: PyTorch's Gloo process group (and NCCL for CUDA tensors where built) over
+//! a TCPStore rendezvous, with allreduce, broadcast and barrier that give up after the group's
+//! timeout.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
-use super::DistEnv;
+use super::{CudaBackend, DistEnv};
 use crate::glue::distributed::{Group, Reducer, Rendezvous, Store};
 use crate::{Error, Result};
 
@@ -29,9 +30,11 @@ pub enum ReduceOp {
 /// How often each rank bumps its heartbeat counter in the store.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
-/// A Gloo process group of CPU tensors (c10d's own collectives, not the crate's).
+/// A Gloo process group of CPU tensors, with NCCL for CUDA tensors where asked for (c10d's
+/// own collectives, not the crate's).
 pub struct ProcessGroup {
     group: Group,
+    cuda: CudaBackend,
     rank: i64,
     world_size: i64,
     timeout: Duration,
@@ -94,8 +97,8 @@ impl std::fmt::Debug for ProcessGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ProcessGroup {{ rank: {}, world_size: {}, timeout: {:?}, store: {} }}",
-            self.rank, self.world_size, self.timeout, self.store_at
+            "ProcessGroup {{ rank: {}, world_size: {}, timeout: {:?}, store: {}, cuda: {:?} }}",
+            self.rank, self.world_size, self.timeout, self.store_at, self.cuda
         )
     }
 }
@@ -104,8 +107,17 @@ impl ProcessGroup {
     /// Joins the run `env` describes: rank 0 hosts the TCPStore at `MASTER_ADDR:MASTER_PORT`
     /// (unless torchrun's agent does), every rank connects, and the Gloo group forms. Every
     /// step, and every later collective, gives up after `timeout` (at most [`MAX_TIMEOUT`])
-    /// with an error naming this rank and what failed.
+    /// with an error naming this rank and what failed. CUDA tensors go through Gloo.
     pub fn init(env: &DistEnv, timeout: Duration) -> Result<Self> {
+        Self::init_with(env, timeout, CudaBackend::Gloo)
+    }
+
+    /// [`ProcessGroup::init`] with `cuda` carrying CUDA tensors: NCCL (one GPU per rank) is
+    /// refused, before any rendezvous, where this build lacks it or libtorch sees no GPU.
+    pub fn init_with(env: &DistEnv, timeout: Duration, cuda: CudaBackend) -> Result<Self> {
+        if let Some(why) = cuda.unusable() {
+            return Err(Error::Distributed { rank: env.rank, op: "rendezvous", problem: why.to_string() });
+        }
         if timeout.is_zero() || timeout > MAX_TIMEOUT {
             return Err(Error::Argument {
                 what: "process group timeout (seconds)",
@@ -132,6 +144,7 @@ impl ProcessGroup {
             timeout_ms: timeout.as_millis() as i64,
             prefix: &prefix,
             bind_host: &bind_host,
+            nccl: cuda == CudaBackend::Nccl,
         };
         let group = Group::new(&r).map_err(|problem| Error::Distributed {
             rank: env.rank,
@@ -148,7 +161,7 @@ impl ProcessGroup {
         })?;
         let heartbeat = Heartbeat::start(env, &prefix);
         let store_at = format!("{}:{}", env.master_addr, env.master_port);
-        Ok(Self { group, rank: env.rank, world_size: env.world_size, timeout, store_at, heartbeat })
+        Ok(Self { group, cuda, rank: env.rank, world_size: env.world_size, timeout, store_at, heartbeat })
     }
 
     /// Who is lost, in words: the ranks whose heartbeat stopped over a few beats, or the
@@ -187,6 +200,20 @@ impl ProcessGroup {
         self.world_size
     }
 
+    /// The backend of this group's CUDA tensors.
+    pub fn cuda_backend(&self) -> CudaBackend {
+        self.cuda
+    }
+
+    /// Where a collective on a tensor of `device` runs: on that GPU where NCCL serves it,
+    /// else on the CPU (Gloo).
+    pub fn collective_device(&self, device: tch::Device) -> tch::Device {
+        match (device, self.cuda) {
+            (tch::Device::Cuda(_), CudaBackend::Nccl) => device,
+            _ => tch::Device::Cpu,
+        }
+    }
+
     /// c10d's Reducer over `vars` of this group, buckets of about `bucket_bytes`.
     pub(crate) fn reducer(&self, vars: &[Tensor], bucket_bytes: usize, find_unused: bool) -> Result<Reducer> {
         let bytes = i64::try_from(bucket_bytes).unwrap_or(i64::MAX);
@@ -213,13 +240,19 @@ impl ProcessGroup {
         Error::Distributed { rank: self.rank, op, problem }
     }
 
-    fn check_cpu(&self, t: &Tensor, op: &'static str) -> Result<()> {
-        if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+    /// Refuses a tensor this group's collectives cannot take: CPU tensors (Gloo), CUDA ones
+    /// where NCCL serves them, contiguous either way.
+    fn check_tensor(&self, t: &Tensor, op: &'static str) -> Result<()> {
+        if self.collective_device(t.device()) != t.device() || !t.is_contiguous() {
+            let takes = match self.cuda {
+                CudaBackend::Nccl => "contiguous CPU or CUDA tensors",
+                CudaBackend::Gloo => "contiguous CPU tensors",
+            };
             return Err(Error::Distributed {
                 rank: self.rank,
                 op,
                 problem: format!(
-                    "Gloo groups take contiguous CPU tensors, got a{} tensor on {:?}",
+                    "this group takes {takes}, got a{} tensor on {:?}",
                     if t.is_contiguous() { "" } else { " non-contiguous" },
                     t.device()
                 ),
@@ -230,7 +263,7 @@ impl ProcessGroup {
 
     /// Combines `t` over all ranks, in place: every rank ends with the same values.
     pub fn allreduce_(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.check_cpu(t, "allreduce")?;
+        self.check_tensor(t, "allreduce")?;
         let code = match op {
             ReduceOp::Sum => 0,
             ReduceOp::Max => 1,
@@ -241,7 +274,7 @@ impl ProcessGroup {
 
     /// Copies rank `root`'s `t` into every rank's `t`.
     pub fn broadcast_(&mut self, t: &mut Tensor, root: i64) -> Result<()> {
-        self.check_cpu(t, "broadcast")?;
+        self.check_tensor(t, "broadcast")?;
         self.group.broadcast(t, root).map_err(|p| self.fail("broadcast", p))
     }
 

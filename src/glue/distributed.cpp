@@ -1,8 +1,12 @@
-// PyTorch's c10d for the crate (`ta_pg_*`): a TCPStore rendezvous and a Gloo process group,
-// and its collectives on CPU tensors, each waited for within the group's timeout. Which
-// rank hosts the store, the prefix and the timeout are Rust's decisions.
+// PyTorch's c10d for the crate (`ta_pg_*`): a TCPStore rendezvous and a Gloo process group
+// (plus an NCCL one for CUDA tensors where the crate's `nccl` feature built it), and their
+// collectives, each waited for within the group's timeout. Which rank hosts the store, the
+// prefix, the timeout and the backends are Rust's decisions.
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 
@@ -23,6 +27,14 @@ struct Group {
   // The Gloo backend as a c10d ProcessGroup (the type the Reducer takes), as Python's
   // init_process_group wraps it.
   c10::intrusive_ptr<c10d::ProcessGroup> wrapped;
+  // NCCL for CUDA tensors, or null (Gloo then serves them through host copies).
+  c10::intrusive_ptr<c10d::Backend> nccl;
+
+  // The backend of a collective on `t`: NCCL for a CUDA tensor where the group has it.
+  c10d::Backend& backend_for(const at::Tensor& t) const {
+    if (t.is_cuda() && nccl) return *nccl;
+    return *pg;
+  }
 };
 
 void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
@@ -34,9 +46,10 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds 
 extern "C" {
 
 // Connects to (or, with `is_server`, hosts) the TCPStore at host:port, keys under `prefix`,
-// and creates the Gloo group of `world` ranks whose transport binds to `bind_host`.
+// and creates the Gloo group of `world` ranks whose transport binds to `bind_host`; with
+// `nccl`, an NCCL group for CUDA tensors beside it.
 char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, int64_t timeout_ms,
-                const char* prefix, const char* bind_host, Group** out) {
+                const char* prefix, const char* bind_host, int nccl, Group** out) {
   return guard([&] {
     const std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions opts;
@@ -54,10 +67,25 @@ char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, 
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
     auto wrapped = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
     wrapped->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
-    // Gloo serves CUDA tensors too (through host copies), as Python's "gloo" group does.
     wrapped->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, pg);
-    wrapped->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::GLOO, pg);
-    *out = new Group{store, pg, timeout, wrapped};
+    c10::intrusive_ptr<c10d::Backend> nccl_pg;
+    if (nccl != 0) {
+#ifdef USE_C10D_NCCL
+      auto o = c10d::ProcessGroupNCCL::Options::create();
+      o->timeout = timeout;
+      // NCCL exchanges its unique id through keys of its own, as Python's groups of two
+      // backends do.
+      auto nccl_store = c10::make_intrusive<c10d::PrefixStore>("nccl", store);
+      nccl_pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(nccl_store, rank, world, o);
+      wrapped->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl_pg);
+#else
+      throw std::runtime_error("NCCL is not in this build (the crate's `nccl` feature)");
+#endif
+    } else {
+      // Gloo serves CUDA tensors too (through host copies), as Python's "gloo" group does.
+      wrapped->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::GLOO, pg);
+    }
+    *out = new Group{store, pg, timeout, wrapped, nccl_pg};
   });
 }
 
@@ -68,7 +96,7 @@ char* ta_pg_allreduce(Group* g, at::Tensor* t, int op) {
     o.reduceOp = op == 1 ? c10d::ReduceOp::MAX : op == 2 ? c10d::ReduceOp::MIN : c10d::ReduceOp::SUM;
     o.timeout = g->timeout;
     std::vector<at::Tensor> v{*t};
-    wait(g->pg->allreduce(v, o), g->timeout);
+    wait(g->backend_for(*t).allreduce(v, o), g->timeout);
   });
 }
 
@@ -79,7 +107,7 @@ char* ta_pg_broadcast(Group* g, at::Tensor* t, int64_t root) {
     o.rootRank = root;
     o.timeout = g->timeout;
     std::vector<at::Tensor> v{*t};
-    wait(g->pg->broadcast(v, o), g->timeout);
+    wait(g->backend_for(*t).broadcast(v, o), g->timeout);
   });
 }
 

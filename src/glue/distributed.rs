@@ -18,6 +18,7 @@ extern "C" {
         timeout_ms: i64,
         prefix: *const c_char,
         bind_host: *const c_char,
+        nccl: i32,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn ta_pg_allreduce(g: *mut c_void, t: *mut super::CTensor, op: i32) -> *mut c_char;
@@ -121,6 +122,8 @@ pub(crate) struct Rendezvous<'a> {
     pub timeout_ms: i64,
     pub prefix: &'a str,
     pub bind_host: &'a str,
+    /// An NCCL group beside the Gloo one, for CUDA tensors.
+    pub nccl: bool,
 }
 
 impl Group {
@@ -139,6 +142,7 @@ impl Group {
                 r.timeout_ms,
                 prefix.as_ptr(),
                 bind.as_ptr(),
+                r.nccl as i32,
                 &mut out,
             )
         })?;

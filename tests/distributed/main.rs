@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tch::Tensor;
-use torchapprox::distributed::{DistEnv, ProcessGroup, ReduceOp};
+use torchapprox::distributed::{CudaBackend, DataParallel, DistEnv, ProcessGroup, ReduceOp};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -41,6 +41,7 @@ fn run(scenario: &str, world: i64, ports: &[u16], limit: Duration) -> Vec<Rank> 
                 .args(["--ignored", "--exact", "dist_worker", "--nocapture", "--test-threads", "1"])
                 .env("TA_DIST_SCENARIO", scenario)
                 .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
@@ -82,6 +83,13 @@ fn error_lines(r: &Rank) -> Vec<&str> {
 fn dist_worker() {
     let scenario = std::env::var("TA_DIST_SCENARIO").unwrap();
     let env = DistEnv::from_env().unwrap().unwrap();
+    if let Some(backend) = scenario.strip_prefix("grads-") {
+        if let Err(e) = gradient_worker(&env, backend.parse().unwrap()) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // "short": the collectives with a 4 s timeout, for the runs that must fail.
     let timeout = Duration::from_secs(if scenario == "collectives" { 30 } else { 4 });
     let result = (|| -> torchapprox::Result<()> {
@@ -137,6 +145,82 @@ fn dist_worker() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// A rank of `backend`: collectives on its device (its GPU for NCCL, the CPU for Gloo), CPU
+/// tensors through Gloo either way, and the data-parallel backward pass (c10d's Reducer, then
+/// the after-pass sums) on that device's gradients.
+fn gradient_worker(env: &DistEnv, backend: CudaBackend) -> torchapprox::Result<()> {
+    let device = match backend {
+        CudaBackend::Nccl => tch::Device::Cuda(env.local_rank as usize),
+        CudaBackend::Gloo => tch::Device::Cpu,
+    };
+    let group = ProcessGroup::init_with(env, Duration::from_secs(60), backend)?;
+    let r = env.rank as f32;
+    let mut dp = DataParallel::new(group, 1 << 20);
+    let mut t = Tensor::from_slice(&[r + 1.0, 10.0 * (r + 1.0)]).to_device(device);
+    dp.group().allreduce_(&mut t, ReduceOp::Sum)?;
+    println!("sum {:?} on {:?}", Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu)).unwrap(), t.device());
+    let mut c = Tensor::from_slice(&[r + 1.0]);
+    dp.group().allreduce_(&mut c, ReduceOp::Max)?;
+    println!("cpu max {:?}", Vec::<f32>::try_from(&c).unwrap());
+    // Each rank's one sample x_r = (r + 1) [1, 2, 3]: the global batch's gradient of the mean
+    // of w . x over the samples is their mean, overlapped or summed after the pass.
+    let vs = tch::nn::VarStore::new(device);
+    let mut w = vs.root().var("w", &[3], tch::nn::Init::Const(1.0));
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(device) * f64::from(r + 1.0);
+    for overlap in [true, false] {
+        dp.set_overlap(overlap);
+        w.zero_grad();
+        let loss = (&w * &x).sum(tch::Kind::Float);
+        dp.backward(&vs, &loss, 1, env.world_size)?;
+        println!(
+            "grad overlap={overlap} {:?}",
+            Vec::<f32>::try_from(&w.grad().to_device(tch::Device::Cpu)).unwrap()
+        );
+    }
+    Ok(())
+}
+
+/// Checks the lines of `gradient_worker` on `world` ranks of `backend`.
+fn check_gradient_ranks(backend: &str, world: i64) {
+    let port = free_port();
+    let ranks =
+        run(&format!("grads-{backend}"), world, &vec![port; world as usize], Duration::from_secs(120));
+    let n = world as f32;
+    let (sum, mean) = (n * (n + 1.0) / 2.0, (n + 1.0) / 2.0);
+    for (i, r) in ranks.iter().enumerate() {
+        assert!(r.ok, "rank {i}: {} {}", r.out, r.err);
+        let on = if backend == "nccl" { format!("Cuda({i})") } else { "Cpu".into() };
+        let lines = [
+            format!("sum {:?} on {on}", [sum, 10.0 * sum]),
+            format!("cpu max {:?}", [n]),
+            format!("grad overlap=true {:?}", [mean, 2.0 * mean, 3.0 * mean]),
+            format!("grad overlap=false {:?}", [mean, 2.0 * mean, 3.0 * mean]),
+        ];
+        for line in lines {
+            assert!(r.out.contains(&line), "rank {i}: {line:?} not in {}", r.out);
+        }
+    }
+}
+
+/// The gradient worker's checks on one and two Gloo ranks: what the NCCL run below must
+/// print too (a machine with one GPU runs one NCCL rank).
+#[test]
+fn gloo_ranks_average_gradients_overlapped_or_after_the_pass() {
+    check_gradient_ranks("gloo", 1);
+    check_gradient_ranks("gloo", 2);
+}
+
+/// c10d's NCCL group, where this build has it and libtorch sees a GPU: one rank per GPU (two
+/// where there are two), run by scripts/checks/gpu-check.sh.
+#[test]
+fn nccl_groups_reduce_cuda_tensors_and_gradients() {
+    if !torchapprox::distributed::NCCL_BUILT || !torchapprox::cuda::is_available() {
+        eprintln!("SKIPPED on this machine (no nccl feature or no CUDA device): NCCL collectives");
+        return;
+    }
+    check_gradient_ranks("nccl", tch::Cuda::device_count().min(2));
 }
 
 #[test]
@@ -570,6 +654,21 @@ fn the_trainers_distributed_flags_refuse_bad_values_with_one_line() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.trim() == "error: RANK=\"x\": is not a whole number", "{err}");
+    // NCCL where this build or machine lacks it: refused before the rendezvous (no peer
+    // needed), with one line.
+    let needle = if torchapprox::distributed::NCCL_BUILT && !torchapprox::cuda::is_available() {
+        "rank 0: rendezvous failed: NCCL carries CUDA tensors, and libtorch sees no CUDA device here"
+    } else {
+        "rank 0: rendezvous failed: NCCL is not in this build of torchapprox: build it with the `nccl` feature"
+    };
+    if !torchapprox::cuda::is_available() {
+        let (ok, _, err, _) = finish(
+            train(Some((0, 2, free_port())), &["--epochs", "0", "--dist-backend", "nccl"]),
+            Duration::from_secs(60),
+        );
+        assert!(!ok && err.contains(needle), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
     // custom_net's global batch must give each of the ranks two digits (BatchNorm needs two).
     let port = free_port();
     let args = ["--batch-size", "3", "--epochs", "0", "--qat-epochs", "0", "--train-digits", "64"];

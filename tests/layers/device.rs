@@ -12,7 +12,10 @@ fn cuda_backend_loads_where_libtorch_has_it() {
     let has = Path::new(env!("CARGO_MANIFEST_DIR")).join(".libtorch/lib/libtorch_cuda.so").exists();
     if !torchapprox::cuda::driver_present() {
         // Nothing else loads it without a driver (on a GPU machine other tests may have).
-        assert!(!maps().contains("/libtorch_cuda.so"), "the linker kept libtorch_cuda.so: this loader is moot");
+        assert!(
+            !maps().contains("/libtorch_cuda.so"),
+            "the linker kept libtorch_cuda.so: this loader is moot"
+        );
     }
     assert_eq!(torchapprox::cuda::f_load_backend().unwrap(), has);
     assert_eq!(maps().contains("/libtorch_cuda.so"), has);
