@@ -1,7 +1,7 @@
-//! TorchScript source of a rewritten `nn.MultiheadAttention` (scripted, packed input
-//! projection): the input projection (`in_proj_weight`) and the output projection
-//! (`out_proj`) quantized as the rewrite's Linear layers quantize, the attention between
-//! them in float as PyTorch computes it (scaled dot products, masks, dropout, weights).
+//! TorchScript source of a rewritten `nn.MultiheadAttention`: the input projections (packed
+//! `in_proj_weight`, or separate `q/k/v_proj_weight`) and the output projection (`out_proj`)
+//! quantized as the rewrite's Linear layers quantize, the attention between them in float as
+//! PyTorch computes it (scaled dot products, masks, dropout, weights).
 
 use super::source::{accumulate, indent, input_quantizer, observes_inputs, weight_quantizer};
 use super::{LayerOp, TracedAttention};
@@ -39,8 +39,8 @@ fn input_method(s: &QuantSpec, name: &str, q: &str, native: bool) -> String {
 }
 
 /// A method `name(self)` returning a weight's `(qw, sw)`; `weight` is its path, `prefix`
-/// the path of its PACT quantizer's owner (`` or `out_proj.`), `cache` the prefix of its
-/// cache attributes on the attention.
+/// what precedes its PACT quantizer's name `w_quantizer` (``, `k_`, `v_` on the attention,
+/// `out_proj.` on its output projection), `cache` the prefix of its cache attributes.
 fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &str, native: bool) -> String {
     let mut body = format!("w = self.{weight}\nwd = w.detach()\n");
     if observes_inputs(s) {
@@ -58,24 +58,31 @@ fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &
 /// (`native`: calling the crate's quantizer operators, the in-memory form).
 /// A traced attention (`traced`) takes one input and returns what its trace returned; its
 /// head count is a constant, its dropout none, and its biases are there when `bias` says so.
+/// With `separate` q/k/v weights, each is quantized on its own (`k_w_quantizer`,
+/// `v_w_quantizer` for PACT) and projected whole; the packed bias still holds all three.
 pub(crate) fn attention_source(
     s: &QuantSpec,
     batch_first: bool,
     traced: Option<TracedAttention>,
+    separate: bool,
     bias: bool,
     native: bool,
 ) -> String {
-    let scales = if s.per_channel { "sw.narrow(0, start, size).reshape([-1])" } else { "sw" };
+    // Per-channel scales are rows of their own, but calibration's pass-through scale is one.
+    let scales =
+        if s.per_channel { "(sw.narrow(0, start, size).reshape([-1]) if sw.dim() > 0 else sw)" } else { "sw" };
     // The projection's integer sums as a Linear layer's: exact, or through the attention's
     // multiplier (its `approx_multiplier`, its `approx_table` in saved files).
-    let sums = accumulate(LayerOp::Attention { batch_first, traced }, "torch.linear(qx, qw, None)", !native);
+    let op = LayerOp::Attention { batch_first, traced, separate };
+    let sums = accumulate(op, "torch.linear(qx, qw, None)", !native);
+    // Rows `start..start + size` of the (packed) weight, and of the bias from `b_start`.
     let project = format!(
-        "def _ta_project(self, qx: Tensor, sx: Tensor, qw_all: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int) -> Tensor:\n\
+        "def _ta_project(self, qx: Tensor, sx: Tensor, qw_all: Tensor, sw: Tensor, b: Optional[Tensor], start: int, size: int, b_start: int) -> Tensor:\n\
          \x20   qw = qw_all.narrow(0, start, size)\n\
          {}\
          \x20   y = acc / (sx * {scales})\n\
          \x20   if b is not None:\n\
-         \x20       y = y + b.narrow(0, start, size)\n\
+         \x20       y = y + b.narrow(0, b_start, size)\n\
          \x20   return y\n",
         indent(&sums, 4)
     );
@@ -93,7 +100,6 @@ pub(crate) fn attention_source(
         src_len = key.size(0)\n\
         heads = self.num_heads\n\
         head_dim = embed // heads\n\
-        qw, sw = self._ta_w_in()\n\
         b = self.in_proj_bias\n\
         xq, sq = self._ta_x_in(query)\n\
         xk, sk = xq, sq\n\
@@ -102,9 +108,7 @@ pub(crate) fn attention_source(
         xv, sv = xk, sk\n\
         if not (value is key):\n\
         \x20   xv, sv = self._ta_x_in(value)\n\
-        q = self._ta_project(xq, sq, qw, sw, b, 0, embed)\n\
-        k = self._ta_project(xk, sk, qw, sw, b, embed, embed)\n\
-        v = self._ta_project(xv, sv, qw, sw, b, 2 * embed, embed)\n\
+        PROJECTIONS\
         q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1)\n\
         k = k.view(src_len, bsz * heads, head_dim).transpose(0, 1)\n\
         v = v.view(src_len, bsz * heads, head_dim).transpose(0, 1)\n\
@@ -153,12 +157,27 @@ pub(crate) fn attention_source(
         \x20   attn = attn.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed)\n\
         xo, so = self._ta_x_out(attn)\n\
         wo, swo = self._ta_w_out()\n\
-        out = self._ta_project(xo, so, wo, swo, self.out_proj.bias, 0, wo.size(0)).view(tgt_len, bsz, -1)\n\
+        out = self._ta_project(xo, so, wo, swo, self.out_proj.bias, 0, wo.size(0), 0).view(tgt_len, bsz, -1)\n\
         if BATCH_FIRST:\n\
         \x20   out = out.transpose(1, 0)\n\
         return out, weights\n";
+    let projections = if separate {
+        // Separate weights: each whole, each with its own scale; the bias rows by offset.
+        "qw, sw = self._ta_w_in()\n\
+         q = self._ta_project(xq, sq, qw, sw, b, 0, embed, 0)\n\
+         kw, skw = self._ta_w_k()\n\
+         k = self._ta_project(xk, sk, kw, skw, b, 0, embed, embed)\n\
+         vw, svw = self._ta_w_v()\n\
+         v = self._ta_project(xv, sv, vw, svw, b, 0, embed, 2 * embed)\n"
+    } else {
+        "qw, sw = self._ta_w_in()\n\
+         q = self._ta_project(xq, sq, qw, sw, b, 0, embed, 0)\n\
+         k = self._ta_project(xk, sk, qw, sw, b, embed, embed, embed)\n\
+         v = self._ta_project(xv, sv, qw, sw, b, 2 * embed, embed, 2 * embed)\n"
+    };
+    let forward = forward.replace("PROJECTIONS", projections);
     let (schema, forward) = match traced {
-        None => (SCHEMA.to_string(), forward.to_string()),
+        None => (SCHEMA.to_string(), forward),
         Some(TracedAttention { heads, weights }) => {
             let (returns, result) = match weights {
                 None => ("Tensor", "return out\n"),
@@ -189,13 +208,19 @@ pub(crate) fn attention_source(
             (format!("def forward(self, query: Tensor) -> {returns}:\n"), body)
         }
     };
-    [
+    let mut methods = vec![
         input_method(s, "_ta_x_in", "x_quantizer", native),
         input_method(s, "_ta_x_out", "out_proj.x_quantizer", native),
-        weight_method(s, "_ta_w_in", "in_proj_weight", "", "", native),
         weight_method(s, "_ta_w_out", "out_proj.weight", "out_proj.", "out_", native),
         project,
         format!("{schema}{}", indent(&forward.replace("BATCH_FIRST", py_bool(batch_first)), 4)),
-    ]
-    .join("\n")
+    ];
+    if separate {
+        methods.push(weight_method(s, "_ta_w_in", "q_proj_weight", "", "", native));
+        methods.push(weight_method(s, "_ta_w_k", "k_proj_weight", "k_", "k_", native));
+        methods.push(weight_method(s, "_ta_w_v", "v_proj_weight", "v_", "v_", native));
+    } else {
+        methods.push(weight_method(s, "_ta_w_in", "in_proj_weight", "", "", native));
+    }
+    methods.join("\n")
 }

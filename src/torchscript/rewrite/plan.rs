@@ -343,8 +343,13 @@ pub(crate) fn reset_weight_caches(m: &CModule, layers: &[RewrittenLayer]) -> Res
     let [cache, scale, weight, version] = WEIGHT_CACHE;
     for l in layers.iter().filter(|l| caches_weight(&l.spec)) {
         let empty = Tensor::f_zeros([0], (Kind::Float, tch::Device::Cpu))?;
-        // An attention caches both projections' weights: `w_cache...` and `out_w_cache...`.
-        let prefixes: &[&str] = if matches!(l.op, LayerOp::Attention { .. }) { &["", "out_"] } else { &[""] };
+        // An attention caches its projections' weights: `w_cache...` and `out_w_cache...`,
+        // with `k_w_cache...` and `v_w_cache...` for separate key and value weights.
+        let prefixes: &[&str] = match l.op {
+            LayerOp::Attention { separate: true, .. } => &["", "k_", "v_", "out_"],
+            LayerOp::Attention { .. } => &["", "out_"],
+            _ => &[""],
+        };
         for prefix in prefixes {
             for name in [cache, scale, weight] {
                 jit::set_attr(m, &l.name, &format!("{prefix}{name}"), AttrValue::Tensor(&empty))?;
@@ -432,11 +437,16 @@ fn plan_attention(
     // bias_k/bias_v as parameters of their own.
     let packed =
         if scripted { attr("_qkv_same_embed_dim") == "b:1" } else { named("q_proj_weight").is_none() };
-    let Some(in_weight) = named("in_proj_weight").filter(|_| packed) else {
-        return Ok(Err(
-            "a MultiheadAttention with separate q/k/v projection weights is not covered (yet)".into()
-        ));
-    };
+    let in_weight = named("in_proj_weight").filter(|_| packed);
+    if packed && in_weight.is_none() {
+        return Ok(Err("a MultiheadAttention without in_proj_weight".into()));
+    }
+    if scripted && !packed {
+        if let Some(p) = ["q_proj_weight", "k_proj_weight", "v_proj_weight"].into_iter().find(|p| named(p).is_none())
+        {
+            return Ok(Err(format!("a MultiheadAttention with separate projections but no parameter {p}")));
+        }
+    }
     let extra_keys = if scripted {
         attr("add_zero_attn") != "b:0" || attr("bias_k") != "n"
     } else {
@@ -452,11 +462,16 @@ fn plan_attention(
     };
     let bias = named("in_proj_bias").is_some();
     if scripted {
-        return Ok(Ok((
-            LayerOp::Attention { batch_first: attr("batch_first") == "b:1", traced: None },
-            bias,
-        )));
+        let batch_first = attr("batch_first") == "b:1";
+        return Ok(Ok((LayerOp::Attention { batch_first, traced: None, separate: !packed }, bias)));
     }
+    // Packed, so `in_proj_weight` is there; else key and value have other widths than the
+    // query's: never the one input that a traced attention is recognised from.
+    let Some(in_weight) = in_weight else {
+        return Ok(Err("a traced MultiheadAttention with separate q/k/v projection weights (kdim or vdim \
+             other than embed_dim) is a cross-attention, which tracing fixes in its graph: script it instead"
+            .into()));
+    };
     let weights = AttentionWeights {
         in_weight,
         in_bias: named("in_proj_bias"),
@@ -464,50 +479,59 @@ fn plan_attention(
         out_bias: named("out_proj.bias"),
     };
     Ok(traced_attention(m, path, schema, &weights)?
-        .map(|(t, batch_first)| (LayerOp::Attention { batch_first, traced: Some(t) }, bias)))
+        .map(|(t, batch_first)| (LayerOp::Attention { batch_first, traced: Some(t), separate: false }, bias)))
 }
 
 /// The layer's quantizer submodules: a PACT `alpha` parameter per PACT quantizer (trained, in
 /// a Rust loop and in PyTorch after `torch.jit.load` alike), a `running_max` buffer for
 /// running MinMax inputs.
 fn add_quantizers(m: &CModule, layer: &RewrittenLayer, param: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
-    if matches!(layer.op, LayerOp::Attention { .. }) {
-        // The input projection's quantizers on the attention, the output projection's on out_proj.
-        let name = |p: &str| crate::layers::join(&layer.name, p);
-        for (owner, weight) in
-            [(layer.name.clone(), name("in_proj_weight")), (name("out_proj"), name("out_proj.weight"))]
-        {
-            let w = param(&weight)
-                .ok_or_else(|| rewrite_layer(&layer.name, format!("has no parameter {weight}")))?;
-            add_quantizers_for(m, &owner, &layer.spec, &w)?;
+    let name = |p: &str| crate::layers::join(&layer.name, p);
+    let weight = |p: &str| param(&name(p)).ok_or_else(|| rewrite_layer(&layer.name, format!("has no parameter {p}")));
+    let (path, spec) = (layer.name.as_str(), &layer.spec);
+    match layer.op {
+        LayerOp::Attention { separate, .. } => {
+            // The input projections' quantizers on the attention (`x_quantizer` for query, key
+            // and value; a weight quantizer per weight), the output projection's on out_proj.
+            let w = weight(if separate { "q_proj_weight" } else { "in_proj_weight" })?;
+            add_input_quantizer(m, path, spec, w.device())?;
+            add_weight_quantizer(m, path, "w_quantizer", spec, &w)?;
+            if separate {
+                add_weight_quantizer(m, path, "k_w_quantizer", spec, &weight("k_proj_weight")?)?;
+                add_weight_quantizer(m, path, "v_w_quantizer", spec, &weight("v_proj_weight")?)?;
+            }
+            let w = weight("out_proj.weight")?;
+            add_input_quantizer(m, &name("out_proj"), spec, w.device())?;
+            add_weight_quantizer(m, &name("out_proj"), "w_quantizer", spec, &w)
         }
-        return Ok(());
+        _ => {
+            let w = weight("weight")?;
+            add_input_quantizer(m, path, spec, w.device())?;
+            add_weight_quantizer(m, path, "w_quantizer", spec, &w)
+        }
     }
-    let weight = param(&crate::layers::join(&layer.name, "weight")).expect("planned layers have a weight");
-    add_quantizers_for(m, &layer.name, &layer.spec, &weight)
 }
 
-/// The quantizer submodules of the module at `path`, whose weight is `weight`.
-fn add_quantizers_for(m: &CModule, path: &str, spec: &QuantSpec, weight: &Tensor) -> Result<()> {
-    let device = weight.device();
+/// The input quantizer submodule `x_quantizer` of the module at `path`, where it has state.
+fn add_input_quantizer(m: &CModule, path: &str, spec: &QuantSpec, device: tch::Device) -> Result<()> {
     if spec.x_kind == QuantizerKind::Pact {
         let alpha = Tensor::f_full([1], spec.init_alpha, (Kind::Float, device))?.f_set_requires_grad(true)?;
         jit::add_quantizer(m, path, "x_quantizer", "PACT", QuantizerState::Parameter("alpha", &alpha))?;
     } else if observes_inputs(spec) {
         let running = Tensor::f_zeros([1], (Kind::Float, device))?;
-        jit::add_quantizer(
-            m,
-            path,
-            "x_quantizer",
-            "MinMax",
-            QuantizerState::Buffer("running_max", &running),
-        )?;
+        jit::add_quantizer(m, path, "x_quantizer", "MinMax", QuantizerState::Buffer("running_max", &running))?;
     }
+    Ok(())
+}
+
+/// The weight quantizer submodule `name` of the module at `path` for `weight`, where it has
+/// state: PACT's alpha, starting at the weight's largest magnitude.
+fn add_weight_quantizer(m: &CModule, path: &str, name: &str, spec: &QuantSpec, weight: &Tensor) -> Result<()> {
     if spec.w_kind == QuantizerKind::Pact {
         let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
         let init = if range > 0.0 { range } else { 1.0 };
-        let alpha = Tensor::f_full([1], init, (Kind::Float, device))?.f_set_requires_grad(true)?;
-        jit::add_quantizer(m, path, "w_quantizer", "PACT", QuantizerState::Parameter("alpha", &alpha))?;
+        let alpha = Tensor::f_full([1], init, (Kind::Float, weight.device()))?.f_set_requires_grad(true)?;
+        jit::add_quantizer(m, path, name, "PACT", QuantizerState::Parameter("alpha", &alpha))?;
     }
     Ok(())
 }

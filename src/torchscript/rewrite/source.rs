@@ -425,8 +425,8 @@ fn gather_conv2d(
 /// `bias` attribute at all, but never share a class).
 pub(crate) fn forward_source(l: &RewrittenLayer, optional_bias: bool, portable: bool) -> String {
     let s = l.spec;
-    if let LayerOp::Attention { batch_first, traced } = l.op {
-        return super::attention::attention_source(&s, batch_first, traced, l.bias, !portable);
+    if let LayerOp::Attention { batch_first, traced, separate } = l.op {
+        return super::attention::attention_source(&s, batch_first, traced, separate, l.bias, !portable);
     }
     let mut body = match l.op {
         LayerOp::Conv2d { input_pad: Some(InputPad { mode, sides: [a, b, c, d] }), .. } => {

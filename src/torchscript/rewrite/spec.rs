@@ -79,15 +79,20 @@ pub struct InputPad {
 pub enum LayerOp {
     /// `nn.Linear`.
     Linear,
-    /// An `nn.MultiheadAttention` with a packed input projection: its input projection and
-    /// `out_proj` are quantized (quantizers `x_quantizer`, `w_quantizer` and
-    /// `out_proj.x_quantizer`, `out_proj.w_quantizer`), the attention runs in float.
+    /// An `nn.MultiheadAttention`: its input projections and `out_proj` are quantized
+    /// (quantizers `x_quantizer`, `w_quantizer` and `out_proj.x_quantizer`,
+    /// `out_proj.w_quantizer`; with separate projections PACT weights add `k_w_quantizer` and
+    /// `v_w_quantizer`), the attention runs in float.
     Attention {
         /// Inputs are `[batch, sequence, features]` (else `[sequence, batch, features]`).
         batch_first: bool,
         /// `None` for a scripted attention, whose forward reads its own settings; for a traced
         /// one, what tracing fixed in its graph.
         traced: Option<TracedAttention>,
+        /// Separate `q_proj_weight`, `k_proj_weight` and `v_proj_weight` (key and value of
+        /// widths `kdim`, `vdim` other than the embedding's), each quantized on its own; else
+        /// one packed `in_proj_weight`.
+        separate: bool,
     },
     /// `nn.Conv2d` with its geometry; pairs are (height, width).
     Conv2d {
