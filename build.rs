@@ -44,6 +44,8 @@ fn glue_build(root: &std::path::Path) -> cc::Build {
 /// anyway and `distributed` says what is missing at run time (cfg `torchapprox_gloo`).
 fn distributed(root: &std::path::Path) {
     println!("cargo::rustc-check-cfg=cfg(torchapprox_gloo)");
+    println!("cargo::rustc-check-cfg=cfg(torchapprox_nccl)");
+    let nccl_wanted = std::env::var_os("CARGO_FEATURE_NCCL").is_some();
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     let candidates: Vec<PathBuf> = std::env::var_os("GLOO_INCLUDE")
         .map(PathBuf::from)
@@ -51,13 +53,17 @@ fn distributed(root: &std::path::Path) {
         .chain(["/usr/include", "/usr/local/include"].map(PathBuf::from))
         .collect();
     let Some(gloo) = candidates.into_iter().find(|d| d.join("gloo/config.h").exists()) else {
+        if nccl_wanted {
+            // The NCCL group sits beside a Gloo one: asked for, it must not vanish silently.
+            eprintln!("error: the `nccl` feature needs gloo's headers too (install libgloo-dev or run scripts/setup.sh)");
+            std::process::exit(1);
+        }
         println!("cargo:warning=gloo headers not found (install libgloo-dev or run scripts/setup.sh): torchapprox::distributed will refuse to start");
         return;
     };
     let mut b = glue_build(root);
     b.include(gloo).flag("-DUSE_C10D_GLOO").file("src/glue/distributed.cpp");
-    println!("cargo::rustc-check-cfg=cfg(torchapprox_nccl)");
-    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+    if nccl_wanted {
         nccl(root, &mut b);
     }
     b.compile("torchapprox_distributed");

@@ -5,8 +5,12 @@
 //! PyTorch keeps its CUDA kernels in `libtorch_cuda.so` and registers them when that library
 //! is loaded. A Rust binary names no symbol of it, so `--as-needed` linking leaves it out and
 //! `tch::Cuda::is_available()` says `false` on a machine with GPUs. Python's `import torch`
-//! loads it explicitly; [`is_available`] does the same, but only where NVIDIA's driver is
-//! present, so CPU-only machines do not pay its start-up (about 0.2 s and 350 MB).
+//! loads it explicitly. This module loads it before `main` (and before any test) wherever
+//! NVIDIA's driver is present: libtorch decides once, at its first CUDA query (which any
+//! `tch::manual_seed` makes), whether CUDA exists, so a later load is too late. CPU-only
+//! machines do not pay its start-up (about 0.2 s and 350 MB), except in builds with the
+//! `nccl` feature, which name its symbols and so link it. `TORCHAPPROX_CUDA=always` loads it
+//! without a driver too, `never` not at all.
 //!
 //! ```
 //! // `false` on a machine without a GPU; on one with a GPU, CUDA tensors work afterwards.
@@ -16,7 +20,7 @@
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use tch::Device;
 
@@ -33,14 +37,37 @@ const DRIVER: &str = "libcuda.so.1";
 
 /// Whether NVIDIA's driver library loads on this machine (a GPU may then be present).
 pub fn driver_present() -> bool {
-    let name = CString::new(DRIVER).expect("no NUL in a constant");
-    // SAFETY: a valid C string; the handle stays open (libtorch loads the driver anyway).
-    !unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) }.is_null()
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        let name = CString::new(DRIVER).expect("no NUL in a constant");
+        // SAFETY: a valid C string; the handle stays open (libtorch loads the driver anyway).
+        !unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) }.is_null()
+    })
+}
+
+// Before `main`, as a C constructor: the load must precede libtorch's first CUDA query.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static LOAD_AT_START: extern "C" fn() = load_at_start;
+
+/// Loads libtorch's CUDA library where NVIDIA's driver is present (or `TORCHAPPROX_CUDA`
+/// says `always`); a failure is left for [`f_is_available`] to report.
+extern "C" fn load_at_start() {
+    let load = match std::env::var("TORCHAPPROX_CUDA").as_deref() {
+        Ok("always") => true,
+        Ok("never") => false,
+        _ => driver_present(),
+    };
+    if load {
+        let _ = f_load_backend();
+    }
 }
 
 /// Loads libtorch's CUDA library (once; later calls return at once) and says whether it is
 /// loaded: `Ok(false)` where libtorch is a CPU-only build. Loading it registers libtorch's
-/// CUDA backend; it does not need a GPU.
+/// CUDA backend, and needs no GPU; libtorch sees that backend only if it is loaded before
+/// libtorch's first CUDA query, which is why this crate loads it before `main`.
 pub fn f_load_backend() -> Result<bool> {
     // One loader at a time: two threads must not both dlopen and race on the outcome.
     static LOCK: Mutex<()> = Mutex::new(());
@@ -110,8 +137,11 @@ fn loaded(name: &str) -> bool {
 /// The folder of the loaded library `name`, from the process's memory map.
 fn library_folder(name: &str) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    // Address, permissions, offset, device, inode, then the path (which may hold spaces).
     maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter_map(|l| {
+            l.split_whitespace().nth(5).and_then(|first| l.find(first).map(|at| l[at..].trim_end()))
+        })
         .map(Path::new)
         .find(|p| p.file_name().is_some_and(|f| f == name))
         .and_then(|p| p.parent().map(Path::to_path_buf))

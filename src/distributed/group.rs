@@ -144,7 +144,8 @@ impl ProcessGroup {
             timeout_ms: timeout.as_millis() as i64,
             prefix: &prefix,
             bind_host: &bind_host,
-            nccl: cuda == CudaBackend::Nccl,
+            // One GPU per rank on its machine: LOCAL_RANK's.
+            nccl: (cuda == CudaBackend::Nccl).then_some(env.local_rank as i32),
         };
         let group = Group::new(&r).map_err(|problem| Error::Distributed {
             rank: env.rank,

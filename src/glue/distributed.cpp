@@ -5,6 +5,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #ifdef USE_C10D_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -47,9 +48,10 @@ extern "C" {
 
 // Connects to (or, with `is_server`, hosts) the TCPStore at host:port, keys under `prefix`,
 // and creates the Gloo group of `world` ranks whose transport binds to `bind_host`; with
-// `nccl`, an NCCL group for CUDA tensors beside it.
+// `nccl`, an NCCL group for CUDA tensors beside it, on the GPU `nccl_device` (made this
+// thread's current device, as PyTorch requires of an NCCL rank).
 char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, int64_t timeout_ms,
-                const char* prefix, const char* bind_host, int nccl, Group** out) {
+                const char* prefix, const char* bind_host, int nccl, int nccl_device, Group** out) {
   return guard([&] {
     const std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions opts;
@@ -71,6 +73,7 @@ char* ta_pg_new(const char* host, int port, int rank, int world, int is_server, 
     c10::intrusive_ptr<c10d::Backend> nccl_pg;
     if (nccl != 0) {
 #ifdef USE_C10D_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(nccl_device));
       auto o = c10d::ProcessGroupNCCL::Options::create();
       o->timeout = timeout;
       // NCCL exchanges its unique id through keys of its own, as Python's groups of two
@@ -120,7 +123,18 @@ char* ta_pg_barrier(Group* g) {
   });
 }
 
-void ta_pg_free(Group* g) { delete g; }
+// NCCL's communicators are shut down first, as Python's destroy_process_group does (else its
+// destructor warns, or waits on a peer that is gone).
+void ta_pg_free(Group* g) {
+  if (g->nccl) {
+    try {
+      g->nccl->shutdown();
+    } catch (...) {
+      // Freeing must not throw; a failed shutdown leaves the communicators to the process's exit.
+    }
+  }
+  delete g;
+}
 
 // c10d's Reducer, the engine of PyTorch's DistributedDataParallel, over `n` variables of one
 // group: autograd hooks that, as the backward pass makes each gradient, average flattened

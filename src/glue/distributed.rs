@@ -19,6 +19,7 @@ extern "C" {
         prefix: *const c_char,
         bind_host: *const c_char,
         nccl: i32,
+        nccl_device: i32,
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn ta_pg_allreduce(g: *mut c_void, t: *mut super::CTensor, op: i32) -> *mut c_char;
@@ -122,8 +123,8 @@ pub(crate) struct Rendezvous<'a> {
     pub timeout_ms: i64,
     pub prefix: &'a str,
     pub bind_host: &'a str,
-    /// An NCCL group beside the Gloo one, for CUDA tensors.
-    pub nccl: bool,
+    /// An NCCL group beside the Gloo one, for CUDA tensors, on this GPU.
+    pub nccl: Option<i32>,
 }
 
 impl Group {
@@ -142,7 +143,8 @@ impl Group {
                 r.timeout_ms,
                 prefix.as_ptr(),
                 bind.as_ptr(),
-                r.nccl as i32,
+                r.nccl.is_some() as i32,
+                r.nccl.unwrap_or(0),
                 &mut out,
             )
         })?;

@@ -115,7 +115,9 @@ impl ScriptModel {
         Ok(alphas)
     }
 
-    /// The current PACT alphas of the rewritten layers: `(layer, x alpha, w alpha)`.
+    /// The current PACT alphas of the rewritten layers: `(layer, x alpha, w alpha)`; for an
+    /// attention, those of its input projection (`x_quantizer`, `w_quantizer`; the others,
+    /// `k_w_quantizer`, `v_w_quantizer` and `out_proj`'s, are among the model's parameters).
     pub fn alphas(&self) -> Result<Vec<LayerAlphas>> {
         let read = |l: &RewrittenLayer, q: &str, kind: QuantizerKind| -> Result<Option<f64>> {
             if kind != QuantizerKind::Pact {

@@ -645,11 +645,17 @@ fn traced_attentions_are_recognised_rewritten_and_reported() {
     let traced = |heads, weights| Some(TracedAttention { heads, weights });
     assert_eq!(
         op("a"),
-        Some((LayerOp::Attention { batch_first: false, traced: traced(4, Some(true)), separate: false }, true))
+        Some((
+            LayerOp::Attention { batch_first: false, traced: traced(4, Some(true)), separate: false },
+            true
+        ))
     );
     assert_eq!(
         op("b"),
-        Some((LayerOp::Attention { batch_first: true, traced: traced(8, Some(false)), separate: false }, false))
+        Some((
+            LayerOp::Attention { batch_first: true, traced: traced(8, Some(false)), separate: false },
+            false
+        ))
     );
     assert_eq!(op("fc").map(|(op, _)| op), Some(LayerOp::Linear));
     assert_eq!(
@@ -710,7 +716,8 @@ fn separate_projection_attentions_get_a_quantizer_per_weight() {
             for layer in ["a", "b"] {
                 for q in ["w_quantizer", "k_w_quantizer", "v_w_quantizer", "out_proj.w_quantizer"] {
                     let name = format!("{layer}.{q}.alpha");
-                    let alpha = &params.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{name}")).1;
+                    let alpha =
+                        &params.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{name}")).1;
                     assert!(alpha.requires_grad(), "{name}");
                     let g = alpha.grad();
                     assert!(g.defined() && bool::try_from(g.isfinite().all()).unwrap(), "{name}: {g:?}");
@@ -723,7 +730,8 @@ fn separate_projection_attentions_get_a_quantizer_per_weight() {
         common::pytorch_agrees("torchscript_reload_check.py", &out, &x, y, &what);
     }
     // At 4 bits the projections are quantized: the output moves off the float one.
-    let coarse = tch::no_grad(|| rewrite(QuantSpec { bitwidth: 4, ..Default::default() }).forward(&x).unwrap());
+    let coarse =
+        tch::no_grad(|| rewrite(QuantSpec { bitwidth: 4, ..Default::default() }).forward(&x).unwrap());
     let moved = (&coarse - &float).abs().max().double_value(&[]);
     assert!(moved > 1e-2, "4 bits moved the output by only {moved}");
 }

@@ -69,7 +69,11 @@ fn torchvision_models_are_rewritten_reported_and_agree_with_pytorch() {
                 let traced = TracedAttention { heads: 2, weights: None };
                 let expected = Some(traced).filter(|_| variant == "traced");
                 for l in report.layers.iter().filter(|l| l.name.ends_with("self_attention")) {
-                    assert_eq!(l.op, LayerOp::Attention { batch_first: true, traced: expected, separate: false }, "{what}");
+                    assert_eq!(
+                        l.op,
+                        LayerOp::Attention { batch_first: true, traced: expected, separate: false },
+                        "{what}"
+                    );
                 }
             }
             model.calibrate(&x, 1, x.size()[0]).unwrap();

@@ -69,8 +69,11 @@ pub(crate) fn attention_source(
     native: bool,
 ) -> String {
     // Per-channel scales are rows of their own, but calibration's pass-through scale is one.
-    let scales =
-        if s.per_channel { "(sw.narrow(0, start, size).reshape([-1]) if sw.dim() > 0 else sw)" } else { "sw" };
+    let scales = if s.per_channel {
+        "(sw.narrow(0, start, size).reshape([-1]) if sw.dim() > 0 else sw)"
+    } else {
+        "sw"
+    };
     // The projection's integer sums as a Linear layer's: exact, or through the attention's
     // multiplier (its `approx_multiplier`, its `approx_table` in saved files).
     let op = LayerOp::Attention { batch_first, traced, separate };

@@ -442,7 +442,8 @@ fn plan_attention(
         return Ok(Err("a MultiheadAttention without in_proj_weight".into()));
     }
     if scripted && !packed {
-        if let Some(p) = ["q_proj_weight", "k_proj_weight", "v_proj_weight"].into_iter().find(|p| named(p).is_none())
+        if let Some(p) =
+            ["q_proj_weight", "k_proj_weight", "v_proj_weight"].into_iter().find(|p| named(p).is_none())
         {
             return Ok(Err(format!("a MultiheadAttention with separate projections but no parameter {p}")));
         }
@@ -468,9 +469,11 @@ fn plan_attention(
     // Packed, so `in_proj_weight` is there; else key and value have other widths than the
     // query's: never the one input that a traced attention is recognised from.
     let Some(in_weight) = in_weight else {
-        return Ok(Err("a traced MultiheadAttention with separate q/k/v projection weights (kdim or vdim \
+        return Ok(Err(
+            "a traced MultiheadAttention with separate q/k/v projection weights (kdim or vdim \
              other than embed_dim) is a cross-attention, which tracing fixes in its graph: script it instead"
-            .into()));
+                .into(),
+        ));
     };
     let weights = AttentionWeights {
         in_weight,
@@ -487,7 +490,8 @@ fn plan_attention(
 /// running MinMax inputs.
 fn add_quantizers(m: &CModule, layer: &RewrittenLayer, param: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
     let name = |p: &str| crate::layers::join(&layer.name, p);
-    let weight = |p: &str| param(&name(p)).ok_or_else(|| rewrite_layer(&layer.name, format!("has no parameter {p}")));
+    let weight =
+        |p: &str| param(&name(p)).ok_or_else(|| rewrite_layer(&layer.name, format!("has no parameter {p}")));
     let (path, spec) = (layer.name.as_str(), &layer.spec);
     match layer.op {
         LayerOp::Attention { separate, .. } => {
@@ -519,14 +523,26 @@ fn add_input_quantizer(m: &CModule, path: &str, spec: &QuantSpec, device: tch::D
         jit::add_quantizer(m, path, "x_quantizer", "PACT", QuantizerState::Parameter("alpha", &alpha))?;
     } else if observes_inputs(spec) {
         let running = Tensor::f_zeros([1], (Kind::Float, device))?;
-        jit::add_quantizer(m, path, "x_quantizer", "MinMax", QuantizerState::Buffer("running_max", &running))?;
+        jit::add_quantizer(
+            m,
+            path,
+            "x_quantizer",
+            "MinMax",
+            QuantizerState::Buffer("running_max", &running),
+        )?;
     }
     Ok(())
 }
 
 /// The weight quantizer submodule `name` of the module at `path` for `weight`, where it has
 /// state: PACT's alpha, starting at the weight's largest magnitude.
-fn add_weight_quantizer(m: &CModule, path: &str, name: &str, spec: &QuantSpec, weight: &Tensor) -> Result<()> {
+fn add_weight_quantizer(
+    m: &CModule,
+    path: &str,
+    name: &str,
+    spec: &QuantSpec,
+    weight: &Tensor,
+) -> Result<()> {
     if spec.w_kind == QuantizerKind::Pact {
         let range = tch::no_grad(|| weight.f_abs()?.f_max()?.f_double_value(&[]))?;
         let init = if range > 0.0 { range } else { 1.0 };
