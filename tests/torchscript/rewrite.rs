@@ -624,6 +624,20 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
     assert!((size(&used) - size(&fresh)).abs() < 1024, "{} vs {} bytes", size(&used), size(&fresh));
 }
 
+/// The model `scripts/checks/<script>.py` writes into `tmp` (`attention_<kind>.pt`), an
+/// input `[2, 5, 16]` drawn after `seed`, and the float model's output on it.
+fn attention_model(tmp: &TempDir, script: &str, seed: i64) -> (PathBuf, Tensor, Tensor) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("scripts/checks/{script}.py"));
+    let o = Command::new(common::python()).arg(path).arg(&tmp.0).output().unwrap();
+    assert!(o.status.success(), "{script}.py: {}", String::from_utf8_lossy(&o.stderr));
+    let kind = script.strip_suffix("_attention").expect("an attention script");
+    let file = tmp.0.join(format!("attention_{kind}.pt"));
+    tch::manual_seed(seed);
+    let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+    let float = tch::no_grad(|| ScriptModel::load(&file, Device::Cpu).unwrap().forward(&x).unwrap());
+    (file, x, float)
+}
+
 // Issue 20 item 2: traced nn.MultiheadAttention keeps no settings in its graph. The rewrite
 // recovers the head count and layout by running it, returns the weights as the trace did
 // (averaged or per head), handles bias-free projections, and leaves a cross-attention and an
@@ -631,13 +645,7 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
 #[test]
 fn traced_attentions_are_recognised_rewritten_and_reported() {
     let tmp = TempDir::new("rw-attention");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/checks/traced_attention.py");
-    let o = Command::new(common::python()).arg(script).arg(&tmp.0).output().unwrap();
-    assert!(o.status.success(), "traced_attention.py: {}", String::from_utf8_lossy(&o.stderr));
-    let file = tmp.0.join("attention_traced.pt");
-    tch::manual_seed(5);
-    let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
-    let float = tch::no_grad(|| ScriptModel::load(&file, Device::Cpu).unwrap().forward(&x).unwrap());
+    let (file, x, float) = attention_model(&tmp, "traced_attention", 5);
     let mut model = ScriptModel::load(&file, Device::Cpu).unwrap();
     let spec = QuantSpec { bitwidth: 16, ..Default::default() };
     let report = model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
@@ -685,13 +693,7 @@ fn traced_attentions_are_recognised_rewritten_and_reported() {
 #[test]
 fn separate_projection_attentions_get_a_quantizer_per_weight() {
     let tmp = TempDir::new("rw-separate");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/checks/separate_attention.py");
-    let o = Command::new(common::python()).arg(script).arg(&tmp.0).output().unwrap();
-    assert!(o.status.success(), "separate_attention.py: {}", String::from_utf8_lossy(&o.stderr));
-    let file = tmp.0.join("attention_separate.pt");
-    tch::manual_seed(6);
-    let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
-    let float = tch::no_grad(|| ScriptModel::load(&file, Device::Cpu).unwrap().forward(&x).unwrap());
+    let (file, x, float) = attention_model(&tmp, "separate_attention", 6);
     let rewrite = |spec: QuantSpec| {
         let mut model = ScriptModel::load(&file, Device::Cpu).unwrap();
         let config = RewriteConfig { default: spec, strict: true, ..Default::default() };
