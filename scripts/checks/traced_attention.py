@@ -1,9 +1,11 @@
-"""Writes OUT/attention_traced.pt: a traced network of three nn.MultiheadAttention, for the
+"""Writes OUT/attention_traced.pt: a traced network of six nn.MultiheadAttention, for the
 rewrite's recognition of traced attentions (tests/torchscript/rewrite.rs).
 
 `a`: 4 heads, [sequence, batch, features], returns its weights averaged over the heads;
-`b`: 8 heads, batch first, no biases, returns per-head weights; `c`: cross-attention (two
-inputs) and `d`: traced on an unbatched input, which the rewrite leaves in float.
+`b`: 8 heads, batch first, no biases, returns per-head weights; `c`: cross-attention whose
+key and value are one tensor (two inputs); `e`: 4 heads, batch first, three inputs; `f`:
+separate q/k/v weights (keys of 12, values of 8 features), per-head weights; and `d`:
+traced on an unbatched input, which the rewrite leaves in float.
 Usage: traced_attention.py OUT
 """
 import os
@@ -20,6 +22,8 @@ class Attentions(nn.Module):
         self.b = nn.MultiheadAttention(16, 8, bias=False, batch_first=True)
         self.c = nn.MultiheadAttention(16, 2)
         self.d = nn.MultiheadAttention(16, 2)
+        self.e = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.f = nn.MultiheadAttention(16, 2, kdim=12, vdim=8)
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -31,8 +35,11 @@ class Attentions(nn.Module):
         # Squares: a row of weights sums to 1 whatever the attention computed.
         u = x[0]
         d, _ = self.d(u, u, u)
+        e, we = self.e(z, x, x * 0.5)
+        f, wf = self.f(s, s[:, :, :12], s[:, :, 4:12], average_attn_weights=False)
         extra = (w * w).sum((1, 2)) + (w2 * w2).sum((1, 2, 3)) + d.sum()
-        return self.fc(c.transpose(0, 1) + z).mean(1) + extra.unsqueeze(1)
+        extra = extra + (we * we).sum((1, 2)) + (wf * wf).sum((1, 2, 3))
+        return self.fc(c.transpose(0, 1) + z + e + f.transpose(0, 1)).mean(1) + extra.unsqueeze(1)
 
 
 def main():

@@ -639,9 +639,10 @@ fn attention_model(tmp: &TempDir, script: &str, seed: i64) -> (PathBuf, Tensor, 
 }
 
 // Issue 20 item 2: traced nn.MultiheadAttention keeps no settings in its graph. The rewrite
-// recovers the head count and layout by running it, returns the weights as the trace did
-// (averaged or per head), handles bias-free projections, and leaves a cross-attention and an
-// attention traced on unbatched input in float with their reasons. At 16 bits the rewritten network computes the float one's function.
+// recovers the head count, layout and which inputs are query, key and value by running it,
+// returns the weights as the trace did (averaged or per head), handles bias-free and separate
+// projections and cross-attention, and leaves an attention traced on unbatched input in float
+// with its reason. At 16 bits the rewritten network computes the float one's function.
 #[test]
 fn traced_attentions_are_recognised_rewritten_and_reported() {
     let tmp = TempDir::new("rw-attention");
@@ -650,29 +651,37 @@ fn traced_attentions_are_recognised_rewritten_and_reported() {
     let spec = QuantSpec { bitwidth: 16, ..Default::default() };
     let report = model.quantize_layers(&RewriteConfig { default: spec, ..Default::default() }).unwrap();
     let op = |name: &str| report.layers.iter().find(|l| l.name == name).map(|l| (l.op, l.bias));
-    let traced = |heads, weights| Some(TracedAttention { heads, weights });
-    assert_eq!(
-        op("a"),
-        Some((
-            LayerOp::Attention { batch_first: false, traced: traced(4, Some(true)), separate: false },
-            true
-        ))
-    );
+    let traced =
+        |heads, weights, sources| Some(TracedAttention { heads, weights, sources, weights_first: false });
+    let first =
+        |heads, weights, sources| Some(TracedAttention { heads, weights, sources, weights_first: true });
+    let attention =
+        |batch_first, traced, separate| Some((LayerOp::Attention { batch_first, traced, separate }, true));
+    assert_eq!(op("a"), attention(false, traced(4, Some(true), [0, 0, 0]), false));
     assert_eq!(
         op("b"),
         Some((
-            LayerOp::Attention { batch_first: true, traced: traced(8, Some(false)), separate: false },
+            LayerOp::Attention {
+                batch_first: true,
+                traced: traced(8, Some(false), [0, 0, 0]),
+                separate: false
+            },
             false
         ))
     );
-    assert_eq!(op("fc").map(|(op, _)| op), Some(LayerOp::Linear));
+    assert_eq!(op("c"), attention(false, traced(2, None, [0, 1, 1]), false));
+    // (These two return their weights first: their callers used the weights first.)
     assert_eq!(
-        report.left_in_float[0],
-        "c: a traced MultiheadAttention is covered as self-attention with one input and no masks; this one takes 2"
+        op("e"),
+        attention(true, first(4, Some(true), [0, 1, 2]), false),
+        "{:?}",
+        report.left_in_float
     );
-    // Traced on an unbatched input: the probe's batch does not fit its graph.
-    assert_eq!(report.left_in_float.len(), 2, "{:?}", report.left_in_float);
-    assert!(report.left_in_float[1].starts_with("d: its traced forward "), "{:?}", report.left_in_float);
+    assert_eq!(op("f"), attention(false, first(2, Some(false), [0, 1, 2]), true));
+    assert_eq!(op("fc").map(|(op, _)| op), Some(LayerOp::Linear));
+    // Traced on an unbatched input: the probes' batch does not fit its graph.
+    assert_eq!(report.left_in_float.len(), 1, "{:?}", report.left_in_float);
+    assert!(report.left_in_float[0].starts_with("d: its traced forward "), "{:?}", report.left_in_float);
     let strict = RewriteConfig { default: spec, strict: true, ..Default::default() };
     match ScriptModel::load(&file, Device::Cpu).unwrap().quantize_layers(&strict) {
         Err(torchapprox::Error::LeftInFloat { layers }) => assert_eq!(layers, report.left_in_float),

@@ -66,7 +66,8 @@ fn torchvision_models_are_rewritten_reported_and_agree_with_pytorch() {
             if name == "vit" {
                 // The traced attentions' settings come from running them: 2 heads, batch first
                 // (torchvision's ViT), the output alone.
-                let traced = TracedAttention { heads: 2, weights: None };
+                let traced =
+                    TracedAttention { heads: 2, weights: None, sources: [0, 0, 0], weights_first: false };
                 let expected = Some(traced).filter(|_| variant == "traced");
                 for l in report.layers.iter().filter(|l| l.name.ends_with("self_attention")) {
                     assert_eq!(

@@ -56,8 +56,9 @@ fn weight_method(s: &QuantSpec, name: &str, weight: &str, prefix: &str, cache: &
 
 /// The methods and `forward` of a rewritten attention whose quantizers follow `s`
 /// (`native`: calling the crate's quantizer operators, the in-memory form).
-/// A traced attention (`traced`) takes one input and returns what its trace returned; its
-/// head count is a constant, its dropout none, and its biases are there when `bias` says so.
+/// A traced attention (`traced`) takes the inputs its trace took and returns what its trace
+/// returned; its head count is a constant, its dropout none, and its biases are there when
+/// `bias` says so.
 /// With `separate` q/k/v weights, each is quantized on its own (`k_w_quantizer`,
 /// `v_w_quantizer` for PACT) and projected whole; the packed bias still holds all three.
 pub(crate) fn attention_source(
@@ -181,19 +182,38 @@ pub(crate) fn attention_source(
     let forward = forward.replace("PROJECTIONS", projections);
     let (schema, forward) = match traced {
         None => (SCHEMA.to_string(), forward),
-        Some(TracedAttention { heads, weights }) => {
-            let (returns, result) = match weights {
-                None => ("Tensor", "return out\n"),
-                Some(_) => ("Tuple[Tensor, Tensor]", "assert weights is not None\nreturn out, weights\n"),
+        Some(TracedAttention { heads, weights, sources, weights_first }) => {
+            let (returns, result) = match (weights, weights_first) {
+                (None, _) => ("Tensor", "return out\n"),
+                (Some(_), false) => {
+                    ("Tuple[Tensor, Tensor]", "assert weights is not None\nreturn out, weights\n")
+                }
+                (Some(_), true) => {
+                    ("Tuple[Tensor, Tensor]", "assert weights is not None\nreturn weights, out\n")
+                }
             };
             let biases = if bias {
                 ""
             } else {
                 "in_bias: Optional[Tensor] = None\nout_bias: Optional[Tensor] = None\n"
             };
-            // The arguments tracing fixed, then the scripted forward on them.
+            // The traced inputs as query, key and value (one tensor where they were one, so
+            // that `key is query` holds as it did), the arguments tracing fixed, then the
+            // scripted forward on them.
+            let role = |i: usize, names: &[(usize, &str)]| {
+                names
+                    .iter()
+                    .find(|(r, _)| sources[*r] == sources[i])
+                    .map_or(format!("input_{}", sources[i]), |(_, n)| n.to_string())
+            };
+            let roles = format!(
+                "query = input_{}\nkey = {}\nvalue = {}\n",
+                sources[0],
+                role(1, &[(0, "query")]),
+                role(2, &[(0, "query"), (1, "key")])
+            );
             let fixed = format!(
-                "key = query\nvalue = query\nkey_padding_mask: Optional[Tensor] = None\n\
+                "{roles}key_padding_mask: Optional[Tensor] = None\n\
                  attn_mask: Optional[Tensor] = None\nneed_weights = {}\naverage_attn_weights = {}\n\
                  is_causal = False\n{biases}",
                 py_bool(weights.is_some()),
@@ -208,7 +228,9 @@ pub(crate) fn attention_source(
             if !bias {
                 body = body.replace("self.in_proj_bias", "in_bias").replace("self.out_proj.bias", "out_bias");
             }
-            (format!("def forward(self, query: Tensor) -> {returns}:\n"), body)
+            let count = sources.iter().max().map_or(1, |m| m + 1);
+            let inputs: Vec<String> = (0..count).map(|i| format!("input_{i}: Tensor")).collect();
+            (format!("def forward(self, {}) -> {returns}:\n", inputs.join(", ")), body)
         }
     };
     let mut methods = vec![

@@ -416,8 +416,8 @@ fn plan_layer(
     Ok(Ok((op, param(&crate::layers::join(path, "bias")).is_some())))
 }
 
-/// A MultiheadAttention's plan: one packed input projection, no `bias_k`/`bias_v`, no
-/// `add_zero_attn`; scripted (its forward has `need_weights`), or traced and recognised by
+/// A MultiheadAttention's plan: a packed or separate input projection, no `bias_k`/`bias_v`,
+/// no `add_zero_attn`; scripted (its forward has `need_weights`), or traced and recognised by
 /// [`traced_attention`]. `Err` says why it stays in float.
 fn plan_attention(
     m: &CModule,
@@ -466,23 +466,35 @@ fn plan_attention(
         let batch_first = attr("batch_first") == "b:1";
         return Ok(Ok((LayerOp::Attention { batch_first, traced: None, separate: !packed }, bias)));
     }
-    // Packed, so `in_proj_weight` is there; else key and value have other widths than the
-    // query's: never the one input that a traced attention is recognised from.
-    let Some(in_weight) = in_weight else {
-        return Ok(Err(
-            "a traced MultiheadAttention with separate q/k/v projection weights (kdim or vdim \
-             other than embed_dim) is a cross-attention, which tracing fixes in its graph: script it instead"
-                .into(),
-        ));
+    let e = out_weight.size()[0];
+    let qkv = match in_weight {
+        Some(w) if w.size() == [3 * e, e] => {
+            [w.f_narrow(0, 0, e)?, w.f_narrow(0, e, e)?, w.f_narrow(0, 2 * e, e)?]
+        }
+        Some(w) => {
+            return Ok(Err(format!(
+                "a MultiheadAttention whose in_proj_weight of shape {:?} is not [3 E, E]",
+                w.size()
+            )))
+        }
+        None => match (named("q_proj_weight"), named("k_proj_weight"), named("v_proj_weight")) {
+            (Some(q), Some(k), Some(v)) => [q, k, v],
+            _ => {
+                return Ok(Err(
+                    "a MultiheadAttention with separate projections but not all of q/k/v_proj_weight".into(),
+                ))
+            }
+        },
     };
     let weights = AttentionWeights {
-        in_weight,
+        qkv,
         in_bias: named("in_proj_bias"),
         out_weight,
         out_bias: named("out_proj.bias"),
     };
-    Ok(traced_attention(m, path, schema, &weights)?
-        .map(|(t, batch_first)| (LayerOp::Attention { batch_first, traced: Some(t), separate: false }, bias)))
+    Ok(traced_attention(m, path, schema, &weights)?.map(|(t, batch_first)| {
+        (LayerOp::Attention { batch_first, traced: Some(t), separate: !packed }, bias)
+    }))
 }
 
 /// The layer's quantizer submodules: a PACT `alpha` parameter per PACT quantizer (trained, in

@@ -112,16 +112,23 @@ pub enum LayerOp {
 }
 
 /// What tracing fixed in an `nn.MultiheadAttention`'s graph, which keeps neither `num_heads`
-/// nor `batch_first`: the rewrite recovers them by running the traced forward on a probe and
-/// matching PyTorch's computation. Covered: self-attention (one input, no masks) without
-/// dropout.
+/// nor `batch_first`: the rewrite recovers them by running the traced forward on probes and
+/// matching PyTorch's computation. Covered: self- and cross-attention (one to three inputs, no
+/// masks) without dropout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TracedAttention {
     /// The number of heads.
     pub heads: i64,
+    /// Which of the traced forward's inputs are the query, the key and the value: `[0, 0, 0]`
+    /// for self-attention, `[0, 1, 1]` for `attn(x, memory, memory)` (tracing passes a tensor
+    /// given twice once).
+    pub sources: [usize; 3],
     /// `None` when the forward returns the output alone; `Some(average)` when it returns the
     /// attention weights too, averaged over the heads or not.
     pub weights: Option<bool>,
+    /// The weights come before the output: a traced module returns its outputs in the order
+    /// its caller first used them.
+    pub weights_first: bool,
 }
 
 /// One layer the rewrite turned into a quantized layer.
