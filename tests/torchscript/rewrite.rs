@@ -624,6 +624,22 @@ fn the_no_grad_path_and_its_weight_cache_give_the_training_paths_values() {
     assert!((size(&used) - size(&fresh)).abs() < 1024, "{} vs {} bytes", size(&used), size(&fresh));
 }
 
+/// Approximate mode through the attentions of `model` (rewritten at 8 bits): the exact table
+/// gives Quantized mode's output, a real multiplier moves it, and the saved file computes the
+/// same products in PyTorch (gathers from each layer's table).
+fn check_approx_attentions(model: &mut ScriptModel, x: &Tensor, tmp: &TempDir, what: &str) {
+    let y = tch::no_grad(|| model.forward(x).unwrap());
+    model.set_multiplier(Some(&Multiplier::exact())).unwrap();
+    let exact_table = tch::no_grad(|| model.forward(x).unwrap());
+    assert_close(&exact_table, &y, 1e-5, 1e-4, &format!("{what}: exact table"));
+    model.set_multiplier(Some(&Multiplier::evoapprox("mul8s_1L2J").unwrap())).unwrap();
+    let approx = tch::no_grad(|| model.forward(x).unwrap());
+    assert!((&approx - &y).abs().max().double_value(&[]) > 1e-3, "{what}: the multiplier shows");
+    let out = tmp.0.join(format!("{what}-approx.pt"));
+    model.save(&out).unwrap();
+    common::pytorch_agrees("torchscript_reload_check.py", &out, x, approx, what);
+}
+
 /// The model `scripts/checks/<script>.py` writes into `tmp` (`attention_<kind>.pt`), an
 /// input `[2, 5, 16]` drawn after `seed`, and the float model's output on it.
 fn attention_model(tmp: &TempDir, script: &str, seed: i64) -> (PathBuf, Tensor, Tensor) {
@@ -693,6 +709,10 @@ fn traced_attentions_are_recognised_rewritten_and_reported() {
     let out = tmp.0.join("attention-q.pt");
     model.save(&out).unwrap();
     common::pytorch_agrees("torchscript_reload_check.py", &out, &x, y, "traced attentions");
+    let mut model = ScriptModel::load(&file, Device::Cpu).unwrap();
+    model.quantize_layers(&RewriteConfig::default()).unwrap();
+    model.calibrate(&x, 1, 2).unwrap();
+    check_approx_attentions(&mut model, &x, &tmp, "traced");
 }
 
 // Issue 20 item 2: a scripted nn.MultiheadAttention with separate q/k/v weights (keys and
@@ -745,4 +765,5 @@ fn separate_projection_attentions_get_a_quantizer_per_weight() {
         tch::no_grad(|| rewrite(QuantSpec { bitwidth: 4, ..Default::default() }).forward(&x).unwrap());
     let moved = (&coarse - &float).abs().max().double_value(&[]);
     assert!(moved > 1e-2, "4 bits moved the output by only {moved}");
+    check_approx_attentions(&mut rewrite(QuantSpec::default()), &x, &tmp, "separate");
 }
