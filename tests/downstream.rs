@@ -62,7 +62,24 @@ fn a_users_crate_builds_and_runs_after_setup_project() {
     let o = clean(Command::new(&bin)).current_dir(Path::new("/")).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "the user's binary: {} {}", out, String::from_utf8_lossy(&o.stderr));
-    assert!(out.starts_with("downstream ok: loss ") && out.contains("int_max 127"), "{out}");
+    assert!(out.contains("downstream ok: loss ") && out.contains("int_max 127"), "{out}");
+    // The crate's loader of libtorch's CUDA library runs before the user's main: asked to
+    // (there is no driver here), it has loaded the library by then.
+    let driver = torchapprox::cuda::driver_present();
+    assert!(out.contains(&format!("cuda backend loaded at start: {driver}")) || driver, "{out}");
+    let o = clean(Command::new(&bin))
+        .current_dir(Path::new("/"))
+        .env("TORCHAPPROX_CUDA", "always")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "the user's binary, TORCHAPPROX_CUDA=always: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let has = Path::new(env!("CARGO_MANIFEST_DIR")).join(".libtorch/lib/libtorch_cuda.so").exists();
+    assert!(out.contains(&format!("cuda backend loaded at start: {has}")), "{out}");
     // Each checkout's path is a new package to cargo: its artifacts would pile up.
     let o = clean(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())))
         .current_dir(&dir)

@@ -6,6 +6,10 @@ use torchapprox::layers::{approx_linear, ApproxLayer, InferenceMode, QuantSpec};
 use torchapprox::quantizers::ApproxQuantizer;
 
 fn main() {
+    // Whether the crate loaded libtorch's CUDA library before main (where a driver is, or
+    // TORCHAPPROX_CUDA=always): its constructor must survive into a user's binary.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    println!("cuda backend loaded at start: {}", maps.contains("/libtorch_cuda.so"));
     let vs = nn::VarStore::new(Device::Cpu);
     let spec = QuantSpec { mode: InferenceMode::Quantized, ..Default::default() };
     let fc = approx_linear(vs.root() / "fc", 4, 2, torchapprox::layers::ApproxLinearConfig { bias: true, quant: spec });
