@@ -43,8 +43,9 @@ pub struct DistArgs {
 
 /// Under torchrun (or with `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` set) and more
 /// than one rank: the data-parallel group, joined within `--dist-timeout` seconds, summing
-/// gradients in `--bucket-mb` MiB buckets through `--dist-backend`, and this rank's device (`device_flag`, one GPU per rank). The flags are checked on one
-/// process too, so that a bad value is seen before any cluster is booked.
+/// gradients in `--bucket-mb` MiB buckets through `--dist-backend`, and this rank's device
+/// (`device_flag`, one GPU per rank). The flags are checked on one process too, so that a bad
+/// value is seen before any cluster is booked.
 pub fn data_parallel(flags: &DistArgs, device_flag: &str) -> Result<(Option<DataParallel>, Device)> {
     let (timeout_s, bucket_mb) = (flags.dist_timeout, flags.bucket_mb);
     let env = DistEnv::from_env()?;

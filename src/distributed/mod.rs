@@ -1,7 +1,8 @@
 //! Several processes, one training run, through PyTorch's own c10d: torchrun's environment
 //! ([`DistEnv`]) and a Gloo [`ProcessGroup`], with NCCL for CUDA tensors where built
-//! ([`CudaBackend`]; TCPStore rendezvous; allreduce, broadcast, barrier) whose every step gives up after a timeout, so a lost peer ends the run in
-//! minutes with one line naming the rank and the step; [`DataParallel`] trains one network
+//! ([`CudaBackend`]; TCPStore rendezvous; allreduce, broadcast, barrier) whose every step
+//! gives up after a timeout, so a lost peer ends the run in minutes with one line naming the
+//! rank and the step; [`DataParallel`] trains one network
 //! on every rank with a share of each batch, as one process would on the whole batch, its
 //! gradient sums overlapped with the backward pass by c10d's `Reducer` (the engine of
 //! PyTorch's DistributedDataParallel).

@@ -200,18 +200,16 @@ pub(crate) fn attention_source(
             // The traced inputs as query, key and value (one tensor where they were one, so
             // that `key is query` holds as it did), the arguments tracing fixed, then the
             // scripted forward on them.
-            let role = |i: usize, names: &[(usize, &str)]| {
-                names
-                    .iter()
-                    .find(|(r, _)| sources[*r] == sources[i])
-                    .map_or(format!("input_{}", sources[i]), |(_, n)| n.to_string())
+            let [q, k, v] = sources;
+            let key = if k == q { "query".to_string() } else { format!("input_{k}") };
+            let value = if v == q {
+                "query".to_string()
+            } else if v == k {
+                "key".to_string()
+            } else {
+                format!("input_{v}")
             };
-            let roles = format!(
-                "query = input_{}\nkey = {}\nvalue = {}\n",
-                sources[0],
-                role(1, &[(0, "query")]),
-                role(2, &[(0, "query"), (1, "key")])
-            );
+            let roles = format!("query = input_{q}\nkey = {key}\nvalue = {value}\n");
             let fixed = format!(
                 "{roles}key_padding_mask: Optional[Tensor] = None\n\
                  attn_mask: Optional[Tensor] = None\nneed_weights = {}\naverage_attn_weights = {}\n\
@@ -228,8 +226,7 @@ pub(crate) fn attention_source(
             if !bias {
                 body = body.replace("self.in_proj_bias", "in_bias").replace("self.out_proj.bias", "out_bias");
             }
-            let count = sources.iter().max().map_or(1, |m| m + 1);
-            let inputs: Vec<String> = (0..count).map(|i| format!("input_{i}: Tensor")).collect();
+            let inputs: Vec<String> = (0..=q.max(k).max(v)).map(|i| format!("input_{i}: Tensor")).collect();
             (format!("def forward(self, {}) -> {returns}:\n", inputs.join(", ")), body)
         }
     };

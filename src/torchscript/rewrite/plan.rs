@@ -437,17 +437,35 @@ fn plan_attention(
     // bias_k/bias_v as parameters of their own.
     let packed =
         if scripted { attr("_qkv_same_embed_dim") == "b:1" } else { named("q_proj_weight").is_none() };
-    let in_weight = named("in_proj_weight").filter(|_| packed);
-    if packed && in_weight.is_none() {
-        return Ok(Err("a MultiheadAttention without in_proj_weight".into()));
-    }
-    if scripted && !packed {
-        if let Some(p) =
-            ["q_proj_weight", "k_proj_weight", "v_proj_weight"].into_iter().find(|p| named(p).is_none())
-        {
-            return Ok(Err(format!("a MultiheadAttention with separate projections but no parameter {p}")));
+    let Some(out_weight) = named("out_proj.weight") else {
+        return Ok(Err("a MultiheadAttention without out_proj.weight".into()));
+    };
+    // The query's, key's and value's weights: rows of the packed projection, or separate ones.
+    let e = out_weight.size()[0];
+    let qkv = if packed {
+        match named("in_proj_weight") {
+            Some(w) if w.size() == [3 * e, e] => {
+                [w.f_narrow(0, 0, e)?, w.f_narrow(0, e, e)?, w.f_narrow(0, 2 * e, e)?]
+            }
+            Some(w) => {
+                return Ok(Err(format!(
+                    "a MultiheadAttention whose in_proj_weight of shape {:?} is not [3 E, E]",
+                    w.size()
+                )))
+            }
+            None => return Ok(Err("a MultiheadAttention without in_proj_weight".into())),
         }
-    }
+    } else {
+        match ["q_proj_weight", "k_proj_weight", "v_proj_weight"].map(|p| (p, named(p))) {
+            [(_, Some(q)), (_, Some(k)), (_, Some(v))] => [q, k, v],
+            named => {
+                let p = named.iter().find(|(_, t)| t.is_none()).map_or("", |(p, _)| p);
+                return Ok(Err(format!(
+                    "a MultiheadAttention with separate projections but no parameter {p}"
+                )));
+            }
+        }
+    };
     let extra_keys = if scripted {
         attr("add_zero_attn") != "b:0" || attr("bias_k") != "n"
     } else {
@@ -458,34 +476,11 @@ fn plan_attention(
             "a MultiheadAttention with add_zero_attn or bias_k/bias_v is not covered (yet)".into()
         ));
     }
-    let Some(out_weight) = named("out_proj.weight") else {
-        return Ok(Err("a MultiheadAttention without out_proj.weight".into()));
-    };
     let bias = named("in_proj_bias").is_some();
     if scripted {
         let batch_first = attr("batch_first") == "b:1";
         return Ok(Ok((LayerOp::Attention { batch_first, traced: None, separate: !packed }, bias)));
     }
-    let e = out_weight.size()[0];
-    let qkv = match in_weight {
-        Some(w) if w.size() == [3 * e, e] => {
-            [w.f_narrow(0, 0, e)?, w.f_narrow(0, e, e)?, w.f_narrow(0, 2 * e, e)?]
-        }
-        Some(w) => {
-            return Ok(Err(format!(
-                "a MultiheadAttention whose in_proj_weight of shape {:?} is not [3 E, E]",
-                w.size()
-            )))
-        }
-        None => match (named("q_proj_weight"), named("k_proj_weight"), named("v_proj_weight")) {
-            (Some(q), Some(k), Some(v)) => [q, k, v],
-            _ => {
-                return Ok(Err(
-                    "a MultiheadAttention with separate projections but not all of q/k/v_proj_weight".into(),
-                ))
-            }
-        },
-    };
     let weights = AttentionWeights {
         qkv,
         in_bias: named("in_proj_bias"),

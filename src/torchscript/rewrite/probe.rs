@@ -67,12 +67,11 @@ fn same(a: &Tensor, b: &Tensor) -> Result<bool> {
 /// twice once, in the order of first use, so the query is input 0 and each input is used.
 fn assignments(n: usize) -> Vec<[usize; 3]> {
     let mut out = Vec::new();
+    // Numbered in order of first use: the key is input 0 or 1, the value at most one past it.
     for k in 0..n.min(2) {
-        for v in 0..n.min(3) {
+        for v in 0..(k + 2).min(n) {
             let roles = [0, k, v];
-            // Inputs numbered in order of first use, every one of the n used.
-            let first_use_ordered = (k <= 1) && (v <= k + 1);
-            if first_use_ordered && (0..n).all(|i| roles.contains(&i)) {
+            if (0..n).all(|i| roles.contains(&i)) {
                 out.push(roles);
             }
         }
