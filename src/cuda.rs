@@ -10,7 +10,7 @@
 //! `tch::manual_seed` makes), whether CUDA exists, so a later load is too late. CPU-only
 //! machines do not pay its start-up (about 0.2 s and 350 MB), except in builds with the
 //! `nccl` feature, which name its symbols and so link it. `TORCHAPPROX_CUDA=always` loads it
-//! without a driver too, `never` not at all.
+//! without a driver too, `never` not at all, `auto` (the default) as above.
 //!
 //! ```
 //! // `false` on a machine without a GPU; on one with a GPU, CUDA tensors work afterwards.
@@ -54,10 +54,16 @@ static LOAD_AT_START: extern "C" fn() = load_at_start;
 /// Loads libtorch's CUDA library where NVIDIA's driver is present (or `TORCHAPPROX_CUDA`
 /// says `always`); a failure is left for [`f_is_available`] to report.
 extern "C" fn load_at_start() {
-    let load = match std::env::var("TORCHAPPROX_CUDA").as_deref() {
-        Ok("always") => true,
-        Ok("never") => false,
-        _ => driver_present(),
+    let load = match std::env::var_os("TORCHAPPROX_CUDA") {
+        None => driver_present(),
+        Some(v) if v == "always" => true,
+        Some(v) if v == "never" => false,
+        Some(v) if v == "auto" => driver_present(),
+        Some(v) => {
+            // Before main there is no caller to return an error to: one line, then the default.
+            eprintln!("warning: TORCHAPPROX_CUDA={v:?}: expected always, never or auto; taken as auto");
+            driver_present()
+        }
     };
     if load {
         let _ = f_load_backend();

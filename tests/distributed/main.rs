@@ -654,6 +654,11 @@ fn the_trainers_distributed_flags_refuse_bad_values_with_one_line() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.trim() == "error: RANK=\"x\": is not a whole number", "{err}");
+    // An unknown backend: clap's own refusal, naming the value and the ones it takes.
+    let (ok, _, err, _) =
+        finish(train(None, &["--epochs", "0", "--dist-backend", "mpi"]), Duration::from_secs(60));
+    assert!(!ok && err.starts_with("error: invalid value 'mpi' for '--dist-backend"), "{err}");
+    assert!(err.contains("[possible values: auto, gloo, nccl]") && !err.contains("panicked"), "{err}");
     // NCCL where this build or machine lacks it: refused before the rendezvous (no peer
     // needed), with one line.
     let needle = if torchapprox::distributed::NCCL_BUILT && !torchapprox::cuda::is_available() {

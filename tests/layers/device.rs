@@ -57,6 +57,33 @@ fn cuda_backend_loads_where_libtorch_has_it() {
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("mapped at start: true"), "{out}");
     assert!(out.contains("cuda tensor: ok") || out.contains("cuda tensor: no device"), "{out}");
+    // A value it does not know: one warning line (before main, nobody to return an error to),
+    // then the default, and the program runs on.
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "device::cuda_loaded_before_main",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("TORCHAPPROX_CUDA", "yes\u{1b}")
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}{err}");
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("TORCHAPPROX_CUDA")).collect();
+    assert_eq!(
+        warned,
+        ["warning: TORCHAPPROX_CUDA=\"yes\\u{1b}\": expected always, never or auto; taken as auto"],
+        "{err}"
+    );
+    let driver = torchapprox::cuda::driver_present();
+    assert!(
+        out.contains(&format!("mapped at start: {driver}")) || torchapprox::distributed::NCCL_BUILT,
+        "{out}"
+    );
 }
 
 /// The worker of the test above (run by it, in a process of its own).
