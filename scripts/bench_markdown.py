@@ -65,7 +65,9 @@ JSON lands in `target/bench/latest.json`. Every time is a median.
   against PyTorch, PyTorch's time / ours (> 1: we are faster). A dash: no PyTorch
   reference in that run.
 - The LeNet-5 step is one Adam step at batch 64, in float and quantized (PACT
-  activations, MinMax weights, every layer).
+  activations, MinMax weights, every layer). Since stop 27 its ratio is the median
+  over 12 rounds of each round's ratio (15 steps of each network back to back), so
+  that drift between rounds cancels; before, it was the ratio of the two medians.
 - The table GEMM reads every product from the `drum:4` table; lookups are products
   per call. PyTorch's reference indexes the table with both operands' bytes, then sums.
 

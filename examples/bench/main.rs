@@ -75,9 +75,11 @@ fn iters_for(n: i64) -> usize {
     ((1i64 << 26) / n.max(1) / 4).clamp(10, 2000) as usize
 }
 
-/// Median seconds per training step (batch 64) of float and quantized LeNet-5, measured in
-/// alternating rounds so that drift on a shared machine hits both alike.
-fn lenet_steps(device: Device) -> Result<(f64, f64)> {
+/// Median seconds per training step (batch 64) of float and quantized LeNet-5, and the median
+/// over rounds of their ratio: each round times 15 steps of each net back to back (first one
+/// net, then the other, alternately), so that the machine's drift between rounds cancels in
+/// the round's ratio.
+fn lenet_steps(device: Device) -> Result<(f64, f64, f64)> {
     let build = |mode| -> Result<_> {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(device);
@@ -89,19 +91,22 @@ fn lenet_steps(device: Device) -> Result<(f64, f64)> {
     let (_vq, quant_net, mut quant_opt) = build(InferenceMode::Quantized)?;
     let x = Tensor::randn([64, 1, 28, 28], (Kind::Float, device));
     let y = Tensor::randint(10, [64], (Kind::Int64, device));
-    let (mut tf, mut tq) = (Vec::new(), Vec::new());
-    for _ in 0..6 {
-        for (net, opt, times) in
-            [(&float_net, &mut float_opt, &mut tf), (&quant_net, &mut quant_opt, &mut tq)]
-        {
-            let t = median_time(device, 15, || {
+    let (mut tf, mut tq, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..12 {
+        let mut nets = [(&float_net, &mut float_opt), (&quant_net, &mut quant_opt)];
+        let mut t = [0.0; 2];
+        for k in [round % 2, 1 - round % 2] {
+            let (net, opt) = &mut nets[k];
+            t[k] = median_time(device, 15, || {
                 let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
                 opt.backward_step(&loss);
             });
-            times.push(t);
         }
+        tf.push(t[0]);
+        tq.push(t[1]);
+        ratios.push(t[1] / t[0]);
     }
-    Ok((networks::median(tf), networks::median(tq)))
+    Ok((networks::median(tf), networks::median(tq), networks::median(ratios)))
 }
 
 /// The table-GEMM layers of the approximate mode (LeNet-5's at batch 64, ResNet-18's 3x3
@@ -259,7 +264,7 @@ fn run(args: Args) -> Result<()> {
                 }));
             }
         }
-        let (float, quant) = lenet_steps(device)?;
+        let (float, quant, ratio) = lenet_steps(device)?;
         let r = reference["lenet"].as_array().and_then(|l| l.iter().find(|e| e["threads"] == threads));
         let (tfl, tq) =
             (r.and_then(|r| r["float_step"].as_f64()), r.and_then(|r| r["quantized_step"].as_f64()));
@@ -267,17 +272,17 @@ fn run(args: Args) -> Result<()> {
             "{threads:>3} LeNet-5 step, batch 64: float {:.2} ms, quantized {:.2} ms ({:.2}x){}",
             float * 1e3,
             quant * 1e3,
-            quant / float,
+            ratio,
             match (tfl, tq) {
                 (Some(a), Some(b)) =>
                     format!("; PyTorch float {:.2} ms, quantized {:.2} ms ({:.2}x)", a * 1e3, b * 1e3, b / a),
                 _ => String::new(),
             }
         );
-        lenet.push(json!({"threads": threads, "float_step_s": float, "quantized_step_s": quant, "quantized_over_float": quant / float,
+        lenet.push(json!({"threads": threads, "float_step_s": float, "quantized_step_s": quant, "quantized_over_float": ratio,
             "torch_float_step_s": tfl, "torch_quantized_step_s": tq}));
         networks.push(json!({"network": "lenet5", "threads": threads, "batch": 64, "float_step_s": float,
-            "quantized_step_s": quant, "quantized_over_float": quant / float}));
+            "quantized_step_s": quant, "quantized_over_float": ratio}));
         if !args.no_networks {
             let (float, quant) = networks::resnet18_steps(device)?;
             println!(

@@ -220,6 +220,8 @@ impl LayerQuant {
     /// `lut_op` is the same operation with a multiplier's table products (Approximate mode).
     ///
     /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
+    /// `one_channel` says that `op` is a convolution of one input channel and one group, which
+    /// takes a cheaper route to a first layer's PACT alpha gradient (see `input_alpha`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
@@ -228,6 +230,7 @@ impl LayerQuant {
         bias: Option<&Tensor>,
         train: bool,
         channel_shape: &[i64],
+        one_channel: bool,
         op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
         lut_op: impl Fn(&Tensor, &Tensor, &Multiplier) -> Result<Tensor>,
     ) -> Result<Tensor> {
@@ -239,19 +242,9 @@ impl LayerQuant {
         }
         let qw = self.w_quantizer.f_quantize_scaled(weight)?;
         let (qx, acc) = match &self.x_quantizer {
-            // An input without gradient (a first layer's images) whose PACT alpha learns:
-            // alpha's gradient <g, op(dq_x/dalpha, q_w)> comes from one extra forward op,
-            // instead of differentiating op with respect to its input (for a convolution
-            // with one input channel, oneDNN's backward-data costs several forward passes).
+            // An input without gradient (a first layer's images) whose PACT alpha learns.
             Quantizer::Pact(p) if !x.requires_grad() && p.alpha().requires_grad() && grad_enabled() => {
-                let qx = tch::no_grad(|| p.f_quantize_scaled(x))?;
-                let acc = op(&qx.values, &qw.values, None)?;
-                let tangent = op(&p.f_alpha_tangent(x)?, &qw.values.f_detach()?, None)?;
-                let alpha = p.alpha().f_reshape([])?;
-                // Exactly zero in value (a non-finite alpha gets none), d/dalpha = tangent.
-                let delta =
-                    alpha.f_sub(&alpha.f_detach()?)?.f_where_scalarother(&alpha.f_isfinite()?, 0.0)?;
-                (qx, acc.f_add(&tangent.f_mul(&delta)?)?)
+                super::input_alpha::forward(p, x, &qw.values, one_channel, &op)?
             }
             _ => {
                 let qx = self.x_quantizer.f_quantize_scaled_t(x, train)?;

@@ -127,6 +127,7 @@ impl ApproxLinear {
             self.bias.as_ref(),
             train,
             &[-1],
+            false,
             |x, w, b| Ok(x.f_linear(w, b)?),
             crate::approx::lut_linear,
         )

@@ -12,6 +12,7 @@
 mod builder;
 mod calibration;
 mod conv;
+mod input_alpha;
 mod layer_quant;
 mod linear;
 mod mode;

@@ -102,6 +102,12 @@ impl PACTQuant {
         check_defined(x, "input")?;
         let _guard = tch::no_grad_guard();
         let kind = compute_kind(x)?;
+        // One pass with alpha read once, as the quantizing kernel does.
+        let plan =
+            kernels::eligible(x).and_then(|kind| Some((kind, host_plan(&self.alpha, kind, self.int_max())?)));
+        if let Some((kind, h)) = plan {
+            return Ok(kernels::pact_sign(x, kind, h.alpha, h.scale));
+        }
         let alpha = effective_alpha_tensor(&self.alpha.f_reshape([])?.f_to_kind(kind)?)?;
         let scale = alpha.f_full_like(self.int_max() as f64)?.f_div(&alpha)?;
         let xd = x.f_to_kind(kind)?;

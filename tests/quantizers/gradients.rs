@@ -188,3 +188,41 @@ fn alpha_pushed_to_zero_or_below_stays_usable_and_recovers() {
 }
 
 use tch::nn::OptimizerConfig;
+
+#[test]
+fn alpha_tangent_is_sign_times_scale_on_every_path() {
+    // The fused CPU pass (contiguous float32/64) and libtorch's path (a strided view) against
+    // the formula `((x >= a) - (x <= -a)) * int_max / a`, bit for bit, NaN and infinities included.
+    for (kind, alpha) in
+        [(Kind::Float, 2.0), (Kind::Double, 0.3), (Kind::Float, f64::NAN), (Kind::Float, 1e30)]
+    {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let q = PACTQuant::from_config(
+            vs.root(),
+            QuantConfig { bitwidth: 6, init_alpha: 1.0, ..Default::default() },
+        )
+        .unwrap();
+        if kind == Kind::Double {
+            vs.double();
+        }
+        let _ = tch::no_grad(|| q.alpha().shallow_clone().fill_(alpha));
+        tch::manual_seed(3);
+        let x = Tensor::randn([6, 50], (kind, Device::Cpu)) * 2.0;
+        let specials = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 2.0, -2.0, 0.3, -0.3, 0.0];
+        tch::no_grad(|| {
+            x.narrow(1, 0, 8).copy_(&Tensor::from_slice(&specials).to_kind(kind).expand([6, 8], false))
+        });
+        let a = q.alpha_value();
+        let a_t = Tensor::from(a).to_kind(kind);
+        let scale = a_t.full_like(31.0) / &a_t;
+        let want =
+            |x: &Tensor| (x.ge_tensor(&a_t).to_kind(kind) - x.le_tensor(&-&a_t).to_kind(kind)) * &scale;
+        assert_exact(&q.f_alpha_tangent(&x).unwrap(), &want(&x), "fused pass");
+        let strided = x.transpose(0, 1);
+        assert!(!strided.is_contiguous());
+        assert_exact(&q.f_alpha_tangent(&strided).unwrap(), &want(&strided), "libtorch path");
+        let t = values(&q.f_alpha_tangent(&x).unwrap().narrow(0, 0, 1).narrow(1, 0, 3));
+        assert_eq!(t[0], 0.0, "NaN has no tangent (alpha {alpha})");
+        assert!(t[1] > 0.0 && t[2] < 0.0, "±inf are clipped (alpha {alpha}): {t:?}");
+    }
+}

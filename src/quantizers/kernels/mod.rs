@@ -23,7 +23,7 @@ mod minmax;
 mod pact;
 
 pub(crate) use minmax::{minmax, minmax_to, MinMaxOut};
-pub(crate) use pact::{pact, pact_backward, pact_to};
+pub(crate) use pact::{pact, pact_backward, pact_sign, pact_to};
 use real::clamp;
 pub(crate) use real::Real;
 

@@ -29,6 +29,44 @@ pub(crate) fn pact_backward(
     by_kind!(kind, pact_backward_typed(x, g, alpha, gx_scale, want_gx))
 }
 
+/// PACT's derivative of the integer output with respect to alpha (see
+/// `PACTQuant::f_alpha_tangent`): `s` where `x >= alpha`, `-s` where `x <= -alpha`, 0
+/// elsewhere (and at NaN), into a new tensor; the same values as `(upper - lower) * s`.
+pub(crate) fn pact_sign(x: &Tensor, kind: Kind, alpha: f64, s: f64) -> Tensor {
+    by_kind!(kind, pact_sign_typed(x, alpha, s))
+}
+
+fn pact_sign_typed<T: Real>(x: &Tensor, alpha: f64, s: f64) -> Tensor {
+    run_new(x, SignPass { a: T::from_f64(alpha), s: T::from_f64(s) })
+}
+
+#[derive(Clone, Copy)]
+struct SignPass<T> {
+    a: T,
+    s: T,
+}
+
+impl<T: Real> Pass<T> for SignPass<T> {
+    fn run(self, xs: &[T], ys: &mut [T]) {
+        sign_slice(xs, ys, self.a, self.s)
+    }
+
+    fn dequantized(self) -> Option<(f64, T)> {
+        None
+    }
+}
+
+simd!(fn sign_slice<T: Real>(xs: &[T], ys: &mut [T], a: T, s: T) = sign_body);
+
+#[inline(always)]
+fn sign_body<T: Real>(xs: &[T], ys: &mut [T], a: T, s: T) {
+    let (nega, negs) = (T::ZERO - a, T::ZERO - s);
+    for (y, &v) in ys.iter_mut().zip(xs) {
+        let up = if v >= a { s } else { T::ZERO };
+        *y = if v <= nega { negs } else { up };
+    }
+}
+
 /// PACT's parameters in `T`.
 #[derive(Clone, Copy)]
 struct PactPass<T> {
@@ -153,31 +191,64 @@ fn pact_backward_body<T: Real>(
         let lo = if v <= nega { gi } else { T::ZERO };
         (inside, up - lo)
     }
-    // Four float64 partial sums: exact enough for any size and independent of the chunking.
+    // Four float64 partial sums, element i into lane i % 4: exact enough for any size. The
+    // loops walk groups of four so that the lanes are one vector register (an `acc[i & 3]`
+    // index kept the loop scalar).
     let mut acc = [0.0f64; 4];
+    #[inline(always)]
+    fn add4<T: Real>(acc: &mut [f64; 4], c: [T; 4]) {
+        for j in 0..4 {
+            acc[j] += c[j].to_f64();
+        }
+    }
     match (gs, scalar, gxs) {
         (Some(gs), _, Some(gxs)) => {
-            for (i, ((&v, &gi), o)) in xs.iter().zip(gs).zip(gxs.iter_mut()).enumerate() {
+            let (mut x4, mut g4, mut o4) = (xs.chunks_exact(4), gs.chunks_exact(4), gxs.chunks_exact_mut(4));
+            for ((x, g), o) in (&mut x4).zip(&mut g4).zip(&mut o4) {
+                let mut c = [T::ZERO; 4];
+                for j in 0..4 {
+                    (o[j], c[j]) = step(x[j], g[j], a, nega, k);
+                }
+                add4(&mut acc, c);
+            }
+            let tail = x4.remainder().iter().zip(g4.remainder()).zip(o4.into_remainder());
+            for (j, ((&v, &gi), o)) in tail.enumerate() {
                 let (gx, c) = step(v, gi, a, nega, k);
                 *o = gx;
-                acc[i & 3] += c.to_f64();
+                acc[j] += c.to_f64();
             }
         }
         (None, Some(gi), Some(gxs)) => {
-            for (i, (&v, o)) in xs.iter().zip(gxs.iter_mut()).enumerate() {
+            let (mut x4, mut o4) = (xs.chunks_exact(4), gxs.chunks_exact_mut(4));
+            for (x, o) in (&mut x4).zip(&mut o4) {
+                let mut c = [T::ZERO; 4];
+                for j in 0..4 {
+                    (o[j], c[j]) = step(x[j], gi, a, nega, k);
+                }
+                add4(&mut acc, c);
+            }
+            for (j, (&v, o)) in x4.remainder().iter().zip(o4.into_remainder()).enumerate() {
                 let (gx, c) = step(v, gi, a, nega, k);
                 *o = gx;
-                acc[i & 3] += c.to_f64();
+                acc[j] += c.to_f64();
             }
         }
         (Some(gs), _, None) => {
-            for (i, (&v, &gi)) in xs.iter().zip(gs).enumerate() {
-                acc[i & 3] += step(v, gi, a, nega, k).1.to_f64();
+            let (mut x4, mut g4) = (xs.chunks_exact(4), gs.chunks_exact(4));
+            for (x, g) in (&mut x4).zip(&mut g4) {
+                add4(&mut acc, std::array::from_fn(|j| step(x[j], g[j], a, nega, k).1));
+            }
+            for (j, (&v, &gi)) in x4.remainder().iter().zip(g4.remainder()).enumerate() {
+                acc[j] += step(v, gi, a, nega, k).1.to_f64();
             }
         }
         (None, Some(gi), None) => {
-            for (i, &v) in xs.iter().enumerate() {
-                acc[i & 3] += step(v, gi, a, nega, k).1.to_f64();
+            let mut x4 = xs.chunks_exact(4);
+            for x in &mut x4 {
+                add4(&mut acc, std::array::from_fn(|j| step(x[j], gi, a, nega, k).1));
+            }
+            for (j, &v) in x4.remainder().iter().enumerate() {
+                acc[j] += step(v, gi, a, nega, k).1.to_f64();
             }
         }
         (None, None, _) => {}
