@@ -29,7 +29,8 @@ pub(crate) fn forward(
     let qx = tch::no_grad(|| p.f_quantize_scaled(x))?;
     let tangent = p.f_alpha_tangent(x)?;
     let delta = alpha_delta(p.alpha())?;
-    let acc = if one_channel {
+    // Batched inputs only: an unbatched `[C, H, W]` would join along its rows.
+    let acc = if one_channel && x.dim() == 4 {
         let zero = qw.f_detach()?.f_mul(&delta)?;
         let xs = Tensor::f_cat(&[&qx.values, &tangent], 1)?;
         op(&xs, &Tensor::f_cat(&[qw, &zero], 1)?, None)?

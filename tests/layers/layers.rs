@@ -328,5 +328,13 @@ fn first_layer_alpha_gradient_matches_with_and_without_an_input_gradient() {
         assert_close(&g1, &g2, 1e-4, 1e-4, "alpha gradient");
         assert_close(&w1, &w2, 1e-5, 1e-5, "weight gradient");
         assert!(values(&g1)[0].abs() > 1e-3, "alpha gets a gradient: {g1:?}");
+        // An unbatched input `[C, H, W]` takes the same route (a one-channel convolution's
+        // tangent channel must join along channels, not rows).
+        let y3 = conv.forward_t(&x.get(0), true);
+        assert_exact(&y3, &y1.get(0), "unbatched output");
+        y3.sum(Kind::Float).backward();
+        assert!(values(&alpha.grad())[0].is_finite(), "unbatched alpha gradient");
+        let _ = alpha.grad().zero_();
+        let _ = conv.weight.grad().zero_();
     }
 }
