@@ -268,7 +268,15 @@ impl LayerQuant {
             None => acc,
         };
         let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
-        let mut y = acc.f_div(&qx.scale.f_mul(&w_scale)?)?;
+        let scale = qx.scale.f_mul(&w_scale)?;
+        // In place where autograd allows it (the scales are constants, and no op before saves
+        // its output): a fresh output-sized tensor costs its page faults, more than the division.
+        let mut y = acc;
+        if scale.requires_grad() {
+            y = y.f_div(&scale)?;
+        } else {
+            let _ = y.f_div_(&scale)?;
+        }
         if mode == InferenceMode::Noise && train && error_model.is_none() {
             let std = self.noise_std();
             if std > 0.0 && y.numel() > 1 {
@@ -277,7 +285,7 @@ impl LayerQuant {
             }
         }
         if let Some(b) = bias {
-            y = y.f_add(&b.f_reshape(channel_shape)?)?;
+            let _ = y.f_add_(&b.f_reshape(channel_shape)?)?;
         }
         Ok(y.f_to_kind(x.kind())?)
     }
