@@ -244,7 +244,8 @@ impl LayerQuant {
         let (qx, acc) = match &self.x_quantizer {
             // An input without gradient (a first layer's images) whose PACT alpha learns.
             Quantizer::Pact(p) if !x.requires_grad() && p.alpha().requires_grad() && grad_enabled() => {
-                super::input_alpha::forward(p, x, &qw.values, one_channel, &op)?
+                let w_max = self.w_quantizer.int_max();
+                super::input_alpha::forward(p, x, &qw.values, w_max, one_channel, &op)?
             }
             _ => {
                 let qx = self.x_quantizer.f_quantize_scaled_t(x, train)?;
@@ -267,7 +268,9 @@ impl LayerQuant {
             Some((mean, std)) => acc.f_add(&acc.f_randn_like()?.f_mul_scalar(std)?.f_add_scalar(mean)?)?,
             None => acc,
         };
-        let w_scale = if qw.scale.numel() > 1 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
+        // Any per-channel scale (even of one channel) broadcasts as the output's channels, so
+        // that the in-place division keeps the output's shape.
+        let w_scale = if qw.scale.dim() > 0 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
         let scale = qx.scale.f_mul(&w_scale)?;
         // In place where autograd allows it (the scales are constants, and no op before saves
         // its output): a fresh output-sized tensor costs its page faults, more than the division.

@@ -300,13 +300,15 @@ fn bad_layer_configurations_are_errors() {
 fn first_layer_alpha_gradient_matches_with_and_without_an_input_gradient() {
     // An input without gradient takes the tangent route; the same input with gradient
     // takes ordinary backpropagation through the convolution. Alpha's gradient must agree.
-    for (padding, groups, cin) in [(2, 1, 1), (0, 1, 3), (1, 3, 3)] {
+    // One input channel takes the second-channel route where its integer sums are exact
+    // (4 bits) and the extra-forward route where they may round (16 bits).
+    for (padding, groups, cin, bits) in [(2, 1, 1, 4), (2, 1, 1, 16), (0, 1, 3, 4), (1, 3, 3, 4)] {
         tch::manual_seed(21);
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = ApproxConvConfig {
             padding,
             groups,
-            quant: spec(InferenceMode::Quantized, 4),
+            quant: spec(InferenceMode::Quantized, bits),
             ..Default::default()
         };
         let conv = approx_conv2d(vs.root(), cin, 6, 5, cfg);
@@ -328,13 +330,61 @@ fn first_layer_alpha_gradient_matches_with_and_without_an_input_gradient() {
         assert_close(&g1, &g2, 1e-4, 1e-4, "alpha gradient");
         assert_close(&w1, &w2, 1e-5, 1e-5, "weight gradient");
         assert!(values(&g1)[0].abs() > 1e-3, "alpha gets a gradient: {g1:?}");
-        // An unbatched input `[C, H, W]` takes the same route (a one-channel convolution's
-        // tangent channel must join along channels, not rows).
-        let y3 = conv.forward_t(&x.get(0), true);
-        assert_exact(&y3, &y1.get(0), "unbatched output");
-        y3.sum(Kind::Float).backward();
-        assert!(values(&alpha.grad())[0].is_finite(), "unbatched alpha gradient");
-        let _ = alpha.grad().zero_();
-        let _ = conv.weight.grad().zero_();
+        // An unbatched input `[C, H, W]` (which a one-channel convolution's second channel
+        // would join along rows, so it takes the extra-forward route) gives the gradients of
+        // a batch of one.
+        let one = |x: &Tensor, w: &Tensor| {
+            let y = conv.forward_t(x, true);
+            (&y * w).sum(Kind::Float).backward();
+            let g = alpha.grad().copy();
+            let _ = alpha.grad().zero_();
+            let _ = conv.weight.grad().zero_();
+            (y.detach(), g)
+        };
+        let (y3, g3) = one(&x.get(0), &w.get(0));
+        let (y4, g4) = one(&x.narrow(0, 0, 1), &w.narrow(0, 0, 1));
+        assert_exact(&y3, &y4.get(0), "unbatched output");
+        assert_exact(&y3, &y1.get(0), "unbatched output against the batch");
+        assert_close(&g3, &g4, 1e-4, 1e-4, "unbatched alpha gradient");
     }
+}
+
+#[test]
+fn first_layer_alpha_that_is_not_finite_gets_no_gradient() {
+    // A NaN or infinite alpha clips at the nearest level in effect and gets a zero
+    // gradient, on the second-channel route (one channel) and the extra-forward one.
+    for (cin, value) in [(1, f64::NAN), (1, f64::INFINITY), (3, f64::NAN)] {
+        tch::manual_seed(22);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg =
+            ApproxConvConfig { padding: 1, quant: spec(InferenceMode::Quantized, 8), ..Default::default() };
+        let conv = approx_conv2d(vs.root(), cin, 4, 3, cfg);
+        let alpha = conv.quant.x_quantizer().alpha().unwrap();
+        let _ = tch::no_grad(|| alpha.shallow_clone().fill_(value));
+        let x = Tensor::randn([2, cin, 6, 6], (Kind::Float, Device::Cpu));
+        let y = conv.forward_t(&x, true);
+        assert_eq!(values(&y.isfinite().all().to_kind(Kind::Float)), [1.0], "{cin} {value}: finite output");
+        y.sum(Kind::Float).backward();
+        assert_eq!(values(&alpha.grad()), [0.0], "{cin} {value}: alpha gradient");
+        assert!(values(&conv.weight.grad()).iter().all(|v| v.is_finite()), "{cin} {value}: weight gradient");
+    }
+}
+
+#[test]
+fn one_output_channel_per_channel_keeps_unbatched_shapes() {
+    // A per-channel weight scale of one channel still broadcasts as the output's channels:
+    // an unbatched input keeps its shape (the scale once added a dimension).
+    tch::manual_seed(23);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let quant = QuantSpec { per_channel: true, ..spec(InferenceMode::Quantized, 8) };
+    let conv = approx_conv2d(vs.root() / "c", 2, 1, 3, ApproxConvConfig { quant, ..Default::default() });
+    let x = Tensor::randn([2, 5, 5], (Kind::Float, Device::Cpu));
+    let y = conv.forward_t(&x, false);
+    assert_eq!(y.size(), [1, 3, 3]);
+    assert_exact(&y, &conv.forward_t(&x.unsqueeze(0), false).get(0), "unbatched conv");
+    let fc = approx_linear(vs.root() / "l", 4, 1, ApproxLinearConfig { quant, ..Default::default() });
+    let v = Tensor::randn([4], (Kind::Float, Device::Cpu));
+    let y = fc.forward_t(&v, false);
+    assert_eq!(y.size(), [1]);
+    assert_exact(&y, &fc.forward_t(&v.unsqueeze(0), false).get(0), "1-D linear");
 }
