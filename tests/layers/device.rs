@@ -38,39 +38,32 @@ fn cuda_backend_loads_where_libtorch_has_it() {
     if !has {
         return;
     }
+    // The worker below, in a process of its own with TORCHAPPROX_CUDA set to `value`.
+    let worker = |value: &str| {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "device::cuda_loaded_before_main",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("TORCHAPPROX_CUDA", value)
+            .output()
+            .unwrap()
+    };
     // The load before main registers libtorch's CUDA backend for good: in a process started
     // with TORCHAPPROX_CUDA=always, after a manual_seed (libtorch's first CUDA query), a CUDA
     // tensor fails for want of a driver, not of the backend.
-    let o = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "device::cuda_loaded_before_main",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("TORCHAPPROX_CUDA", "always")
-        .output()
-        .unwrap();
+    let o = worker("always");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("mapped at start: true"), "{out}");
     assert!(out.contains("cuda tensor: ok") || out.contains("cuda tensor: no device"), "{out}");
     // A value it does not know: one warning line (before main, nobody to return an error to),
     // then the default, and the program runs on.
-    let o = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "device::cuda_loaded_before_main",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("TORCHAPPROX_CUDA", "yes\u{1b}")
-        .output()
-        .unwrap();
+    let o = worker("yes\u{1b}");
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{out}{err}");
     let warned: Vec<&str> = err.lines().filter(|l| l.contains("TORCHAPPROX_CUDA")).collect();
