@@ -271,15 +271,11 @@ impl LayerQuant {
         // Any per-channel scale (even of one channel) broadcasts as the output's channels, so
         // that the in-place division keeps the output's shape.
         let w_scale = if qw.scale.dim() > 0 { qw.scale.f_reshape(channel_shape)? } else { qw.scale };
-        let scale = qx.scale.f_mul(&w_scale)?;
-        // In place where autograd allows it (the scales are constants, and no op before saves
-        // its output): a fresh output-sized tensor costs its page faults, more than the division.
+        // In place, which autograd allows (every quantizer's scale is a constant, and no op
+        // before saves its output): a fresh output-sized tensor costs its page faults, more
+        // than the division.
         let mut y = acc;
-        if scale.requires_grad() {
-            y = y.f_div(&scale)?;
-        } else {
-            let _ = y.f_div_(&scale)?;
-        }
+        let _ = y.f_div_(&qx.scale.f_mul(&w_scale)?)?;
         if mode == InferenceMode::Noise && train && error_model.is_none() {
             let std = self.noise_std();
             if std > 0.0 && y.numel() > 1 {

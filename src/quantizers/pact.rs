@@ -103,9 +103,7 @@ impl PACTQuant {
         let _guard = tch::no_grad_guard();
         let kind = compute_kind(x)?;
         // One pass with alpha read once, as the quantizing kernel does.
-        let plan =
-            kernels::eligible(x).and_then(|kind| Some((kind, host_plan(&self.alpha, kind, self.int_max())?)));
-        if let Some((kind, h)) = plan {
+        if let Some((kind, h)) = self.kernel_plan(x) {
             return Ok(kernels::pact_sign(x, kind, h.alpha, h.scale));
         }
         let alpha = effective_alpha_tensor(&self.alpha.f_reshape([])?.f_to_kind(kind)?)?;
@@ -146,9 +144,7 @@ impl ApproxQuantizer for PACTQuant {
             && self.nonfinite == NonFinite::Propagate
             && kernels::fits(out, x)
             && !memory_overlaps(x, out);
-        let plan =
-            kernels::eligible(x).and_then(|kind| Some((kind, host_plan(&self.alpha, kind, self.int_max())?)));
-        match plan.filter(|_| direct) {
+        match self.kernel_plan(x).filter(|_| direct) {
             Some((kind, h)) => {
                 kernels::pact_to(x, kind, out, h.scale, self.int_max(), true);
                 Ok(())
@@ -159,6 +155,11 @@ impl ApproxQuantizer for PACTQuant {
 }
 
 impl PACTQuant {
+    /// The dtype and host-read alpha of a fused CPU pass over `x`, where one applies.
+    fn kernel_plan(&self, x: &Tensor) -> Option<(Kind, HostAlpha)> {
+        kernels::eligible(x).and_then(|kind| Some((kind, host_plan(&self.alpha, kind, self.int_max())?)))
+    }
+
     /// The checks every quantizing entry point makes: defined, on alpha's device, and finite
     /// under [`NonFinite::Reject`].
     fn checked(&self, x: &Tensor) -> Result<()> {
