@@ -20,6 +20,15 @@ extern "C" {
         outputs: *mut *mut CTensor,
         n_outputs: *mut i64,
     ) -> *mut c_char;
+    fn ta_convolution_backward(
+        g: *const CTensor,
+        x: *const CTensor,
+        w: *const CTensor,
+        geometry: *const i64,
+        mask: *const u8,
+        gx: *mut *mut CTensor,
+        gw: *mut *mut CTensor,
+    ) -> *mut c_char;
 }
 
 /// Most outputs, saved tensors or inputs a node has (the glue's fixed arrays).
@@ -157,4 +166,34 @@ pub(crate) fn apply<P: Copy + 'static>(
     check(err).map_err(|msg| Error::Torch(tch::TchError::Torch(msg)))?;
     // SAFETY: n_out tensors, each a fresh `new at::Tensor` that we now own.
     Ok((0..n_out as usize).map(|i| unsafe { Tensor::from_ptr(outs[i]) }).collect())
+}
+
+/// libtorch's convolution backward: the gradients of `x` and `w` (where `want` asks) of a 2-D
+/// convolution with `geometry` `[stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+/// groups]` whose output's gradient is `g`.
+pub(crate) fn convolution_backward(
+    g: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    geometry: [i64; 7],
+    want: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let mask = [want[0] as u8, want[1] as u8];
+    let (mut gx, mut gw): (*mut CTensor, *mut CTensor) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let err = unsafe {
+        ta_convolution_backward(
+            g.as_ptr(),
+            x.as_ptr(),
+            w.as_ptr(),
+            geometry.as_ptr(),
+            mask.as_ptr(),
+            &mut gx,
+            &mut gw,
+        )
+    };
+    // SAFETY: non-null pointers are fresh `new at::Tensor`s that the glue hands over.
+    let take = |p: *mut CTensor| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) });
+    let (gx, gw) = (take(gx), take(gw));
+    check(err).map_err(|msg| Error::Torch(tch::TchError::Torch(msg)))?;
+    Ok((gx, gw))
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tch::{nn, Tensor};
 
-use super::{ApproxLayer, ApproxModule, LayerQuant, QuantSpec};
+use super::{ApproxLayer, ApproxModule, LayerQuant, OpGeom, QuantSpec};
 use crate::{Error, Result};
 
 /// Settings of an [`ApproxConv2d`].
@@ -145,7 +145,7 @@ impl ApproxConv2d {
             self.bias.as_ref(),
             train,
             &[-1, 1, 1],
-            c.groups == 1 && self.weight.size()[1] == 1,
+            OpGeom::Conv2d([c.stride, c.stride, c.padding, c.padding, c.dilation, c.dilation, c.groups]),
             |x, w, b| Ok(x.f_conv2d(w, b, [c.stride; 2], [c.padding; 2], [c.dilation; 2], c.groups)?),
             |x, w, m| crate::approx::lut_conv2d(x, w, m, c.stride, c.padding, c.dilation, c.groups),
         )?;

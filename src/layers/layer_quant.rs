@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use tch::{nn, Tensor};
 
-use super::{Calibration, InferenceMode, QuantSpec};
+use super::{Calibration, InferenceMode, OpGeom, QuantSpec};
 use crate::approx::Multiplier;
 use crate::quantizers::{
     check_defined, grad_enabled, ApproxQuantizer, QuantConfig, Quantizer, QuantizerKind,
@@ -220,8 +220,9 @@ impl LayerQuant {
     /// `lut_op` is the same operation with a multiplier's table products (Approximate mode).
     ///
     /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
-    /// `one_channel` says that `op` is a convolution of one input channel and one group, which
-    /// takes a cheaper route to a first layer's PACT alpha gradient (see `input_alpha`).
+    /// `geom` is `op` as the fused training node runs it (see `fused`); a convolution of one
+    /// input channel and one group takes a cheaper route to a first layer's PACT alpha
+    /// gradient (see `input_alpha`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
@@ -230,7 +231,7 @@ impl LayerQuant {
         bias: Option<&Tensor>,
         train: bool,
         channel_shape: &[i64],
-        one_channel: bool,
+        geom: OpGeom,
         op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
         lut_op: impl Fn(&Tensor, &Tensor, &Multiplier) -> Result<Tensor>,
     ) -> Result<Tensor> {
@@ -240,12 +241,17 @@ impl LayerQuant {
         if mode == InferenceMode::Baseline {
             return op(x, weight, bias);
         }
+        if mode == InferenceMode::Quantized {
+            if let Some(y) = super::fused::forward(self, x, weight, bias, train, geom)? {
+                return Ok(y);
+            }
+        }
         let qw = self.w_quantizer.f_quantize_scaled(weight)?;
         let (qx, acc) = match &self.x_quantizer {
             // An input without gradient (a first layer's images) whose PACT alpha learns.
             Quantizer::Pact(p) if !x.requires_grad() && p.alpha().requires_grad() && grad_enabled() => {
                 let w_max = self.w_quantizer.int_max();
-                super::input_alpha::forward(p, x, &qw.values, w_max, one_channel, &op)?
+                super::input_alpha::forward(p, x, &qw.values, w_max, geom.one_channel(weight), &op)?
             }
             _ => {
                 let qx = self.x_quantizer.f_quantize_scaled_t(x, train)?;

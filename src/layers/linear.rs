@@ -4,7 +4,7 @@ use std::borrow::Borrow;
 
 use tch::{nn, Tensor};
 
-use super::{ApproxLayer, ApproxModule, LayerQuant, QuantSpec};
+use super::{ApproxLayer, ApproxModule, LayerQuant, OpGeom, QuantSpec};
 use crate::{Error, Result};
 
 /// Settings of an [`ApproxLinear`].
@@ -127,7 +127,7 @@ impl ApproxLinear {
             self.bias.as_ref(),
             train,
             &[-1],
-            false,
+            OpGeom::Linear,
             |x, w, b| Ok(x.f_linear(w, b)?),
             crate::approx::lut_linear,
         )

@@ -12,6 +12,7 @@
 mod builder;
 mod calibration;
 mod conv;
+mod fused;
 mod input_alpha;
 mod layer_quant;
 mod linear;
@@ -24,6 +25,7 @@ mod traits;
 pub use builder::{approx_sequential, SequentialBuilder};
 pub use calibration::{pact_alpha, Calibration};
 pub use conv::*;
+pub(crate) use fused::OpGeom;
 pub(crate) use layer_quant::join;
 pub use layer_quant::{LayerQuant, QuantizerSlot};
 pub use linear::*;

@@ -169,6 +169,16 @@ impl MinMaxQuant {
         Some((kind, effective_range(max_abs)))
     }
 
+    /// This call's plan for a fused layer node, with the state updated as [`run`](Self::run)
+    /// updates it, where the kernels take `x`.
+    pub(crate) fn f_fused_plan(&self, x: &Tensor, train: bool) -> Result<Option<super::FusedQuant>> {
+        check_defined(x, "input")?;
+        let Some((kind, batch_range)) = self.kernel_plan(x) else { return Ok(None) };
+        let (range, scale) = self.range_and_scale(batch_range, kind, train)?;
+        self.store_scales(vec![scale]);
+        Ok(Some(super::FusedQuant::MinMax { range, scale }))
+    }
+
     /// The range to quantize with ([`range_for`](Self::range_for)) and its scale in `kind`.
     fn range_and_scale(&self, batch_range: f64, kind: Kind, train: bool) -> Result<(f64, f64)> {
         let range = self.range_for(batch_range, train)?;

@@ -21,6 +21,7 @@
 #![doc = include_str!("../../docs/quantizers.md")]
 
 mod approx_quantizer;
+mod fused;
 mod kernels;
 mod lsq;
 mod minmax;
@@ -30,6 +31,7 @@ mod state;
 mod sync;
 
 pub use approx_quantizer::*;
+pub(crate) use fused::FusedQuant;
 pub use lsq::*;
 pub use minmax::*;
 pub use pact::*;

@@ -160,6 +160,15 @@ impl PACTQuant {
         kernels::eligible(x).and_then(|kind| Some((kind, host_plan(&self.alpha, kind, self.int_max())?)))
     }
 
+    /// This call's plan for a fused layer node, where the rounded kernels take `x`.
+    pub(crate) fn f_fused_plan(&self, x: &Tensor) -> Result<Option<super::FusedQuant>> {
+        if !self.rounded || kernels::eligible(x).is_none() {
+            return Ok(None);
+        }
+        self.checked(x)?;
+        Ok(self.kernel_plan(x).map(|(_, host)| super::FusedQuant::Pact { int_max: self.int_max(), host }))
+    }
+
     /// The checks every quantizing entry point makes: defined, on alpha's device, and finite
     /// under [`NonFinite::Reject`].
     fn checked(&self, x: &Tensor) -> Result<()> {
@@ -191,10 +200,22 @@ impl nn::Module for PACTQuant {
 /// `alpha` as stored, the clipping level in use and the scale, rounded as the compute dtype
 /// rounds them, read straight from CPU memory; `None` for an alpha elsewhere.
 #[derive(Debug, Clone, Copy)]
-struct HostAlpha {
+pub(crate) struct HostAlpha {
     raw: f64,
-    alpha: f64,
-    scale: f64,
+    pub(crate) alpha: f64,
+    pub(crate) scale: f64,
+}
+
+impl HostAlpha {
+    /// Alpha's gradient from its reduction `sum`: none (zero, never NaN) for a non-finite
+    /// alpha, which cannot be learned back.
+    pub(crate) fn alpha_gradient(self, sum: f64) -> f64 {
+        if self.raw.is_finite() {
+            sum
+        } else {
+            0.0
+        }
+    }
 }
 
 fn host_plan(alpha: &Tensor, kind: Kind, int_max: i64) -> Option<HostAlpha> {
@@ -312,7 +333,7 @@ fn pact_backward(
             let per = if n.dequantize { 1.0 } else { h.scale };
             let (gx, sum) = kernels::pact_backward(x, n.kind, gk, h.alpha, per, needs[0]);
             // A non-finite alpha cannot be learned back: it gets no gradient, never NaN.
-            let ga = if h.raw.is_finite() { sum * per } else { 0.0 };
+            let ga = h.alpha_gradient(sum * per);
             return Ok(vec![gx, needs[1].then(|| alpha.f_full_like(ga)).transpose()?]);
         }
     }

@@ -1,0 +1,362 @@
+//! A Quantized-mode layer in training as one autograd node: both quantizers, the integer op,
+//! the scales and the bias forward, and all their gradients in one backward.
+//!
+//! The general path builds the same graph from about eight nodes (two quantizers, the op, the
+//! division, the bias and its view); on a small layer their bookkeeping costs more than the
+//! arithmetic. The values are those of the general path bit for bit (the same kernels and ops
+//! in the same order); the gradients are the same formulas.
+
+use tch::{Kind, Tensor};
+
+use super::LayerQuant;
+use crate::glue;
+use crate::quantizers::{grad_enabled, FusedQuant, Quantizer};
+use crate::Result;
+
+/// A layer's integer operation, as its fused node runs it forward and backward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum OpGeom {
+    /// `x W^T` over the last dimension.
+    Linear,
+    /// A 2-D convolution: `[stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups]`.
+    Conv2d([i64; 7]),
+}
+
+impl OpGeom {
+    /// The op without bias, as the layer's own closure computes it.
+    pub(crate) fn forward(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Linear => x.f_linear::<&Tensor>(w, None)?,
+            Self::Conv2d(g) => {
+                x.f_conv2d::<&Tensor>(w, None, [g[0], g[1]], [g[2], g[3]], [g[4], g[5]], g[6])?
+            }
+        })
+    }
+
+    /// Whether the op is a convolution of one input channel and one group.
+    pub(crate) fn one_channel(self, w: &Tensor) -> bool {
+        matches!(self, Self::Conv2d(g) if g[6] == 1) && w.size().get(1) == Some(&1)
+    }
+
+    /// The gradients of `x` and `w` (where `want` asks) from the output's gradient `g`.
+    fn backward(
+        self,
+        g: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        want: [bool; 2],
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        match self {
+            Self::Linear => {
+                let gx = want[0].then(|| g.f_matmul(w)).transpose()?;
+                let (o, i) = (w.size()[0], w.size()[1]);
+                let gw = want[1]
+                    .then(|| g.f_reshape([-1, o])?.f_tr()?.f_mm(&x.f_reshape([-1, i])?))
+                    .transpose()?;
+                Ok((gx, gw))
+            }
+            // libtorch's backward takes a batch: an unbatched input is a batch of one.
+            Self::Conv2d(geometry) if x.dim() == 3 => {
+                let (gx, gw) = glue::autograd::convolution_backward(
+                    &g.f_unsqueeze(0)?,
+                    &x.f_unsqueeze(0)?,
+                    w,
+                    geometry,
+                    want,
+                )?;
+                Ok((gx.map(|t| t.f_squeeze_dim(0)).transpose()?, gw))
+            }
+            Self::Conv2d(geometry) => glue::autograd::convolution_backward(g, x, w, geometry, want),
+        }
+    }
+
+    /// The bias's gradient: `g` summed over every dimension but the channels'.
+    fn bias_grad(self, g: &Tensor, kind: Kind) -> Result<Tensor> {
+        let dims: Vec<i64> = match self {
+            Self::Linear => (0..g.dim() as i64 - 1).collect(),
+            Self::Conv2d(_) => (0..g.dim() as i64).filter(|&d| d != g.dim() as i64 - 3).collect(),
+        };
+        // An unbatched linear output is the bias's shape already (an empty list would sum all).
+        if dims.is_empty() {
+            return Ok(g.f_to_kind(kind)?);
+        }
+        Ok(g.f_sum_dim_intlist(dims, false, kind)?)
+    }
+
+    /// The bias as it broadcasts over the output (channels before height and width).
+    fn bias_view(self, b: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Linear => b.shallow_clone(),
+            Self::Conv2d(_) => b.f_reshape([-1, 1, 1])?,
+        })
+    }
+}
+
+/// What the node needs besides its tensors.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    x: FusedQuant,
+    w: FusedQuant,
+    geom: OpGeom,
+    kind: Kind,
+    /// `s_x * s_w`, rounded as the compute dtype rounds it.
+    scale: f64,
+    bias: bool,
+    /// Whether PACT's alpha is the node's last input.
+    alpha: bool,
+}
+
+/// The layer's Quantized-mode output as one node, or `None` where the general path must run it
+/// (no gradient to compute, a quantizer or input the kernels do not take).
+pub(crate) fn forward(
+    q: &LayerQuant,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    train: bool,
+    geom: OpGeom,
+) -> Result<Option<Tensor>> {
+    let alpha = match &q.x_quantizer {
+        Quantizer::Pact(p) => Some(p.alpha()),
+        _ => None,
+    };
+    let learns = |t: Option<&Tensor>| t.is_some_and(|t| t.requires_grad());
+    let grad = x.requires_grad() || weight.requires_grad() || learns(bias) || learns(alpha);
+    if !grad || !grad_enabled() || x.kind() != weight.kind() || tests::general() {
+        return Ok(None);
+    }
+    // The weight's plan first, as the general path quantizes it first; neither plan changes
+    // any state unless it is returned.
+    let Some(w) = q.w_quantizer.f_fused_plan(weight, false)?.filter(|w| !w.learns()) else { return Ok(None) };
+    let Some(xq) = q.x_quantizer.f_fused_plan(x, train)? else { return Ok(None) };
+    let kind = x.kind();
+    let scale = if kind == Kind::Float {
+        (xq.scale() as f32 * w.scale() as f32) as f64
+    } else {
+        xq.scale() * w.scale()
+    };
+    let alpha = alpha.filter(|a| a.requires_grad());
+    let node = Node { x: xq, w, geom, kind, scale, bias: bias.is_some(), alpha: alpha.is_some() };
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    inputs.extend(alpha);
+    tests::count();
+    Ok(Some(glue::apply(node, &inputs, node_forward, node_backward)?.remove(0)))
+}
+
+/// `op(q_x, q_w) / (s_x s_w) + b`, saving `x`, `q_x`, `q_w` (and alpha).
+fn node_forward(n: &Node, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let (x, w) = (&t[0], &t[1]);
+    let (qx, qw) = (n.x.values(x, n.kind), n.w.values(w, n.kind));
+    // In place, as the general path: the accumulator is the node's own.
+    let mut y = n.geom.forward(&qx, &qw)?;
+    let _ = y.f_div_scalar_(n.scale)?;
+    if n.bias {
+        let _ = y.f_add_(&n.geom.bias_view(&t[2])?)?;
+    }
+    let mut saved = vec![x.shallow_clone(), qx, qw];
+    if n.alpha {
+        saved.push(t[t.len() - 1].shallow_clone());
+    }
+    Ok((vec![y], saved))
+}
+
+fn node_backward(
+    n: &Node,
+    saved: &[Tensor],
+    grads: &[Tensor],
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let (x, qx, qw, g) = (&saved[0], &saved[1], &saved[2], &grads[0]);
+    let a = 2 + n.bias as usize;
+    let (want_x, want_w, want_b, want_a) = (needs[0], needs[1], n.bias && needs[2], n.alpha && needs[a]);
+    let g_acc = g.f_div_scalar(n.scale)?;
+    // Alpha learns through x's gradient where x needs one; otherwise through the tangent
+    // dq_x/dalpha, without a backward pass to x (see `input_alpha`).
+    let tangent = if want_a && !want_x { n.x.tangent(x, n.kind) } else { None };
+    let stacked = tangent.is_some() && n.geom.one_channel(qw);
+    let (gqx, gqw, ga_tangent) = match &tangent {
+        // The tangent as a second input channel: the weight gradient carries alpha's.
+        Some(t) if stacked => {
+            let dim = x.dim() as i64 - 3;
+            let xs = Tensor::f_cat(&[qx, t], dim)?;
+            let (_, gw2) = n.geom.backward(&g_acc, &xs, &Tensor::f_cat(&[qw, qw], 1)?, [false, true])?;
+            let gw2 = gw2.ok_or(crate::Error::Undefined("convolution weight gradient"))?;
+            let ga = gw2.f_narrow(1, 1, 1)?.f_mul(qw)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            (None, want_w.then(|| gw2.f_narrow(1, 0, 1)).transpose()?, ga)
+        }
+        Some(t) => {
+            let (_, gqw) = n.geom.backward(&g_acc, qx, qw, [false, want_w])?;
+            let ga = n.geom.forward(t, qw)?.f_mul(&g_acc)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            (None, gqw, ga)
+        }
+        None => {
+            let (gqx, gqw) = n.geom.backward(&g_acc, qx, qw, [want_x || want_a, want_w])?;
+            (gqx, gqw, 0.0)
+        }
+    };
+    let (gx, ga) = match gqx {
+        Some(gqx) => n.x.backward(x, n.kind, &gqx, want_x, want_a)?,
+        None => (None, n.x.alpha_gradient(ga_tangent)),
+    };
+    let gw = match gqw {
+        Some(gqw) => n.w.backward(qw, n.kind, &gqw, true, false)?.0,
+        None => None,
+    };
+    let mut out = vec![gx, gw];
+    if n.bias {
+        out.push(want_b.then(|| n.geom.bias_grad(g, n.kind)).transpose()?);
+    }
+    if n.alpha {
+        out.push(want_a.then(|| saved[3].f_full_like(ga)).transpose()?);
+    }
+    Ok(out)
+}
+
+#[cfg(not(test))]
+mod tests {
+    pub(super) fn general() -> bool {
+        false
+    }
+    pub(super) fn count() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use tch::nn::ModuleT;
+    use tch::{nn, Device, Kind, Tensor};
+
+    use crate::layers::{
+        approx_conv2d, approx_linear, ApproxConvConfig, ApproxLinearConfig, InferenceMode, QuantSpec,
+    };
+    use crate::quantizers::{QuantizerKind, RangeMode};
+
+    thread_local! {
+        /// Set: every layer takes the general path.
+        static GENERAL: Cell<bool> = const { Cell::new(false) };
+        /// Fused nodes built on this thread.
+        static FUSED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub(super) fn general() -> bool {
+        GENERAL.with(|g| g.get())
+    }
+
+    pub(super) fn count() {
+        FUSED.with(|c| c.set(c.get() + 1));
+    }
+
+    /// One layer's output and gradients (input, then every variable by name).
+    type Run = (Tensor, Vec<(String, Tensor)>);
+
+    /// Builds a layer with `build` (fixed seed), runs it on `x` and backpropagates
+    /// `sum(y * weights)`, on the fused path or the general one.
+    fn run(build: &dyn Fn(&nn::Path) -> Box<dyn ModuleT>, x: &Tensor, x_grad: bool, general: bool) -> Run {
+        GENERAL.with(|g| g.set(general));
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let layer = build(&vs.root());
+        if x.kind() == Kind::Double {
+            let mut vs = vs;
+            vs.double();
+            return finish(&vs, layer.as_ref(), x, x_grad);
+        }
+        finish(&vs, layer.as_ref(), x, x_grad)
+    }
+
+    fn finish(vs: &nn::VarStore, layer: &dyn ModuleT, x: &Tensor, x_grad: bool) -> Run {
+        let x = x.detach().set_requires_grad(x_grad);
+        // Two steps, so that a running range is in use on the second.
+        let _ = layer.forward_t(&x, true);
+        let y = layer.forward_t(&x, true);
+        tch::manual_seed(6);
+        let weights = y.rand_like() - 0.5;
+        (&y * &weights).sum(Kind::Double).backward();
+        let mut grads = vec![("input".to_string(), if x_grad { x.grad() } else { Tensor::new() })];
+        let mut vars: Vec<_> = vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        grads.extend(vars.into_iter().map(|(n, v)| (n, v.grad())));
+        GENERAL.with(|g| g.set(false));
+        (y.detach(), grads)
+    }
+
+    fn assert_same(fused: Run, general: Run, case: &str) {
+        assert_eq!(fused.0.size(), general.0.size(), "{case}: output shape");
+        let exact = fused.0.eq_tensor(&general.0).all().int64_value(&[]) == 1;
+        assert!(exact, "{case}: outputs differ");
+        for ((name, a), (_, b)) in fused.1.iter().zip(&general.1) {
+            assert_eq!(a.defined(), b.defined(), "{case}: {name} gradient defined");
+            if !a.defined() {
+                continue;
+            }
+            let scale = b.abs().max().double_value(&[]).max(1e-3);
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff <= 1e-4 * scale, "{case}: {name} gradient differs by {diff} (scale {scale})");
+            assert!(b.abs().max().double_value(&[]) > 0.0, "{case}: {name} gets no gradient");
+        }
+    }
+
+    fn specs() -> Vec<QuantSpec> {
+        let base = QuantSpec { mode: InferenceMode::Quantized, init_alpha: 1.1, ..Default::default() };
+        vec![
+            base,
+            QuantSpec { x_kind: QuantizerKind::MinMax, ..base },
+            QuantSpec {
+                x_kind: QuantizerKind::MinMax,
+                x_range: RangeMode::Running { momentum: 0.9 },
+                ..base
+            },
+            QuantSpec { bitwidth: 4, ..base },
+        ]
+    }
+
+    #[test]
+    fn fused_linear_equals_the_general_path() {
+        let before = FUSED.with(|c| c.get());
+        for spec in specs() {
+            for bias in [true, false] {
+                let build = move |p: &nn::Path| -> Box<dyn ModuleT> {
+                    Box::new(approx_linear(p / "fc", 7, 5, ApproxLinearConfig { bias, quant: spec }))
+                };
+                for shape in [&[6i64, 7][..], &[7], &[2, 3, 7]] {
+                    for kind in [Kind::Float, Kind::Double] {
+                        for x_grad in [true, false] {
+                            tch::manual_seed(7);
+                            let x = Tensor::randn(shape, (kind, Device::Cpu)) * 1.5;
+                            let case = format!("{spec:?} bias {bias} {shape:?} {kind:?} x_grad {x_grad}");
+                            assert_same(run(&build, &x, x_grad, false), run(&build, &x, x_grad, true), &case);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(FUSED.with(|c| c.get()) > before, "the fused path was taken");
+    }
+
+    #[test]
+    fn fused_convolution_equals_the_general_path() {
+        let before = FUSED.with(|c| c.get());
+        // One channel (the second-channel route to alpha), several, grouped, strided and dilated.
+        let geometries = [(1, 1, 1, 2, 1), (3, 1, 1, 1, 1), (4, 2, 2, 1, 2), (2, 1, 2, 0, 1)];
+        for spec in specs() {
+            for (cin, groups, stride, padding, dilation) in geometries {
+                let cfg = ApproxConvConfig { stride, padding, dilation, groups, bias: true, quant: spec };
+                let build = move |p: &nn::Path| -> Box<dyn ModuleT> {
+                    Box::new(approx_conv2d(p / "conv", cin, 4, 3, cfg))
+                };
+                for batched in [true, false] {
+                    for x_grad in [true, false] {
+                        tch::manual_seed(8);
+                        let x = Tensor::randn([3, cin, 9, 9], (Kind::Float, Device::Cpu)) * 1.5;
+                        let x = if batched { x } else { x.get(0) };
+                        let case = format!("{spec:?} conv {cin} {groups} {stride} {padding} {dilation} batched {batched} x_grad {x_grad}");
+                        assert_same(run(&build, &x, x_grad, false), run(&build, &x, x_grad, true), &case);
+                    }
+                }
+            }
+        }
+        assert!(FUSED.with(|c| c.get()) > before, "the fused path was taken");
+    }
+}
