@@ -108,18 +108,20 @@ char* ta_function_apply(void* fwd, void* bwd, const void* params, size_t params_
 }
 
 // libtorch's convolution backward (which tch does not bind), for a Rust node that runs a
-// convolution inside: the gradients of `x` and `w` where `mask` asks, into `*gx` and `*gw`
-// (`new at::Tensor`s, left null where not asked); `geometry` is [stride_h, stride_w, pad_h,
-// pad_w, dilation_h, dilation_w, groups].
+// convolution inside: the gradients of `x`, `w` and a bias of `w`'s output channels where
+// `mask` asks, into `*gx`, `*gw` and `*gb` (`new at::Tensor`s, left null where not asked);
+// `geometry` is [stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups].
 char* ta_convolution_backward(const at::Tensor* g, const at::Tensor* x, const at::Tensor* w,
                               const int64_t* geometry, const uint8_t* mask, at::Tensor** gx,
-                              at::Tensor** gw) {
+                              at::Tensor** gw, at::Tensor** gb) {
   return guard([&] {
+    const std::vector<int64_t> bias_sizes{w->size(0)};
     auto grads = at::convolution_backward(
-        *g, *x, *w, c10::nullopt, {geometry[0], geometry[1]}, {geometry[2], geometry[3]},
-        {geometry[4], geometry[5]}, false, {0, 0}, geometry[6], {mask[0] != 0, mask[1] != 0, false});
+        *g, *x, *w, at::IntArrayRef(bias_sizes), {geometry[0], geometry[1]}, {geometry[2], geometry[3]},
+        {geometry[4], geometry[5]}, false, {0, 0}, geometry[6], {mask[0] != 0, mask[1] != 0, mask[2] != 0});
     if (mask[0] != 0) *gx = new at::Tensor(std::move(std::get<0>(grads)));
     if (mask[1] != 0) *gw = new at::Tensor(std::move(std::get<1>(grads)));
+    if (mask[2] != 0) *gb = new at::Tensor(std::move(std::get<2>(grads)));
   });
 }
 

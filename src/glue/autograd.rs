@@ -28,6 +28,7 @@ extern "C" {
         mask: *const u8,
         gx: *mut *mut CTensor,
         gw: *mut *mut CTensor,
+        gb: *mut *mut CTensor,
     ) -> *mut c_char;
 }
 
@@ -168,18 +169,23 @@ pub(crate) fn apply<P: Copy + 'static>(
     Ok((0..n_out as usize).map(|i| unsafe { Tensor::from_ptr(outs[i]) }).collect())
 }
 
-/// libtorch's convolution backward: the gradients of `x` and `w` (where `want` asks) of a 2-D
-/// convolution with `geometry` `[stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-/// groups]` whose output's gradient is `g`.
+/// The gradients of a 2-D convolution where `want` asks: of `x`, of `w` and of a bias of
+/// `w`'s output channels.
+pub(crate) type ConvGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// libtorch's convolution backward: the gradients (where `want` asks) of a 2-D convolution
+/// with `geometry` `[stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups]` whose
+/// output's gradient is `g`.
 pub(crate) fn convolution_backward(
     g: &Tensor,
     x: &Tensor,
     w: &Tensor,
     geometry: [i64; 7],
-    want: [bool; 2],
-) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let mask = [want[0] as u8, want[1] as u8];
-    let (mut gx, mut gw): (*mut CTensor, *mut CTensor) = (std::ptr::null_mut(), std::ptr::null_mut());
+    want: [bool; 3],
+) -> Result<ConvGrads> {
+    let mask = want.map(u8::from);
+    let mut out: [*mut CTensor; 3] = [std::ptr::null_mut(); 3];
+    let [gx, gw, gb] = &mut out;
     let err = unsafe {
         ta_convolution_backward(
             g.as_ptr(),
@@ -187,13 +193,13 @@ pub(crate) fn convolution_backward(
             w.as_ptr(),
             geometry.as_ptr(),
             mask.as_ptr(),
-            &mut gx,
-            &mut gw,
+            gx,
+            gw,
+            gb,
         )
     };
     // SAFETY: non-null pointers are fresh `new at::Tensor`s that the glue hands over.
-    let take = |p: *mut CTensor| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) });
-    let (gx, gw) = (take(gx), take(gw));
+    let [gx, gw, gb] = out.map(|p| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) }));
     check(err).map_err(|msg| Error::Torch(tch::TchError::Torch(msg)))?;
-    Ok((gx, gw))
+    Ok((gx, gw, gb))
 }

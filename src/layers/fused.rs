@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::LayerQuant;
 use crate::glue;
+use crate::glue::autograd::ConvGrads;
 use crate::quantizers::{grad_enabled, FusedQuant, Quantizer};
 use crate::Result;
 
@@ -38,14 +39,8 @@ impl OpGeom {
         matches!(self, Self::Conv2d(g) if g[6] == 1) && w.size().get(1) == Some(&1)
     }
 
-    /// The gradients of `x` and `w` (where `want` asks) from the output's gradient `g`.
-    fn backward(
-        self,
-        g: &Tensor,
-        x: &Tensor,
-        w: &Tensor,
-        want: [bool; 2],
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// The gradients of `x`, `w` and the bias (where `want` asks) from the output's gradient `g`.
+    fn backward(self, g: &Tensor, x: &Tensor, w: &Tensor, want: [bool; 3]) -> Result<ConvGrads> {
         match self {
             Self::Linear => {
                 let gx = want[0].then(|| g.f_matmul(w)).transpose()?;
@@ -53,34 +48,29 @@ impl OpGeom {
                 let gw = want[1]
                     .then(|| g.f_reshape([-1, o])?.f_tr()?.f_mm(&x.f_reshape([-1, i])?))
                     .transpose()?;
-                Ok((gx, gw))
+                // Summed over every dimension but the last; an unbatched output is the bias's
+                // shape already (an empty list would sum all).
+                let dims: Vec<i64> = (0..g.dim() as i64 - 1).collect();
+                let gb = match (want[2], dims.is_empty()) {
+                    (false, _) => None,
+                    (true, true) => Some(g.copy()),
+                    (true, false) => Some(g.f_sum_dim_intlist(dims, false, g.kind())?),
+                };
+                Ok((gx, gw, gb))
             }
             // libtorch's backward takes a batch: an unbatched input is a batch of one.
             Self::Conv2d(geometry) if x.dim() == 3 => {
-                let (gx, gw) = glue::autograd::convolution_backward(
+                let (gx, gw, gb) = glue::autograd::convolution_backward(
                     &g.f_unsqueeze(0)?,
                     &x.f_unsqueeze(0)?,
                     w,
                     geometry,
                     want,
                 )?;
-                Ok((gx.map(|t| t.f_squeeze_dim(0)).transpose()?, gw))
+                Ok((gx.map(|t| t.f_squeeze_dim(0)).transpose()?, gw, gb))
             }
             Self::Conv2d(geometry) => glue::autograd::convolution_backward(g, x, w, geometry, want),
         }
-    }
-
-    /// The bias's gradient: `g` summed over every dimension but the channels'.
-    fn bias_grad(self, g: &Tensor, kind: Kind) -> Result<Tensor> {
-        let dims: Vec<i64> = match self {
-            Self::Linear => (0..g.dim() as i64 - 1).collect(),
-            Self::Conv2d(_) => (0..g.dim() as i64).filter(|&d| d != g.dim() as i64 - 3).collect(),
-        };
-        // An unbatched linear output is the bias's shape already (an empty list would sum all).
-        if dims.is_empty() {
-            return Ok(g.f_to_kind(kind)?);
-        }
-        Ok(g.f_sum_dim_intlist(dims, false, kind)?)
     }
 
     /// The bias as it broadcasts over the output (channels before height and width).
@@ -170,42 +160,44 @@ fn node_backward(
     let (x, qx, qw, g) = (&saved[0], &saved[1], &saved[2], &grads[0]);
     let a = 2 + n.bias as usize;
     let (want_x, want_w, want_b, want_a) = (needs[0], needs[1], n.bias && needs[2], n.alpha && needs[a]);
-    let g_acc = g.f_div_scalar(n.scale)?;
+    // The op's backward is linear in the gradient: it runs on `g` itself (whose sum is the
+    // bias's gradient), and `1 / (s_x s_w)` joins the quantizers' scales in their passes,
+    // which saves a pass over `g` and a tensor of its size.
+    let per = 1.0 / n.scale;
     // Alpha learns through x's gradient where x needs one; otherwise through the tangent
     // dq_x/dalpha, without a backward pass to x (see `input_alpha`).
     let tangent = if want_a && !want_x { n.x.tangent(x, n.kind) } else { None };
-    let stacked = tangent.is_some() && n.geom.one_channel(qw);
-    let (gqx, gqw, ga_tangent) = match &tangent {
+    let (gqx, gqw, gb, ga_tangent) = match &tangent {
         // The tangent as a second input channel: the weight gradient carries alpha's.
-        Some(t) if stacked => {
-            let dim = x.dim() as i64 - 3;
-            let xs = Tensor::f_cat(&[qx, t], dim)?;
-            let (_, gw2) = n.geom.backward(&g_acc, &xs, &Tensor::f_cat(&[qw, qw], 1)?, [false, true])?;
+        Some(t) if n.geom.one_channel(qw) => {
+            let xs = Tensor::f_cat(&[qx, t], x.dim() as i64 - 3)?;
+            let w2 = Tensor::f_cat(&[qw, qw], 1)?;
+            let (_, gw2, gb) = n.geom.backward(g, &xs, &w2, [false, true, want_b])?;
             let gw2 = gw2.ok_or(crate::Error::Undefined("convolution weight gradient"))?;
             let ga = gw2.f_narrow(1, 1, 1)?.f_mul(qw)?.f_sum(Kind::Double)?.f_double_value(&[])?;
-            (None, want_w.then(|| gw2.f_narrow(1, 0, 1)).transpose()?, ga)
+            (None, want_w.then(|| gw2.f_narrow(1, 0, 1)).transpose()?, gb, ga)
         }
         Some(t) => {
-            let (_, gqw) = n.geom.backward(&g_acc, qx, qw, [false, want_w])?;
-            let ga = n.geom.forward(t, qw)?.f_mul(&g_acc)?.f_sum(Kind::Double)?.f_double_value(&[])?;
-            (None, gqw, ga)
+            let (_, gqw, gb) = n.geom.backward(g, qx, qw, [false, want_w, want_b])?;
+            let ga = n.geom.forward(t, qw)?.f_mul(g)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            (None, gqw, gb, ga)
         }
         None => {
-            let (gqx, gqw) = n.geom.backward(&g_acc, qx, qw, [want_x || want_a, want_w])?;
-            (gqx, gqw, 0.0)
+            let (gqx, gqw, gb) = n.geom.backward(g, qx, qw, [want_x || want_a, want_w, want_b])?;
+            (gqx, gqw, gb, 0.0)
         }
     };
     let (gx, ga) = match gqx {
-        Some(gqx) => n.x.backward(x, n.kind, &gqx, want_x, want_a)?,
-        None => (None, n.x.alpha_gradient(ga_tangent)),
+        Some(gqx) => n.x.backward(x, n.kind, &gqx, per, want_x, want_a)?,
+        None => (None, n.x.alpha_gradient(ga_tangent * per)),
     };
     let gw = match gqw {
-        Some(gqw) => n.w.backward(qw, n.kind, &gqw, true, false)?.0,
+        Some(gqw) => n.w.backward(qw, n.kind, &gqw, per, true, false)?.0,
         None => None,
     };
     let mut out = vec![gx, gw];
     if n.bias {
-        out.push(want_b.then(|| n.geom.bias_grad(g, n.kind)).transpose()?);
+        out.push(gb);
     }
     if n.alpha {
         out.push(want_a.then(|| saved[3].f_full_like(ga)).transpose()?);

@@ -73,13 +73,14 @@ impl FusedQuant {
     }
 
     /// The gradients of `x` (where `want_x`) and of alpha (where `want_alpha`, 0 for a
-    /// non-finite alpha) from `g`, the gradient of the integers; the same passes as the
-    /// quantizers' own nodes.
+    /// non-finite alpha) from `g`, the gradient of the integers times `1 / per`; the same
+    /// passes as the quantizers' own nodes, with `per` folded into their scale.
     pub(crate) fn backward(
         self,
         x: &Tensor,
         kind: Kind,
         g: &Tensor,
+        per: f64,
         want_x: bool,
         want_alpha: bool,
     ) -> Result<(Option<Tensor>, f64)> {
@@ -92,10 +93,11 @@ impl FusedQuant {
                     expected: format!("{:?}", x.size()),
                     actual: g.size(),
                 })?;
-                let (gx, sum) = kernels::pact_backward(x, kind, gk, host.alpha, host.scale, want_x);
-                Ok((gx, if want_alpha { host.alpha_gradient(sum * host.scale) } else { 0.0 }))
+                let f = host.scale * per;
+                let (gx, sum) = kernels::pact_backward(x, kind, gk, host.alpha, f, want_x);
+                Ok((gx, if want_alpha { host.alpha_gradient(sum * f) } else { 0.0 }))
             }
-            Self::MinMax { scale, .. } => Ok((want_x.then(|| g.f_mul_scalar(scale)).transpose()?, 0.0)),
+            Self::MinMax { scale, .. } => Ok((want_x.then(|| g.f_mul_scalar(scale * per)).transpose()?, 0.0)),
         }
     }
 }
