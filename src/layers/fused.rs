@@ -115,9 +115,15 @@ pub(crate) fn forward(
     if !grad || !grad_enabled() || x.kind() != weight.kind() || tests::general() {
         return Ok(None);
     }
-    // The weight's plan first, as the general path quantizes it first; neither plan changes
-    // any state unless it is returned.
-    let Some(w) = q.w_quantizer.f_fused_plan(weight, false)?.filter(|w| !w.learns()) else { return Ok(None) };
+    // Neither plan changes any state unless it is returned; the weight's comes first, as the
+    // general path quantizes the weight first. Checked beforehand so that only a non-finite
+    // input can turn the second down after the first ran (its one effect, the weight's
+    // scale stored, is then stored once more with the same value).
+    let weight_only = matches!(q.w_quantizer, Quantizer::MinMax(_));
+    if !weight_only || !q.w_quantizer.fusable(weight) || !q.x_quantizer.fusable(x) {
+        return Ok(None);
+    }
+    let Some(w) = q.w_quantizer.f_fused_plan(weight, false)? else { return Ok(None) };
     let Some(xq) = q.x_quantizer.f_fused_plan(x, train)? else { return Ok(None) };
     let kind = x.kind();
     let scale = if kind == Kind::Float {
@@ -144,7 +150,10 @@ fn node_forward(n: &Node, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     if n.bias {
         let _ = y.f_add_(&n.geom.bias_view(&t[2])?)?;
     }
-    let mut saved = vec![x.shallow_clone(), qx, qw];
+    // x only where PACT's passes read it: a MinMax input keeps nothing of x, as its own
+    // node does (x may then change in place after the layer).
+    let x_saved = if n.x.learns() { x.shallow_clone() } else { Tensor::new() };
+    let mut saved = vec![x_saved, qx, qw];
     if n.alpha {
         saved.push(t[t.len() - 1].shallow_clone());
     }
@@ -170,7 +179,7 @@ fn node_backward(
     let (gqx, gqw, gb, ga_tangent) = match &tangent {
         // The tangent as a second input channel: the weight gradient carries alpha's.
         Some(t) if n.geom.one_channel(qw) => {
-            let xs = Tensor::f_cat(&[qx, t], x.dim() as i64 - 3)?;
+            let xs = Tensor::f_cat(&[qx, t], qx.dim() as i64 - 3)?;
             let w2 = Tensor::f_cat(&[qw, qw], 1)?;
             let (_, gw2, gb) = n.geom.backward(g, &xs, &w2, [false, true, want_b])?;
             let gw2 = gw2.ok_or(crate::Error::Undefined("convolution weight gradient"))?;
@@ -191,6 +200,7 @@ fn node_backward(
         Some(gqx) => n.x.backward(x, n.kind, &gqx, per, want_x, want_a)?,
         None => (None, n.x.alpha_gradient(ga_tangent * per)),
     };
+    // The weight's quantizer is MinMax (see `forward`), whose pass reads no input.
     let gw = match gqw {
         Some(gqw) => n.w.backward(qw, n.kind, &gqw, per, true, false)?.0,
         None => None,
@@ -240,44 +250,72 @@ mod tests {
         FUSED.with(|c| c.set(c.get() + 1));
     }
 
-    /// One layer's output and gradients (input, then every variable by name).
+    /// One layer's output and gradients (input, then every variable that learns, by name).
     type Run = (Tensor, Vec<(String, Tensor)>);
 
-    /// Builds a layer with `build` (fixed seed), runs it on `x` and backpropagates
-    /// `sum(y * weights)`, on the fused path or the general one.
-    fn run(build: &dyn Fn(&nn::Path) -> Box<dyn ModuleT>, x: &Tensor, x_grad: bool, general: bool) -> Run {
-        GENERAL.with(|g| g.set(general));
-        tch::manual_seed(5);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let layer = build(&vs.root());
-        if x.kind() == Kind::Double {
-            let mut vs = vs;
-            vs.double();
-            return finish(&vs, layer.as_ref(), x, x_grad);
-        }
-        finish(&vs, layer.as_ref(), x, x_grad)
+    /// What a case changes from a plain training step.
+    #[derive(Clone, Copy, Debug)]
+    struct Case {
+        /// The input needs a gradient.
+        x_grad: bool,
+        /// Variables whose name ends so are frozen (`""`: none).
+        frozen: &'static str,
+        /// PACT's alpha is set to this before the steps.
+        alpha: Option<f64>,
     }
 
-    fn finish(vs: &nn::VarStore, layer: &dyn ModuleT, x: &Tensor, x_grad: bool) -> Run {
-        let x = x.detach().set_requires_grad(x_grad);
+    /// Builds a layer with `build` (fixed seed), runs two training steps on `x` and
+    /// backpropagates `sum(y * weights)` from the second, on the fused path or the general one;
+    /// the fused run must build a fused node on each step.
+    fn run(build: &dyn Fn(&nn::Path) -> Box<dyn ModuleT>, x: &Tensor, case: Case, general: bool) -> Run {
+        GENERAL.with(|g| g.set(general));
+        tch::manual_seed(5);
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let layer = build(&vs.root());
+        if x.kind() == Kind::Double {
+            vs.double();
+        }
+        for (name, v) in vs.variables() {
+            if name.ends_with("alpha") {
+                if let Some(a) = case.alpha {
+                    let _ = tch::no_grad(|| v.shallow_clone().fill_(a));
+                }
+            }
+            if !case.frozen.is_empty() && name.ends_with(case.frozen) {
+                let _ = v.set_requires_grad(false);
+            }
+        }
+        let x = x.detach().set_requires_grad(case.x_grad);
+        let before = FUSED.with(|c| c.get());
         // Two steps, so that a running range is in use on the second.
         let _ = layer.forward_t(&x, true);
         let y = layer.forward_t(&x, true);
+        let built = FUSED.with(|c| c.get()) - before;
+        GENERAL.with(|g| g.set(false));
+        // Nothing that learns (a frozen weight, no bias, no alpha): no node at all.
+        let learns = case.x_grad || vs.variables().values().any(|v| v.requires_grad());
+        assert_eq!(built, if general || !learns { 0 } else { 2 }, "{case:?}: fused nodes built");
+        if !learns {
+            return (y, Vec::new());
+        }
         tch::manual_seed(6);
         let weights = y.rand_like() - 0.5;
         (&y * &weights).sum(Kind::Double).backward();
-        let mut grads = vec![("input".to_string(), if x_grad { x.grad() } else { Tensor::new() })];
+        let mut grads = vec![("input".to_string(), if case.x_grad { x.grad() } else { Tensor::new() })];
         let mut vars: Vec<_> = vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         grads.extend(vars.into_iter().map(|(n, v)| (n, v.grad())));
-        GENERAL.with(|g| g.set(false));
         (y.detach(), grads)
     }
 
+    /// Outputs bit for bit, gradients within float rounding and non-zero, except under a
+    /// non-finite alpha, whose own gradient is zero.
     fn assert_same(fused: Run, general: Run, case: &str) {
         assert_eq!(fused.0.size(), general.0.size(), "{case}: output shape");
-        let exact = fused.0.eq_tensor(&general.0).all().int64_value(&[]) == 1;
+        let both_nan = fused.0.isnan().logical_and(&general.0.isnan());
+        let exact = fused.0.eq_tensor(&general.0).logical_or(&both_nan).all().int64_value(&[]) == 1;
         assert!(exact, "{case}: outputs differ");
+        assert_eq!(fused.1.len(), general.1.len(), "{case}: gradients");
         for ((name, a), (_, b)) in fused.1.iter().zip(&general.1) {
             assert_eq!(a.defined(), b.defined(), "{case}: {name} gradient defined");
             if !a.defined() {
@@ -286,7 +324,14 @@ mod tests {
             let scale = b.abs().max().double_value(&[]).max(1e-3);
             let diff = (a - b).abs().max().double_value(&[]);
             assert!(diff <= 1e-4 * scale, "{case}: {name} gradient differs by {diff} (scale {scale})");
-            assert!(b.abs().max().double_value(&[]) > 0.0, "{case}: {name} gets no gradient");
+            // A non-finite alpha clips everything (or nothing survives its tiny scale), so
+            // only its own gradient is pinned: zero.
+            let largest = b.abs().max().double_value(&[]);
+            if !case.contains("alpha: Some(") {
+                assert!(largest > 0.0, "{case}: {name} gets no gradient");
+            } else if name.ends_with("alpha") {
+                assert_eq!(largest, 0.0, "{case}: {name} gradient");
+            }
         }
     }
 
@@ -304,9 +349,23 @@ mod tests {
         ]
     }
 
+    /// Every input-gradient and frozen-variable combination, and PACT with a non-finite alpha.
+    fn cases(spec: &QuantSpec) -> Vec<Case> {
+        let mut cases = Vec::new();
+        for x_grad in [true, false] {
+            for frozen in ["", "weight", "bias", "alpha"] {
+                cases.push(Case { x_grad, frozen, alpha: None });
+            }
+            if spec.x_kind == QuantizerKind::Pact {
+                cases.push(Case { x_grad, frozen: "", alpha: Some(f64::NAN) });
+                cases.push(Case { x_grad, frozen: "", alpha: Some(f64::INFINITY) });
+            }
+        }
+        cases
+    }
+
     #[test]
     fn fused_linear_equals_the_general_path() {
-        let before = FUSED.with(|c| c.get());
         for spec in specs() {
             for bias in [true, false] {
                 let build = move |p: &nn::Path| -> Box<dyn ModuleT> {
@@ -314,41 +373,58 @@ mod tests {
                 };
                 for shape in [&[6i64, 7][..], &[7], &[2, 3, 7]] {
                     for kind in [Kind::Float, Kind::Double] {
-                        for x_grad in [true, false] {
+                        for case in cases(&spec) {
                             tch::manual_seed(7);
                             let x = Tensor::randn(shape, (kind, Device::Cpu)) * 1.5;
-                            let case = format!("{spec:?} bias {bias} {shape:?} {kind:?} x_grad {x_grad}");
-                            assert_same(run(&build, &x, x_grad, false), run(&build, &x, x_grad, true), &case);
+                            let name = format!("{spec:?} bias {bias} {shape:?} {kind:?} {case:?}");
+                            assert_same(run(&build, &x, case, false), run(&build, &x, case, true), &name);
                         }
                     }
                 }
             }
         }
-        assert!(FUSED.with(|c| c.get()) > before, "the fused path was taken");
     }
 
     #[test]
     fn fused_convolution_equals_the_general_path() {
-        let before = FUSED.with(|c| c.get());
         // One channel (the second-channel route to alpha), several, grouped, strided and dilated.
         let geometries = [(1, 1, 1, 2, 1), (3, 1, 1, 1, 1), (4, 2, 2, 1, 2), (2, 1, 2, 0, 1)];
         for spec in specs() {
             for (cin, groups, stride, padding, dilation) in geometries {
-                let cfg = ApproxConvConfig { stride, padding, dilation, groups, bias: true, quant: spec };
-                let build = move |p: &nn::Path| -> Box<dyn ModuleT> {
-                    Box::new(approx_conv2d(p / "conv", cin, 4, 3, cfg))
-                };
-                for batched in [true, false] {
-                    for x_grad in [true, false] {
-                        tch::manual_seed(8);
-                        let x = Tensor::randn([3, cin, 9, 9], (Kind::Float, Device::Cpu)) * 1.5;
-                        let x = if batched { x } else { x.get(0) };
-                        let case = format!("{spec:?} conv {cin} {groups} {stride} {padding} {dilation} batched {batched} x_grad {x_grad}");
-                        assert_same(run(&build, &x, x_grad, false), run(&build, &x, x_grad, true), &case);
+                for bias in [true, false] {
+                    let cfg = ApproxConvConfig { stride, padding, dilation, groups, bias, quant: spec };
+                    let build = move |p: &nn::Path| -> Box<dyn ModuleT> {
+                        Box::new(approx_conv2d(p / "conv", cin, 4, 3, cfg))
+                    };
+                    for (batched, kind) in [(true, Kind::Float), (false, Kind::Float), (true, Kind::Double)] {
+                        for case in cases(&spec) {
+                            tch::manual_seed(8);
+                            let x = Tensor::randn([3, cin, 9, 9], (kind, Device::Cpu)) * 1.5;
+                            let x = if batched { x } else { x.get(0) };
+                            let name = format!(
+                                "{spec:?} conv {cin} {groups} {stride} {padding} {dilation} bias {bias} batched {batched} {kind:?} {case:?}"
+                            );
+                            assert_same(run(&build, &x, case, false), run(&build, &x, case, true), &name);
+                        }
                     }
                 }
             }
         }
-        assert!(FUSED.with(|c| c.get()) > before, "the fused path was taken");
+    }
+
+    #[test]
+    fn a_minmax_input_may_change_in_place_after_the_layer() {
+        // The general path keeps nothing of a MinMax layer's input; neither does the node.
+        let spec = QuantSpec { x_kind: QuantizerKind::MinMax, ..specs()[0] };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let fc = approx_linear(vs.root() / "fc", 4, 3, ApproxLinearConfig { bias: true, quant: spec });
+        let x = Tensor::randn([2, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let h = &x * 2.0;
+        let before = FUSED.with(|c| c.get());
+        let y = fc.forward_t(&h, true);
+        assert_eq!(FUSED.with(|c| c.get()), before + 1, "the fused path was taken");
+        let _ = tch::no_grad(|| h.shallow_clone().fill_(0.0));
+        y.sum(Kind::Float).backward();
+        assert!(fc.weight.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 }

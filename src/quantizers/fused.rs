@@ -32,6 +32,18 @@ impl Quantizer {
     }
 }
 
+impl Quantizer {
+    /// Whether [`f_fused_plan`](Self::f_fused_plan) may return a plan for `x`, without
+    /// reading `x` (only a non-finite `x` can still turn it down).
+    pub(crate) fn fusable(&self, x: &Tensor) -> bool {
+        match self {
+            Self::Pact(p) => p.fusable(x),
+            Self::MinMax(m) => m.fusable(x),
+            Self::Lsq(_) => false,
+        }
+    }
+}
+
 impl FusedQuant {
     /// The scale from values to integers, as the compute dtype rounds it.
     pub(crate) fn scale(self) -> f64 {

@@ -173,10 +173,19 @@ impl MinMaxQuant {
     /// updates it, where the kernels take `x`.
     pub(crate) fn f_fused_plan(&self, x: &Tensor, train: bool) -> Result<Option<super::FusedQuant>> {
         check_defined(x, "input")?;
+        if !self.fusable(x) {
+            return Ok(None);
+        }
         let Some((kind, batch_range)) = self.kernel_plan(x) else { return Ok(None) };
         let (range, scale) = self.range_and_scale(batch_range, kind, train)?;
         self.store_scales(vec![scale]);
         Ok(Some(super::FusedQuant::MinMax { range, scale }))
+    }
+
+    /// Whether a fused plan may apply to `x`, without reading it: per tensor, rounded, `x`
+    /// eligible for the kernels (a non-finite `x` is found only by the plan).
+    pub(crate) fn fusable(&self, x: &Tensor) -> bool {
+        !self.per_channel && self.rounded && kernels::eligible(x).is_some()
     }
 
     /// The range to quantize with ([`range_for`](Self::range_for)) and its scale in `kind`.

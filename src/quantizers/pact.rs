@@ -162,11 +162,16 @@ impl PACTQuant {
 
     /// This call's plan for a fused layer node, where the rounded kernels take `x`.
     pub(crate) fn f_fused_plan(&self, x: &Tensor) -> Result<Option<super::FusedQuant>> {
-        if !self.rounded || kernels::eligible(x).is_none() {
+        if !self.fusable(x) {
             return Ok(None);
         }
         self.checked(x)?;
         Ok(self.kernel_plan(x).map(|(_, host)| super::FusedQuant::Pact { int_max: self.int_max(), host }))
+    }
+
+    /// Whether a fused plan may apply to `x`, without reading it: rounded, `x` and alpha on the CPU.
+    pub(crate) fn fusable(&self, x: &Tensor) -> bool {
+        self.rounded && kernels::eligible(x).is_some() && self.alpha.device() == Device::Cpu
     }
 
     /// The checks every quantizing entry point makes: defined, on alpha's device, and finite

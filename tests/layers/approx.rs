@@ -6,7 +6,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{assert_exact, example_bin, randn, values, TempDir};
+use common::{assert_close, assert_exact, example_bin, randn, values, TempDir};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 use torchapprox::approx::{
@@ -242,14 +242,20 @@ fn approximate_mode_with_the_exact_table_is_quantized_mode_and_keeps_its_gradien
     }
 }
 
-/// Gradients always equal Quantized mode's (straight-through); outputs too for the exact table.
+/// Gradients always equal Quantized mode's (straight-through), within float rounding (a
+/// Quantized layer in training is one fused node, which orders the same products
+/// differently); outputs are bit for bit Quantized mode's for the exact table.
 fn compare(quant: &[(String, Tensor)], approx: &[(String, Tensor)], exact: bool, what: &str) {
     for ((name, q), (_, a)) in quant.iter().zip(approx) {
-        if name == "y" && !exact {
-            assert!(values(q) != values(a), "{what}: an approximate table changed nothing");
-            continue;
+        match (name.as_str(), exact) {
+            ("y", false) => assert!(values(q) != values(a), "{what}: an approximate table changed nothing"),
+            ("y", true) => assert_exact(a, q, &format!("{what}: {name}")),
+            _ => {
+                // Relative to the largest element: a sum that cancels rounds relatively worse.
+                let largest = values(q).iter().fold(0f64, |m, v| m.max(v.abs()));
+                assert_close(a, q, 1e-5, 1e-5 * largest, &format!("{what}: {name}"));
+            }
         }
-        assert_exact(a, q, &format!("{what}: {name}"));
     }
 }
 
