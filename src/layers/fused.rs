@@ -24,14 +24,21 @@ pub(crate) enum OpGeom {
 }
 
 impl OpGeom {
-    /// The op without bias, as the layer's own closure computes it.
-    pub(crate) fn forward(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    /// The layer's float op, with an optional bias.
+    pub(crate) fn forward(self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Ok(match self {
-            Self::Linear => x.f_linear::<&Tensor>(w, None)?,
-            Self::Conv2d(g) => {
-                x.f_conv2d::<&Tensor>(w, None, [g[0], g[1]], [g[2], g[3]], [g[4], g[5]], g[6])?
-            }
+            Self::Linear => x.f_linear(w, b)?,
+            Self::Conv2d(g) => x.f_conv2d(w, b, [g[0], g[1]], [g[2], g[3]], [g[4], g[5]], g[6])?,
         })
+    }
+
+    /// How a per-channel tensor (a bias, per-channel scales) broadcasts over the output:
+    /// along the last dimension, or along the channels before height and width.
+    pub(crate) fn channel_shape(self) -> &'static [i64] {
+        match self {
+            Self::Linear => &[-1],
+            Self::Conv2d(_) => &[-1, 1, 1],
+        }
     }
 
     /// Whether the op is a convolution of one input channel and one group.
@@ -71,14 +78,6 @@ impl OpGeom {
             }
             Self::Conv2d(geometry) => glue::autograd::convolution_backward(g, x, w, geometry, want),
         }
-    }
-
-    /// The bias as it broadcasts over the output (channels before height and width).
-    fn bias_view(self, b: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Linear => b.shallow_clone(),
-            Self::Conv2d(_) => b.f_reshape([-1, 1, 1])?,
-        })
     }
 }
 
@@ -145,10 +144,10 @@ fn node_forward(n: &Node, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let (x, w) = (&t[0], &t[1]);
     let (qx, qw) = (n.x.values(x, n.kind), n.w.values(w, n.kind));
     // In place, as the general path: the accumulator is the node's own.
-    let mut y = n.geom.forward(&qx, &qw)?;
+    let mut y = n.geom.forward(&qx, &qw, None)?;
     let _ = y.f_div_scalar_(n.scale)?;
     if n.bias {
-        let _ = y.f_add_(&n.geom.bias_view(&t[2])?)?;
+        let _ = y.f_add_(&t[2].f_reshape(n.geom.channel_shape())?)?;
     }
     // x only where PACT's passes read it: a MinMax input keeps nothing of x, as its own
     // node does (x may then change in place after the layer).
@@ -188,7 +187,7 @@ fn node_backward(
         }
         Some(t) => {
             let (_, gqw, gb) = n.geom.backward(g, qx, qw, [false, want_w, want_b])?;
-            let ga = n.geom.forward(t, qw)?.f_mul(g)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            let ga = n.geom.forward(t, qw, None)?.f_mul(g)?.f_sum(Kind::Double)?.f_double_value(&[])?;
             (None, gqw, gb, ga)
         }
         None => {

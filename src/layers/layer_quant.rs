@@ -216,28 +216,24 @@ impl LayerQuant {
         *self.error_model.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `op` (the layer's float operation on input, weight and optional bias) in the current mode;
-    /// `lut_op` is the same operation with a multiplier's table products (Approximate mode).
-    ///
-    /// `channel_shape` is how a per-channel weight scale broadcasts over `op`'s output.
-    /// `geom` is `op` as the fused training node runs it (see `fused`); a convolution of one
-    /// input channel and one group takes a cheaper route to a first layer's PACT alpha
-    /// gradient (see `input_alpha`).
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the layer's float operation `geom` (on input, weight and optional bias) in the
+    /// current mode; `lut_op` is the same operation with a multiplier's table products
+    /// (Approximate mode). A convolution of one input channel and one group takes a cheaper
+    /// route to a first layer's PACT alpha gradient (see `input_alpha`).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
-        channel_shape: &[i64],
         geom: OpGeom,
-        op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
         lut_op: impl Fn(&Tensor, &Tensor, &Multiplier) -> Result<Tensor>,
     ) -> Result<Tensor> {
         check_defined(x, "layer input")?;
         self.observe(x)?;
         let mode = self.mode();
+        let op = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| geom.forward(x, w, b);
+        let channel_shape = geom.channel_shape();
         if mode == InferenceMode::Baseline {
             return op(x, weight, bias);
         }

@@ -126,9 +126,7 @@ impl ApproxLinear {
             &self.weight,
             self.bias.as_ref(),
             train,
-            &[-1],
             OpGeom::Linear,
-            |x, w, b| Ok(x.f_linear(w, b)?),
             crate::approx::lut_linear,
         )
     }
