@@ -203,3 +203,38 @@ pub(crate) fn convolution_backward(
     check(err).map_err(|msg| Error::Torch(tch::TchError::Torch(msg)))?;
     Ok((gx, gw, gb))
 }
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::convolution_backward;
+
+    #[test]
+    fn convolution_backward_equals_autograd_and_refuses_mismatched_shapes_in_one_line() {
+        tch::manual_seed(3);
+        let o = (Kind::Double, Device::Cpu);
+        let x = Tensor::randn([2, 4, 7, 6], o).set_requires_grad(true);
+        let w = Tensor::randn([6, 2, 3, 3], o).set_requires_grad(true);
+        let b = Tensor::randn([6], o).set_requires_grad(true);
+        let y = x.conv2d(&w, Some(&b), [2, 1], [1, 0], [1, 2], 2);
+        let g = y.rand_like();
+        (&y * &g).sum(Kind::Double).backward();
+        let geometry = [2, 1, 1, 0, 1, 2, 2];
+        let (gx, gw, gb) =
+            convolution_backward(&g, &x.detach(), &w.detach(), geometry, [true, true, true]).unwrap();
+        for (ours, theirs) in [(gx, x.grad()), (gw, w.grad()), (gb, b.grad())] {
+            let diff = (ours.unwrap() - theirs).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "differs by {diff}");
+        }
+        let (gx, gw, gb) =
+            convolution_backward(&g, &x.detach(), &w.detach(), geometry, [false, true, false]).unwrap();
+        assert!(gx.is_none() && gw.is_some() && gb.is_none(), "only the gradients asked for");
+        // A weight of other input channels: libtorch's error as one line, no C++ frames.
+        let bad = Tensor::randn([6, 3, 3, 3], o);
+        let err = convolution_backward(&g, &x.detach(), &bad, geometry, [true, true, true])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("weight of size [6, 3, 3, 3]") && !err.contains('\n'), "one line: {err}");
+    }
+}
