@@ -1,5 +1,6 @@
 // A custom autograd node whose forward and backward are Rust callbacks (`ta_function_apply`),
 // so the quantizers' straight-through gradients are single native nodes.
+#include <ATen/MemoryOverlap.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <vector>
@@ -19,10 +20,24 @@ constexpr int64_t kMax = 8;
 typedef char* (*forward_fn)(const void* params, at::Tensor** inputs, int64_t n_inputs,
                             at::Tensor** outputs, at::Tensor** saved);
 // Backward: from the saved tensors and the outputs' gradients, one gradient per input (NULL:
-// none); `needs[i]` says whether input i's gradient is wanted at all.
+// none); `needs[i]` says whether input i's gradient is wanted at all, `owned[j]` whether
+// output j's gradient is held by nothing but this call (so it may be overwritten).
 typedef char* (*backward_fn)(const void* params, at::Tensor** saved, int64_t n_saved,
                              at::Tensor** grad_outputs, int64_t n_outputs, const uint8_t* needs,
-                             at::Tensor** grad_inputs);
+                             const uint8_t* owned, at::Tensor** grad_inputs);
+
+// Whether `g` may be overwritten: one handle (the engine's buffer, moved into this call), no
+// graph to differentiate through, and no other tensor on its memory, where a view (a linear
+// layer's weight gradient is the transpose of a fresh product) counts its base, held by the
+// view alone. AccumulateGrad's rule for stealing a gradient, made strict enough to write it.
+bool exclusively_held(const at::Tensor& g) {
+  if (!g.defined() || g.requires_grad() || at::GradMode::is_enabled() || g.use_count() != 1 || !g.has_storage() ||
+      at::has_internal_overlap(g) != at::MemOverlap::No) {
+    return false;
+  }
+  if (!g.is_view()) return g.storage().use_count() == 1;
+  return g._base().use_count() == 1 && g.storage().use_count() == 2;
+}
 
 // Takes ownership of the tensors a Rust callback handed over (each a `new at::Tensor`).
 std::vector<at::Tensor> take(at::Tensor** ptrs) {
@@ -57,21 +72,28 @@ struct RustFunction : public torch::autograd::Function<RustFunction> {
     return out_list;
   }
 
+  // `grads` by reference: the engine's list itself, so that a gradient nobody else holds
+  // has one handle (by value, the list would be copied and every count raised).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
+                                                 torch::autograd::variable_list& grads) {
     auto saved = ctx->get_saved_variables();
     auto bwd = reinterpret_cast<backward_fn>(ctx->saved_data["bwd"].toInt());
     const std::string params = ctx->saved_data["params"].toStringRef();
     const int64_t n_inputs = ctx->saved_data["n_inputs"].toInt();
     std::vector<at::Tensor*> saved_ptrs, grad_ptrs;
     for (auto& t : saved) saved_ptrs.push_back(&t);
-    for (auto& g : grads) grad_ptrs.push_back(&g);
+    std::vector<uint8_t> owned(kMax, 0);
+    for (size_t j = 0; j < grads.size(); ++j) {
+      grad_ptrs.push_back(&grads[j]);
+      if (j < static_cast<size_t>(kMax)) owned[j] = exclusively_held(grads[j]) ? 1 : 0;
+    }
     // kMax slots each, so that a callback can never write or read past them.
     std::vector<at::Tensor*> grad_in(kMax, nullptr);
     std::vector<uint8_t> needs(kMax, 0);
     for (int64_t i = 0; i < n_inputs; ++i) needs[i] = ctx->needs_input_grad(static_cast<size_t>(i)) ? 1 : 0;
     char* err = bwd(params.data(), saved_ptrs.data(), static_cast<int64_t>(saved.size()),
-                    grad_ptrs.data(), static_cast<int64_t>(grads.size()), needs.data(), grad_in.data());
+                    grad_ptrs.data(), static_cast<int64_t>(grads.size()), needs.data(), owned.data(),
+                    grad_in.data());
     torch::autograd::variable_list result;
     for (int64_t i = 0; i < kMax; ++i) {
       at::Tensor* g = grad_in[i];

@@ -38,8 +38,10 @@ const MAX: usize = 8;
 /// A node's forward: its outputs and the tensors its backward needs.
 pub(crate) type Forward<P> = fn(&P, &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)>;
 /// A node's backward: from the saved tensors, the outputs' gradients and which inputs want
-/// one, a gradient per input (`None` for none).
-pub(crate) type Backward<P> = fn(&P, &[Tensor], &[Tensor], &[bool]) -> Result<Vec<Option<Tensor>>>;
+/// one, a gradient per input (`None` for none). The last slice says, per output, whether its
+/// gradient is held by nothing but this call, so that it may be overwritten in place (a
+/// weight-sized gradient then costs no fresh allocation).
+pub(crate) type Backward<P> = fn(&P, &[Tensor], &[Tensor], &[bool], &[bool]) -> Result<Vec<Option<Tensor>>>;
 
 /// What the node carries: the two functions and their parameters, copied as bytes.
 #[repr(C)]
@@ -106,6 +108,7 @@ extern "C" fn backward_trampoline<P: Copy>(
     grads: *const *mut CTensor,
     n_grads: i64,
     needs: *const u8,
+    owned: *const u8,
     grad_inputs: *mut *mut CTensor,
 ) -> *mut c_char {
     run_callback(|| {
@@ -114,7 +117,10 @@ extern "C" fn backward_trampoline<P: Copy>(
         let (saved, grads) = unsafe { (handles(saved, n_saved), handles(grads, n_grads)) };
         // The glue passes one flag per input; the node's functions know how many inputs they have.
         let needs: Vec<bool> = (0..MAX).map(|i| unsafe { *needs.add(i) } != 0).collect();
-        let result = (packet.bwd)(&packet.params, &saved, &grads, &needs).map_err(|e| e.to_string())?;
+        // One flag per output's gradient, MAX slots as `needs`.
+        let owned: Vec<bool> = (0..MAX).map(|i| unsafe { *owned.add(i) } != 0).collect();
+        let result =
+            (packet.bwd)(&packet.params, &saved, &grads, &needs, &owned).map_err(|e| e.to_string())?;
         if result.len() > MAX {
             return Err(format!("a node returned {} gradients, at most {MAX} are supported", result.len()));
         }
@@ -206,9 +212,71 @@ pub(crate) fn convolution_backward(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use tch::{Device, Kind, Tensor};
 
-    use super::convolution_backward;
+    use super::{apply, convolution_backward};
+    use crate::Result;
+
+    /// What the identity node's backward was told about its gradient, per call.
+    static OWNED: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+    fn identity_forward(_: &(), t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        Ok((vec![t[0].copy()], vec![]))
+    }
+
+    fn identity_backward(
+        _: &(),
+        _: &[Tensor],
+        g: &[Tensor],
+        _: &[bool],
+        owned: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        OWNED.lock().unwrap().push(owned[0]);
+        let result = g[0].copy();
+        if owned[0] {
+            // Scribble over it where allowed: if anything else read it, its gradient would be NaN.
+            let _ = g[0].shallow_clone().f_fill_(f64::NAN)?;
+        }
+        Ok(vec![Some(result)])
+    }
+
+    #[test]
+    fn a_gradient_is_owned_only_where_nothing_else_holds_its_memory() {
+        let o = (Kind::Double, Device::Cpu);
+        // `loss(y, v)`: `v` a node made before `y`'s, so that the engine runs it after.
+        let owned_in = |loss: &dyn Fn(&Tensor, &Tensor) -> Tensor| -> bool {
+            tch::manual_seed(1);
+            let w = Tensor::randn([5, 4], o).set_requires_grad(true);
+            let u = Tensor::randn([5, 4], o).set_requires_grad(true);
+            let v = &u * 1.0;
+            let y = apply((), &[&w], identity_forward, identity_backward).unwrap().remove(0);
+            OWNED.lock().unwrap().clear();
+            loss(&y, &v).backward();
+            // Both gradients arrive unchanged, whichever way the node was allowed to go.
+            let (w2, u2) = (w.detach().set_requires_grad(true), u.detach().set_requires_grad(true));
+            loss(&w2, &(&u2 * 1.0)).backward();
+            for (ours, theirs) in [(w.grad(), w2.grad()), (u.grad(), u2.grad())] {
+                let diff = (ours - theirs).abs().max().double_value(&[]);
+                assert!(diff < 1e-12, "gradient differs by {diff}");
+            }
+            let calls = OWNED.lock().unwrap().clone();
+            assert_eq!(calls.len(), 1, "one backward call");
+            calls[0]
+        };
+        let c = Tensor::randn([5, 4], o);
+        let x = Tensor::randn([3, 4], o);
+        // A product's fresh gradient, and a linear layer's (the transpose of a fresh product).
+        assert!(owned_in(&|y, v| (y * &c).sum(Kind::Double) + (v * &c).sum(Kind::Double)));
+        assert!(
+            owned_in(&|y, v| (x.linear::<Tensor>(y, None) * 3.0).sum(Kind::Double) + v.sum(Kind::Double))
+        );
+        // A sum's gradient is one value expanded; a sum of two tensors hands both the same
+        // gradient, which `v`'s node, still to run, holds: neither may be written.
+        assert!(!owned_in(&|y, v| y.sum(Kind::Double) + v.sum(Kind::Double)));
+        assert!(!owned_in(&|y, v| ((y + v) * &c).sum(Kind::Double)));
+    }
 
     #[test]
     fn convolution_backward_equals_autograd_and_refuses_mismatched_shapes_in_one_line() {

@@ -1,8 +1,8 @@
 // TorchScript operators of the crate: `torchapprox::lut_linear` and `torchapprox::lut_conv2d`
 // (a rewritten layer in approximate mode calls them from its TorchScript forward), and
-// `torchapprox::pact_scaled` / `torchapprox::minmax_scaled` (the quantizers' fused kernels and
-// single autograd nodes, which a rewritten layer calls in memory). Their kernels are Rust
-// callbacks (`ta_ops_install`), so the numerics stay in Rust.
+// `torchapprox::pact_scaled` / `torchapprox::minmax_scaled` / `torchapprox::minmax_weight` (the
+// quantizers' fused kernels and single autograd nodes, which a rewritten layer calls in memory).
+// Their kernels are Rust callbacks (`ta_ops_install`), so the numerics stay in Rust.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,8 +24,12 @@ typedef char* (*conv_fn)(const at::Tensor* x, const at::Tensor* w, int64_t multi
 
 // Quantizes `x` (PACT with `alpha` when `alpha` is not null, else MinMax over x's own range,
 // per channel when `per_channel`): the integers into `*values`, the scale into `*scale`.
-typedef char* (*quant_fn)(const at::Tensor* x, const at::Tensor* alpha, int64_t int_max, int64_t rounded,
-                          int64_t per_channel, at::Tensor** values, at::Tensor** scale);
+// `into`, when not null, is a tensor no other tensor shares memory with, which the integers may
+// be written into (`*values` then shares its memory); `scratch` allows the thread's scratch
+// memory instead where no gradient is recorded (inputs, whose integers die with the call's op).
+typedef char* (*quant_fn)(const at::Tensor* x, const at::Tensor* alpha, const at::Tensor* into, int64_t scratch,
+                          int64_t int_max, int64_t rounded, int64_t per_channel, at::Tensor** values,
+                          at::Tensor** scale);
 
 std::atomic<linear_fn> g_linear{nullptr};
 std::atomic<conv_fn> g_conv{nullptr};
@@ -62,13 +66,13 @@ at::Tensor lut_conv2d(const at::Tensor& x, const at::Tensor& w, int64_t multipli
   return take(err, out);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantized(const at::Tensor& x, const at::Tensor* alpha, int64_t int_max,
-                                             bool rounded, bool per_channel) {
+std::tuple<at::Tensor, at::Tensor> quantized(const at::Tensor& x, const at::Tensor* alpha, const at::Tensor* into,
+                                             bool scratch, int64_t int_max, bool rounded, bool per_channel) {
   auto f = g_quant.load();
   TORCH_CHECK(f != nullptr, "torchapprox's quantizer operators run inside the torchapprox crate only");
   at::Tensor* values = nullptr;
   at::Tensor* scale = nullptr;
-  char* err = f(&x, alpha, int_max, rounded ? 1 : 0, per_channel ? 1 : 0, &values, &scale);
+  char* err = f(&x, alpha, into, scratch ? 1 : 0, int_max, rounded ? 1 : 0, per_channel ? 1 : 0, &values, &scale);
   if (err != nullptr) delete scale;
   at::Tensor v = take(err, values);
   return {v, take(nullptr, scale)};
@@ -76,12 +80,26 @@ std::tuple<at::Tensor, at::Tensor> quantized(const at::Tensor& x, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> pact_scaled(const at::Tensor& x, const at::Tensor& alpha, int64_t int_max,
                                                bool rounded) {
-  return quantized(x, &alpha, int_max, rounded, false);
+  return quantized(x, &alpha, nullptr, true, int_max, rounded, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> minmax_scaled(const at::Tensor& x, int64_t int_max, bool rounded,
                                                  bool per_channel) {
-  return quantized(x, nullptr, int_max, rounded, per_channel);
+  return quantized(x, nullptr, nullptr, true, int_max, rounded, per_channel);
+}
+
+// Whether no other tensor (a view, an alias an autograd graph saved) shares `t`'s storage.
+// Handles to `t` itself are not counted: a layer's cache is read only by the layer.
+bool unshared(const at::Tensor& t) {
+  return t.defined() && t.has_storage() && t.storage().use_count() == 1 && !t.is_view();
+}
+
+// As minmax_scaled, reusing `buffer` (a layer's kept copy of its quantized weight) for the
+// integers where it is unshared: a weight-sized allocation per step costs more in page faults
+// than the pass that fills it. Never the scratch: the layer keeps what this returns.
+std::tuple<at::Tensor, at::Tensor> minmax_weight(const at::Tensor& w, const at::Tensor& buffer, int64_t int_max,
+                                                 bool rounded, bool per_channel) {
+  return quantized(w, nullptr, unshared(buffer) ? &buffer : nullptr, false, int_max, rounded, per_channel);
 }
 
 }  // namespace
@@ -97,9 +115,24 @@ TORCH_LIBRARY(torchapprox, m) {
   m.def("pact_scaled(Tensor x, Tensor alpha, int int_max, bool rounded) -> (Tensor, Tensor)", &pact_scaled);
   m.def("minmax_scaled(Tensor x, int int_max, bool rounded, bool per_channel) -> (Tensor, Tensor)",
         &minmax_scaled);
+  // It may write `buffer` and return its memory: TorchScript must not reorder it around other
+  // uses of the buffer, so its alias analysis is the conservative one.
+  m.def(torch::schema("minmax_weight(Tensor w, Tensor buffer, int int_max, bool rounded, bool per_channel) -> "
+                      "(Tensor, Tensor)",
+                      c10::AliasAnalysisKind::CONSERVATIVE),
+        &minmax_weight);
 }
 
 extern "C" {
+
+// Whether nothing but `t`'s own handles reaches its memory (1) or something does (0).
+int ta_tensor_unshared(const at::Tensor* t) {
+  try {
+    return unshared(*t) ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
 
 // Installs the Rust kernels of the operators (idempotent).
 char* ta_ops_install(linear_fn linear, conv_fn conv, quant_fn quant) {

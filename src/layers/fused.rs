@@ -164,6 +164,7 @@ fn node_backward(
     saved: &[Tensor],
     grads: &[Tensor],
     needs: &[bool],
+    _owned: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
     let (x, qx, qw, g) = (&saved[0], &saved[1], &saved[2], &grads[0]);
     let a = 2 + n.bias as usize;

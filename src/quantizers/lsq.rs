@@ -175,6 +175,7 @@ fn lsq_backward(
     saved: &[Tensor],
     grads: &[Tensor],
     needs: &[bool],
+    _owned: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
     let (x, step, s, scale) = (&saved[0], &saved[1], &saved[2], &saved[3]);
     let im = n.int_max as f64;

@@ -10,7 +10,7 @@ use crate::glue;
 
 use super::approx_quantizer::{
     check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite,
-    grad_enabled, memory_overlaps, scale_for,
+    grad_enabled, scale_for,
 };
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized, RangeMode};
 use crate::{Error, Result};
@@ -194,22 +194,45 @@ impl MinMaxQuant {
         Ok((range, scale_for(self.int_max(), range, kind)))
     }
 
+    /// [`f_quantize_scaled`](ApproxQuantizer::f_quantize_scaled) writing the integers into
+    /// `into` where the fused kernel runs and `into` fits `x` (a rewritten TorchScript layer's
+    /// kept weight buffer or the thread's scratch, which no other tensor shares); the values
+    /// then share its memory.
+    pub(crate) fn f_quantize_scaled_into(&self, x: &Tensor, into: Option<&Tensor>) -> Result<Quantized> {
+        self.run_into(x, false, false, into)
+    }
+
     /// Quantizes `x` (integers, or with `dequantize` their values over the scale) and keeps
     /// the scales; with a gradient to compute, as one autograd node.
     fn run(&self, x: &Tensor, dequantize: bool, train: bool) -> Result<Quantized> {
+        self.run_into(x, dequantize, train, None)
+    }
+
+    /// [`run`](Self::run), the kernel's output written into `into` where it fits.
+    fn run_into(
+        &self,
+        x: &Tensor,
+        dequantize: bool,
+        train: bool,
+        into: Option<&Tensor>,
+    ) -> Result<Quantized> {
         check_defined(x, "input")?;
         let kind = compute_kind(x)?;
         let grad = x.requires_grad() && grad_enabled();
         if let Some((kind, batch_range)) = self.kernel_plan(x) {
             let (range, scale) = self.range_and_scale(batch_range, kind, train)?;
+            let into = into.filter(|b| kernels::writable(b, x));
             let node = MinMaxNode {
                 kind,
                 dequantize,
                 finite: true,
                 rounded: true,
-                plan: Plan::Kernel { range, scale },
+                plan: Plan::Kernel { range, scale, into: into.is_some() },
             };
-            let values = node.values(&[x], grad)?;
+            let values = match into {
+                Some(b) => node.values(&[x, b], grad)?,
+                None => node.values(&[x], grad)?,
+            };
             self.store_scales(vec![scale]);
             let scale =
                 if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(scale, (kind, Device::Cpu))? };
@@ -256,8 +279,9 @@ impl MinMaxQuant {
 /// How a MinMax node computes its values.
 #[derive(Debug, Clone, Copy)]
 enum Plan {
-    /// The fused CPU kernel (contiguous, finite, rounded, per tensor).
-    Kernel { range: f64, scale: f64 },
+    /// The fused CPU kernel (contiguous, finite, rounded, per tensor); with `into`, writing
+    /// into the node's second input, whose memory the values share.
+    Kernel { range: f64, scale: f64, into: bool },
     /// libtorch ops with one range.
     PerTensor { range: f64, scale: f64 },
     /// libtorch ops with the ranges and scales given as the node's second and third inputs.
@@ -292,9 +316,17 @@ impl MinMaxNode {
 fn minmax_forward(n: &MinMaxNode, t: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let x = &t[0];
     let values = match n.plan {
-        Plan::Kernel { range, scale } => {
+        Plan::Kernel { range, scale, into } => {
             let out = if n.dequantize { MinMaxOut::Dequantized } else { MinMaxOut::Integers };
-            kernels::minmax(x, n.kind, range, scale, out)
+            if into {
+                let mut dst = t[1].shallow_clone();
+                kernels::minmax_to(x, n.kind, &mut dst, range, scale, out);
+                // A new tensor on the buffer's memory: the node's output gets its own autograd
+                // history, the buffer none.
+                dst.f_detach()?
+            } else {
+                kernels::minmax(x, n.kind, range, scale, out)
+            }
         }
         Plan::PerTensor { range, scale } => {
             let mut v = minmax_values(&x.f_to_kind(n.kind)?, range, scale, n.rounded)?;
@@ -337,6 +369,7 @@ fn minmax_backward(
     saved: &[Tensor],
     grads: &[Tensor],
     needs: &[bool],
+    owned: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
     if !needs[0] {
         return Ok(vec![None]);
@@ -344,6 +377,11 @@ fn minmax_backward(
     let g = &grads[0];
     let mut gx = match (n.dequantize, n.plan) {
         (true, _) => g.shallow_clone(),
+        // A weight's gradient nobody else holds is scaled in place: a fresh weight-sized
+        // tensor costs more in page faults than the multiply (alexnet's 58M weights).
+        (false, Plan::Kernel { scale, .. } | Plan::PerTensor { scale, .. }) if owned[0] => {
+            g.shallow_clone().f_mul_scalar_(scale)?
+        }
         (false, Plan::Kernel { scale, .. } | Plan::PerTensor { scale, .. }) => g.f_mul_scalar(scale)?,
         (false, Plan::PerChannel) => g.f_mul(&saved[1])?,
     };
@@ -377,7 +415,7 @@ impl ApproxQuantizer for MinMaxQuant {
         check_out(x, out)?;
         let _guard = tch::no_grad_guard();
         // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
-        let direct = kernels::fits(out, x) && !memory_overlaps(x, out);
+        let direct = kernels::writable(out, x);
         match direct.then(|| self.kernel_plan(x)).flatten() {
             Some((kind, batch_range)) => {
                 let (range, scale) = self.range_and_scale(batch_range, kind, false)?;

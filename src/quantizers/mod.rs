@@ -32,6 +32,7 @@ mod sync;
 
 pub use approx_quantizer::*;
 pub(crate) use fused::FusedQuant;
+pub(crate) use kernels::eligible as kernels_eligible;
 pub use lsq::*;
 pub use minmax::*;
 pub use pact::*;

@@ -6,7 +6,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::approx_quantizer::{
     check_defined, check_int_max, check_out, compute_kind, copy_fake_quantized, count_nonfinite,
-    grad_enabled, memory_overlaps, scale_for,
+    grad_enabled, scale_for,
 };
 use super::kernels;
 use super::{check_bitwidth, ApproxQuantizer, NonFinite, QuantConfig, Quantized};
@@ -140,10 +140,7 @@ impl ApproxQuantizer for PACTQuant {
         check_out(x, out)?;
         let _guard = tch::no_grad_guard();
         // An `out` sharing memory with `x` would be written while read: compute aside, then copy.
-        let direct = self.rounded
-            && self.nonfinite == NonFinite::Propagate
-            && kernels::fits(out, x)
-            && !memory_overlaps(x, out);
+        let direct = self.rounded && self.nonfinite == NonFinite::Propagate && kernels::writable(out, x);
         match self.kernel_plan(x).filter(|_| direct) {
             Some((kind, h)) => {
                 kernels::pact_to(x, kind, out, h.scale, self.int_max(), true);
@@ -260,6 +257,20 @@ pub(crate) fn pact_quant_scaled(
     rounded: bool,
     dequantize: bool,
 ) -> Result<Quantized> {
+    pact_quant_scaled_into(x, alpha, int_max, rounded, dequantize, None)
+}
+
+/// [`pact_quant_scaled`], writing the values into `into` where no node is recorded, the fused
+/// kernel runs and `into` fits `x` (a scratch buffer nothing else shares); they then share
+/// its memory.
+pub(crate) fn pact_quant_scaled_into(
+    x: &Tensor,
+    alpha: &Tensor,
+    int_max: i64,
+    rounded: bool,
+    dequantize: bool,
+    into: Option<&Tensor>,
+) -> Result<Quantized> {
     let kind = compute_kind(x)?;
     if alpha.numel() != 1 {
         return Err(Error::Argument {
@@ -274,10 +285,15 @@ pub(crate) fn pact_quant_scaled(
     if let Some(h) = host {
         let scale =
             if dequantize { Tensor::new() } else { Tensor::f_scalar_tensor(h.scale, (kind, Device::Cpu))? };
-        let values = if grad {
-            glue::apply(node, &[x, alpha], pact_forward, pact_backward)?.remove(0)
-        } else {
-            kernels::pact(x, kind, h.scale, int_max, dequantize)
+        let into = into.filter(|b| kernels::writable(b, x));
+        let values = match (grad, into) {
+            (true, _) => glue::apply(node, &[x, alpha], pact_forward, pact_backward)?.remove(0),
+            (false, Some(b)) => {
+                let mut dst = b.shallow_clone();
+                kernels::pact_to(x, kind, &mut dst, h.scale, int_max, dequantize);
+                dst
+            }
+            (false, None) => kernels::pact(x, kind, h.scale, int_max, dequantize),
         };
         return Ok(Quantized { values, scale });
     }
@@ -331,6 +347,7 @@ fn pact_backward(
     saved: &[Tensor],
     grads: &[Tensor],
     needs: &[bool],
+    _owned: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
     let (x, alpha, g) = (&saved[0], &saved[1], &grads[0]);
     if let Some(h) = n.host {

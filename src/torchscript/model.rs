@@ -197,3 +197,83 @@ impl ScriptModel {
         &self.rewritten
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tch::{Device, Kind, Tensor};
+
+    use super::ScriptModel;
+    use crate::torchscript::RewriteConfig;
+
+    /// The fixture ResNet of the rewrite tests, rewritten with the defaults, in training mode.
+    fn rewritten() -> ScriptModel {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rewrite/resnet_scripted.pt");
+        let mut m = ScriptModel::load(path, Device::Cpu).unwrap();
+        m.quantize_layers(&RewriteConfig::default()).unwrap();
+        m.set_training(true).unwrap();
+        m
+    }
+
+    /// Every parameter's gradient, by name (zeros where none), then cleared.
+    fn take_grads(m: &ScriptModel) -> Vec<(String, Tensor)> {
+        m.parameters()
+            .unwrap()
+            .into_iter()
+            .map(|(n, p)| {
+                let mut g = p.grad();
+                let out = if g.defined() { g.copy() } else { p.zeros_like() };
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+                (n, out)
+            })
+            .collect()
+    }
+
+    // Issue 20: a training step writes a layer's quantized weights into the layer's kept buffer
+    // (no weight-sized allocation per step), but never while a graph still holds it.
+    #[test]
+    fn training_reuses_the_weight_buffer_only_when_no_graph_holds_it() {
+        tch::manual_seed(0);
+        let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let m = rewritten();
+        let buffer = |m: &ScriptModel| {
+            crate::glue::jit::get_tensor(&m.module, "fc", "w_cache").unwrap().data_ptr() as usize
+        };
+        let step = |m: &ScriptModel| m.forward(&x).unwrap().sum(Kind::Float).backward();
+        step(&m);
+        let first = buffer(&m);
+        step(&m);
+        let reused = buffer(&m);
+        // Two forwards before a backward, the weights changed in between (as by an optimizer
+        // step): the first graph keeps its own integers, the second gets a fresh buffer.
+        let _ = take_grads(&m);
+        let first_graph = m.forward(&x).unwrap();
+        let held = buffer(&m);
+        // (Only the rewritten layers' weights: autograd refuses a change to what a graph saved,
+        // such as alphas and BatchNorm weights; a graph saves the integers, not the float weights.)
+        let layers: Vec<String> = m.rewritten_layers().iter().map(|l| format!("{}.weight", l.name)).collect();
+        tch::no_grad(|| {
+            for (_, p) in m.parameters().unwrap().into_iter().filter(|(n, _)| layers.contains(n)) {
+                let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.1)).unwrap();
+            }
+        });
+        let second_graph = m.forward(&x).unwrap();
+        let fresh = buffer(&m);
+        first_graph.sum(Kind::Float).backward();
+        let grads = take_grads(&m);
+        drop(second_graph);
+        // The reference: the same forward and backward in a model that ran nothing else.
+        let reference = rewritten();
+        reference.forward(&x).unwrap().sum(Kind::Float).backward();
+        for ((name, ours), (_, theirs)) in grads.iter().zip(take_grads(&reference)) {
+            let diff = (ours - &theirs).abs().max().double_value(&[]);
+            assert!(diff == 0.0, "{name}: the first graph's gradient differs by {diff}");
+        }
+        assert_eq!(reused, first, "a step after a backward writes into the same buffer");
+        assert_eq!(held, first, "and so does the first of two forwards");
+        assert_ne!(fresh, held, "a forward while a graph holds the buffer writes elsewhere");
+    }
+}

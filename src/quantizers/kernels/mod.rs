@@ -82,6 +82,12 @@ pub(crate) fn fits(dst: &Tensor, x: &Tensor) -> bool {
         && !dst.requires_grad()
 }
 
+/// Whether a kernel may write its output for `x` into `dst`: [`fits`], and no memory shared
+/// with `x` (the kernel would read what it writes).
+pub(crate) fn writable(dst: &Tensor, x: &Tensor) -> bool {
+    fits(dst, x) && !super::memory_overlaps(x, dst)
+}
+
 /// The elements of a contiguous CPU tensor of element type `T`.
 ///
 /// SAFETY: the caller checked [`eligible`] with `T::KIND`; the slice lives while `x` does.

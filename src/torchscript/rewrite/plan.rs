@@ -337,8 +337,9 @@ pub(crate) fn replace_forwards(m: &CModule, layers: &[RewrittenLayer], portable:
     Ok(())
 }
 
-/// Empties the weight cache of the no-grad path of each layer that keeps one (declaring it on
-/// first use): after the rewrite, and before a save, so that files carry no stale copies.
+/// Empties the weight cache of each layer that keeps one (the no-grad path's copy, also the
+/// buffer training writes its integers into; declared on first use): after the rewrite, and
+/// before a save, so that files carry no stale copies.
 pub(crate) fn reset_weight_caches(m: &CModule, layers: &[RewrittenLayer]) -> Result<()> {
     let [cache, scale, weight, version] = WEIGHT_CACHE;
     for l in layers.iter().filter(|l| caches_weight(&l.spec)) {

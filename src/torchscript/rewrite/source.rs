@@ -189,9 +189,9 @@ fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool, ok: &s
     src
 }
 
-/// `native` (a call of the crate's operators, `torchapprox.pact_scaled` or
-/// `torchapprox.minmax_scaled`) where the operand `v` is float32 or float64 and the crate runs
-/// the model, `portable` (builtin TorchScript with the same values) otherwise.
+/// `native` (a call of the crate's operators, `torchapprox.pact_scaled`,
+/// `torchapprox.minmax_scaled` or `torchapprox.minmax_weight`) where the operand `v` is
+/// float32 or float64 and the crate runs the model, `portable` (builtin TorchScript with the same values) otherwise.
 fn native_or(v: &str, native: Option<String>, portable: String) -> String {
     match native {
         // Dtypes are ints in TorchScript (ScalarType: 6 float32, 7 float64); `torch.float32`
@@ -220,11 +220,16 @@ fn native_pact(s: &QuantSpec, q: &str, o: &Operand, im: f64) -> String {
     )
 }
 
-/// The call of the crate's MinMax operator (the operand's own range, per channel or not).
-fn native_minmax(s: &QuantSpec, o: &Operand, im: f64, per_channel: bool) -> String {
+/// The call of the crate's MinMax operator (the operand's own range, per channel or not);
+/// with `buffer`, `minmax_weight`, which may write the integers into that attribute.
+fn native_minmax(s: &QuantSpec, o: &Operand, im: f64, per_channel: bool, buffer: Option<&str>) -> String {
     let Operand { v, out, scale, .. } = o;
+    let (op, buffer) = match buffer {
+        Some(b) => ("minmax_weight", format!("self.{b}, ")),
+        None => ("minmax_scaled", String::new()),
+    };
     format!(
-        "{out}, {scale} = torchapprox.minmax_scaled({v}, {}, {}, {})\n",
+        "{out}, {scale} = torchapprox.{op}({v}, {buffer}{}, {}, {})\n",
         im as i64,
         py_bool(s.rounded),
         py_bool(per_channel)
@@ -273,7 +278,7 @@ pub(super) fn input_quantizer(s: &QuantSpec, im: f64, native: bool) -> String {
             let quant = |grad| minmax_quant(s, &X, "qx_m", im, grad, "qx_m_ok", true);
             native_or(
                 "x",
-                native.then(|| native_minmax(s, &X, im, false)),
+                native.then(|| native_minmax(s, &X, im, false, None)),
                 minmax_range("xd", "qx_m", None)
                     + &branch("torch.is_grad_enabled()", &quant(true), &quant(false)),
             )
@@ -284,25 +289,28 @@ pub(super) fn input_quantizer(s: &QuantSpec, im: f64, native: bool) -> String {
 /// The weight quantizer: `qw` and `sw` from `w`. Without gradients a MinMax weight is
 /// quantized once per weight update: the cache is keyed on the weight tensor itself, its
 /// version counter (every in-place update, such as an optimizer step or `load_state_dict`,
-/// bumps it), dtype and device.
+/// bumps it), dtype and device. The crate's operator (`native`) writes the integers into the
+/// cache's memory where nothing else shares it, with gradients too (a training step then
+/// allocates no weight-sized tensor for them), and leaves the cache valid for that weight.
 pub(super) fn weight_quantizer(s: &QuantSpec, op: LayerOp, im: f64, native: bool) -> String {
     if s.w_kind == QuantizerKind::Pact {
         return pact_quantizer(s, "w_quantizer", &W, im, native);
     }
     let dims = s.per_channel.then_some(if op == LayerOp::Linear { "[-1, 1]" } else { "[-1, 1, 1, 1]" });
     // (An attention's projections pass LayerOp::Linear: their weights are matrices.)
-    let fresh = |grad| {
+    let [cache, scale, weight, version] = WEIGHT_CACHE;
+    let keep = format!(
+        "self.{cache} = qw.detach()\nself.{scale} = sw\nself.{weight} = w\nself.{version} = w._version()\n"
+    );
+    let call = native_minmax(s, &W, im, s.per_channel, Some(cache));
+    let fresh = |grad: bool| {
         native_or(
             "w",
-            native.then(|| native_minmax(s, &W, im, s.per_channel)),
+            native.then(|| if grad { call.clone() + &keep } else { call.clone() }),
             minmax_range("wd", "qw_m", dims) + &minmax_quant(s, &W, "qw_m", im, grad, "qw_m_ok", true),
         )
     };
-    let [cache, scale, weight, version] = WEIGHT_CACHE;
-    let refresh = format!(
-        "{}self.{cache} = qw\nself.{scale} = sw\nself.{weight} = w\nself.{version} = w._version()\n",
-        fresh(false)
-    );
+    let refresh = fresh(false) + &keep;
     let stale = format!(
         "self.{version} != w._version() or not (self.{weight} is w) or self.{cache}.dtype != w.dtype or self.{cache}.device != w.device"
     );
