@@ -166,6 +166,18 @@ pub enum Error {
         why: String,
     },
 
+    /// A model whose `forward` returned neither a tensor nor a tuple or list starting with one.
+    #[error(
+        "{}: the model's forward returned {returned}, not a tensor (or a tuple whose first element is one)",
+        crate::files::shown_path(model)
+    )]
+    NotTensorOutput {
+        /// The model's file.
+        model: std::path::PathBuf,
+        /// What it returned, in words.
+        returned: String,
+    },
+
     /// A model whose output is not `[N, classes]` float logits for `N` inputs.
     #[error("{}: expected float logits of shape [{n}, classes] for {n} inputs, the model returned {kind:?} of shape {shape:?}", crate::files::shown_path(model))]
     NotLogits {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tch::{nn, CModule, Device, Kind, Tensor};
+use tch::{nn, CModule, Device, IValue, Kind, Tensor};
 
 use super::{archive, rewrite, ts_error, RewriteConfig, RewriteReport, RewrittenLayer, ScriptModel};
 use crate::import::{ImportOptions, ImportReport};
@@ -48,12 +48,13 @@ impl ScriptModel {
     }
 
     /// Runs the module's `forward` on one tensor; a rejected input is an error naming its shape.
+    /// A tuple or list whose first element is a tensor gives that tensor: torchvision's
+    /// scripted Inception and GoogLeNet return `(logits, aux...)` in evaluation too.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.module.forward_ts(&[x]).map_err(|e| Error::InputRejected {
-            model: self.source.clone(),
-            shape: x.size(),
-            why: torch_message(&e),
-        })
+        let out = self.module.forward_is(&[IValue::Tensor(x.shallow_clone())]).map_err(|e| {
+            Error::InputRejected { model: self.source.clone(), shape: x.size(), why: torch_message(&e) }
+        })?;
+        first_tensor(out).map_err(|returned| Error::NotTensorOutput { model: self.source.clone(), returned })
     }
 
     /// Runs `forward` and checks that the result is `[N, classes]` logits for the `N` inputs.
@@ -198,14 +199,74 @@ impl ScriptModel {
     }
 }
 
+/// The tensor a forward's output stands for: itself, or the first element of a tuple or list
+/// (the logits of a model with auxiliary outputs); otherwise what was returned, in words.
+fn first_tensor(out: IValue) -> std::result::Result<Tensor, String> {
+    match out {
+        IValue::Tensor(t) => Ok(t),
+        IValue::TensorList(ts) => ts.into_iter().next().ok_or_else(|| "an empty list".to_string()),
+        IValue::Tuple(items) | IValue::GenericList(items) => match items.into_iter().next() {
+            Some(IValue::Tensor(t)) => Ok(t),
+            Some(other) => Err(format!("a tuple or list whose first element is {}", ivalue_kind(&other))),
+            None => Err("an empty tuple or list".into()),
+        },
+        other => Err(ivalue_kind(&other).into()),
+    }
+}
+
+/// What kind of value `v` is, in words.
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::None => "None",
+        IValue::Tensor(_) => "a tensor",
+        IValue::Double(_) => "a float",
+        IValue::Int(_) => "an int",
+        IValue::Bool(_) => "a bool",
+        IValue::Tuple(_) => "a tuple",
+        IValue::String(_) => "a string",
+        IValue::GenericDict(_) => "a dict",
+        IValue::Object(_) => "an object",
+        IValue::Device(_) => "a device",
+        IValue::IntList(_)
+        | IValue::DoubleList(_)
+        | IValue::BoolList(_)
+        | IValue::StringList(_)
+        | IValue::TensorList(_)
+        | IValue::GenericList(_) => "a list",
+        // IValue is non-exhaustive: variants of later tch versions.
+        _ => "a value of another kind",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use tch::{Device, Kind, Tensor};
 
-    use super::ScriptModel;
+    use super::{first_tensor, ScriptModel};
     use crate::torchscript::RewriteConfig;
+    use tch::IValue;
+
+    #[test]
+    fn an_output_stands_for_its_first_tensor_or_says_what_it_is() {
+        let t = || Tensor::from_slice(&[1.0f32, 2.0]);
+        assert_eq!(first_tensor(IValue::Tensor(t())).unwrap(), t());
+        let tuple = IValue::Tuple(vec![IValue::Tensor(t()), IValue::None]);
+        assert_eq!(first_tensor(tuple).unwrap(), t());
+        assert_eq!(first_tensor(IValue::TensorList(vec![t(), t() * 2])).unwrap(), t());
+        assert_eq!(first_tensor(IValue::GenericList(vec![IValue::Tensor(t())])).unwrap(), t());
+        let no = |v| first_tensor(v).unwrap_err();
+        assert_eq!(no(IValue::None), "None");
+        assert_eq!(no(IValue::Int(3)), "an int");
+        assert_eq!(no(IValue::Tuple(vec![])), "an empty tuple or list");
+        assert_eq!(no(IValue::TensorList(vec![])), "an empty list");
+        assert_eq!(
+            no(IValue::Tuple(vec![IValue::None, IValue::Tensor(t())])),
+            "a tuple or list whose first element is None"
+        );
+        assert_eq!(no(IValue::GenericDict(vec![])), "a dict");
+    }
 
     /// The fixture ResNet of the rewrite tests, rewritten with the defaults, in training mode.
     fn rewritten() -> ScriptModel {
