@@ -24,7 +24,7 @@ use torchapprox::layers::{
     approx_sequential, ApproxConvConfig, ApproxLinearConfig, ApproxModule, ApproxSequential, Calibration,
     InferenceMode, QuantSpec, SequentialBuilder,
 };
-use torchapprox::quantizers::{check_bitwidth, QuantizerKind, RangeMode};
+use torchapprox::quantizers::{check_bitwidth, QuantizerKind, RangeMode, StateFloors};
 
 /// Train a small residual CNN built with `approx_sequential` on MNIST, quantization-aware.
 #[derive(Parser, Debug)]
@@ -178,6 +178,8 @@ fn run(args: Args) -> Result<()> {
     say(format!("{} Approx layers, {} variables", net.approx_layers().len(), vs.variables().len()));
 
     let mut opt = nn::Adam::default().build(&vs, args.lr)?;
+    // Alphas stay at least the floor the forward uses (a step may overshoot).
+    let floors = StateFloors::new(vs.variables());
     let mut losses = Vec::new();
     let mut train = |epochs: usize, what: &str| -> Result<f64> {
         for epoch in 1..=epochs {
@@ -217,6 +219,7 @@ fn run(args: Args) -> Result<()> {
                     None => loss.backward(),
                 }
                 opt.step();
+                floors.raise()?;
                 total += value;
                 steps += 1;
             }

@@ -31,6 +31,7 @@ use torchapprox::data::{count_correct, normalize, Mnist};
 use torchapprox::files::{check_output, write_bytes_atomic};
 use torchapprox::layers::{ApproxModule, InferenceMode};
 use torchapprox::models::{Architecture, Net};
+use torchapprox::quantizers::StateFloors;
 
 /// Search per-layer approximate multipliers against their energy.
 #[derive(Parser, Debug)]
@@ -163,6 +164,7 @@ fn greedy(bench: &Bench, cands: &[Candidate], drops: &[Vec<f64>], exact: usize, 
 /// `epochs` of approximate-aware training of the network with its multipliers set.
 fn retrain(net: &Net, vs: &nn::VarStore, x: &Tensor, y: &Tensor, epochs: usize) -> Result<()> {
     let mut opt = nn::Adam::default().build(vs, 1e-4)?;
+    let floors = StateFloors::new(vs.variables());
     let n = y.size()[0];
     for _ in 0..epochs {
         let order = Tensor::randperm(n, (Kind::Int64, x.device()));
@@ -172,6 +174,7 @@ fn retrain(net: &Net, vs: &nn::VarStore, x: &Tensor, y: &Tensor, epochs: usize) 
                 .f_forward_t(&x.index_select(0, &idx), true)?
                 .cross_entropy_for_logits(&y.index_select(0, &idx));
             opt.backward_step(&loss);
+            floors.raise()?;
         }
     }
     Ok(())

@@ -28,7 +28,9 @@ use torchapprox::files::check_output;
 use torchapprox::import::{import_safetensors, ImportOptions};
 use torchapprox::layers::{ApproxModule, Calibration, InferenceMode, QuantSpec};
 use torchapprox::models::{Architecture, Net};
-use torchapprox::quantizers::{check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind, RangeMode};
+use torchapprox::quantizers::{
+    check_bitwidth, ApproxQuantizer, Quantizer, QuantizerKind, RangeMode, StateFloors,
+};
 use torchapprox::torchscript::ScriptModel;
 
 /// Train a quantization-aware MLP or LeNet-5 on MNIST with TorchApprox's quantizers.
@@ -353,6 +355,8 @@ fn run(args: Args) -> Result<()> {
         "sgd" => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, args.lr)?,
         _ => nn::Adam::default().build(&vs, args.lr)?,
     };
+    // Alphas and step sizes stay at least the floor the forward uses (a step may overshoot).
+    let floors = StateFloors::new(vs.variables());
 
     let n = train_y.size()[0];
     // n / b rounded up without n + b - 1, which overflows for a huge --batch-size.
@@ -427,6 +431,7 @@ fn run(args: Args) -> Result<()> {
                 }
             }
             opt.step();
+            floors.raise()?;
             bar.inc(1);
         }
         bar.finish_and_clear();

@@ -37,5 +37,5 @@ pub use lsq::*;
 pub use minmax::*;
 pub use pact::*;
 pub use quantizer::*;
-pub use state::check_state;
+pub use state::{check_state, StateFloors};
 pub use sync::{set_range_sync, RangeSync};

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{LayerReport, PtqConfig, ScriptModel};
 use crate::distributed::{DataParallel, ReduceOp};
-use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig};
+use crate::quantizers::{check_bitwidth, ApproxQuantizer, MinMaxQuant, QuantConfig, StateFloors};
 use crate::{Error, Result};
 
 /// Settings of [`ScriptModel::finetune_qat`].
@@ -214,6 +214,8 @@ impl ScriptModel {
             });
         }
         let mut opt = nn::Adam::default().build(&vs, config.lr)?;
+        // Alphas stay at least the floor the forward uses, so the stored value is in effect.
+        let floors = StateFloors::new(self.parameters()?);
         self.module.f_set_train()?;
         tch::manual_seed(config.seed);
         let result = (|| -> Result<()> {
@@ -280,6 +282,7 @@ impl ScriptModel {
                     // The straight-through step: the gradient of the quantized weights updates the shadows.
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (w, s.shallow_clone())))?;
                     opt.step();
+                    floors.raise()?;
                     copy_all(&mut shadows.iter().map(|(w, s, _)| (s, w.shallow_clone())))?;
                     Ok(())
                 })?;

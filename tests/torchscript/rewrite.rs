@@ -767,3 +767,111 @@ fn separate_projection_attentions_get_a_quantizer_per_weight() {
     assert!(moved > 1e-2, "4 bits moved the output by only {moved}");
     check_approx_attentions(&mut rewrite(QuantSpec::default()), &x, &tmp, "separate");
 }
+
+/// Scripts one small network three times in `dir` (same weights): `plain.pt` returns its
+/// logits, `aux.pt` a NamedTuple `(logits, aux=None)` as torchvision's scripted Inception and
+/// GoogLeNet do in evaluation, `dict.pt` a `{"logits": ...}` dict.
+const AUX_OUTPUTS: &str = r#"
+import sys, torch, torch.nn as nn
+from typing import Dict, NamedTuple, Optional
+class Outputs(NamedTuple):
+    logits: torch.Tensor
+    aux: Optional[torch.Tensor]
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 26 * 26, 10)
+    def body(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+class Plain(Base):
+    def forward(self, x):
+        return self.body(x)
+class Aux(Base):
+    def forward(self, x) -> Outputs:
+        return Outputs(self.body(x), None)
+class AsDict(Base):
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        return {"logits": self.body(x)}
+torch.manual_seed(0)
+plain = Plain().eval()
+for name, cls in [("plain", Plain), ("aux", Aux), ("dict", AsDict)]:
+    m = cls().eval()
+    m.load_state_dict(plain.state_dict())
+    torch.jit.script(m).save(f"{sys.argv[1]}/{name}.pt")
+"#;
+
+#[test]
+fn a_model_returning_a_tuple_runs_on_its_first_tensor_and_a_dict_is_one_line() {
+    let tmp = TempDir::new("aux-outputs");
+    // A file, not `-c`: TorchScript reads the classes' source.
+    let script = tmp.0.join("make.py");
+    std::fs::write(&script, AUX_OUTPUTS).unwrap();
+    let o = Command::new(common::python()).arg(&script).arg(&tmp.0).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let load = |name: &str| ScriptModel::load(tmp.0.join(format!("{name}.pt")), Device::Cpu).unwrap();
+    let (mut plain, mut aux) = (load("plain"), load("aux"));
+    tch::manual_seed(0);
+    let x = Tensor::randn([8, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let logits = |m: &ScriptModel| tch::no_grad(|| m.logits(&x).unwrap());
+    assert_eq!(logits(&aux).size(), [8, 10]);
+    assert_eq!(logits(&aux), logits(&plain), "float");
+    // Rewritten, calibrated and trained alike, the two stay equal bit for bit.
+    for m in [&mut plain, &mut aux] {
+        let report = m.quantize_layers(&RewriteConfig { strict: true, ..Default::default() }).unwrap();
+        assert_eq!(report.layers.len(), 2);
+        m.calibrate(&x, 1, 8).unwrap();
+        m.set_training(true).unwrap();
+        // Twice the calibrated range: inputs beyond alpha give it a gradient.
+        m.logits(&(&x * 2.0)).unwrap().sum(Kind::Float).backward();
+        m.set_training(false).unwrap();
+    }
+    assert_eq!(logits(&aux), logits(&plain), "quantized");
+    let grad = |m: &ScriptModel| {
+        let (_, a) =
+            m.parameters().unwrap().into_iter().find(|(n, _)| n == "conv.x_quantizer.alpha").unwrap();
+        a.grad()
+    };
+    assert!(grad(&aux).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert_eq!(grad(&aux), grad(&plain));
+
+    let dict = load("dict");
+    let e = dict.forward(&x).unwrap_err().to_string();
+    assert!(
+        e.ends_with("dict.pt: the model's forward returned a dict, not a tensor (or a tuple whose first element is one)"),
+        "{e}"
+    );
+}
+
+// An optimizer step can take an alpha calibrated near its floor below zero (Adam moves it by
+// about the learning rate); the forward uses the floor, and fine-tuning stores the floor, so
+// that the model still saves.
+#[test]
+fn a_fine_tuned_alpha_below_its_floor_is_stored_as_the_floor_and_the_model_saves() {
+    let tmp = TempDir::new("alpha-floor");
+    let m = common::embedded_digits();
+    let x = normalize(&m.test_images.narrow(0, 0, 64), 0.0, 1.0, Device::Cpu).unwrap();
+    let mut model = ScriptModel::load(rewrite_fixture("resnet_scripted"), Device::Cpu).unwrap();
+    model.quantize_layers(&RewriteConfig::default()).unwrap();
+    model.calibrate(&x, 1, 64).unwrap();
+    let alpha = |model: &ScriptModel| {
+        let params = model.parameters().unwrap();
+        params.into_iter().find(|(n, _)| n == "stem.0.x_quantizer.alpha").unwrap().1
+    };
+    // Where a step overshot: the forward already acts as if alpha were the floor.
+    let before = tch::no_grad(|| model.forward(&x).unwrap());
+    let set = |model: &ScriptModel, v: f64| {
+        let _ = tch::no_grad(|| alpha(model).fill_(v));
+    };
+    set(&model, -1.0);
+    let below = tch::no_grad(|| model.forward(&x).unwrap());
+    set(&model, torchapprox::quantizers::ALPHA_MIN);
+    assert_eq!(below, tch::no_grad(|| model.forward(&x).unwrap()), "-1 acts as the floor");
+    assert!((&below - &before).abs().max().double_value(&[]) > 1e-3);
+    set(&model, -1.0);
+    let ft = FinetuneConfig { epochs: 1, batch_size: 64, lr: 1e-3, ..Default::default() };
+    model.finetune(&x, &m.test_labels.narrow(0, 0, 64), ft).unwrap();
+    let a = alpha(&model).double_value(&[0]);
+    assert!((f64::from(1e-6_f32)..=2e-3).contains(&a), "stored alpha {a}");
+    model.save(tmp.0.join("q.pt")).unwrap();
+}
