@@ -90,7 +90,10 @@ fn floor(name: &str) -> Option<f64> {
 ///
 /// let alpha = Tensor::from_slice(&[-5e-5f32]);
 /// let weight = Tensor::from_slice(&[-5e-5f32]);
-/// let floors = StateFloors::new([("fc.x_quantizer.alpha".into(), alpha.shallow_clone()), ("fc.weight".into(), weight)]);
+/// let floors = StateFloors::new([
+///     ("fc.x_quantizer.alpha".into(), alpha.shallow_clone()),
+///     ("fc.weight".into(), weight),
+/// ]);
 /// assert_eq!(floors.len(), 1);
 /// floors.raise()?;
 /// assert_eq!(alpha.double_value(&[0]), ALPHA_MIN as f32 as f64);

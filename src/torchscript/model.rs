@@ -242,11 +242,10 @@ fn ivalue_kind(v: &IValue) -> &'static str {
 mod tests {
     use std::path::Path;
 
-    use tch::{Device, Kind, Tensor};
+    use tch::{Device, IValue, Kind, Tensor};
 
     use super::{first_tensor, ScriptModel};
     use crate::torchscript::RewriteConfig;
-    use tch::IValue;
 
     #[test]
     fn an_output_stands_for_its_first_tensor_or_says_what_it_is() {

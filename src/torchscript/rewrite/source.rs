@@ -191,7 +191,8 @@ fn minmax_quant(s: &QuantSpec, o: &Operand, m: &str, im: f64, grad: bool, ok: &s
 
 /// `native` (a call of the crate's operators, `torchapprox.pact_scaled`,
 /// `torchapprox.minmax_scaled` or `torchapprox.minmax_weight`) where the operand `v` is
-/// float32 or float64 and the crate runs the model, `portable` (builtin TorchScript with the same values) otherwise.
+/// float32 or float64 and the crate runs the model, `portable` (builtin TorchScript with the
+/// same values) otherwise.
 fn native_or(v: &str, native: Option<String>, portable: String) -> String {
     match native {
         // Dtypes are ints in TorchScript (ScalarType: 6 float32, 7 float64); `torch.float32`
